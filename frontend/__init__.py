@@ -1,0 +1,1 @@
+"""cutegrad: a compact PyTorch-style eager framework."""
