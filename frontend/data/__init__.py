@@ -1,0 +1,50 @@
+"""cutegrad.data: datasets, the DataLoader, tokenizers and the reference workloads' data.
+
+Everything inside works on NumPy arrays; batches become cutegrad tensors only
+at the end of the DataLoader's collate (`to_tensors`).
+"""
+
+from .bpe import BPETokenizer, pretokenize
+from .cache import cache_dir
+from .char_tokenizer import CharTokenizer
+from .cifar import CIFAR10, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, find_cifar10, read_cifar10
+from .corpus import Corpus, embedded_corpus, resolve_corpus
+from .dataset import Dataset, Subset, TensorDataset
+from .loader import DataLoader, collate_numpy, default_collate, to_tensor, to_tensors
+from .reversal import IGNORE_INDEX, ReversalDataset, ReversalTask, exact_sequence_accuracy
+from .synthetic_images import SYNTHETIC_CLASSES, SyntheticImages
+from .text import TextData, TextDataset, prepare_text, split_tokens
+
+__all__ = [
+    "BPETokenizer",
+    "CIFAR10",
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CharTokenizer",
+    "Corpus",
+    "DataLoader",
+    "Dataset",
+    "IGNORE_INDEX",
+    "ReversalDataset",
+    "ReversalTask",
+    "SYNTHETIC_CLASSES",
+    "Subset",
+    "SyntheticImages",
+    "TensorDataset",
+    "TextData",
+    "TextDataset",
+    "cache_dir",
+    "collate_numpy",
+    "default_collate",
+    "embedded_corpus",
+    "exact_sequence_accuracy",
+    "find_cifar10",
+    "prepare_text",
+    "pretokenize",
+    "read_cifar10",
+    "resolve_corpus",
+    "split_tokens",
+    "to_tensor",
+    "to_tensors",
+]
