@@ -45,6 +45,14 @@ _CAPTURE_ERROR_NAMES = (
 )
 _capture_error_codes = frozenset()
 
+# Raw memory management outside the allocator. Under thread-local capture CUDA
+# may accept some of these, but an address obtained or freed behind the graph's
+# pool cannot be trusted at replay, so cutegrad refuses them explicitly.
+_RAW_MEMORY_CALLS = frozenset((
+    "cuMemAlloc", "cuMemAllocPitch", "cuMemAllocManaged", "cuMemAllocHost", "cuMemHostAlloc",
+    "cuMemFree", "cuMemFreeHost", "cuMemAllocAsync", "cuMemFreeAsync",
+))
+
 NOT_READY = 600  # CUDA_ERROR_NOT_READY: an asynchronous query found work pending
 
 
@@ -146,8 +154,12 @@ def call(name, *args):
     """Run driver function `name`; raise CudaError on failure, return its outputs.
 
     Returns None for a function with no outputs, the single output, or a tuple.
+    Raw memory calls (cuMemAlloc, cuMemFree, ...) are refused while the calling
+    thread captures a graph: memory in a graph must come from its pool.
     """
     d = _drv if _drv is not None else driver()
+    if capture_guard._active_count and name in _RAW_MEMORY_CALLS:
+        capture_guard._check_not_capturing(f"raw driver memory call {name}")
     res = getattr(d, name)(*args)
     err = res[0]
     if err != 0:
