@@ -1,0 +1,805 @@
+"""CachingAllocator: the stream-ordered caching policy, independent of real memory.
+
+Design (after PyTorch's CUDACachingAllocator; see docs/allocator.md):
+
+- Requests are rounded to 512 B (optionally to power-of-two divisions). Requests
+  of at most 1 MiB come from the small pool, packed into 2 MiB segments; larger
+  ones from the large pool, in 20 MiB segments for 1-10 MiB requests and in
+  segments rounded up to 2 MiB above that.
+- A free block is found by best fit on (stream, size): blocks are only reused on
+  the stream they were allocated on, where stream order makes reuse safe
+  without any synchronization.
+- A found block is split when the rest is worth keeping (>= 512 B in the small
+  pool, > 1 MiB in the large pool and only below ``max_split_size``); a freed
+  block coalesces with free neighbours at once.
+- A block used on other streams (``record_stream``) is not reusable when freed:
+  an event is recorded on each of those streams and the block returns to its
+  pool when all of them completed.
+- While a CUDA graph capture is underway allocations on the capturing stream
+  come from the capture's private pool, no event is queried or recorded (frees
+  of blocks with cross-stream uses are deferred until no capture is underway),
+  and nothing goes back to the driver.
+- A driver malloc that fails runs the OOM ladder: release cached oversize blocks
+  big enough for the request, then synchronize outstanding events and release
+  every unsplit cached block, then raise OutOfMemoryError.
+
+Hot path: ``malloc``/``free`` of a size that is cached with no capture and no
+outstanding events runs an inlined copy of the general path with no dict or
+string building; every other case goes through ``_malloc_general``.
+"""
+
+from __future__ import annotations
+
+import _thread
+from bisect import bisect_left, insort
+from collections import deque
+
+from .block import (ALLOCATED, FREE, KEY_SHIFT, PENDING, Block, BlockPool, FreeList,
+                    PrivatePool, Segment)
+from .config import UNLIMITED, AllocatorConfig, config_from_env
+from .errors import CaptureError, OutOfMemoryError
+
+MIN_BLOCK_SIZE = 512
+SMALL_SIZE = 1 << 20            # largest request served by the small pool
+SMALL_BUFFER = 2 << 20          # small-pool segment size
+LARGE_BUFFER = 20 << 20         # segment size for 1-10 MiB requests
+MIN_LARGE_ALLOC = 10 << 20      # from here segments are the request rounded to 2 MiB
+ROUND_LARGE = 2 << 20
+
+# A Block object that was absorbed by its left neighbour while being freed; any
+# later use of it is a caller bug (double free).
+DEAD = 3
+
+LOCK_TIMEOUT_S = 30.0
+
+
+def segment_size_for(size):
+    """Bytes to request from the driver for a rounded request of ``size``."""
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+def _roundup_power2_division(size, divisions):
+    if size & (size - 1) == 0:
+        return size
+    floor = 1 << (size.bit_length() - 1)
+    step = floor // divisions
+    if step == 0:
+        return floor << 1
+    rounded = size & ~(step - 1)
+    return size if rounded == size else rounded + step
+
+
+class _Capture:
+    __slots__ = ("pool", "stream", "capture_id")
+
+    def __init__(self, pool, stream, capture_id):
+        self.pool = pool
+        self.stream = stream
+        self.capture_id = capture_id
+
+
+class CachingAllocator:
+    """Caching allocator for one device over a memory backend.
+
+    ``malloc(nbytes, stream) -> Block`` (``.ptr``, ``.size``, ``.stream``),
+    ``free(block)``, ``record_stream(block, stream)``. A Block must not be used
+    after it was freed: its object may be recycled for another allocation.
+    """
+
+    def __init__(self, memory, config: AllocatorConfig | None = None, *, poison_freed_blocks=False,
+                 poison_byte=0xDD):
+        self.memory = memory
+        self.device = getattr(memory, "device", 0)
+        self.config = config if config is not None else config_from_env()
+        self._max_split = self.config.max_split_size
+        self._non_split_rounding = self.config.max_non_split_rounding
+        self._gc_threshold = self.config.garbage_collection_threshold
+        self._divisions = any(d > 1 for d in self.config.roundup_power2_divisions)
+        self._poison = poison_freed_blocks
+        self._poison_byte = poison_byte
+        self._small = BlockPool(True)
+        self._large = BlockPool(False)
+        self._segments = {}            # ptr -> Segment
+        self._pools = {}               # pool id -> PrivatePool (live or freeable)
+        self._captures = []            # _Capture, one per capture underway
+        self._events = {}              # stream -> deque[(event, block)]
+        self._spare_events = []
+        self._deferred = []            # blocks freed during capture with cross-stream uses
+        self._capture_uses = {}        # block -> streams it was recorded on during capture
+        self._limit = None             # reserved-bytes cap from the memory fraction
+        self._lock = _thread.allocate_lock()
+        self._pending_frees = []
+        self._next_pool_id = 1
+        # True whenever malloc cannot take the fast path.
+        self._slow = self._divisions
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ stats state
+    def _reset_stats(self):
+        self._n_alloc = self._n_alloc_peak = self._n_alloc_total = 0
+        self._bytes_alloc = self._bytes_alloc_peak = self._bytes_alloc_total = 0
+        self._n_pending = self._bytes_pending = 0
+        self._n_active_peak = self._bytes_active_peak = 0
+        self._bytes_req = self._bytes_req_peak = self._bytes_req_total = 0
+        self._n_seg = self._n_seg_peak = self._n_seg_total = 0
+        self._bytes_reserved = self._bytes_reserved_peak = self._bytes_reserved_total = 0
+        self._num_alloc_retries = self._num_ooms = self._num_sync_all_streams = 0
+        self._num_device_alloc = self._num_device_free = 0
+        self._num_pools_created = 0
+        # Values of the current counters at the last accumulated-stats reset;
+        # "freed" totals are derived from them instead of counted on every free.
+        self._base = (0, 0, 0, 0, 0, (0, 0))
+
+    def _update_slow(self):
+        self._slow = bool(self._captures or self._events or self._deferred or self._divisions
+                          or (self._limit is not None and self._gc_threshold > 0.0))
+
+    # ------------------------------------------------------------------ locking
+    # One plain lock, taken without blocking on the hot path. Frees never wait:
+    # a free that finds the lock taken (by another thread, or by this thread
+    # when a finalizer runs inside malloc) leaves its block in _pending_frees
+    # and whoever holds the lock frees it before returning. Every holder
+    # re-checks _pending_frees after releasing, so no free is left behind.
+    def _acquire_contended(self):
+        if not self._lock.acquire(True, LOCK_TIMEOUT_S):
+            raise RuntimeError(
+                f"cutegrad allocator: lock not released within {LOCK_TIMEOUT_S} s; malloc was "
+                "probably called from a finalizer running inside another allocator call")
+
+    def _drain_pending_frees(self):
+        pending = self._pending_frees
+        while pending and self._lock.acquire(False):
+            try:
+                while pending:
+                    self._free(pending.pop())
+            finally:
+                self._lock.release()
+
+    def __enter__(self):
+        if not self._lock.acquire(False):
+            self._acquire_contended()
+
+    def __exit__(self, *exc):
+        self._lock.release()
+        if self._pending_frees:
+            self._drain_pending_frees()
+
+    # ------------------------------------------------------------------ public API
+    def malloc(self, nbytes, stream=0):
+        """Allocate ``nbytes`` for use on ``stream``; returns a Block."""
+        if nbytes.__class__ is not int or nbytes < 0:
+            raise self._bad_size(nbytes)
+        if not self._lock.acquire(False):
+            self._acquire_contended()
+        try:
+            if not self._slow:
+                size = 512 if nbytes < 512 else (nbytes + 511) & -512
+                pool = self._small if size <= 1048576 else self._large
+                fl = pool.free.get(stream)
+                if fl is not None:
+                    keys = fl.keys
+                    i = bisect_left(keys, size << 64)
+                    if i < len(keys):
+                        key = keys[i]
+                        block = fl.blocks[key]
+                        bsize = block.size
+                        ms = self._max_split
+                        if (size < ms <= bsize) or (size >= ms and bsize >= size + self._non_split_rounding):
+                            return self._malloc_general(nbytes, stream)
+                        del keys[i]
+                        del fl.blocks[key]
+                        rest = bsize - size
+                        if (rest >= 512) if pool.is_small else (size < ms and rest > 1048576):
+                            nxt = block.next
+                            r = Block(block.ptr + size, rest, stream, pool, block.segment, block, nxt)
+                            if nxt is not None:
+                                nxt.prev = r
+                            block.next = r
+                            block.size = size
+                            r.gc_base = pool.get_free_calls
+                            rkey = (rest << 64) | r.ptr
+                            insort(keys, rkey)
+                            fl.blocks[rkey] = r
+                        else:
+                            size = bsize
+                        block.state = 1
+                        block.requested = nbytes
+                        # No block is pending on this path, so active == allocated
+                        # and the active peaks follow from the allocated ones.
+                        n = self._n_alloc + 1
+                        self._n_alloc = n
+                        if n > self._n_alloc_peak:
+                            self._n_alloc_peak = n
+                        b = self._bytes_alloc + size
+                        self._bytes_alloc = b
+                        if b > self._bytes_alloc_peak:
+                            self._bytes_alloc_peak = b
+                        r = self._bytes_req + nbytes
+                        self._bytes_req = r
+                        if r > self._bytes_req_peak:
+                            self._bytes_req_peak = r
+                        self._n_alloc_total += 1
+                        self._bytes_alloc_total += size
+                        self._bytes_req_total += nbytes
+                        return block
+            return self._malloc_general(nbytes, stream)
+        finally:
+            self._lock.release()
+            if self._pending_frees:
+                self._drain_pending_frees()
+
+    def free(self, block):
+        """Return a block; it is reusable on its stream at once, elsewhere after its events."""
+        if block.__class__ is not Block or block.state != ALLOCATED:
+            raise self._bad_free(block)
+        pending = self._pending_frees
+        pending.append(block)
+        if self._lock.acquire(False):
+            try:
+                while pending:
+                    self._free(pending.pop())
+            finally:
+                self._lock.release()
+            if pending:
+                self._drain_pending_frees()
+
+    def record_stream(self, block, stream):
+        """Mark ``block`` as used on ``stream``; its memory is then held until that use completes."""
+        with self:
+            if block.__class__ is not Block or block.state != ALLOCATED:
+                raise ValueError(f"record_stream: {block!r} is not an allocated block")
+            if stream == block.stream:
+                return
+            if block.stream_uses is None:
+                block.stream_uses = {stream}
+            else:
+                block.stream_uses.add(stream)
+            if self._captures:
+                self._capture_uses.setdefault(block, set()).add(stream)
+
+    # ------------------------------------------------------------------ free path
+    def _free(self, block):
+        if block.state != ALLOCATED:
+            raise self._bad_free(block)
+        seg = block.segment
+        if self._segments.get(seg.ptr) is not seg:
+            raise ValueError(f"free: {block!r} does not belong to this allocator")
+        size = block.size
+        self._n_alloc -= 1
+        self._bytes_alloc -= size
+        if block.stream_uses is None:
+            self._free_block(block)
+            return
+        block.state = PENDING
+        self._n_pending += 1
+        self._bytes_pending += size
+        if self._captures:
+            # Events recorded during capture become graph nodes and must not be
+            # queried; decide after the capture which uses still need events.
+            self._deferred.append(block)
+            self._slow = True
+        else:
+            self._capture_uses.pop(block, None)
+            self._insert_events(block)
+
+    def _free_block(self, block):
+        """Make an allocated or pending block free and coalesce it with free neighbours."""
+        if block.state == PENDING:
+            self._n_pending -= 1
+            self._bytes_pending -= block.size
+            block.stream_uses = None
+        self._bytes_req -= block.requested
+        if self._poison:
+            self.memory.fill(block.ptr, block.size, self._poison_byte, block.stream)
+        pool = block.pool
+        fl = pool.free.get(block.stream)
+        if fl is None:
+            fl = pool.free[block.stream] = FreeList()
+        keys = fl.keys
+        blocks = fl.blocks
+        nxt = block.next
+        if nxt is not None and nxt.state == 0:
+            k = (nxt.size << 64) | nxt.ptr
+            del keys[bisect_left(keys, k)]
+            del blocks[k]
+            block.size += nxt.size
+            nxt2 = nxt.next
+            block.next = nxt2
+            if nxt2 is not None:
+                nxt2.prev = block
+            nxt.state = DEAD
+        prev = block.prev
+        if prev is not None and prev.state == 0:
+            k = (prev.size << 64) | prev.ptr
+            del keys[bisect_left(keys, k)]
+            del blocks[k]
+            prev.size += block.size
+            nxt2 = block.next
+            prev.next = nxt2
+            if nxt2 is not None:
+                nxt2.prev = prev
+            block.state = DEAD
+            block = prev
+        block.state = 0
+        block.gc_base = pool.get_free_calls
+        k = (block.size << 64) | block.ptr
+        insort(keys, k)
+        blocks[k] = block
+
+    def _insert_events(self, block):
+        memory = self.memory
+        for stream in block.stream_uses:
+            ev = self._spare_events.pop() if self._spare_events else memory.event_create()
+            memory.event_record(ev, stream)
+            block.event_count += 1
+            q = self._events.get(stream)
+            if q is None:
+                q = self._events[stream] = deque()
+            q.append((ev, block))
+        block.stream_uses = None
+        if block.event_count == 0:
+            self._free_block(block)
+        self._update_slow()
+
+    def _process_deferred(self):
+        deferred, self._deferred = self._deferred, []
+        for block in deferred:
+            # Uses recorded during capture belong to captured work, which runs
+            # at replay inside memory the graph owns; only earlier uses need events.
+            during = self._capture_uses.pop(block, None)
+            if during:
+                block.stream_uses -= during
+            if not block.stream_uses:
+                block.stream_uses = None
+                self._free_block(block)
+            else:
+                self._insert_events(block)
+
+    def _process_events(self):
+        if self._deferred:
+            self._process_deferred()
+        memory = self.memory
+        for stream in list(self._events):
+            q = self._events[stream]
+            while q:
+                ev, block = q[0]
+                if not memory.event_query(ev):
+                    break
+                q.popleft()
+                self._spare_events.append(ev)
+                block.event_count -= 1
+                if block.event_count == 0:
+                    self._free_block(block)
+            if not q:
+                del self._events[stream]
+        self._update_slow()
+
+    def _synchronize_and_free_events(self):
+        self._num_sync_all_streams += 1
+        if self._deferred:
+            self._process_deferred()
+        memory = self.memory
+        for q in self._events.values():
+            for ev, block in q:
+                memory.event_synchronize(ev)
+                self._spare_events.append(ev)
+                block.event_count -= 1
+                if block.event_count == 0:
+                    self._free_block(block)
+        self._events.clear()
+        self._update_slow()
+
+    # ------------------------------------------------------------------ malloc, general path
+    def round_size(self, nbytes):
+        """The size a request of ``nbytes`` is rounded to."""
+        if nbytes < MIN_BLOCK_SIZE:
+            return MIN_BLOCK_SIZE
+        if self._divisions:
+            d = self.config.divisions_for(nbytes)
+            if d > 1 and nbytes > MIN_BLOCK_SIZE * d:
+                return _roundup_power2_division(nbytes, d)
+        return (nbytes + MIN_BLOCK_SIZE - 1) & -MIN_BLOCK_SIZE
+
+    def _pool_for(self, size, stream):
+        for cap in self._captures:
+            if cap.stream == stream or (cap.capture_id is not None
+                                        and self.memory.capture_id(stream) == cap.capture_id):
+                return cap.pool.small if size <= SMALL_SIZE else cap.pool.large
+        return self._small if size <= SMALL_SIZE else self._large
+
+    def _get_free_block(self, pool, stream, size):
+        if self._limit is not None and self._gc_threshold > 0.0:
+            pool.get_free_calls += 1
+        fl = pool.free.get(stream)
+        if fl is None:
+            return None
+        keys = fl.keys
+        i = bisect_left(keys, size << KEY_SHIFT)
+        if i == len(keys):
+            return None
+        key = keys[i]
+        block = fl.blocks[key]
+        ms = self._max_split
+        # An oversize block never serves a request below max_split_size, and
+        # serves larger requests only when it is not much larger than them.
+        if size < ms <= block.size:
+            return None
+        if size >= ms and block.size >= size + self._non_split_rounding:
+            return None
+        del keys[i]
+        del fl.blocks[key]
+        return block
+
+    def _malloc_general(self, nbytes, stream):
+        if not self._captures and (self._events or self._deferred):
+            self._process_events()
+        size = self.round_size(nbytes)
+        pool = self._pool_for(size, stream)
+        block = self._get_free_block(pool, stream, size)
+        if block is None:
+            block = self._alloc_new_segment(pool, stream, size, nbytes)
+        return self._take(block, pool, stream, size, nbytes)
+
+    def _take(self, block, pool, stream, size, nbytes):
+        rest = block.size - size
+        if (rest >= MIN_BLOCK_SIZE) if pool.is_small else (size < self._max_split and rest > SMALL_SIZE):
+            nxt = block.next
+            r = Block(block.ptr + size, rest, stream, pool, block.segment, block, nxt)
+            if nxt is not None:
+                nxt.prev = r
+            block.next = r
+            block.size = size
+            pool.add(r)
+        else:
+            size = block.size
+        block.state = ALLOCATED
+        block.requested = nbytes
+        self._n_alloc += 1
+        self._n_alloc_total += 1
+        self._n_alloc_peak = max(self._n_alloc_peak, self._n_alloc)
+        self._bytes_alloc += size
+        self._bytes_alloc_total += size
+        self._bytes_alloc_peak = max(self._bytes_alloc_peak, self._bytes_alloc)
+        self._n_active_peak = max(self._n_active_peak, self._n_alloc + self._n_pending)
+        self._bytes_active_peak = max(self._bytes_active_peak, self._bytes_alloc + self._bytes_pending)
+        self._bytes_req += nbytes
+        self._bytes_req_total += nbytes
+        self._bytes_req_peak = max(self._bytes_req_peak, self._bytes_req)
+        return block
+
+    def _alloc_new_segment(self, pool, stream, size, nbytes):
+        alloc_size = segment_size_for(size)
+        capturing = bool(self._captures)
+        if self._limit is not None and self._gc_threshold > 0.0 and not capturing:
+            self._garbage_collect()
+        seg = self._driver_malloc(pool, stream, alloc_size, retry=False)
+        if seg is None and not capturing:
+            # Nothing goes back to the driver during capture: a freed address
+            # may already be baked into the graph being captured.
+            if self._release_available_cached_blocks(pool, stream, size):
+                seg = self._driver_malloc(pool, stream, alloc_size, retry=False)
+            if seg is None:
+                self._release_cached_blocks()
+                seg = self._driver_malloc(pool, stream, alloc_size, retry=True)
+        if seg is None:
+            self._num_ooms += 1
+            raise self._oom_error(nbytes, alloc_size)
+        return seg.head
+
+    def _driver_malloc(self, pool, stream, alloc_size, retry):
+        if retry:
+            self._num_alloc_retries += 1
+        if self._limit is not None and self._bytes_reserved + alloc_size > self._limit:
+            return None
+        ptr = self.memory.malloc(alloc_size, bool(self._captures))
+        if ptr is None:
+            return None
+        seg = Segment(ptr, alloc_size, stream, pool)
+        seg.head = Block(ptr, alloc_size, stream, pool, seg, None, None)
+        self._segments[ptr] = seg
+        if pool.private is not None:
+            pool.private.segments += 1
+        self._n_seg += 1
+        self._n_seg_total += 1
+        self._n_seg_peak = max(self._n_seg_peak, self._n_seg)
+        self._bytes_reserved += alloc_size
+        self._bytes_reserved_total += alloc_size
+        self._bytes_reserved_peak = max(self._bytes_reserved_peak, self._bytes_reserved)
+        self._num_device_alloc += 1
+        return seg
+
+    # ------------------------------------------------------------------ releasing memory
+    def _release_segment(self, seg):
+        if self._captures:
+            raise CaptureError("internal error: a segment release was attempted during capture")
+        head = seg.head
+        pool = seg.pool
+        pool.remove(head)
+        fl = pool.free[head.stream]
+        if not fl.keys:
+            del pool.free[head.stream]
+        head.state = DEAD
+        self.memory.free(seg.ptr)
+        del self._segments[seg.ptr]
+        self._n_seg -= 1
+        self._bytes_reserved -= seg.size
+        self._num_device_free += 1
+        private = pool.private
+        if private is not None:
+            private.segments -= 1
+            if private.use_count == 0 and private.segments == 0:
+                del self._pools[private.id]
+
+    @staticmethod
+    def _releasable(block):
+        return block.prev is None and block.next is None
+
+    def _release_pool_blocks(self, pool):
+        for block in [b for b in pool.all_free() if self._releasable(b)]:
+            self._release_segment(block.segment)
+
+    def _release_cached_blocks(self):
+        """Synchronize outstanding events, then give every unsplit cached segment back."""
+        self._synchronize_and_free_events()
+        self._release_pool_blocks(self._large)
+        self._release_pool_blocks(self._small)
+        for private in [p for p in self._pools.values() if p.use_count == 0]:
+            self._release_pool_blocks(private.small)
+            self._release_pool_blocks(private.large)
+
+    def _release_available_cached_blocks(self, pool, stream, size):
+        """Release oversize cached blocks on ``stream`` until ``size`` bytes are freed."""
+        ms = self._max_split
+        if ms == UNLIMITED:
+            return False
+        fl = pool.free.get(stream)
+        if fl is None:
+            return False
+        target = max(size, ms)
+        candidates = [b for b in fl.blocks.values() if b.size >= ms and self._releasable(b)]
+        candidates.sort(key=lambda b: b.size)
+        for b in candidates:
+            if b.size >= target:
+                self._release_segment(b.segment)
+                return True
+        released = 0
+        for b in reversed(candidates):
+            if released >= target:
+                break
+            released += b.size
+            self._release_segment(b.segment)
+        return released >= target
+
+    def _garbage_collect(self):
+        """Release cached unsplit large segments, oldest first, down to the threshold."""
+        threshold = int(self._gc_threshold * self._limit)
+        if self._bytes_reserved <= threshold:
+            return
+        target = self._bytes_reserved - threshold
+        pool = self._large
+        now = pool.get_free_calls
+        candidates = [b for b in pool.all_free() if self._releasable(b)]
+        candidates.sort(key=lambda b: now - b.gc_base, reverse=True)
+        reclaimed = 0
+        for b in candidates:
+            if reclaimed >= target:
+                break
+            reclaimed += b.size
+            self._release_segment(b.segment)
+
+    def empty_cache(self):
+        """Give every unused cached segment back to the driver."""
+        with self:
+            if self._captures:
+                raise CaptureError(
+                    "empty_cache() was called while a CUDA graph capture is underway; freeing "
+                    "device memory during capture would invalidate the graph. Call it after "
+                    "the capture ends.")
+            self._release_cached_blocks()
+
+    def set_per_process_memory_fraction(self, fraction):
+        """Cap this allocator's reserved bytes at ``fraction`` of the device's memory."""
+        if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"set_per_process_memory_fraction: fraction must lie in [0, 1], got {fraction!r}")
+        with self:
+            self._limit = int(fraction * self.memory.total_memory())
+            self._update_slow()
+
+    # ------------------------------------------------------------------ graph pools
+    def new_pool_id(self):
+        """A fresh id for a private pool (a graph pool handle)."""
+        with self:
+            pid = ("pool", self._next_pool_id)
+            self._next_pool_id += 1
+            return pid
+
+    def begin_allocate_to_pool(self, pool_id, stream):
+        """Route allocations on ``stream`` (and streams in its capture) to private pool ``pool_id``."""
+        with self:
+            for cap in self._captures:
+                if cap.pool.id == pool_id:
+                    raise ValueError(f"begin_allocate_to_pool: a capture is already allocating to pool {pool_id!r}")
+                if cap.stream == stream:
+                    raise ValueError(f"begin_allocate_to_pool: stream {stream} is already capturing to pool {cap.pool.id!r}")
+            pool = self._pools.get(pool_id)
+            if pool is None:
+                pool = self._pools[pool_id] = PrivatePool(pool_id)
+                self._num_pools_created += 1
+            elif pool.use_count == 0:
+                raise ValueError(f"begin_allocate_to_pool: pool {pool_id!r} was released by every graph "
+                                 "that used it; share a pool only while a graph holding it is alive")
+            else:
+                pool.use_count += 1
+            self._captures.append(_Capture(pool, stream, self.memory.capture_id(stream)))
+            self._slow = True
+
+    def end_allocate_to_pool(self, pool_id):
+        """Stop routing allocations to ``pool_id`` (the capture ended)."""
+        with self:
+            for i, cap in enumerate(self._captures):
+                if cap.pool.id == pool_id:
+                    del self._captures[i]
+                    self._update_slow()
+                    return
+            raise ValueError(f"end_allocate_to_pool: no capture is allocating to pool {pool_id!r}")
+
+    def release_pool(self, pool_id):
+        """A graph using ``pool_id`` was destroyed; the pool dies with its last graph and block."""
+        with self:
+            pool = self._pools.get(pool_id)
+            if pool is None or pool.use_count == 0:
+                raise ValueError(f"release_pool: pool {pool_id!r} is not held by any graph")
+            if any(cap.pool is pool for cap in self._captures):
+                raise ValueError(f"release_pool: pool {pool_id!r} is being captured into")
+            pool.use_count -= 1
+            if pool.use_count == 0 and pool.segments == 0:
+                del self._pools[pool_id]
+
+    def captures_underway(self):
+        return len(self._captures)
+
+    # ------------------------------------------------------------------ errors
+    @staticmethod
+    def _bad_free(block):
+        if block.__class__ is not Block:
+            return TypeError(f"free: expected a Block, got {type(block).__name__}")
+        return ValueError(f"free: {block!r} is not allocated (double free, or freed after "
+                          "its segment was released)")
+
+    @staticmethod
+    def _bad_size(nbytes):
+        if nbytes.__class__ is not int and hasattr(nbytes, "__index__") and not isinstance(nbytes, bool):
+            return TypeError(f"malloc: nbytes must be a Python int, got {type(nbytes).__name__} "
+                             "(convert with int())")
+        if nbytes.__class__ is not int:
+            return TypeError(f"malloc: nbytes must be an int, got {type(nbytes).__name__}")
+        return ValueError(f"malloc: nbytes must be >= 0, got {nbytes}")
+
+    def _oom_error(self, nbytes, alloc_size):
+        device_free, device_total = self.memory.mem_get_info()
+        largest = 0
+        in_private = 0
+        for seg in self._segments.values():
+            for b in seg.blocks():
+                if b.state == FREE:
+                    largest = max(largest, b.size)
+                    if seg.pool.private is not None:
+                        in_private += b.size
+        return OutOfMemoryError(device=self.device, requested=nbytes, rounded=alloc_size,
+                                device_free=device_free, device_total=device_total,
+                                reserved=self._bytes_reserved, allocated=self._bytes_alloc,
+                                largest_free_block=largest, allowed=self._limit,
+                                in_private_pools=in_private)
+
+    # ------------------------------------------------------------------ observability
+    def memory_stats(self):
+        """Counters in PyTorch's ``torch.cuda.memory_stats`` layout (see docs/allocator.md)."""
+        with self:
+            base = self._base
+            n_active = self._n_alloc + self._n_pending
+            b_active = self._bytes_alloc + self._bytes_pending
+            stats = {}
+
+            def put(name, current, peak, total, base_current):
+                stats[f"{name}.all.current"] = current
+                stats[f"{name}.all.peak"] = peak
+                stats[f"{name}.all.allocated"] = total
+                stats[f"{name}.all.freed"] = total - (current - base_current)
+
+            put("allocation", self._n_alloc, self._n_alloc_peak, self._n_alloc_total, base[0])
+            put("allocated_bytes", self._bytes_alloc, self._bytes_alloc_peak, self._bytes_alloc_total, base[1])
+            # The fast path only raises the allocated peaks; active == allocated there.
+            put("active", n_active, max(self._n_active_peak, self._n_alloc_peak), self._n_alloc_total, base[2])
+            put("active_bytes", b_active, max(self._bytes_active_peak, self._bytes_alloc_peak),
+                self._bytes_alloc_total, base[3])
+            put("requested_bytes", self._bytes_req, self._bytes_req_peak, self._bytes_req_total, base[4])
+            put("segment", self._n_seg, self._n_seg_peak, self._n_seg_total, base[5][0])
+            put("reserved_bytes", self._bytes_reserved, self._bytes_reserved_peak,
+                self._bytes_reserved_total, base[5][1])
+            pools = {"small_pool": [0, 0, 0, 0], "large_pool": [0, 0, 0, 0]}
+            inactive_split = inactive_split_bytes = 0
+            for seg in self._segments.values():
+                p = pools["small_pool" if seg.pool.is_small else "large_pool"]
+                p[2] += 1
+                p[3] += seg.size
+                split = seg.head.next is not None
+                for b in seg.blocks():
+                    if b.state == ALLOCATED:
+                        p[0] += 1
+                        p[1] += b.size
+                    elif b.state == FREE and split:
+                        inactive_split += 1
+                        inactive_split_bytes += b.size
+            for name, (n, nb, ns, rb) in pools.items():
+                stats[f"allocation.{name}.current"] = n
+                stats[f"allocated_bytes.{name}.current"] = nb
+                stats[f"segment.{name}.current"] = ns
+                stats[f"reserved_bytes.{name}.current"] = rb
+            stats["inactive_split.all.current"] = inactive_split
+            stats["inactive_split_bytes.all.current"] = inactive_split_bytes
+            stats["num_alloc_retries"] = self._num_alloc_retries
+            stats["num_ooms"] = self._num_ooms
+            stats["num_sync_all_streams"] = self._num_sync_all_streams
+            stats["num_device_alloc"] = self._num_device_alloc
+            stats["num_device_free"] = self._num_device_free
+            stats["max_split_size"] = -1 if self._max_split == UNLIMITED else self._max_split
+            stats["graph_pools.current"] = sum(1 for p in self._pools.values() if p.use_count > 0)
+            stats["graph_pools.freeable"] = sum(1 for p in self._pools.values() if p.use_count == 0)
+            stats["graph_pools.created"] = self._num_pools_created
+            stats["captures_underway"] = len(self._captures)
+            stats["memory_fraction_limit"] = -1 if self._limit is None else self._limit
+            return stats
+
+    def reset_peak_memory_stats(self):
+        with self:
+            self._n_alloc_peak = self._n_alloc
+            self._bytes_alloc_peak = self._bytes_alloc
+            self._n_active_peak = self._n_alloc + self._n_pending
+            self._bytes_active_peak = self._bytes_alloc + self._bytes_pending
+            self._bytes_req_peak = self._bytes_req
+            self._n_seg_peak = self._n_seg
+            self._bytes_reserved_peak = self._bytes_reserved
+
+    def reset_accumulated_memory_stats(self):
+        with self:
+            self._n_alloc_total = self._bytes_alloc_total = self._bytes_req_total = 0
+            self._n_seg_total = self._bytes_reserved_total = 0
+            self._num_alloc_retries = self._num_ooms = self._num_sync_all_streams = 0
+            self._num_device_alloc = self._num_device_free = 0
+            self._base = (self._n_alloc, self._bytes_alloc, self._n_alloc + self._n_pending,
+                          self._bytes_alloc + self._bytes_pending, self._bytes_req,
+                          (self._n_seg, self._bytes_reserved))
+
+    def memory_snapshot(self):
+        """Every segment with its blocks, sorted by address (PyTorch's snapshot layout)."""
+        state_names = {ALLOCATED: "active_allocated", PENDING: "active_pending_free", FREE: "inactive"}
+        with self:
+            result = []
+            for ptr in sorted(self._segments):
+                seg = self._segments[ptr]
+                blocks = [{"address": b.ptr, "size": b.size,
+                           "requested_size": b.requested if b.state != FREE else 0,
+                           "state": state_names[b.state]} for b in seg.blocks()]
+                result.append({
+                    "device": self.device,
+                    "address": seg.ptr,
+                    "total_size": seg.size,
+                    "allocated_size": sum(b["size"] for b in blocks if b["state"] == "active_allocated"),
+                    "active_size": sum(b["size"] for b in blocks if b["state"] != "inactive"),
+                    "requested_size": sum(b["requested_size"] for b in blocks),
+                    "stream": seg.stream,
+                    "segment_type": "small" if seg.pool.is_small else "large",
+                    "segment_pool_id": seg.pool.private.id if seg.pool.private is not None else None,
+                    "blocks": blocks,
+                })
+            return result
+
+    def check_invariants(self):
+        """Raise AssertionError if any invariant of docs/allocator.md is broken."""
+        from .invariants import check_invariants
+        with self:
+            check_invariants(self)
