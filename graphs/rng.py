@@ -209,7 +209,8 @@ def default_generator(device=None):
 def manual_seed(seed):
     """Seed every CUDA device's default generator, including ones made later.
 
-    Needs no GPU, so `cutegrad.manual_seed` can call it unconditionally.
+    Needs no GPU; `cutegrad.manual_seed` reaches it through the reseed hook
+    registered below.
     """
     global _initial_seed
     seed = _check_seed(seed)
@@ -217,3 +218,20 @@ def manual_seed(seed):
         _initial_seed = seed
         for g in _default_generators.values():
             g.manual_seed(seed)
+
+
+def _reseed_hook(seed):
+    manual_seed(int(seed) & _U64)
+
+
+def _register_reseed_hook():
+    try:
+        from cutegrad import random as _random
+    except ImportError:  # the core's random module is not there: nothing to hook into
+        return
+    add = getattr(_random, "add_reseed_hook", None)
+    if add is not None:
+        add(_reseed_hook)
+
+
+_register_reseed_hook()

@@ -48,14 +48,16 @@ def is_current_stream_capturing():
     return int(status) != 0
 
 
-def empty_cache():
-    """Return the allocator's cached, unused device memory to the driver.
+def empty_cache(device=None):
+    """Return the caching allocator's unused cached memory of a device to the driver.
 
-    Illegal during graph capture (freeing device memory synchronises).
+    Default: the current device. Illegal during graph capture (freeing device
+    memory synchronises, and the capture's addresses must stay valid).
     """
     _check_not_capturing("cutegrad.cuda.empty_cache()")
-    from ..allocator import empty_cache as _allocator_empty_cache
-    _allocator_empty_cache()
+    from cutegrad.allocator import get_allocator
+    from .device import device_index
+    get_allocator(device_index(device)).empty_cache()
 
 
 __all__ = [

@@ -64,6 +64,12 @@ def set_device(dev):
     _tls.device = idx
 
 
+def _make_current(idx):
+    """set_device for an index already validated, without re-asserting the context."""
+    _drv.activate(idx)
+    _tls.device = idx
+
+
 class device:
     """Context manager: run the block with `dev` as current device, then restore."""
 

@@ -14,7 +14,7 @@ import threading
 
 from . import driver as _drv
 from .capture_guard import _check_not_capturing
-from .device import current_device, device_index, set_device
+from .device import _make_current, current_device, device_index
 
 _tls = threading.local()
 _default_streams = {}
@@ -97,14 +97,14 @@ class Stream:
         if stack is None:
             stack = _tls.stack = []
         stack.append((current_device(), current_stream(self.device)))
-        set_device(self.device)
+        _make_current(self.device)
         _set_current(self)
         return self
 
     def __exit__(self, *exc):
         prev_device, prev_stream = _tls.stack.pop()
         _set_current(prev_stream)
-        set_device(prev_device)
+        _make_current(prev_device)
         return False
 
     def __eq__(self, other):
