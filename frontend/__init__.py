@@ -1,1 +1,24 @@
-"""cutegrad: a compact PyTorch-style eager framework."""
+"""cutegrad: a compact PyTorch-style eager framework.
+
+Tensors, autograd, nn and optim with a NumPy CPU backend (also the float64
+reference) and CUDA kernels compiled ahead of time (cutegrad._C).
+"""
+__version__ = "0.1.0"
+
+from .dtypes import (bool_ as bool, uint8, int8, int16, int32, int64, float16, bfloat16, float32, float64,
+                     float16 as half, float32 as float, float64 as double, int64 as long, int32 as int,
+                     int16 as short, DType as dtype, get_default_dtype, set_default_dtype, promote_types,
+                     result_type)
+from .device import device
+from .tensor import Tensor, Size
+from . import dispatch
+from . import autograd
+from .autograd import no_grad, enable_grad, set_grad_enabled, inference_mode, is_grad_enabled
+from .random import manual_seed, seed, initial_seed, Generator
+from . import ops
+from .ops import *  # noqa: F401,F403  (the op namespace is the public API, as in torch)
+from .ops import sum, max, min, abs, all, any, pow, round  # names shadowing builtins, explicitly
+from .backends import cpu as _cpu_backend  # registers the CPU kernels
+from . import tensor_methods as _tensor_methods  # binds Tensor methods
+
+del _cpu_backend, _tensor_methods

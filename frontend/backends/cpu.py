@@ -1,0 +1,405 @@
+"""The CPU backend: every kernel of the registry, in NumPy.
+
+It is also the float64 reference the GPU kernels are tested against, so it
+favours exactness over speed: float16/bfloat16 inputs are computed in float32
+and rounded once at the end, as the CUDA kernels do.
+"""
+import numpy as np
+
+from .. import dtypes as dt
+from ..device import CPU, cpu as cpu_device
+from ..dispatch import register
+from ..tensor import from_numpy_owned, make, Storage, contiguous_strides
+from ..ops import codes as C
+from ..ops.special import erf, erf_np_gelu_tanh
+from ..random import cpu_generator
+
+_HALF = (dt.float16, dt.bfloat16)
+
+
+def _a(t):
+    """Compute array of t: float32 for half dtypes, the array itself otherwise."""
+    if t._dtype in _HALF:
+        return t._np.astype(np.float32)
+    return t._np
+
+
+def _arg(x):
+    return _a(x) if hasattr(x, "_np") else x
+
+
+def _out(arr, dtype):
+    return from_numpy_owned(np.asarray(arr), dtype)
+
+
+def _compute_dtype(dtype):
+    return np.float32 if dtype in _HALF else dtype.np
+
+
+# --- storage and factories ----------------------------------------------------
+@register("empty", CPU)
+def empty(shape, dtype, device):
+    arr = np.empty(shape, dtype.np)
+    return from_numpy_owned(arr, dtype)
+
+
+@register("full", CPU)
+def full(shape, value, dtype, device):
+    return from_numpy_owned(np.full(shape, value, dtype.np), dtype)
+
+
+@register("arange", CPU)
+def arange(start, end, step, dtype, device):
+    if dtype.is_floating_point:
+        n = max(0, int(np.ceil((end - start) / step)))
+        arr = (start + np.arange(n, dtype=np.float64) * step).astype(dtype.np)
+    else:
+        arr = np.arange(start, end, step, dtype=np.int64).astype(dtype.np)
+    return from_numpy_owned(arr, dtype)
+
+
+@register("from_numpy", CPU)
+def from_numpy_copy(arr, dtype, device):
+    return from_numpy_owned(np.array(arr, dtype=dtype.np, copy=True), dtype)
+
+
+@register("to_device", CPU)
+def to_device(t, device):
+    if device.backend == CPU:
+        return t
+    raise NotImplementedError(f"the CPU backend cannot move tensors to {device}")
+
+
+@register("copy_", CPU)
+def copy_(dst, src):
+    s = src._np if src._storage.device.backend == CPU else src._host_array()
+    np.copyto(dst._np, np.broadcast_to(s, dst._shape), casting="unsafe")
+    return dst
+
+
+@register("cast", CPU)
+def cast(x, dtype):
+    return from_numpy_owned(x._np.astype(dtype.np), dtype)
+
+
+@register("contiguous", CPU)
+def contiguous(x):
+    return from_numpy_owned(np.ascontiguousarray(x._np), x._dtype)
+
+
+# --- random -------------------------------------------------------------------
+@register("uniform", CPU)
+def uniform(shape, lo, hi, dtype, device, generator):
+    g = generator or cpu_generator()
+    return _out(g.numpy().uniform(lo, hi, size=shape), dtype)
+
+
+@register("normal", CPU)
+def normal(shape, mean, std, dtype, device, generator):
+    g = generator or cpu_generator()
+    return _out(g.numpy().normal(mean, std, size=shape), dtype)
+
+
+@register("randint", CPU)
+def randint(low, high, shape, dtype, device, generator):
+    g = generator or cpu_generator()
+    return _out(g.numpy().integers(low, high, size=shape), dtype)
+
+
+@register("bernoulli_scaled", CPU)
+def bernoulli_scaled(shape, keep, dtype, device, generator):
+    """Dropout mask: 1/keep with probability keep, else 0."""
+    g = generator or cpu_generator()
+    mask = g.numpy().random(size=shape) < keep
+    return _out(mask.astype(np.float32) * np.float32(1.0 / keep), dtype)
+
+
+@register("randperm", CPU)
+def randperm(n, dtype, device, generator):
+    g = generator or cpu_generator()
+    return _out(g.numpy().permutation(n), dtype)
+
+
+# --- pointwise ------------------------------------------------------------------
+def _gelu(x):
+    return 0.5 * x * (1.0 + erf(x * np.sqrt(0.5)))
+
+
+def _sigmoid(x):
+    with np.errstate(over="ignore"):
+        return np.where(x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x)))).astype(x.dtype)
+
+
+_UNARY = {
+    C.NEG: np.negative, C.EXP: np.exp, C.LOG: np.log, C.SQRT: np.sqrt,
+    C.RSQRT: lambda x: 1.0 / np.sqrt(x), C.ABS: np.abs, C.TANH: np.tanh,
+    C.SIGMOID: _sigmoid, C.RELU: lambda x: np.maximum(x, 0).astype(x.dtype),
+    C.GELU: _gelu, C.GELU_TANH: erf_np_gelu_tanh,
+    C.SILU: lambda x: x * _sigmoid(x), C.SIGN: np.sign, C.SIN: np.sin, C.COS: np.cos,
+    C.LOGICAL_NOT: np.logical_not, C.RECIPROCAL: lambda x: 1.0 / x,
+    C.SQUARE: np.square, C.ERF: erf, C.LOG1P: np.log1p, C.EXPM1: np.expm1,
+    C.FLOOR: np.floor, C.CEIL: np.ceil, C.ROUND: np.round, C.TRUNC: np.trunc,
+    C.ISNAN: np.isnan, C.ISINF: np.isinf, C.ISFINITE: np.isfinite,
+}
+
+
+@register("unary", CPU)
+def unary(code, x, out_dtype):
+    with np.errstate(all="ignore"):
+        r = _UNARY[code](_a(x))
+    return _out(r, out_dtype)
+
+
+def _pow(a, b):
+    if isinstance(a, np.ndarray) and a.dtype.kind in "iu" and np.any(np.asarray(b) < 0):
+        raise RuntimeError("Integers to negative integer powers are not allowed.")
+    return np.power(a, b)
+
+
+def _floordiv(a, b):
+    return np.floor_divide(a, b)
+
+
+def _div(a, b):
+    return np.true_divide(a, b)
+
+
+_BINARY = {
+    C.ADD: np.add, C.SUB: np.subtract, C.MUL: np.multiply, C.DIV: _div,
+    C.POW: _pow, C.MAXIMUM: np.maximum, C.MINIMUM: np.minimum,
+    C.EQ: np.equal, C.NE: np.not_equal, C.LT: np.less, C.LE: np.less_equal,
+    C.GT: np.greater, C.GE: np.greater_equal, C.AND: np.logical_and,
+    C.OR: np.logical_or, C.XOR: np.logical_xor, C.FLOORDIV: _floordiv,
+    C.REMAINDER: np.remainder, C.ATAN2: np.arctan2,
+}
+_CMP = (C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR)
+
+
+@register("binary", CPU)
+def binary(code, a, b, compute_dtype, out_dtype):
+    """a, b: tensors or Python scalars; compute_dtype: promoted input dtype."""
+    cd = np.dtype(_compute_dtype(compute_dtype))
+    x = np.asarray(_arg(a)).astype(cd, copy=False)
+    y = np.asarray(_arg(b)).astype(cd, copy=False)
+    with np.errstate(all="ignore"):
+        r = _BINARY[code](x, y)
+    return _out(r, out_dtype)
+
+
+@register("where", CPU)
+def where(cond, a, b, out_dtype):
+    cd = _compute_dtype(out_dtype)
+    x = _arg(a)
+    y = _arg(b)
+    r = np.where(cond._np, np.asarray(x, dtype=cd), np.asarray(y, dtype=cd))
+    return _out(r, out_dtype)
+
+
+@register("clamp", CPU)
+def clamp(x, lo, hi, out_dtype):
+    r = _a(x)
+    if lo is not None:
+        r = np.maximum(r, _arg(lo))
+    if hi is not None:
+        r = np.minimum(r, _arg(hi))
+    return _out(r, out_dtype)
+
+
+@register("act_backward", CPU)
+def act_backward(code, grad, x):
+    """d act(x)/dx * grad for activations whose derivative needs x."""
+    g, v = _a(grad), _a(x)
+    if code == C.GELU:
+        cdf = 0.5 * (1.0 + erf(v * np.sqrt(0.5)))
+        pdf = np.exp(-0.5 * v * v) / np.sqrt(2.0 * np.pi)
+        r = g * (cdf + v * pdf)
+    elif code == C.GELU_TANH:
+        k = np.sqrt(2.0 / np.pi)
+        inner = k * (v + 0.044715 * v ** 3)
+        th = np.tanh(inner)
+        r = g * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k * (1.0 + 3 * 0.044715 * v * v))
+    elif code == C.SILU:
+        s = _sigmoid(v)
+        r = g * (s * (1.0 + v * (1.0 - s)))
+    else:
+        raise ValueError(f"act_backward has no rule for activation code {code}")
+    return _out(r, grad._dtype)
+
+
+# --- reductions -----------------------------------------------------------------
+_REDUCE = {C.SUM: np.sum, C.MEAN: np.mean, C.MAX: np.max, C.MIN: np.min,
+           C.PROD: np.prod, C.ANY: np.any, C.ALL: np.all}
+
+
+@register("reduce", CPU)
+def reduce(code, x, dims, keepdim, out_dtype):
+    arr = _a(x)
+    if code in (C.SUM, C.MEAN, C.PROD) and out_dtype.is_floating_point:
+        arr = arr.astype(np.float64 if out_dtype is dt.float64 else np.float32, copy=False)
+    elif code in (C.SUM, C.PROD):
+        arr = arr.astype(out_dtype.np, copy=False)
+    with np.errstate(all="ignore"):
+        r = _REDUCE[code](arr, axis=dims, keepdims=keepdim)
+    return _out(r, out_dtype)
+
+
+@register("argreduce", CPU)
+def argreduce(code, x, dim, keepdim):
+    arr = _a(x)
+    fn = np.argmax if code == C.ARGMAX else np.argmin
+    if dim is None:
+        r = fn(arr.reshape(-1))
+        if keepdim:
+            r = np.reshape(r, (1,) * arr.ndim)
+    else:
+        r = fn(arr, axis=dim)
+        if keepdim:
+            r = np.expand_dims(r, dim)
+    return _out(r, dt.int64)
+
+
+@register("var", CPU)
+def var(x, dims, correction, keepdim):
+    arr = _a(x).astype(np.float64 if x._dtype is dt.float64 else np.float32, copy=False)
+    n = 1
+    for d in dims:
+        n *= arr.shape[d]
+    with np.errstate(all="ignore"):
+        mean = arr.mean(axis=dims, keepdims=True)
+        r = np.sum((arr - mean) ** 2, axis=dims, keepdims=keepdim) / max(n - correction, 0)
+    return _out(r, x._dtype)
+
+
+@register("logsumexp", CPU)
+def logsumexp(x, dims, keepdim):
+    arr = _a(x)
+    m = np.max(arr, axis=dims, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    with np.errstate(all="ignore"):
+        r = np.log(np.sum(np.exp(arr - m), axis=dims, keepdims=True)) + m
+    if not keepdim:
+        r = np.squeeze(r, axis=dims)
+    return _out(r, x._dtype)
+
+
+# --- linear algebra --------------------------------------------------------------
+@register("matmul", CPU)
+def matmul(a, b, out_dtype):
+    return _out(np.matmul(_a(a), _a(b)), out_dtype)
+
+
+# --- normalisation and softmax ----------------------------------------------------
+@register("softmax", CPU)
+def softmax(x, dim, log):
+    arr = _a(x)
+    m = np.max(arr, axis=dim, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    with np.errstate(all="ignore"):
+        e = arr - m
+        if log:
+            r = e - np.log(np.sum(np.exp(e), axis=dim, keepdims=True))
+        else:
+            p = np.exp(e)
+            r = p / np.sum(p, axis=dim, keepdims=True)
+    return _out(r, x._dtype)
+
+
+@register("layer_norm", CPU)
+def layer_norm(x, nd, weight, bias, eps):
+    arr = _a(x)
+    axes = tuple(range(arr.ndim - nd, arr.ndim))
+    mean = arr.mean(axis=axes, keepdims=True)
+    var = ((arr - mean) ** 2).mean(axis=axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    y = (arr - mean) * rstd
+    if weight is not None:
+        y = y * _a(weight)
+    if bias is not None:
+        y = y + _a(bias)
+    stat = dt.float64 if x._dtype is dt.float64 else dt.float32
+    return _out(y, x._dtype), _out(mean, stat), _out(rstd, stat)
+
+
+@register("rms_norm", CPU)
+def rms_norm(x, nd, weight, eps):
+    arr = _a(x)
+    axes = tuple(range(arr.ndim - nd, arr.ndim))
+    rstd = 1.0 / np.sqrt((arr * arr).mean(axis=axes, keepdims=True) + eps)
+    y = arr * rstd
+    if weight is not None:
+        y = y * _a(weight)
+    stat = dt.float64 if x._dtype is dt.float64 else dt.float32
+    return _out(y, x._dtype), _out(rstd, stat)
+
+
+# --- indexing ----------------------------------------------------------------------
+@register("gather", CPU)
+def gather(x, dim, index):
+    return _out(np.take_along_axis(x._np, index._np, axis=dim), x._dtype)
+
+
+@register("scatter_add", CPU)
+def scatter_add(base, dim, index, src):
+    """out = base.clone(); out[index along dim] += src (index.shape == src.shape)."""
+    out = np.array(_a(base), copy=True)
+    idx = index._np
+    grids = list(np.indices(idx.shape, sparse=True))
+    grids[dim] = idx
+    np.add.at(out, tuple(grids), _a(src))
+    return _out(out, base._dtype)
+
+
+@register("index_select", CPU)
+def index_select(x, dim, index):
+    return _out(np.take(x._np, index._np, axis=dim), x._dtype)
+
+
+@register("index_add", CPU)
+def index_add(base, dim, index, src):
+    out = np.array(_a(base), copy=True)
+    moved = np.moveaxis(out, dim, 0)
+    np.add.at(moved, index._np, np.moveaxis(_a(src), dim, 0))
+    return _out(out, base._dtype)
+
+
+def _np_key(key):
+    return tuple(k._np if hasattr(k, "_np") else k for k in key)
+
+
+@register("index", CPU)
+def index(x, key):
+    return _out(x._np[_np_key(key)], x._dtype)
+
+
+@register("index_put_", CPU)
+def index_put_(x, key, values, accumulate):
+    k = _np_key(key)
+    v = values._np if hasattr(values, "_np") else values
+    if accumulate:
+        tmp = _a(x).copy() if x._dtype in _HALF else x._np
+        np.add.at(tmp, k, v.astype(tmp.dtype) if isinstance(v, np.ndarray) else v)
+        if tmp is not x._np:
+            x._np[...] = tmp.astype(x._dtype.np)
+    else:
+        x._np[k] = v
+    return x
+
+
+@register("cat", CPU)
+def cat(tensors, dim, out_dtype):
+    return _out(np.concatenate([t._np.astype(out_dtype.np, copy=False) for t in tensors], axis=dim), out_dtype)
+
+
+@register("one_hot", CPU)
+def one_hot(index, num_classes):
+    idx = index._np
+    out = np.zeros(idx.shape + (num_classes,), np.int64)
+    np.put_along_axis(out, idx[..., None], 1, axis=-1)
+    return _out(out, dt.int64)
+
+
+def storage_nbytes(t):
+    return t._storage.data.nbytes
+
+
+__all__ = ["storage_nbytes", "make", "Storage", "contiguous_strides", "cpu_device"]

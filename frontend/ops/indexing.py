@@ -1,0 +1,267 @@
+"""Indexing: x[key] and x[key] = v, gather/scatter_add, index_select,
+one_hot. Basic keys (ints, slices, None, ...) make views; keys holding index
+tensors, lists or bool masks follow NumPy's advanced-indexing rules and copy.
+"""
+import numpy as np
+
+from .. import dtypes as dt
+from ..dispatch import kernel
+from ..tensor import Tensor
+from ..autograd import grad_mode
+from ..autograd.engine import Node, attach
+from . import shape as S
+
+_K_GATHER = kernel("gather").impl
+_K_SCATTER_ADD = kernel("scatter_add").impl
+_K_INDEX_SELECT = kernel("index_select").impl
+_K_INDEX_ADD = kernel("index_add").impl
+_K_INDEX = kernel("index").impl
+_K_ONE_HOT = kernel("one_hot").impl
+_state = grad_mode.state
+
+
+def _normalize_key(x, key):
+    """Tuple key with lists/arrays turned into index tensors; flag if advanced."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    out = []
+    advanced = False
+    for k in key:
+        if isinstance(k, Tensor):
+            if k._dtype.category == dt.FLOAT:
+                raise IndexError("tensors used as indices must be long, int, byte or bool tensors")
+            if k._storage.device is not x._storage.device:
+                k = k.to(x._storage.device)
+            advanced = True
+        elif isinstance(k, (list, np.ndarray)):
+            from .creation import tensor
+            k = tensor(k, device=x._storage.device)
+            if k._dtype.category == dt.FLOAT:
+                raise IndexError("tensors used as indices must be long, int, byte or bool tensors")
+            advanced = True
+        elif isinstance(k, bool):
+            raise IndexError("indexing with a Python bool is not supported")
+        elif not (k is None or k is Ellipsis or isinstance(k, (slice, int, np.integer))):
+            raise IndexError(f"only integers, slices (`:`), ellipsis (`...`), None and long or byte Variables are "
+                             f"valid indices (got {type(k).__name__})")
+        out.append(k)
+    return tuple(out), advanced
+
+
+def _check_bounds(x, key):
+    """Out-of-range entries of integer index tensors raise before any kernel runs."""
+    n_spec = sum(1 for k in key if k is not None and k is not Ellipsis)
+    d = 0
+    for k in key:
+        if k is Ellipsis:
+            d += len(x._shape) - n_spec
+        elif k is None:
+            continue
+        elif isinstance(k, Tensor):
+            if k._dtype is dt.bool_ or k._dtype is dt.uint8:
+                if k._shape != x._shape[d:d + len(k._shape)]:
+                    raise IndexError(f"The shape of the mask {list(k._shape)} at index {d} does not match the shape "
+                                     f"of the indexed tensor {list(x._shape)}")
+                d += len(k._shape)
+                continue
+            if d >= len(x._shape):
+                raise IndexError(f"too many indices for tensor of dimension {len(x._shape)}")
+            size = x._shape[d]
+            if k.numel():
+                arr = k._host_array()
+                lo, hi = int(arr.min()), int(arr.max())
+                if lo < -size or hi >= size:
+                    bad = hi if hi >= size else lo
+                    raise IndexError(f"index {bad} is out of bounds for dimension {d} with size {size}")
+            d += 1
+        else:
+            d += 1
+
+
+class IndexBackward(Node):
+    __slots__ = ("in_shape", "in_dtype", "key")
+
+    def backward(self, g):
+        from .creation import zeros
+        from .inplace import index_put_
+        gz = zeros(self.in_shape, dtype=self.in_dtype, device=g._storage.device)
+        return (index_put_(gz, self.key, g, accumulate=True),)
+
+
+def index(x, key):
+    """Advanced indexing (NumPy semantics)."""
+    _check_bounds(x, key)
+    out = _K_INDEX[x._storage.device.backend](x, key)
+    if _state.enabled and x._requires_grad:
+        node = IndexBackward()
+        node.in_shape, node.in_dtype, node.key = x._shape, x._dtype, key
+        attach(out, node, (x,))
+    return out
+
+
+def getitem(x, key):
+    key, advanced = _normalize_key(x, key)
+    if advanced:
+        return index(x, key)
+    return S.basic_index(x, key)
+
+
+def setitem(x, key, value):
+    from .inplace import write_, index_put_, _check_inplace
+    key, advanced = _normalize_key(x, key)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        from .creation import tensor
+        value = tensor(value, dtype=x._dtype, device=x._storage.device)
+    if advanced:
+        _check_bounds(x, key)
+        if isinstance(value, Tensor) and value._dtype is not x._dtype:
+            value = value.to(x._dtype)
+        index_put_(x, key, value, accumulate=False)
+        return
+    _check_inplace(x, "setitem")
+    shape, strides, offset = S.basic_index_meta(x, key)
+    region = S._view(x, shape, strides, offset)
+    if not isinstance(value, Tensor):
+        from .creation import full
+        value = full((), value, dtype=x._dtype, device=x._storage.device)
+    write_(region, value, "setitem")
+
+
+class GatherBackward(Node):
+    __slots__ = ("in_shape", "dim")
+
+    def backward(self, g):
+        from .creation import zeros
+        (idx,) = self.saved_tensors
+        return (scatter_add(zeros(self.in_shape, dtype=g._dtype, device=g._storage.device), self.dim, idx, g),)
+
+
+def _check_index_tensor(index, opname):
+    if not isinstance(index, Tensor) or index._dtype not in (dt.int64, dt.int32):
+        raise RuntimeError(f"{opname}(): Expected dtype int64 or int32 for index, got "
+                           f"{getattr(index, '_dtype', type(index).__name__)}")
+
+
+def gather(x, dim, index):
+    _check_index_tensor(index, "gather")
+    d = x._wrap_dim(dim)
+    if len(index._shape) != len(x._shape):
+        raise RuntimeError(f"Index tensor must have the same number of dimensions as input tensor "
+                           f"({len(index._shape)} vs {len(x._shape)})")
+    for i, (a, b) in enumerate(zip(index._shape, x._shape)):
+        if i != d and a > b:
+            raise RuntimeError(f"Size does not match at dimension {i} expected index {list(index._shape)} to be "
+                               f"smaller than self {list(x._shape)} apart from dimension {d}")
+    if index.numel():
+        arr = index._host_array()
+        if arr.min() < -x._shape[d] or arr.max() >= x._shape[d]:
+            raise IndexError(f"gather(): index {int(arr.max() if arr.max() >= x._shape[d] else arr.min())} is out "
+                             f"of bounds for dimension {d} with size {x._shape[d]}")
+    out = _K_GATHER[x._storage.device.backend](x, d, index)
+    if _state.enabled and x._requires_grad:
+        node = GatherBackward()
+        node.in_shape, node.dim = x._shape, d
+        node.save(index)
+        attach(out, node, (x,))
+    return out
+
+
+class ScatterAddBackward(Node):
+    __slots__ = ("dim", "has_base", "has_src")
+
+    def backward(self, g):
+        (idx,) = self.saved_tensors
+        out = []
+        if self.has_base:
+            out.append(g)
+        if self.has_src:
+            out.append(gather(g, self.dim, idx))
+        return tuple(out)
+
+
+def scatter_add(x, dim, index, src):
+    """Out-of-place: x with src added at index along dim."""
+    _check_index_tensor(index, "scatter_add")
+    d = x._wrap_dim(dim)
+    if index._shape != src._shape:
+        raise RuntimeError(f"scatter_add: index shape {list(index._shape)} must equal src shape {list(src._shape)} "
+                           f"in cutegrad")
+    if index.numel():
+        arr = index._host_array()
+        if arr.min() < 0 or arr.max() >= x._shape[d]:
+            raise IndexError(f"scatter_add(): index out of bounds for dimension {d} with size {x._shape[d]}")
+    out = _K_SCATTER_ADD[x._storage.device.backend](x, d, index, src)
+    if _state.enabled and (x._requires_grad or src._requires_grad):
+        node = ScatterAddBackward()
+        node.dim, node.has_base, node.has_src = d, x._requires_grad, src._requires_grad
+        node.save(index)
+        attach(out, node, [t for t in (x, src) if t._requires_grad])
+    return out
+
+
+class IndexSelectBackward(Node):
+    __slots__ = ("in_shape", "dim")
+
+    def backward(self, g):
+        from .creation import zeros
+        (idx,) = self.saved_tensors
+        return (index_add(zeros(self.in_shape, dtype=g._dtype, device=g._storage.device), self.dim, idx, g),)
+
+
+def index_select(x, dim, index):
+    _check_index_tensor(index, "index_select")
+    if len(index._shape) > 1:
+        raise IndexError("index_select(): Index is supposed to be a vector")
+    d = x._wrap_dim(dim)
+    if index.numel():
+        arr = index._host_array()
+        if arr.min() < 0 or arr.max() >= x._shape[d]:
+            raise IndexError(f"index_select(): index {int(arr.max() if arr.max() >= x._shape[d] else arr.min())} "
+                             f"is out of bounds for dimension {d} with size {x._shape[d]}")
+    out = _K_INDEX_SELECT[x._storage.device.backend](x, d, index)
+    if _state.enabled and x._requires_grad:
+        node = IndexSelectBackward()
+        node.in_shape, node.dim = x._shape, d
+        node.save(index)
+        attach(out, node, (x,))
+    return out
+
+
+class IndexAddBackward(Node):
+    __slots__ = ("dim", "has_base", "has_src")
+
+    def backward(self, g):
+        (idx,) = self.saved_tensors
+        out = []
+        if self.has_base:
+            out.append(g)
+        if self.has_src:
+            out.append(index_select(g, self.dim, idx))
+        return tuple(out)
+
+
+def index_add(x, dim, index, source):
+    _check_index_tensor(index, "index_add")
+    d = x._wrap_dim(dim)
+    out = _K_INDEX_ADD[x._storage.device.backend](x, d, index, source)
+    if _state.enabled and (x._requires_grad or source._requires_grad):
+        node = IndexAddBackward()
+        node.dim, node.has_base, node.has_src = d, x._requires_grad, source._requires_grad
+        node.save(index)
+        attach(out, node, [t for t in (x, source) if t._requires_grad])
+    return out
+
+
+def one_hot(tensor, num_classes=-1):
+    if tensor._dtype is not dt.int64:
+        raise RuntimeError(f"one_hot is only applicable to index tensor of type LongTensor, got {tensor._dtype}")
+    arr = tensor._host_array()
+    if arr.size and arr.min() < 0:
+        raise RuntimeError("one_hot: Class values must be non-negative.")
+    if num_classes == -1:
+        if not arr.size:
+            raise RuntimeError("one_hot: Can not infer total number of classes from empty tensor.")
+        num_classes = int(arr.max()) + 1
+    elif arr.size and arr.max() >= num_classes:
+        raise RuntimeError("one_hot: Class values must be smaller than num_classes.")
+    return _K_ONE_HOT[tensor._storage.device.backend](tensor, num_classes)

@@ -1,0 +1,207 @@
+"""In-place ops: every one computes its result out of place, writes it into
+the destination's memory, bumps the storage's version counter, and moves the
+destination's autograd history onto the result.
+
+Writing into a view of a tensor that takes part in autograd rewrites the
+history of the view's base with a CopySlices node (PyTorch's design): the
+base's gradient passes through everywhere except the written region, whose
+gradient goes to the value that was written.
+"""
+from .. import dtypes as dt
+from ..dispatch import kernel
+from ..tensor import Tensor
+from ..autograd import grad_mode
+from ..autograd.engine import Node, attach, edge
+from . import pointwise as P
+from .broadcast import broadcast_shapes
+
+_K_COPY = kernel("copy_").impl
+_K_INDEX_PUT = kernel("index_put_").impl
+_state = grad_mode.state
+
+
+def _check_inplace(x, opname):
+    if _state.enabled:
+        if x.grad_fn is None and x._requires_grad:
+            raise RuntimeError(f"{opname}: a leaf Variable that requires grad is being used in an in-place operation.")
+        base = x._base
+        if base is not None and base.grad_fn is None and base._requires_grad:
+            raise RuntimeError(f"{opname}: a view of a leaf Variable that requires grad is being used in an "
+                               f"in-place operation.")
+
+
+class CopySlices(Node):
+    __slots__ = ("shape", "strides", "offset")
+
+    def backward(self, g):
+        from .shape import as_strided
+        from .conversion import clone
+        gb = clone(g).detach() if not _state.enabled else clone(g)
+        region = as_strided(gb.detach(), self.shape, self.strides, self.offset)
+        g_written = clone(region)
+        with grad_mode.no_grad():
+            _K_COPY[region._storage.device.backend](region, P.mul(region, 0))
+        gb._storage.version += 1
+        return (gb, g_written)
+
+
+def _rebase_history(x, result):
+    base = x._base
+    if base is None:
+        x.grad_fn = result.grad_fn
+        x._requires_grad = result._requires_grad
+        return
+    if not base.is_contiguous():
+        raise NotImplementedError("in-place write into a view whose base is not contiguous, with autograd, "
+                                  "is not supported; call .contiguous() on the base first")
+    node = CopySlices()
+    node.shape, node.strides, node.offset = x._shape, x._strides, x._offset - base._offset
+    node.next_functions = (edge(base), edge(result))
+    base.grad_fn = node
+    base._requires_grad = True
+    from .shape import as_strided
+    x.grad_fn = as_strided(base, x._shape, x._strides, x._offset - base._offset).grad_fn
+    x._requires_grad = True
+
+
+def write_(x, result, opname):
+    """Store result (broadcastable to x) into x's memory: the in-place core."""
+    if result._shape != x._shape and broadcast_shapes(x._shape, result._shape) != x._shape:
+        raise RuntimeError(f"{opname}: output with shape {list(x._shape)} doesn't match the broadcast "
+                           f"shape {list(broadcast_shapes(x._shape, result._shape))}")
+    base = x._base
+    tracked = _state.enabled and (result._requires_grad or x._requires_grad or
+                                  (base is not None and base._requires_grad))
+    if tracked and result._requires_grad:
+        if result._shape != x._shape:
+            from .shape import expand
+            result = expand(result, x._shape)
+        if result._dtype is not x._dtype:
+            from .conversion import to_dtype
+            result = to_dtype(result, x._dtype)
+        if result._storage.device is not x._storage.device:
+            from .conversion import to_device
+            result = to_device(result, x._storage.device)
+    _K_COPY[x._storage.device.backend](x, result)
+    x._storage.version += 1
+    if tracked:
+        _rebase_history(x, result)
+    return x
+
+
+def _source(x):
+    """x's value to compute from: a clone when autograd may save it, since
+    the write is about to overwrite x's memory."""
+    if _state.enabled and (x._requires_grad or (x._base is not None and x._base._requires_grad)):
+        from .conversion import clone
+        return clone(x)
+    return x
+
+
+def _binary_inplace(fn, opname):
+    def op(x, other, *args, **kwargs):
+        _check_inplace(x, opname)
+        result = fn(_source(x), other, *args, **kwargs)
+        if result._dtype.category > x._dtype.category:
+            raise RuntimeError(f"{opname}: result type {result._dtype} can't be cast to the desired output "
+                               f"type {x._dtype}")
+        return write_(x, result, opname)
+    op.__name__ = opname
+    return op
+
+
+add_ = _binary_inplace(P.add, "add_")
+sub_ = _binary_inplace(P.sub, "sub_")
+mul_ = _binary_inplace(P.mul, "mul_")
+div_ = _binary_inplace(P.div, "div_")
+pow_ = _binary_inplace(P.pow, "pow_")
+masked_fill_ = _binary_inplace(P.masked_fill, "masked_fill_")
+
+
+def clamp_(x, min=None, max=None):
+    _check_inplace(x, "clamp_")
+    return write_(x, P.clamp(_source(x), min, max), "clamp_")
+
+
+def _unary_inplace(fn, opname):
+    def op(x):
+        _check_inplace(x, opname)
+        return write_(x, fn(_source(x)), opname)
+    op.__name__ = opname
+    return op
+
+
+relu_ = _unary_inplace(P.relu, "relu_")
+neg_ = _unary_inplace(P.neg, "neg_")
+exp_ = _unary_inplace(P.exp, "exp_")
+sqrt_ = _unary_inplace(P.sqrt, "sqrt_")
+tanh_ = _unary_inplace(P.tanh, "tanh_")
+sigmoid_ = _unary_inplace(P.sigmoid, "sigmoid_")
+
+
+def copy_(x, src, non_blocking=False):
+    if not isinstance(src, Tensor):
+        raise TypeError(f"copy_(): argument 'src' must be Tensor, not {type(src).__name__}")
+    _check_inplace(x, "copy_")
+    return write_(x, src, "copy_")
+
+
+def fill_(x, value):
+    _check_inplace(x, "fill_")
+    if isinstance(value, Tensor):
+        if value._shape:
+            raise RuntimeError(f"fill_ only supports 0-dimension value tensor but got tensor with "
+                               f"{len(value._shape)} dimensions.")
+        return write_(x, value, "fill_")
+    from .creation import full
+    return write_(x, full((), value, dtype=x._dtype, device=x._storage.device), "fill_")
+
+
+def zero_(x):
+    return fill_(x, 0)
+
+
+class IndexPutBackward(Node):
+    __slots__ = ("key", "value_meta", "has_x", "accumulate")
+
+    def backward(self, g):
+        from .indexing import index
+        out = []
+        if self.has_x and self.accumulate:
+            out.append(g)
+        elif self.has_x:
+            gx = g.clone()
+            with grad_mode.no_grad():
+                _K_INDEX_PUT[gx._storage.device.backend](gx, self.key, 0, False)
+            out.append(gx)
+        if self.value_meta is not None:
+            out.append(P._grad_to(index(g, self.key), *self.value_meta))
+        return tuple(out)
+
+
+def index_put_(x, key, value, accumulate=False):
+    """x[key] = value (accumulate=False) or x[key] += value, for advanced keys."""
+    _check_inplace(x, "index_put_")
+    track = _state.enabled and (x._requires_grad or (isinstance(value, Tensor) and value._requires_grad))
+    if track:
+        from .conversion import clone
+        src = clone(x)
+        with grad_mode.no_grad():
+            _K_INDEX_PUT[x._storage.device.backend](x, key, value, accumulate)
+        x._storage.version += 1
+        node = IndexPutBackward()
+        node.key = key
+        node.has_x = src._requires_grad
+        node.accumulate = accumulate
+        vt = isinstance(value, Tensor) and value._requires_grad
+        node.value_meta = (value._shape, value._dtype) if vt else None
+        ins = ([src] if node.has_x else []) + ([value] if vt else [])
+        node.next_functions = tuple(edge(t) for t in ins)
+        result = x.detach()
+        result.grad_fn = node
+        result._requires_grad = True
+        _rebase_history(x, result)
+        return x
+    _K_INDEX_PUT[x._storage.device.backend](x, key, value, accumulate)
+    x._storage.version += 1
+    return x

@@ -1,0 +1,367 @@
+"""Neural-network ops: softmax family, losses, normalisation, embedding,
+dropout, attention. Forwards go to kernels (fused on the GPU); backwards are
+written in ops, so they run on every backend and differentiate again.
+"""
+import math
+
+from .. import dtypes as dt
+from ..dispatch import kernel
+from ..tensor import Tensor, numel_of
+from ..autograd import grad_mode
+from ..autograd.engine import Node, attach
+from . import pointwise as P
+from . import reduction as R
+from . import shape as S
+from .linalg import matmul
+
+_K_SOFTMAX = kernel("softmax").impl
+_K_LAYER_NORM = kernel("layer_norm").impl
+_K_RMS_NORM = kernel("rms_norm").impl
+_K_DROPOUT_MASK = kernel("bernoulli_scaled").impl
+_state = grad_mode.state
+
+
+def _float_input(x, opname):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{opname}(): argument 'input' must be Tensor, not {type(x).__name__}")
+    if not x._dtype.is_floating_point:
+        raise RuntimeError(f"{opname}(): expected a floating point input, got {x._dtype}")
+
+
+class SoftmaxBackward(Node):
+    __slots__ = ("dim", "log")
+
+    def backward(self, g):
+        (y,) = self.saved_tensors
+        if self.log:
+            return (P.sub(g, P.mul(P.exp(y), R.sum(g, self.dim, keepdim=True))),)
+        return (P.mul(y, P.sub(g, R.sum(P.mul(g, y), self.dim, keepdim=True))),)
+
+
+def _softmax(x, dim, dtype, log, opname):
+    if dtype is not None:
+        x = x.to(dtype)
+    _float_input(x, opname)
+    if dim is None:
+        raise TypeError(f"{opname}() missing required argument 'dim'")
+    d = x._wrap_dim(dim)
+    if not x._shape:
+        d = 0
+        x1 = S.reshape(x, (1,))
+        return S.reshape(_softmax(x1, 0, None, log, opname), ())
+    out = _K_SOFTMAX[x._storage.device.backend](x, d, log)
+    if _state.enabled and x._requires_grad:
+        node = SoftmaxBackward()
+        node.dim, node.log = d, log
+        node.save_with_output(out)
+        attach(out, node, (x,))
+    return out
+
+
+def softmax(x, dim=None, dtype=None):
+    return _softmax(x, dim, dtype, False, "softmax")
+
+
+def log_softmax(x, dim=None, dtype=None):
+    return _softmax(x, dim, dtype, True, "log_softmax")
+
+
+def _reduce_loss(loss, reduction, denom=None):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return R.sum(loss)
+    if reduction == "mean":
+        return P.div(R.sum(loss), denom) if denom is not None else R.mean(loss)
+    raise ValueError(f"{reduction} is not a valid value for reduction; expected 'none', 'mean' or 'sum'")
+
+
+def _class_dim_last(x):
+    """(N, C, d1, ...) -> (N*d1*..., C); (C,) -> (1, C)."""
+    if len(x._shape) == 1:
+        return S.reshape(x, (1, x._shape[0]))
+    if len(x._shape) == 2:
+        return x
+    return S.reshape(S.movedim(x, 1, -1), (-1, x._shape[1]))
+
+
+def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+    return _nll(input, target, weight, ignore_index, reduction, 0.0, logp_given=True)
+
+
+def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    _float_input(input, "cross_entropy")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
+    return _nll(input, target, weight, ignore_index, reduction, label_smoothing, logp_given=False)
+
+
+def _nll(input, target, weight, ignore_index, reduction, eps, logp_given):
+    opname = "nll_loss" if logp_given else "cross_entropy"
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{opname}(): argument 'target' must be Tensor, not {type(target).__name__}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{reduction} is not a valid value for reduction; expected 'none', 'mean' or 'sum'")
+    if not input._shape:
+        raise RuntimeError(f"{opname}: input must have at least 1 dimension (classes), got a 0-d tensor")
+    n_classes = input._shape[0] if len(input._shape) == 1 else input._shape[1]
+    if weight is not None and weight._shape != (n_classes,):
+        raise RuntimeError(f"{opname}: weight tensor should be defined either for all {n_classes} classes or no "
+                           f"classes but got weight tensor of shape: {list(weight._shape)}")
+    logits = _class_dim_last(input)
+    logp = logits if logp_given else log_softmax(logits, 1)
+    if target._dtype.is_floating_point:
+        if target._shape != input._shape:
+            raise RuntimeError(f"{opname}: probability targets must have the input's shape {list(input._shape)}, "
+                               f"got {list(target._shape)}")
+        probs = _class_dim_last(target)
+        if eps:
+            probs = P.add(P.mul(probs, 1.0 - eps), eps / n_classes)
+        wl = P.mul(logp, weight) if weight is not None else logp
+        loss = P.neg(R.sum(P.mul(wl, probs), 1))
+        out_shape = _per_item_shape(input)
+        loss = S.reshape(loss, out_shape)
+        if reduction == "mean":
+            return P.div(R.sum(loss), numel_of(out_shape) if out_shape else 1)
+        return _reduce_loss(loss, reduction)
+    if target._dtype.category != dt.INT:
+        raise RuntimeError(f"{opname}: expected target of integer dtype (class indices) or floating point dtype "
+                           f"(probabilities), got {target._dtype}")
+    expected = _per_item_shape(input)
+    if target._shape != expected:
+        raise RuntimeError(f"{opname}: expected target of shape {list(expected)} for input of shape "
+                           f"{list(input._shape)}, got {list(target._shape)}")
+    t = S.reshape(target, (-1,))
+    valid = P.ne(t, ignore_index)
+    tv = t._host_array()
+    bad = tv[(tv != ignore_index) & ((tv < 0) | (tv >= n_classes))]
+    if bad.size:
+        raise IndexError(f"{opname}: Target {int(bad[0])} is out of bounds for {n_classes} classes.")
+    safe_t = P.where(valid, t, 0)
+    picked = S.reshape(_gather_rows(logp, safe_t), (-1,))
+    validf = valid.to(logp._dtype)
+    if weight is not None:
+        w_t = P.mul(_index_rows(weight, safe_t), validf)
+    else:
+        w_t = validf
+    loss = P.neg(P.mul(picked, w_t))
+    if eps:
+        wl = P.mul(logp, weight) if weight is not None else logp
+        smooth = P.mul(P.neg(R.sum(wl, 1)), validf)
+        loss = P.add(P.mul(loss, 1.0 - eps), P.mul(smooth, eps / n_classes))
+    loss = S.reshape(loss, expected)
+    if reduction == "mean":
+        return P.div(R.sum(loss), R.sum(w_t))
+    return _reduce_loss(loss, reduction)
+
+
+def _per_item_shape(input):
+    if len(input._shape) == 1:
+        return ()
+    return (input._shape[0],) + input._shape[2:]
+
+
+def _gather_rows(logp, t):
+    from .indexing import gather
+    return gather(logp, 1, S.unsqueeze(t, 1))
+
+
+def _index_rows(weight, t):
+    from .indexing import index_select
+    return index_select(weight, 0, t)
+
+
+def mse_loss(input, target, reduction="mean"):
+    if input._shape != target._shape:
+        from .broadcast import broadcast_shapes
+        broadcast_shapes(input._shape, target._shape)
+    d = P.sub(input, target)
+    return _reduce_loss(P.mul(d, d), reduction)
+
+
+def _norm_shape(x, normalized_shape, opname):
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(normalized_shape)
+    nd = len(normalized_shape)
+    if nd == 0 or x._shape[len(x._shape) - nd:] != normalized_shape or len(x._shape) < nd:
+        raise RuntimeError(f"{opname}: Given normalized_shape={list(normalized_shape)}, expected input with shape "
+                           f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(x._shape)}")
+    return normalized_shape, nd
+
+
+def _param_check(p, shape, what, opname):
+    if p is not None and p._shape != shape:
+        raise RuntimeError(f"{opname}: {what} of shape {list(p._shape)} does not match normalized_shape {list(shape)}")
+
+
+class LayerNormBackward(Node):
+    __slots__ = ("nd", "has_w", "has_b")
+
+    def backward(self, g):
+        x, w, mean, rstd = self.saved_tensors
+        axes = tuple(range(len(x._shape) - self.nd, len(x._shape)))
+        batch_axes = tuple(range(len(x._shape) - self.nd))
+        xhat = P.mul(P.sub(x, mean.to(x._dtype)), rstd.to(x._dtype))
+        gw = P.mul(g, w) if w is not None else g
+        dx = P.mul(rstd.to(x._dtype), P.sub(P.sub(gw, R.mean(gw, axes, keepdim=True)),
+                                            P.mul(xhat, R.mean(P.mul(gw, xhat), axes, keepdim=True))))
+        out = [dx]
+        if self.has_w:
+            out.append(R.sum(P.mul(g, xhat), batch_axes) if batch_axes else P.mul(g, xhat))
+        if self.has_b:
+            out.append(R.sum(g, batch_axes) if batch_axes else g)
+        return tuple(out)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    _float_input(x, "layer_norm")
+    shape, nd = _norm_shape(x, normalized_shape, "layer_norm")
+    _param_check(weight, shape, "weight", "layer_norm")
+    _param_check(bias, shape, "bias", "layer_norm")
+    y, mean, rstd = _K_LAYER_NORM[x._storage.device.backend](x, nd, weight, bias, eps)
+    ins = [x] + [p for p in (weight, bias) if p is not None]
+    if _state.enabled and any(t._requires_grad for t in ins):
+        node = LayerNormBackward()
+        node.nd, node.has_w, node.has_b = nd, weight is not None, bias is not None
+        node.save(x, weight, mean, rstd)
+        attach(y, node, ins)
+    return y
+
+
+# torch.finfo(dtype).eps: rms_norm's default epsilon
+_FINFO_EPS = {dt.float16: 2.0 ** -10, dt.bfloat16: 2.0 ** -7, dt.float32: 2.0 ** -23, dt.float64: 2.0 ** -52}
+
+
+class RMSNormBackward(Node):
+    __slots__ = ("nd", "has_w")
+
+    def backward(self, g):
+        x, w, rstd = self.saved_tensors
+        axes = tuple(range(len(x._shape) - self.nd, len(x._shape)))
+        batch_axes = tuple(range(len(x._shape) - self.nd))
+        r = rstd.to(x._dtype)
+        xhat = P.mul(x, r)
+        gw = P.mul(g, w) if w is not None else g
+        dx = P.mul(r, P.sub(gw, P.mul(xhat, R.mean(P.mul(gw, xhat), axes, keepdim=True))))
+        out = [dx]
+        if self.has_w:
+            out.append(R.sum(P.mul(g, xhat), batch_axes) if batch_axes else P.mul(g, xhat))
+        return tuple(out)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    _float_input(x, "rms_norm")
+    shape, nd = _norm_shape(x, normalized_shape, "rms_norm")
+    _param_check(weight, shape, "weight", "rms_norm")
+    if eps is None:
+        eps = _FINFO_EPS[x._dtype]
+    y, rstd = _K_RMS_NORM[x._storage.device.backend](x, nd, weight, eps)
+    ins = [x] + ([weight] if weight is not None else [])
+    if _state.enabled and any(t._requires_grad for t in ins):
+        node = RMSNormBackward()
+        node.nd, node.has_w = nd, weight is not None
+        node.save(x, weight, rstd)
+        attach(y, node, ins)
+    return y
+
+
+def embedding(input, weight, padding_idx=None):
+    from .indexing import index_select
+    if not isinstance(input, Tensor) or input._dtype.category != dt.INT or input._dtype is dt.bool_:
+        raise RuntimeError(f"embedding(): Expected tensor for argument #1 'indices' to have one of the following "
+                           f"scalar types: Long, Int; but got {getattr(input, '_dtype', type(input).__name__)} instead")
+    if len(weight._shape) != 2:
+        raise RuntimeError(f"embedding(): 'weight' must be 2-D, got shape {list(weight._shape)}")
+    flat = S.reshape(input, (-1,))
+    out = index_select(weight, 0, flat)
+    if padding_idx is not None:
+        n = weight._shape[0]
+        if padding_idx < 0:
+            padding_idx += n
+        if not 0 <= padding_idx < n:
+            raise ValueError(f"embedding(): padding_idx must be within num_embeddings ({n})")
+        keep = S.unsqueeze(P.ne(flat, padding_idx), 1)
+        out = P.where(keep, out, S.unsqueeze(weight.detach()[padding_idx], 0))
+    return S.reshape(out, input._shape + (weight._shape[1],))
+
+
+def dropout(x, p=0.5, training=True, generator=None):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return P.mul(x, 0.0)
+    dev = x._storage.device
+    mask = _K_DROPOUT_MASK[dev.backend](x._shape, 1.0 - p, x._dtype, dev, generator)
+    return P.mul(x, mask)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 generator=None):
+    """softmax(q k^T * scale + mask) v over the last two dims."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _float_input(t, "scaled_dot_product_attention")
+        if len(t._shape) < 2:
+            raise RuntimeError(f"scaled_dot_product_attention: {name} must be at least 2-D, got {list(t._shape)}")
+    if query._shape[-1] != key._shape[-1]:
+        raise RuntimeError(f"scaled_dot_product_attention: query and key head dims differ: {query._shape[-1]} vs "
+                           f"{key._shape[-1]}")
+    if key._shape[-2] != value._shape[-2]:
+        raise RuntimeError(f"scaled_dot_product_attention: key and value sequence lengths differ: "
+                           f"{key._shape[-2]} vs {value._shape[-2]}")
+    if is_causal and attn_mask is not None:
+        raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
+    L, Sk = query._shape[-2], key._shape[-2]
+    s = scale if scale is not None else 1.0 / math.sqrt(query._shape[-1])
+    scores = P.mul(matmul(query, S.transpose(key, -2, -1)), s)
+    if is_causal:
+        from .creation import ones
+        causal = _tril(ones((L, Sk), dtype=dt.bool_, device=query._storage.device))
+        scores = P.masked_fill(scores, P.logical_not(causal), float("-inf"))
+    elif attn_mask is not None:
+        if attn_mask._dtype is dt.bool_:
+            scores = P.masked_fill(scores, P.logical_not(attn_mask), float("-inf")) \
+                if _broadcasts_into(attn_mask._shape, scores._shape) else _bad_mask(attn_mask, scores)
+        else:
+            scores = P.add(scores, attn_mask)
+    attn = softmax(scores, -1)
+    if dropout_p > 0.0:
+        attn = dropout(attn, dropout_p, True, generator)
+    return matmul(attn, value)
+
+
+def _broadcasts_into(mask_shape, shape):
+    from .broadcast import broadcast_shapes
+    try:
+        return broadcast_shapes(mask_shape, shape) == tuple(shape)
+    except RuntimeError:
+        return False
+
+
+def _bad_mask(mask, scores):
+    raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {list(mask._shape)} does not broadcast to "
+                       f"the attention scores' shape {list(scores._shape)}")
+
+
+def _tril(m):
+    from .creation import arange
+    L, Sk = m._shape
+    rows = S.unsqueeze(arange(L, device=m._storage.device), 1)
+    cols = S.unsqueeze(arange(Sk, device=m._storage.device), 0)
+    return P.logical_and(m, P.le(cols, rows))
+
+
+def tril(x, diagonal=0):
+    from .creation import arange
+    rows = S.unsqueeze(arange(x._shape[-2], device=x._storage.device), 1)
+    cols = S.unsqueeze(arange(x._shape[-1], device=x._storage.device), 0)
+    return P.where(P.le(P.sub(cols, rows), diagonal), x, P.mul(x, 0) if x._dtype is not dt.bool_ else False)
+
+
+def triu(x, diagonal=0):
+    from .creation import arange
+    rows = S.unsqueeze(arange(x._shape[-2], device=x._storage.device), 1)
+    cols = S.unsqueeze(arange(x._shape[-1], device=x._storage.device), 0)
+    return P.where(P.ge(P.sub(cols, rows), diagonal), x, P.mul(x, 0) if x._dtype is not dt.bool_ else False)

@@ -1,0 +1,623 @@
+"""Elementwise ops: arithmetic with broadcasting, comparisons, activations,
+where/clamp/masked_fill, and the in-place variants. Each op's backward sits
+next to its forward.
+"""
+from .. import dtypes as dt
+from ..dispatch import kernel
+from ..tensor import Tensor
+from ..autograd import grad_mode
+from ..autograd.engine import Node, attach
+from . import codes as C
+from .broadcast import broadcast_shapes, sum_to
+
+_K_UNARY = kernel("unary").impl
+_K_BINARY = kernel("binary").impl
+_K_WHERE = kernel("where").impl
+_K_CLAMP = kernel("clamp").impl
+_K_ACT_BWD = kernel("act_backward").impl
+_state = grad_mode.state
+
+
+def _device_of(a, b):
+    """Backend of a binary op's operands; 0-dim CPU tensors may join any device."""
+    da = a._storage.device
+    db = b._storage.device
+    if da is db:
+        return da
+    if not b._shape and db.type == "cpu":
+        return da
+    if not a._shape and da.type == "cpu":
+        return db
+    raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, {da} and {db}!")
+
+
+def _scalar_of(t, device):
+    # A 0-dim CPU tensor beside a device tensor acts as a Python scalar.
+    if isinstance(t, Tensor) and t._storage.device is not device:
+        return t.item()
+    return t
+
+
+def _check_number(x, opname):
+    if not isinstance(x, (int, float, bool)):
+        raise TypeError(f"{opname}(): expected a Tensor or a Python number, got {type(x).__name__}")
+
+
+def _grad_to(g, t_shape, t_dtype):
+    g = sum_to(g, t_shape)
+    if g._dtype is not t_dtype:
+        from .conversion import to_dtype
+        g = to_dtype(g, t_dtype)
+    return g
+
+
+class _BinaryNode(Node):
+    __slots__ = ("a_meta", "b_meta", "a_scalar", "b_scalar")
+
+    def __init__(self, a, b):
+        Node.__init__(self)
+        if isinstance(a, Tensor):
+            self.a_meta, self.a_scalar = (a._shape, a._dtype), None
+        else:
+            self.a_meta, self.a_scalar = None, a
+        if isinstance(b, Tensor):
+            self.b_meta, self.b_scalar = (b._shape, b._dtype), None
+        else:
+            self.b_meta, self.b_scalar = None, b
+
+    def _pack(self, ga, gb):
+        out = []
+        if self.a_meta is not None:
+            out.append(_grad_to(ga, *self.a_meta) if ga is not None else None)
+        if self.b_meta is not None:
+            out.append(_grad_to(gb, *self.b_meta) if gb is not None else None)
+        return tuple(out)
+
+
+class AddBackward(_BinaryNode):
+    __slots__ = ()
+
+    def backward(self, g):
+        return self._pack(g, g)
+
+
+class SubBackward(_BinaryNode):
+    __slots__ = ()
+
+    def backward(self, g):
+        return self._pack(g, neg(g) if self.b_meta is not None else None)
+
+
+class MulBackward(_BinaryNode):
+    __slots__ = ()
+
+    def backward(self, g):
+        a, b = self._operands()
+        return self._pack(mul(g, b) if self.a_meta is not None else None,
+                          mul(g, a) if self.b_meta is not None else None)
+
+    def _operands(self):
+        saved = self.saved_tensors
+        it = iter(saved)
+        a = next(it) if self.a_meta is not None else self.a_scalar
+        b = next(it) if self.b_meta is not None else self.b_scalar
+        return a, b
+
+
+class DivBackward(MulBackward):
+    __slots__ = ()
+
+    def backward(self, g):
+        a, b = self._operands()
+        ga = div(g, b) if self.a_meta is not None else None
+        gb = neg(div(mul(g, a), mul(b, b))) if self.b_meta is not None else None
+        return self._pack(ga, gb)
+
+
+class PowBackward(MulBackward):
+    __slots__ = ()
+
+    def backward(self, g):
+        a, b = self._operands()
+        ga = gb = None
+        if self.a_meta is not None:
+            ga = mul(g, mul(b, pow(a, sub(b, 1))))
+        if self.b_meta is not None:
+            # d/db a^b = a^b log(a), taken as 0 where a == 0 (torch's convention for b >= 0)
+            if isinstance(a, Tensor):
+                la = log(where(eq(a, 0), 1.0, a))
+            else:
+                la = __import__("math").log(a) if a > 0 else 0.0
+            gb = mul(g, mul(pow(a, b), la))
+        return self._pack(ga, gb)
+
+
+class MaxMinBackward(MulBackward):
+    __slots__ = ("is_max",)
+
+    def backward(self, g):
+        a, b = self._operands()
+        # Ties split the gradient evenly, as torch does.
+        pick_a = gt(a, b) if self.is_max else lt(a, b)
+        tie = eq(a, b)
+        ga = gb = None
+        wa = add(pick_a.to(g._dtype), mul(tie.to(g._dtype), 0.5))
+        if self.a_meta is not None:
+            ga = mul(g, wa)
+        if self.b_meta is not None:
+            gb = mul(g, rsub(wa, 1.0))
+        return self._pack(ga, gb)
+
+
+_NODE = {C.ADD: AddBackward, C.SUB: SubBackward, C.MUL: MulBackward, C.DIV: DivBackward,
+         C.POW: PowBackward, C.MAXIMUM: MaxMinBackward, C.MINIMUM: MaxMinBackward}
+_SAVES = (C.MUL, C.DIV, C.POW, C.MAXIMUM, C.MINIMUM)
+_CMP = frozenset((C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR))
+
+
+def _binary(code, a, b):
+    at = isinstance(a, Tensor)
+    bt = isinstance(b, Tensor)
+    if at and bt:
+        dev = _device_of(a, b)
+        if a._shape != b._shape:
+            broadcast_shapes(a._shape, b._shape)
+        a2, b2 = _scalar_of(a, dev), _scalar_of(b, dev)
+    elif at:
+        _check_number(b, _NAMES[code])
+        dev, a2, b2 = a._storage.device, a, b
+    elif bt:
+        _check_number(a, _NAMES[code])
+        dev, a2, b2 = b._storage.device, a, b
+    else:
+        raise TypeError(f"{_NAMES[code]}(): expected at least one Tensor operand")
+    cdt = dt.result_type(a, b)
+    if code in _CMP:
+        out_dt = dt.bool_
+    elif code == C.DIV and cdt.category != dt.FLOAT:
+        cdt = out_dt = dt.get_default_dtype()
+    else:
+        out_dt = cdt
+        if cdt is dt.bool_ and code in (C.SUB,):
+            raise RuntimeError("Subtraction, the `-` operator, with two bool tensors is not supported. "
+                               "Use the `^` or `logical_xor()` operator instead.")
+    out = _K_BINARY[dev.backend](code, a2, b2, cdt, out_dt)
+    if _state.enabled and ((at and a._requires_grad) or (bt and b._requires_grad)):
+        node_cls = _NODE.get(code)
+        if node_cls is None:
+            return out
+        node = node_cls(a, b)
+        if code in (C.MAXIMUM, C.MINIMUM):
+            node.is_max = code == C.MAXIMUM
+        if code in _SAVES:
+            node.save(*[x for x in (a, b) if isinstance(x, Tensor)])
+        attach(out, node, [x for x in (a, b) if isinstance(x, Tensor)])
+    return out
+
+
+_NAMES = {C.ADD: "add", C.SUB: "sub", C.MUL: "mul", C.DIV: "div", C.POW: "pow",
+          C.MAXIMUM: "maximum", C.MINIMUM: "minimum", C.EQ: "eq", C.NE: "ne",
+          C.LT: "lt", C.LE: "le", C.GT: "gt", C.GE: "ge", C.AND: "logical_and",
+          C.OR: "logical_or", C.XOR: "logical_xor", C.FLOORDIV: "floor_divide",
+          C.REMAINDER: "remainder", C.ATAN2: "atan2"}
+
+
+def add(a, b, alpha=1):
+    if alpha != 1:
+        b = mul(b, alpha)
+    return _binary(C.ADD, a, b)
+
+
+def sub(a, b, alpha=1):
+    if alpha != 1:
+        b = mul(b, alpha)
+    return _binary(C.SUB, a, b)
+
+
+def rsub(a, b):
+    return _binary(C.SUB, b, a)
+
+
+def mul(a, b):
+    return _binary(C.MUL, a, b)
+
+
+def div(a, b, rounding_mode=None):
+    if rounding_mode is None:
+        return _binary(C.DIV, a, b)
+    if rounding_mode == "floor":
+        return _binary(C.FLOORDIV, a, b)
+    if rounding_mode == "trunc":
+        q = _binary(C.DIV, a, b)
+        r = _unary(C.TRUNC, q, None)
+        res = dt.result_type(a, b)
+        return r if res.is_floating_point else r.to(res)
+    raise ValueError(f"div expected rounding_mode to be one of None, 'trunc', or 'floor' but found {rounding_mode!r}")
+
+
+def pow(a, b):
+    return _binary(C.POW, a, b)
+
+
+def maximum(a, b):
+    return _binary(C.MAXIMUM, a, b)
+
+
+def minimum(a, b):
+    return _binary(C.MINIMUM, a, b)
+
+
+def floor_divide(a, b):
+    return _binary(C.FLOORDIV, a, b)
+
+
+def remainder(a, b):
+    return _binary(C.REMAINDER, a, b)
+
+
+def eq(a, b):
+    return _binary(C.EQ, a, b)
+
+
+def ne(a, b):
+    return _binary(C.NE, a, b)
+
+
+def lt(a, b):
+    return _binary(C.LT, a, b)
+
+
+def le(a, b):
+    return _binary(C.LE, a, b)
+
+
+def gt(a, b):
+    return _binary(C.GT, a, b)
+
+
+def ge(a, b):
+    return _binary(C.GE, a, b)
+
+
+def logical_and(a, b):
+    return _binary(C.AND, a, b)
+
+
+def logical_or(a, b):
+    return _binary(C.OR, a, b)
+
+
+def logical_xor(a, b):
+    return _binary(C.XOR, a, b)
+
+
+def _bitwise_bool(code, a, b):
+    for x in (a, b):
+        if isinstance(x, Tensor) and x._dtype is not dt.bool_:
+            raise TypeError(f"bitwise operators are supported on bool tensors only in cutegrad, got {x._dtype}")
+    return _binary(code, a, b)
+
+
+# --- unary --------------------------------------------------------------------
+class _UnaryNode(Node):
+    __slots__ = ("code",)
+
+    def backward(self, g):
+        code = self.code
+        saved = self.saved_tensors
+        x = saved[0]
+        if code == C.NEG:
+            return (neg(g),)
+        if code == C.EXP:
+            return (mul(g, saved[1]),)
+        if code == C.LOG:
+            return (div(g, x),)
+        if code == C.SQRT:
+            return (div(g, mul(saved[1], 2)),)
+        if code == C.RSQRT:
+            y = saved[1]
+            return (mul(g, mul(pow(y, 3), -0.5)),)
+        if code == C.ABS:
+            return (mul(g, _unary(C.SIGN, x, None)),)
+        if code == C.TANH:
+            y = saved[1]
+            return (mul(g, rsub(mul(y, y), 1)),)
+        if code == C.SIGMOID:
+            y = saved[1]
+            return (mul(g, mul(y, rsub(y, 1))),)
+        if code == C.RELU:
+            return (mul(g, gt(x, 0).to(g._dtype)),)
+        if code in (C.GELU, C.GELU_TANH, C.SILU):
+            return (_act_backward(code, g, x),)
+        if code == C.SIN:
+            return (mul(g, _unary(C.COS, x, None)),)
+        if code == C.COS:
+            return (neg(mul(g, _unary(C.SIN, x, None))),)
+        if code == C.RECIPROCAL:
+            y = saved[1]
+            return (neg(mul(g, mul(y, y))),)
+        if code == C.SQUARE:
+            return (mul(g, mul(x, 2)),)
+        if code == C.ERF:
+            return (mul(g, mul(exp(neg(mul(x, x))), 1.1283791670955126)),)
+        if code == C.LOG1P:
+            return (div(g, add(x, 1)),)
+        if code == C.EXPM1:
+            return (mul(g, add(saved[1], 1)),)
+        if code in (C.SIGN, C.FLOOR, C.CEIL, C.ROUND, C.TRUNC):
+            return (mul(g, 0),)
+        raise RuntimeError(f"no derivative for unary code {code}")  # pragma: no cover
+
+
+class ActBackwardNode(Node):
+    """act'(x) * g, differentiable again (for create_graph through gelu/silu)."""
+    __slots__ = ("code",)
+
+    def backward(self, gg):
+        g, x = self.saved_tensors
+        ones = _ones_like(x)
+        return (mul(gg, _act_backward(self.code, ones, x)),
+                mul(mul(gg, g), _act_second_derivative(self.code, x)))
+
+
+def _act_second_derivative(code, x):
+    if code == C.GELU:
+        pdf = mul(exp(mul(mul(x, x), -0.5)), 0.3989422804014327)
+        return mul(pdf, rsub(mul(x, x), 2.0))
+    if code == C.SILU:
+        s = sigmoid(x)
+        return mul(mul(s, rsub(s, 1.0)), add(mul(x, rsub(mul(s, 2.0), 1.0)), 2.0))
+    k, c = 0.7978845608028654, 0.044715
+    t = tanh(mul(add(x, mul(pow(x, 3), c)), k))
+    du = mul(add(mul(mul(x, x), 3 * c), 1.0), k)
+    d2u = mul(x, 6 * k * c)
+    return mul(rsub(mul(t, t), 1.0), add(du, mul(mul(x, 0.5), sub(d2u, mul(mul(t, 2.0), mul(du, du))))))
+
+
+def _ones_like(x):
+    from .creation import ones_like
+    return ones_like(x)
+
+
+def _act_backward(code, g, x):
+    out = _K_ACT_BWD[g._storage.device.backend](code, g, x)
+    if _state.enabled and (g._requires_grad or x._requires_grad):
+        node = ActBackwardNode()
+        node.code = code
+        node.save(g, x)
+        attach(out, node, (g, x))
+    return out
+
+
+_SAVE_OUT = frozenset((C.EXP, C.SQRT, C.RSQRT, C.TANH, C.SIGMOID, C.RECIPROCAL, C.EXPM1))
+_NO_GRAD = frozenset((C.SIGN, C.LOGICAL_NOT, C.ISNAN, C.ISINF, C.ISFINITE))
+_FLOAT_ONLY = frozenset((C.EXP, C.LOG, C.SQRT, C.RSQRT, C.TANH, C.SIGMOID, C.GELU, C.GELU_TANH,
+                         C.SILU, C.SIN, C.COS, C.RECIPROCAL, C.ERF, C.LOG1P, C.EXPM1))
+_BOOL_OUT = frozenset((C.LOGICAL_NOT, C.ISNAN, C.ISINF, C.ISFINITE))
+
+
+def _unary(code, x, name):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}(): argument 'input' must be Tensor, not {type(x).__name__}")
+    xd = x._dtype
+    if code in _BOOL_OUT:
+        out_dt = dt.bool_
+    elif code in _FLOAT_ONLY and not xd.is_floating_point:
+        out_dt = dt.get_default_dtype()
+    else:
+        out_dt = xd
+        if xd is dt.bool_ and code in (C.NEG,):
+            raise RuntimeError("Negation, the `-` operator, on a bool tensor is not supported. "
+                               "If you are trying to invert a mask, use the `~` or `logical_not()` operator instead.")
+    out = _K_UNARY[x._storage.device.backend](code, x, out_dt)
+    if _state.enabled and x._requires_grad and code not in _NO_GRAD:
+        node = _UnaryNode()
+        node.code = code
+        if code in _SAVE_OUT:
+            node.save_with_output(out, x)
+        else:
+            node.save(x)
+        attach(out, node, (x,))
+    return out
+
+
+def neg(x):
+    return _unary(C.NEG, x, "neg")
+
+
+def exp(x):
+    return _unary(C.EXP, x, "exp")
+
+
+def log(x):
+    return _unary(C.LOG, x, "log")
+
+
+def sqrt(x):
+    return _unary(C.SQRT, x, "sqrt")
+
+
+def rsqrt(x):
+    return _unary(C.RSQRT, x, "rsqrt")
+
+
+def abs(x):
+    return _unary(C.ABS, x, "abs")
+
+
+def tanh(x):
+    return _unary(C.TANH, x, "tanh")
+
+
+def sigmoid(x):
+    return _unary(C.SIGMOID, x, "sigmoid")
+
+
+def relu(x):
+    return _unary(C.RELU, x, "relu")
+
+
+def gelu(x, approximate="none"):
+    if approximate == "none":
+        return _unary(C.GELU, x, "gelu")
+    if approximate == "tanh":
+        return _unary(C.GELU_TANH, x, "gelu")
+    raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def silu(x):
+    return _unary(C.SILU, x, "silu")
+
+
+def sign(x):
+    return _unary(C.SIGN, x, "sign")
+
+
+def sin(x):
+    return _unary(C.SIN, x, "sin")
+
+
+def cos(x):
+    return _unary(C.COS, x, "cos")
+
+
+def reciprocal(x):
+    return _unary(C.RECIPROCAL, x, "reciprocal")
+
+
+def square(x):
+    return _unary(C.SQUARE, x, "square")
+
+
+def erf(x):
+    return _unary(C.ERF, x, "erf")
+
+
+def log1p(x):
+    return _unary(C.LOG1P, x, "log1p")
+
+
+def expm1(x):
+    return _unary(C.EXPM1, x, "expm1")
+
+
+def floor(x):
+    return _unary(C.FLOOR, x, "floor")
+
+
+def ceil(x):
+    return _unary(C.CEIL, x, "ceil")
+
+
+def round(x):
+    return _unary(C.ROUND, x, "round")
+
+
+def trunc(x):
+    return _unary(C.TRUNC, x, "trunc")
+
+
+def logical_not(x):
+    return _unary(C.LOGICAL_NOT, x, "logical_not")
+
+
+def isnan(x):
+    return _unary(C.ISNAN, x, "isnan")
+
+
+def isinf(x):
+    return _unary(C.ISINF, x, "isinf")
+
+
+def isfinite(x):
+    return _unary(C.ISFINITE, x, "isfinite")
+
+
+# --- where / clamp / masked_fill -------------------------------------------------
+class WhereBackward(Node):
+    __slots__ = ("a_meta", "b_meta")
+
+    def backward(self, g):
+        (cond,) = self.saved_tensors
+        zero = mul(g, 0)
+        out = []
+        if self.a_meta is not None:
+            out.append(_grad_to(where(cond, g, zero), *self.a_meta))
+        if self.b_meta is not None:
+            out.append(_grad_to(where(cond, zero, g), *self.b_meta))
+        return tuple(out)
+
+
+def where(condition, input, other):
+    if not isinstance(condition, Tensor):
+        raise TypeError("where(): condition must be a Tensor")
+    if condition._dtype is not dt.bool_:
+        raise RuntimeError(f"where expected condition to be a boolean tensor, but got a tensor with dtype {condition._dtype}")
+    shapes = [condition._shape] + [x._shape for x in (input, other) if isinstance(x, Tensor)]
+    for x in (input, other):
+        if isinstance(x, Tensor) and x._storage.device is not condition._storage.device and x._shape:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{condition.device} and {x.device}!")
+    shape = broadcast_shapes(*shapes)
+    out_dt = dt.result_type(input, other)
+    out = _K_WHERE[condition._storage.device.backend](condition, input, other, out_dt)
+    if out._shape != shape:
+        from .shape import expand
+        out = expand(out, shape).contiguous()
+    ins = [x for x in (input, other) if isinstance(x, Tensor)]
+    if _state.enabled and any(x._requires_grad for x in ins):
+        node = WhereBackward()
+        node.a_meta = (input._shape, input._dtype) if isinstance(input, Tensor) else None
+        node.b_meta = (other._shape, other._dtype) if isinstance(other, Tensor) else None
+        node.save(condition)
+        attach(out, node, ins)
+    return out
+
+
+class ClampBackward(Node):
+    __slots__ = ("lo", "hi")
+
+    def backward(self, g):
+        (x,) = self.saved_tensors
+        keep = None
+        if self.lo is not None:
+            keep = ge(x, self.lo)
+        if self.hi is not None:
+            k2 = le(x, self.hi)
+            keep = k2 if keep is None else logical_and(keep, k2)
+        return (mul(g, keep.to(g._dtype)),)
+
+
+def clamp(x, min=None, max=None):
+    if min is None and max is None:
+        raise RuntimeError("torch.clamp: At least one of 'min' or 'max' must not be None")
+    for v in (min, max):
+        if isinstance(v, Tensor):
+            raise TypeError("clamp with tensor bounds: use maximum()/minimum()")
+    out_dt = dt.result_type(x, *(v for v in (min, max) if v is not None))
+    out = _K_CLAMP[x._storage.device.backend](x, min, max, out_dt)
+    if _state.enabled and x._requires_grad:
+        node = ClampBackward()
+        node.lo, node.hi = min, max
+        node.save(x)
+        attach(out, node, (x,))
+    return out
+
+
+def masked_fill(x, mask, value):
+    if not isinstance(mask, Tensor) or mask._dtype is not dt.bool_:
+        raise RuntimeError(f"masked_fill only supports boolean masks, but got mask with dtype "
+                           f"{getattr(mask, '_dtype', type(mask).__name__)}")
+    broadcast_shapes(x._shape, mask._shape)
+    if isinstance(value, Tensor):
+        if value._shape:
+            raise RuntimeError(f"masked_fill only supports a 0-dimensional value tensor, but got tensor with "
+                               f"{len(value._shape)} dimension(s).")
+        value = value.item()
+    out = where(mask, value, x)
+    if out._dtype is not x._dtype:
+        out = out.to(x._dtype)
+    if out._shape != x._shape:
+        raise RuntimeError(f"masked_fill: mask of shape {list(mask._shape)} would broadcast input of shape "
+                           f"{list(x._shape)} to {list(out._shape)}")
+    return out

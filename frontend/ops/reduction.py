@@ -1,0 +1,291 @@
+"""Reductions: sum, mean, max/min (with indices), var/std, logsumexp, argmax."""
+import builtins
+from collections import namedtuple
+
+from .. import dtypes as dt
+from ..dispatch import kernel
+from ..tensor import Tensor, numel_of
+from ..autograd import grad_mode
+from ..autograd.engine import Node, attach
+from . import codes as C
+
+_K_REDUCE = kernel("reduce").impl
+_K_ARG = kernel("argreduce").impl
+_K_VAR = kernel("var").impl
+_K_LSE = kernel("logsumexp").impl
+_state = grad_mode.state
+
+values_indices = namedtuple("values_indices", ["values", "indices"])
+
+
+def _dims(x, dim):
+    """Normalized, sorted tuple of reduced dims (all when dim is None)."""
+    n = len(x._shape)
+    if dim is None:
+        return tuple(range(n))
+    if isinstance(dim, int):
+        dim = (dim,)
+    dims = tuple(sorted(x._wrap_dim(d) for d in dim))
+    if len(set(dims)) != len(dims):
+        raise RuntimeError(f"dim {list(dim)} appears multiple times in the list of dims")
+    return dims
+
+
+def _unsqueeze_to(g, in_shape, dims, keepdim):
+    """Bring a reduced gradient back to broadcastable rank."""
+    if keepdim or not dims:
+        return g
+    from .shape import reshape
+    shape = [1 if i in dims else s for i, s in enumerate(in_shape)]
+    return reshape(g, shape)
+
+
+class SumBackward(Node):
+    __slots__ = ("in_shape", "dims", "keepdim", "scale")
+
+    def backward(self, g):
+        from .shape import expand
+        from .pointwise import mul
+        g = _unsqueeze_to(g, self.in_shape, self.dims, self.keepdim)
+        if self.scale != 1:
+            g = mul(g, self.scale)
+        return (expand(g, self.in_shape),)
+
+
+def _sum_dtype(x, dtype):
+    if dtype is not None:
+        return dtype
+    return dt.int64 if x._dtype.category != dt.FLOAT else x._dtype
+
+
+def sum(x, dim=None, keepdim=False, dtype=None):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"sum(): argument 'input' must be Tensor, not {type(x).__name__}")
+    dims = _dims(x, dim)
+    out = _K_REDUCE[x._storage.device.backend](C.SUM, x, dims, keepdim, _sum_dtype(x, dtype))
+    if _state.enabled and x._requires_grad:
+        node = SumBackward()
+        node.in_shape, node.dims, node.keepdim, node.scale = x._shape, dims, keepdim, 1
+        attach(out, node, (x,))
+    return out
+
+
+def mean(x, dim=None, keepdim=False, dtype=None):
+    out_dt = dtype or x._dtype
+    if not out_dt.is_floating_point:
+        raise RuntimeError(f"mean(): could not infer output dtype. Input dtype must be either a floating point or "
+                           f"complex dtype. Got: {x._dtype}")
+    dims = _dims(x, dim)
+    out = _K_REDUCE[x._storage.device.backend](C.MEAN, x, dims, keepdim, out_dt)
+    if _state.enabled and x._requires_grad:
+        n = numel_of([x._shape[d] for d in dims])
+        node = SumBackward()
+        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
+        node.scale = 1.0 / n if n else float("nan")
+        attach(out, node, (x,))
+    return out
+
+
+class MaxBackward(Node):
+    __slots__ = ("in_shape", "dims", "keepdim")
+
+    def backward(self, g):
+        from .pointwise import eq, mul, div
+        x, out = self.saved_tensors
+        o = _unsqueeze_to(out, self.in_shape, self.dims, self.keepdim)
+        g = _unsqueeze_to(g, self.in_shape, self.dims, self.keepdim)
+        mask = eq(x, o).to(g._dtype)
+        # Ties share the gradient evenly (torch's rule for full reductions).
+        count = sum(mask, self.dims, keepdim=True)
+        return (mul(mask, div(g, count)),)
+
+
+class MaxDimBackward(Node):
+    __slots__ = ("in_shape", "dim", "keepdim")
+
+    def backward(self, g):
+        from .indexing import scatter_add
+        from .creation import zeros
+        from .shape import unsqueeze
+        (idx,) = self.saved_tensors
+        if not self.keepdim:
+            g = unsqueeze(g, self.dim)
+            idx = unsqueeze(idx, self.dim)
+        return (scatter_add(zeros(self.in_shape, dtype=g._dtype, device=g._storage.device), self.dim, idx, g),)
+
+
+def _extreme(code, argcode, name, x, dim, keepdim):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}(): argument 'input' must be Tensor, not {type(x).__name__}")
+    be = x._storage.device.backend
+    if dim is None:
+        if numel_of(x._shape) == 0:
+            raise RuntimeError(f"{name}(): Expected reduction dim to be specified for input.numel() == 0. "
+                               f"Specify the reduction dim with the 'dim' argument.")
+        dims = tuple(range(len(x._shape)))
+        out = _K_REDUCE[be](code, x, dims, False, x._dtype)
+        if _state.enabled and x._requires_grad:
+            node = MaxBackward()
+            node.in_shape, node.dims, node.keepdim = x._shape, dims, False
+            node.save_with_output(out, x)
+            attach(out, node, (x,))
+        return out
+    if isinstance(dim, Tensor) or not isinstance(dim, int):
+        return (maximum_like if code == C.MAX else minimum_like)(x, dim)
+    d = x._wrap_dim(dim)
+    if x._shape and x._shape[d] == 0:
+        raise IndexError(f"{name}(): Expected reduction dim {d} to have non-zero size.")
+    values = _K_REDUCE[be](code, x, (d,), keepdim, x._dtype)
+    indices = _K_ARG[be](argcode, x, d, keepdim)
+    if _state.enabled and x._requires_grad:
+        node = MaxDimBackward()
+        node.in_shape, node.dim, node.keepdim = x._shape, d, keepdim
+        node.save(indices)
+        attach(values, node, (x,))
+    return values_indices(values, indices)
+
+
+def maximum_like(x, other):
+    from .pointwise import maximum
+    return maximum(x, other)
+
+
+def minimum_like(x, other):
+    from .pointwise import minimum
+    return minimum(x, other)
+
+
+def max(x, dim=None, keepdim=False):
+    return _extreme(C.MAX, C.ARGMAX, "max", x, dim, keepdim)
+
+
+def min(x, dim=None, keepdim=False):
+    return _extreme(C.MIN, C.ARGMIN, "min", x, dim, keepdim)
+
+
+def amax(x, dim=None, keepdim=False):
+    dims = _dims(x, dim)
+    out = _K_REDUCE[x._storage.device.backend](C.MAX, x, dims, keepdim, x._dtype)
+    if _state.enabled and x._requires_grad:
+        node = MaxBackward()
+        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
+        node.save_with_output(out, x)
+        attach(out, node, (x,))
+    return out
+
+
+def amin(x, dim=None, keepdim=False):
+    dims = _dims(x, dim)
+    out = _K_REDUCE[x._storage.device.backend](C.MIN, x, dims, keepdim, x._dtype)
+    if _state.enabled and x._requires_grad:
+        node = MaxBackward()
+        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
+        node.save_with_output(out, x)
+        attach(out, node, (x,))
+    return out
+
+
+def argmax(x, dim=None, keepdim=False):
+    d = None if dim is None else x._wrap_dim(dim)
+    if numel_of(x._shape) == 0:
+        raise RuntimeError("argmax(): Expected reduction dim to be specified for input.numel() == 0.")
+    return _K_ARG[x._storage.device.backend](C.ARGMAX, x, d, keepdim)
+
+
+def argmin(x, dim=None, keepdim=False):
+    d = None if dim is None else x._wrap_dim(dim)
+    if numel_of(x._shape) == 0:
+        raise RuntimeError("argmin(): Expected reduction dim to be specified for input.numel() == 0.")
+    return _K_ARG[x._storage.device.backend](C.ARGMIN, x, d, keepdim)
+
+
+def any(x, dim=None, keepdim=False):
+    return _K_REDUCE[x._storage.device.backend](C.ANY, x, _dims(x, dim), keepdim, dt.bool_)
+
+
+def all(x, dim=None, keepdim=False):
+    return _K_REDUCE[x._storage.device.backend](C.ALL, x, _dims(x, dim), keepdim, dt.bool_)
+
+
+def prod(x, dim=None, keepdim=False, dtype=None):
+    dims = _dims(x, dim)
+    out = _K_REDUCE[x._storage.device.backend](C.PROD, x, dims, keepdim, _sum_dtype(x, dtype))
+    if _state.enabled and x._requires_grad:
+        node = ProdBackward()
+        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
+        node.save_with_output(out, x)
+        attach(out, node, (x,))
+    return out
+
+
+class ProdBackward(Node):
+    __slots__ = ("in_shape", "dims", "keepdim")
+
+    def backward(self, g):
+        from .pointwise import mul, div
+        x, out = self.saved_tensors
+        o = _unsqueeze_to(out, self.in_shape, self.dims, self.keepdim)
+        g = _unsqueeze_to(g, self.in_shape, self.dims, self.keepdim)
+        return (div(mul(g, o), x),)
+
+
+class VarBackward(Node):
+    __slots__ = ("in_shape", "dims", "keepdim", "correction")
+
+    def backward(self, g):
+        from .pointwise import mul, sub
+        (x,) = self.saved_tensors
+        n = numel_of([self.in_shape[d] for d in self.dims])
+        g = _unsqueeze_to(g, self.in_shape, self.dims, self.keepdim)
+        centered = sub(x, mean(x, self.dims, keepdim=True))
+        return (mul(g, mul(centered, 2.0 / builtins.max(n - self.correction, 0) if n > self.correction
+                                     else float("nan"))),)
+
+
+def _correction(unbiased, correction):
+    if correction is not None:
+        return correction
+    return 1 if unbiased in (None, True) else 0
+
+
+def var(x, dim=None, unbiased=None, keepdim=False, correction=None):
+    if not x._dtype.is_floating_point:
+        raise RuntimeError(f"var(): input dtype should be floating point, got {x._dtype}")
+    dims = _dims(x, dim)
+    corr = _correction(unbiased, correction)
+    out = _K_VAR[x._storage.device.backend](x, dims, corr, keepdim)
+    if _state.enabled and x._requires_grad:
+        node = VarBackward()
+        node.in_shape, node.dims, node.keepdim, node.correction = x._shape, dims, keepdim, corr
+        node.save(x)
+        attach(out, node, (x,))
+    return out
+
+
+def std(x, dim=None, unbiased=None, keepdim=False, correction=None):
+    from .pointwise import sqrt
+    return sqrt(var(x, dim, unbiased, keepdim, correction))
+
+
+class LogSumExpBackward(Node):
+    __slots__ = ("in_shape", "dims", "keepdim")
+
+    def backward(self, g):
+        from .pointwise import exp, sub, mul
+        x, out = self.saved_tensors
+        o = _unsqueeze_to(out, self.in_shape, self.dims, self.keepdim)
+        g = _unsqueeze_to(g, self.in_shape, self.dims, self.keepdim)
+        return (mul(g, exp(sub(x, o))),)
+
+
+def logsumexp(x, dim, keepdim=False):
+    if not x._dtype.is_floating_point:
+        x = x.to(dt.get_default_dtype())
+    dims = _dims(x, dim)
+    out = _K_LSE[x._storage.device.backend](x, dims, keepdim)
+    if _state.enabled and x._requires_grad:
+        node = LogSumExpBackward()
+        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
+        node.save_with_output(out, x)
+        attach(out, node, (x,))
+    return out

@@ -1,0 +1,505 @@
+"""Views and shape ops. Views share storage and compute only new
+(shape, strides, offset), so one implementation serves every backend; the
+copying ones (cat, stack, a reshape that cannot be a view) go through kernels.
+"""
+import builtins
+
+from ..dispatch import kernel
+from ..tensor import Tensor, make, contiguous_strides, numel_of
+from ..autograd import grad_mode
+from ..autograd.engine import Node, attach
+
+_K_CAT = kernel("cat").impl
+_state = grad_mode.state
+
+
+def _view(x, shape, strides, offset):
+    return make(x._storage, tuple(shape), tuple(strides), offset, x._dtype,
+                x._base if x._base is not None else x)
+
+
+def _record(out, x, node):
+    if _state.enabled and x._requires_grad:
+        attach(out, node, (x,))
+    return out
+
+
+class ReshapeBackward(Node):
+    __slots__ = ("in_shape",)
+
+    def backward(self, g):
+        return (reshape(g, self.in_shape),)
+
+
+def _reshape_node(shape):
+    n = ReshapeBackward()
+    n.in_shape = shape
+    return n
+
+
+def _infer_shape(shape, numel, opname):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    shape = [int(s) for s in shape]
+    neg = [i for i, s in enumerate(shape) if s == -1]
+    if len(neg) > 1:
+        raise RuntimeError(f"{opname}: only one dimension can be inferred")
+    known = 1
+    for s in shape:
+        if s != -1:
+            if s < 0:
+                raise RuntimeError(f"{opname}: invalid shape dimension {s}")
+            known *= s
+    if neg:
+        if known == 0 or numel % known:
+            raise RuntimeError(f"{opname}: shape '{shape}' is invalid for input of size {numel}")
+        shape[neg[0]] = numel // known
+    elif known != numel:
+        raise RuntimeError(f"{opname}: shape '{shape}' is invalid for input of size {numel}")
+    return tuple(shape)
+
+
+def _view_strides(old_shape, old_strides, new_shape):
+    """Strides making new_shape a view of (old_shape, old_strides), or None."""
+    if numel_of(old_shape) == 0 or not old_shape:
+        return contiguous_strides(new_shape)
+    new_strides = [0] * len(new_shape)
+    view_d = len(new_shape) - 1
+    chunk_base = old_strides[-1]
+    tensor_numel = 1
+    view_numel = 1
+    for d in range(len(old_shape) - 1, -1, -1):
+        tensor_numel *= old_shape[d]
+        if d == 0 or (old_shape[d - 1] != 1 and old_strides[d - 1] != tensor_numel * chunk_base):
+            while view_d >= 0 and (view_numel < tensor_numel or new_shape[view_d] == 1):
+                new_strides[view_d] = view_numel * chunk_base
+                view_numel *= new_shape[view_d]
+                view_d -= 1
+            if view_numel != tensor_numel:
+                return None
+            if d > 0:
+                chunk_base = old_strides[d - 1]
+                tensor_numel = 1
+                view_numel = 1
+    if view_d != -1:
+        return None
+    return tuple(new_strides)
+
+
+def view(x, *shape):
+    shape = _infer_shape(shape, numel_of(x._shape), "view")
+    strides = _view_strides(x._shape, x._strides, shape)
+    if strides is None:
+        raise RuntimeError("view size is not compatible with input tensor's size and stride (at least one dimension "
+                           "spans across two contiguous subspaces). Use .reshape(...) instead.")
+    return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+
+
+def reshape(x, *shape):
+    shape = _infer_shape(shape, numel_of(x._shape), "reshape")
+    if shape == x._shape:
+        return x
+    strides = _view_strides(x._shape, x._strides, shape)
+    if strides is not None:
+        return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+    from .conversion import contiguous
+    c = contiguous(x)
+    return _record(_view(c, shape, contiguous_strides(shape), c._offset), c, _reshape_node(c._shape))
+
+
+def flatten(x, start_dim=0, end_dim=-1):
+    if not x._shape:
+        return reshape(x, 1)
+    s = x._wrap_dim(start_dim)
+    e = x._wrap_dim(end_dim)
+    if s > e:
+        raise RuntimeError("flatten() has invalid args: start_dim cannot come after end_dim")
+    shape = x._shape[:s] + (numel_of(x._shape[s:e + 1]),) + x._shape[e + 1:]
+    return reshape(x, shape)
+
+
+def unflatten(x, dim, sizes):
+    d = x._wrap_dim(dim)
+    sizes = _infer_shape(tuple(sizes), x._shape[d], "unflatten")
+    return reshape(x, x._shape[:d] + sizes + x._shape[d + 1:])
+
+
+class PermuteBackward(Node):
+    __slots__ = ("inverse",)
+
+    def backward(self, g):
+        return (permute(g, self.inverse),)
+
+
+def permute(x, *dims):
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    n = len(x._shape)
+    if len(dims) != n:
+        raise RuntimeError(f"permute(sparse_coo): number of dimensions in the tensor input does not match the "
+                           f"length of the desired ordering of dimensions i.e. input.dim() = {n} is not equal "
+                           f"to len(dims) = {len(dims)}")
+    dims = tuple(x._wrap_dim(d) for d in dims)
+    if sorted(dims) != list(range(n)):
+        raise RuntimeError(f"permute(): dims {list(dims)} are not a permutation of {n} dimensions")
+    out = _view(x, [x._shape[d] for d in dims], [x._strides[d] for d in dims], x._offset)
+    if _state.enabled and x._requires_grad:
+        node = PermuteBackward()
+        inv = [0] * n
+        for i, d in enumerate(dims):
+            inv[d] = i
+        node.inverse = tuple(inv)
+        attach(out, node, (x,))
+    return out
+
+
+def transpose(x, dim0, dim1):
+    n = len(x._shape)
+    if n == 0:
+        x._wrap_dim(dim0)
+        x._wrap_dim(dim1)
+        return x
+    d0, d1 = x._wrap_dim(dim0), x._wrap_dim(dim1)
+    dims = list(range(n))
+    dims[d0], dims[d1] = dims[d1], dims[d0]
+    return permute(x, dims)
+
+
+def t(x):
+    if len(x._shape) > 2:
+        raise RuntimeError(f"t() expects a tensor with <= 2 dimensions, but self is {len(x._shape)}D")
+    return transpose(x, 0, 1) if len(x._shape) == 2 else x
+
+
+def movedim(x, source, destination):
+    n = len(x._shape)
+    src = [x._wrap_dim(source)] if isinstance(source, int) else [x._wrap_dim(s) for s in source]
+    dst = [x._wrap_dim(destination)] if isinstance(destination, int) else [x._wrap_dim(d) for d in destination]
+    order = [None] * n
+    for s, d in zip(src, dst):
+        order[d] = s
+    rest = iter(i for i in range(n) if i not in src)
+    order = [o if o is not None else next(rest) for o in order]
+    return permute(x, order)
+
+
+class ExpandBackward(Node):
+    __slots__ = ("in_shape",)
+
+    def backward(self, g):
+        from .broadcast import sum_to
+        return (sum_to(g, self.in_shape),)
+
+
+def expand(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    n_new = len(shape)
+    n_old = len(x._shape)
+    if n_new < n_old:
+        raise RuntimeError(f"expand: the number of sizes provided ({n_new}) must be greater or equal to the number "
+                           f"of dimensions in the tensor ({n_old})")
+    out_shape, out_strides = [], []
+    lead = n_new - n_old
+    for i, s in enumerate(shape):
+        if i < lead:
+            if s < 0:
+                raise RuntimeError(f"expand: -1 not allowed in a new leading dimension {i}")
+            out_shape.append(s)
+            out_strides.append(0)
+            continue
+        cur, st = x._shape[i - lead], x._strides[i - lead]
+        if s == -1 or s == cur:
+            out_shape.append(cur)
+            out_strides.append(st)
+        elif cur == 1:
+            out_shape.append(s)
+            out_strides.append(0)
+        else:
+            raise RuntimeError(f"The expanded size of the tensor ({s}) must match the existing size ({cur}) at "
+                               f"non-singleton dimension {i}.  Target sizes: {list(shape)}.  Tensor sizes: "
+                               f"{list(x._shape)}")
+    out_shape = tuple(out_shape)
+    if out_shape == x._shape:
+        return x
+    out = _view(x, out_shape, out_strides, x._offset)
+    if _state.enabled and x._requires_grad:
+        node = ExpandBackward()
+        node.in_shape = x._shape
+        attach(out, node, (x,))
+    return out
+
+
+def expand_as(x, other):
+    return expand(x, other._shape)
+
+
+def broadcast_to(x, shape):
+    return expand(x, shape)
+
+
+def unsqueeze(x, dim):
+    n = len(x._shape) + 1
+    if not -n <= dim < n:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {dim})")
+    d = dim + n if dim < 0 else dim
+    shape = list(x._shape)
+    strides = list(x._strides)
+    new_stride = strides[d] * shape[d] if d < len(shape) else 1
+    shape.insert(d, 1)
+    strides.insert(d, new_stride)
+    return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+
+
+def squeeze(x, dim=None):
+    if dim is None:
+        dims = [i for i, s in enumerate(x._shape) if s == 1]
+    elif isinstance(dim, (tuple, list)):
+        dims = [x._wrap_dim(d) for d in dim]
+    else:
+        dims = [x._wrap_dim(dim)]
+    keep = [i for i in range(len(x._shape)) if not (i in dims and x._shape[i] == 1)]
+    if len(keep) == len(x._shape):
+        return x
+    return _record(_view(x, [x._shape[i] for i in keep], [x._strides[i] for i in keep], x._offset),
+                   x, _reshape_node(x._shape))
+
+
+class AsStridedBackward(Node):
+    __slots__ = ("in_shape", "in_dtype", "shape", "strides", "offset")
+
+    def backward(self, g):
+        from .creation import zeros
+        from .inplace import copy_
+        gz = zeros(self.in_shape, dtype=self.in_dtype, device=g._storage.device)
+        region = as_strided(gz, self.shape, self.strides, self.offset)
+        with grad_mode.no_grad():
+            copy_(region, g)
+        return (gz,)
+
+
+def as_strided(x, size, stride, storage_offset=0):
+    """View of contiguous x's elements with explicit size/stride/offset
+    (relative to x's first element)."""
+    if not x.is_contiguous():
+        raise RuntimeError("as_strided is supported on contiguous tensors only in cutegrad")
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride):
+        raise RuntimeError(f"mismatch in length of strides and shape: {len(size)} vs {len(stride)}")
+    if numel_of(size):
+        last = storage_offset + builtins.sum((n - 1) * s for n, s in zip(size, stride))
+        if storage_offset < 0 or last >= numel_of(x._shape):
+            raise RuntimeError(f"as_strided: size {list(size)} stride {list(stride)} offset {storage_offset} is out "
+                               f"of bounds for a tensor of {numel_of(x._shape)} elements")
+    out = _view(x, size, stride, x._offset + storage_offset)
+    if _state.enabled and x._requires_grad:
+        node = AsStridedBackward()
+        node.in_shape, node.in_dtype = x._shape, x._dtype
+        node.shape, node.strides, node.offset = size, stride, storage_offset
+        attach(out, node, (x,))
+    return out
+
+
+# --- basic indexing (views) ------------------------------------------------------
+def basic_index_meta(x, key):
+    """(shape, strides, offset) of x[key] for ints/slices/None/Ellipsis keys."""
+    n_spec = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
+    ndim = len(x._shape)
+    if n_spec > ndim:
+        raise IndexError(f"too many indices for tensor of dimension {ndim}")
+    if builtins.sum(1 for k in key if k is Ellipsis) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...')")
+    shape, strides = [], []
+    offset = x._offset
+    d = 0
+    for k in key:
+        if k is Ellipsis:
+            for _ in range(ndim - n_spec):
+                shape.append(x._shape[d])
+                strides.append(x._strides[d])
+                d += 1
+        elif k is None:
+            shape.append(1)
+            strides.append(0)
+        elif isinstance(k, slice):
+            size = x._shape[d]
+            start, stop, step = k.indices(size)
+            if step <= 0:
+                raise ValueError("step must be greater than zero")
+            n = len(range(start, stop, step))
+            if n:
+                offset += start * x._strides[d]
+            shape.append(n)
+            strides.append(x._strides[d] * step)
+            d += 1
+        else:
+            size = x._shape[d]
+            i = int(k)
+            if not -size <= i < size:
+                raise IndexError(f"index {i} is out of bounds for dimension {d} with size {size}")
+            offset += (i + size if i < 0 else i) * x._strides[d]
+            d += 1
+    while d < ndim:
+        shape.append(x._shape[d])
+        strides.append(x._strides[d])
+        d += 1
+    return shape, strides, offset
+
+
+class BasicIndexBackward(Node):
+    __slots__ = ("in_shape", "in_dtype", "key")
+
+    def backward(self, g):
+        return (index_backward_basic(g, self.in_shape, self.in_dtype, self.key),)
+
+
+class IndexBackwardBasicNode(Node):
+    __slots__ = ("key",)
+
+    def backward(self, gg):
+        return (basic_index(gg, self.key),)
+
+
+def index_backward_basic(g, in_shape, in_dtype, key):
+    """zeros(in_shape) with g written at key: the gradient of x[key]."""
+    from .creation import zeros
+    gz = zeros(in_shape, dtype=in_dtype, device=g._storage.device)
+    shape, strides, offset = basic_index_meta(gz, key)
+    region = _view(gz, shape, strides, offset)
+    with grad_mode.no_grad():
+        kernel("copy_").impl[g._storage.device.backend](region, g)
+    if _state.enabled and g._requires_grad:
+        node = IndexBackwardBasicNode()
+        node.key = key
+        attach(gz, node, (g,))
+    return gz
+
+
+def basic_index(x, key):
+    shape, strides, offset = basic_index_meta(x, key)
+    out = _view(x, shape, strides, offset)
+    if _state.enabled and x._requires_grad:
+        node = BasicIndexBackward()
+        node.in_shape, node.in_dtype, node.key = x._shape, x._dtype, key
+        attach(out, node, (x,))
+    return out
+
+
+def narrow(x, dim, start, length):
+    d = x._wrap_dim(dim)
+    size = x._shape[d]
+    if start < 0:
+        start += size
+    if not (0 <= start <= size and 0 <= length and start + length <= size):
+        raise IndexError(f"narrow(): start ({start}) + length ({length}) exceeds dimension size ({size}).")
+    return basic_index(x, (slice(None),) * d + (slice(start, start + length),))
+
+
+def select(x, dim, index):
+    d = x._wrap_dim(dim)
+    return basic_index(x, (slice(None),) * d + (index,))
+
+
+def split(x, split_size_or_sections, dim=0):
+    d = x._wrap_dim(dim)
+    size = x._shape[d]
+    if isinstance(split_size_or_sections, int):
+        step = split_size_or_sections
+        if step <= 0:
+            raise RuntimeError(f"split expects split_size be positive, but got split_size={step}")
+        sizes = [builtins.min(step, size - i) for i in range(0, size, step)] or [0]
+    else:
+        sizes = list(split_size_or_sections)
+        if builtins.sum(sizes) != size:
+            raise RuntimeError(f"split_with_sizes expects split_sizes to sum exactly to {size} (input tensor's size "
+                               f"at dimension {d}), but got split_sizes={sizes}")
+    out, start = [], 0
+    for s in sizes:
+        out.append(narrow(x, d, start, s))
+        start += s
+    return tuple(out)
+
+
+def chunk(x, chunks, dim=0):
+    if chunks <= 0:
+        raise RuntimeError(f"chunk expects `chunks` to be greater than 0, got: {chunks}")
+    size = x._shape[x._wrap_dim(dim)]
+    step = -(-size // chunks) if size else 1
+    return split(x, builtins.max(step, 1), dim)
+
+
+def unbind(x, dim=0):
+    d = x._wrap_dim(dim)
+    return tuple(select(x, d, i) for i in range(x._shape[d]))
+
+
+class CatBackward(Node):
+    __slots__ = ("dim", "sizes", "metas")
+
+    def backward(self, g):
+        from .conversion import to_dtype
+        out, start = [], 0
+        for s, (shape, dtype) in zip(self.sizes, self.metas):
+            piece = narrow(g, self.dim, start, s)
+            out.append(to_dtype(piece, dtype) if dtype is not g._dtype else piece)
+            start += s
+        return tuple(out)
+
+
+def cat(tensors, dim=0):
+    from .. import dtypes as dt
+    tensors = list(tensors)
+    if not tensors:
+        raise RuntimeError("cat(): expected a non-empty list of Tensors")
+    for t_ in tensors:
+        if not isinstance(t_, Tensor):
+            raise TypeError(f"cat(): expected a sequence of Tensors, got {type(t_).__name__}")
+    ref = builtins.max(tensors, key=lambda v: len(v._shape))
+    d = ref._wrap_dim(dim)
+    dev = ref._storage.device
+    parts = [t_ for t_ in tensors if not (len(t_._shape) == 1 and t_._shape[0] == 0 and len(ref._shape) > 1)]
+    out_dt = parts[0]._dtype
+    for t_ in parts:
+        if t_._storage.device is not dev:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{dev} and {t_.device}!")
+        if len(t_._shape) != len(ref._shape) or any(a != b for i, (a, b) in enumerate(zip(t_._shape, ref._shape))
+                                                      if i != d):
+            raise RuntimeError(f"Sizes of tensors must match except in dimension {d}. Expected size "
+                               f"{list(ref._shape)} but got size {list(t_._shape)} for a tensor in the list.")
+        out_dt = dt.promote_types(out_dt, t_._dtype)
+    out = _K_CAT[dev.backend](parts, d, out_dt)
+    if _state.enabled and any(t_._requires_grad for t_ in parts):
+        node = CatBackward()
+        node.dim = d
+        node.sizes = [t_._shape[d] for t_ in parts]
+        node.metas = [(t_._shape, t_._dtype) for t_ in parts]
+        attach(out, node, parts)
+    return out
+
+
+def stack(tensors, dim=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise RuntimeError("stack expects a non-empty TensorList")
+    shape0 = tensors[0]._shape
+    for i, t_ in enumerate(tensors):
+        if t_._shape != shape0:
+            raise RuntimeError(f"stack expects each tensor to be equal size, but got {list(shape0)} at entry 0 and "
+                               f"{list(t_._shape)} at entry {i}")
+    return cat([unsqueeze(t_, dim) for t_ in tensors], dim)
+
+
+def repeat(x, *sizes):
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = tuple(sizes[0])
+    if len(sizes) < len(x._shape):
+        raise RuntimeError("Number of dimensions of repeat dims can not be smaller than number of dimensions of tensor")
+    lead = len(sizes) - len(x._shape)
+    shape = (1,) * lead + x._shape
+    xv = reshape(x, shape)
+    inter, target = [], []
+    for r, s in zip(sizes, shape):
+        inter += [1, s]
+        target += [r, s]
+    return reshape(expand(reshape(xv, inter), target), [r * s for r, s in zip(sizes, shape)])
