@@ -258,7 +258,9 @@ class CachingAllocator:
                 block.stream_uses = {stream}
             else:
                 block.stream_uses.add(stream)
-            if self._captures:
+            if self._captures and self.memory.capture_id(stream) is not None:
+                # A use by captured work: it runs at replay, not now. Uses by
+                # streams outside any capture are eager work and need events.
                 self._capture_uses.setdefault(block, set()).add(stream)
 
     # ------------------------------------------------------------------ free path
@@ -406,9 +408,17 @@ class CachingAllocator:
 
     def _pool_for(self, size, stream):
         for cap in self._captures:
-            if cap.stream == stream or (cap.capture_id is not None
-                                        and self.memory.capture_id(stream) == cap.capture_id):
-                return cap.pool.small if size <= SMALL_SIZE else cap.pool.large
+            if cap.stream != stream:
+                cid = cap.capture_id
+                if cid is None:
+                    # begin_allocate_to_pool may run before the stream starts
+                    # capturing; learn the capture's id once it exists.
+                    cid = cap.capture_id = self.memory.capture_id(cap.stream)
+                    if cid is None:
+                        continue
+                if self.memory.capture_id(stream) != cid:
+                    continue
+            return cap.pool.small if size <= SMALL_SIZE else cap.pool.large
         return self._small if size <= SMALL_SIZE else self._large
 
     def _get_free_block(self, pool, stream, size):

@@ -325,6 +325,19 @@ def test_joined_stream_allocates_from_capture_pool():
     assert mem.violations == []
 
 
+def test_pool_registered_before_capture_begins_still_routes_joined_streams():
+    mem, alloc = make()
+    pool = alloc.new_pool_id()
+    alloc.begin_allocate_to_pool(pool, 1)          # graphs/ calls this before cuStreamBeginCapture
+    cid = mem.begin_capture(1)
+    mem.join_capture(2, cid)
+    assert alloc.malloc(4 * KiB, stream=2).segment.pool.private.id == pool
+    assert alloc.malloc(4 * KiB, stream=3).segment.pool.private is None
+    mem.end_capture(1)
+    alloc.end_allocate_to_pool(pool)
+    assert mem.violations == []
+
+
 def test_blocks_freed_in_capture_are_reused_in_stream_order():
     mem, alloc = make()
     pool = start_capture(mem, alloc, 1)
@@ -358,13 +371,16 @@ def test_cross_stream_free_during_capture_is_deferred():
     before = alloc.malloc(4 * KiB, stream=1)
     alloc.record_stream(before, 2)                 # a use from before the capture
     during = alloc.malloc(4 * KiB, stream=1)
-    pool = start_capture(mem, alloc, 3)
-    alloc.record_stream(during, 2)                 # a captured use only
+    pool = alloc.new_pool_id()
+    cid = mem.begin_capture(3)
+    alloc.begin_allocate_to_pool(pool, 3)
+    mem.join_capture(2, cid)
+    alloc.record_stream(during, 2)                 # a captured use only: stream 2 joined the capture
     alloc.free(before)
     alloc.free(during)
     alloc.malloc(512, stream=3)
     assert mem.violations == []                    # no event recorded or queried in capture
-    stop_capture(mem, alloc, 3, pool)
+    stop_capture(mem, alloc, 3, pool)              # ends stream 2's part of the capture too
     alloc.malloc(512, stream=0)                    # processes the deferred frees
     states = {blk["address"]: blk["state"] for s in segments(alloc) for blk in s["blocks"]}
     assert states[before.ptr] == "active_pending_free"   # waits for stream 2
@@ -375,6 +391,23 @@ def test_cross_stream_free_during_capture_is_deferred():
     assert states[before.ptr] == "inactive"
     assert mem.violations == []
     alloc.check_invariants()
+
+
+def test_eager_use_on_another_stream_during_capture_still_needs_an_event():
+    mem, alloc = make()
+    b = alloc.malloc(4 * KiB, stream=1)
+    pool = start_capture(mem, alloc, 3)
+    mem.touch(b.ptr, b.size, stream=2)             # stream 2 is not capturing: real work
+    alloc.record_stream(b, 2)
+    alloc.free(b)
+    stop_capture(mem, alloc, 3, pool)
+    again = alloc.malloc(4 * KiB, stream=1)
+    assert again.ptr != b.ptr
+    assert mem.pending_work(again.ptr, again.size, exclude=1) == []
+    mem.complete(2)
+    alloc.free(again)
+    assert alloc.malloc(4 * KiB, stream=1).ptr == b.ptr
+    assert mem.violations == []
 
 
 def test_pool_lives_while_graph_or_block_lives():
