@@ -49,6 +49,7 @@ class CudaMemory:
         self._SUCCESS = cu.CUresult.CUDA_SUCCESS
         self._NOT_READY = cu.CUresult.CUDA_ERROR_NOT_READY
         self._OOM = cu.CUresult.CUDA_ERROR_OUT_OF_MEMORY
+        self._IMPLICIT = cu.CUresult.CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
         count = self._check("cuDeviceGetCount", cu.cuDeviceGetCount())
         if count == 0:
             raise NoCudaDeviceError("no CUDA device: the driver reports 0 devices")
@@ -141,6 +142,11 @@ class CudaMemory:
 
     def capture_id(self, stream):
         result = self._cu.cuStreamGetCaptureInfo(stream)
-        if result[0] != self._SUCCESS:
-            raise CudaDriverError(f"cuStreamGetCaptureInfo failed: {result[0].name}")
+        err = result[0]
+        if err != self._SUCCESS:
+            if err == self._IMPLICIT:
+                # The legacy stream while a blocking stream captures: it is not
+                # part of any capture (and any work on it would end the capture).
+                return None
+            raise CudaDriverError(f"cuStreamGetCaptureInfo failed: {err.name} ({int(err)})")
         return int(result[2]) if result[1] == self._capture_active else None

@@ -1,0 +1,257 @@
+"""The caching allocator on real GPU memory (CudaMemory); skipped without a GPU.
+
+The randomized test checks on the device that memory freed and reused was not
+touched by pending work: a stream is held back by cuStreamWaitValue32 on a
+host flag, memsets that would clobber blocks are queued on it, the blocks are
+record_stream-ed and freed, the other streams allocate and fill memory, and
+only then the held stream is released. Every live block must still hold its
+fill byte afterwards. A control case shows the check catches reuse without
+record_stream.
+"""
+
+import ctypes
+import random
+
+import pytest
+
+from cutegrad.allocator import CachingAllocator, OutOfMemoryError, parse_config
+
+pytestmark = pytest.mark.gpu
+
+MiB = 1 << 20
+
+
+def _cuda_memory():
+    try:
+        from cutegrad.allocator.cuda_memory import CudaMemory, NoCudaDeviceError
+    except ImportError as e:
+        pytest.skip(f"cuda-bindings unavailable: {e}")
+    try:
+        return CudaMemory(0)
+    except NoCudaDeviceError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def gpu():
+    mem = _cuda_memory()
+    from cuda.bindings import driver as cu
+    cu.cuCtxPushCurrent(mem._ctx)
+    streams = []
+    yield mem, cu, streams
+    for s in streams:
+        cu.cuStreamSynchronize(s)
+        cu.cuStreamDestroy(s)
+    cu.cuCtxPopCurrent()
+
+
+def ok(result):
+    err = result[0]
+    assert int(err) == 0, f"CUDA call failed: {err!r}"
+    return result[1] if len(result) == 2 else result[1:]
+
+
+def new_stream(cu, streams):
+    # Non-blocking: the held-back stream must not stall synchronous copies on the NULL stream.
+    s = ok(cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING.value))
+    streams.append(s)
+    return s
+
+
+def handle(s):
+    return int(s)
+
+
+def read_bytes(cu, ptr, n):
+    buf = (ctypes.c_ubyte * n)()
+    ok(cu.cuMemcpyDtoH(ctypes.addressof(buf), ptr, n))
+    return bytes(buf)
+
+
+class HostGate:
+    """A host flag a stream can be made to wait on (cuStreamWaitValue32)."""
+
+    def __init__(self, cu):
+        self.cu = cu
+        self.host = ok(cu.cuMemHostAlloc(4, cu.CU_MEMHOSTALLOC_DEVICEMAP))
+        self.value = ctypes.c_uint32.from_address(int(self.host))
+        self.value.value = 0
+        self.dev = ok(cu.cuMemHostGetDevicePointer(self.host, 0))
+
+    def hold(self, stream, round_no):
+        err = self.cu.cuStreamWaitValue32(stream, self.dev, round_no,
+                                          self.cu.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ.value)[0]
+        if int(err) != 0:
+            pytest.skip(f"cuStreamWaitValue32 unsupported here: {err!r}")
+
+    def open(self, round_no):
+        self.value.value = round_no
+
+    def close(self):
+        self.cu.cuMemFreeHost(self.host)
+
+
+def test_delayed_work_on_other_stream_protects_freed_memory(gpu):
+    mem, cu, streams = gpu
+    alloc = CachingAllocator(mem, parse_config(""))
+    a, held = new_stream(cu, streams), new_stream(cu, streams)
+    gate = HostGate(cu)
+    try:
+        # Control: without record_stream the block is reused at once and the
+        # delayed memset clobbers the new owner's data. This proves the check can fail.
+        gate.hold(held, 1)
+        victim = alloc.malloc(64 * 1024, handle(a))
+        ok(cu.cuMemsetD8Async(victim.ptr, 0, victim.size, held))
+        alloc.free(victim)
+        reuse = alloc.malloc(64 * 1024, handle(a))
+        assert reuse.ptr == victim.ptr
+        ok(cu.cuMemsetD8Async(reuse.ptr, 0x5A, reuse.size, a))
+        ok(cu.cuStreamSynchronize(a))
+        gate.open(1)
+        ok(cu.cuStreamSynchronize(held))
+        assert read_bytes(cu, reuse.ptr, 16) == b"\x00" * 16
+        alloc.free(reuse)
+
+        # With record_stream the block waits for the held stream.
+        gate.hold(held, 2)
+        victim = alloc.malloc(64 * 1024, handle(a))
+        ok(cu.cuMemsetD8Async(victim.ptr, 0, victim.size, held))
+        alloc.record_stream(victim, handle(held))
+        alloc.free(victim)
+        fresh = alloc.malloc(64 * 1024, handle(a))
+        assert fresh.ptr != victim.ptr
+        ok(cu.cuMemsetD8Async(fresh.ptr, 0x5A, fresh.size, a))
+        ok(cu.cuStreamSynchronize(a))
+        gate.open(2)
+        ok(cu.cuStreamSynchronize(held))
+        assert read_bytes(cu, fresh.ptr, 16) == b"\x5a" * 16
+        alloc.free(fresh)
+        alloc.check_invariants()
+        alloc.empty_cache()
+    finally:
+        gate.open(1 << 30)
+        ok(cu.cuCtxSynchronize())
+        gate.close()
+
+
+def test_randomized_stress_on_device(gpu):
+    mem, cu, streams = gpu
+    rng = random.Random(7)
+    alloc = CachingAllocator(mem, parse_config("max_split_size_mb:64"))
+    work = [new_stream(cu, streams) for _ in range(3)]
+    held = new_stream(cu, streams)
+    gate = HostGate(cu)
+    live = {}                      # Block -> (stream, fill byte)
+    clobbers = 0
+    try:
+        for round_no in range(1, 9):
+            gate.hold(held, round_no)
+            for _ in range(250):
+                op = rng.random()
+                if op < 0.5 or not live:
+                    s = rng.choice(work)
+                    r = rng.random()
+                    nbytes = (rng.randint(1, 1 << 20) if r < 0.6 else
+                              rng.randint(1 << 20, 10 << 20) if r < 0.9 else rng.randint(10 << 20, 64 << 20))
+                    block = alloc.malloc(nbytes, handle(s))
+                    fill = rng.randint(1, 255)
+                    ok(cu.cuMemsetD8Async(block.ptr, fill, block.size, s))
+                    live[block] = (s, fill)
+                elif op < 0.75:
+                    block = rng.choice(list(live))
+                    s, _ = live.pop(block)
+                    if rng.random() < 0.3:
+                        other = rng.choice([w for w in work if w is not s])
+                        ok(cu.cuMemsetD8Async(block.ptr, 0, block.size, other))
+                        alloc.record_stream(block, handle(other))
+                    alloc.free(block)
+                else:
+                    # Queue a clobbering memset on the held stream, then free the block.
+                    block = rng.choice(list(live))
+                    live.pop(block)
+                    ok(cu.cuMemsetD8Async(block.ptr, 0, block.size, held))
+                    alloc.record_stream(block, handle(held))
+                    alloc.free(block)
+                    clobbers += 1
+                alloc.check_invariants()
+                while len(live) > 40:
+                    block = next(iter(live))
+                    live.pop(block)
+                    alloc.free(block)
+            for s in work:
+                ok(cu.cuStreamSynchronize(s))
+            gate.open(round_no)
+            ok(cu.cuStreamSynchronize(held))
+            for block, (_, fill) in live.items():
+                n = min(block.size, 256)
+                assert read_bytes(cu, block.ptr, n) == bytes([fill]) * n, f"{block!r} was clobbered"
+                assert read_bytes(cu, block.ptr + block.size - n, n) == bytes([fill]) * n
+        assert clobbers > 100
+        for block in list(live):
+            alloc.free(block)
+        alloc.empty_cache()
+        alloc.check_invariants()
+        assert alloc.memory_stats()["reserved_bytes.all.current"] == 0
+    finally:
+        gate.open(1 << 30)
+        ok(cu.cuCtxSynchronize())
+        gate.close()
+
+
+def test_oom_past_fraction_cap_and_recovery(gpu):
+    mem, cu, streams = gpu
+    alloc = CachingAllocator(mem, parse_config(""))
+    fraction = (4.5 * (1 << 30)) / mem.total_memory()  # a 4.5 GiB cap: four 1 GiB segments fit
+    alloc.set_per_process_memory_fraction(fraction)
+    blocks = []
+    with pytest.raises(OutOfMemoryError) as info:
+        for _ in range(8):
+            blocks.append(alloc.malloc(1 << 30))
+    assert len(blocks) == 4
+    err = info.value
+    assert err.requested == 1 << 30 and err.allowed == int(fraction * mem.total_memory())
+    assert "out of memory" in str(err)
+    assert alloc.memory_stats()["reserved_bytes.all.current"] <= err.allowed
+    assert alloc.memory_stats()["num_ooms"] == 1
+    alloc.free(blocks.pop())
+    again = alloc.malloc(1 << 30)                        # recovered
+    ok(cu.cuMemsetD8(again.ptr, 1, again.size))
+    for b in blocks + [again]:
+        alloc.free(b)
+    free_before, _ = mem.mem_get_info()
+    alloc.empty_cache()
+    free_after, _ = mem.mem_get_info()
+    assert free_after - free_before >= 3 << 30           # the cache went back to the driver
+    alloc.check_invariants()
+
+
+def test_allocation_during_real_capture_uses_private_pool(gpu):
+    mem, cu, streams = gpu
+    alloc = CachingAllocator(mem, parse_config(""))
+    s = new_stream(cu, streams)
+    pool = alloc.new_pool_id()
+    alloc.begin_allocate_to_pool(pool, handle(s))
+    ok(cu.cuStreamBeginCapture(s, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+    assert mem.capture_id(handle(s)) is not None
+    a = alloc.malloc(3 * MiB, handle(s))                # a new segment: cuMemAlloc during capture
+    ok(cu.cuMemsetD8Async(a.ptr, 7, a.size, s))
+    alloc.free(a)
+    b = alloc.malloc(3 * MiB, handle(s))                # reused in stream order within the pool
+    assert b.ptr == a.ptr
+    ok(cu.cuMemsetD8Async(b.ptr, 9, 1024, s))
+    graph = ok(cu.cuStreamEndCapture(s))
+    alloc.end_allocate_to_pool(pool)
+    exe = ok(cu.cuGraphInstantiate(graph, 0))
+    for _ in range(3):
+        ok(cu.cuGraphLaunch(exe, s))
+    ok(cu.cuStreamSynchronize(s))
+    assert read_bytes(cu, b.ptr, 4) == b"\x09" * 4
+    assert read_bytes(cu, b.ptr + 2048, 4) == b"\x07" * 4
+    assert alloc.memory_snapshot()[0]["segment_pool_id"] == pool
+    ok(cu.cuGraphExecDestroy(exe))
+    ok(cu.cuGraphDestroy(graph))
+    alloc.free(b)
+    alloc.release_pool(pool)
+    alloc.empty_cache()
+    assert alloc.memory_snapshot() == []
+    alloc.check_invariants()
