@@ -73,7 +73,8 @@ def make(storage, shape, strides, offset, dtype, base=None):
 def from_numpy_owned(arr, dtype):
     """Wrap a freshly computed NumPy result (the CPU backend's outputs)."""
     if arr.dtype != dtype.np or not arr.flags.c_contiguous:
-        arr = np.ascontiguousarray(arr, dtype=dtype.np)
+        # np.array, not np.ascontiguousarray: the latter turns 0-d into shape (1,)
+        arr = np.array(arr, dtype=dtype.np, order="C")
     st = Storage(arr.reshape(-1), _cpu_device)
     t = Tensor.__new__(Tensor)
     t._storage = st

@@ -84,7 +84,7 @@ def cast(x, dtype):
 
 @register("contiguous", CPU)
 def contiguous(x):
-    return from_numpy_owned(np.ascontiguousarray(x._np), x._dtype)
+    return from_numpy_owned(np.array(x._np, order="C"), x._dtype)
 
 
 # --- random -------------------------------------------------------------------
@@ -145,8 +145,13 @@ _UNARY = {
 
 @register("unary", CPU)
 def unary(code, x, out_dtype):
+    a = _a(x)
+    if out_dtype.is_floating_point and a.dtype.kind != "f":
+        # NumPy would pick float16 for exp(uint8) and float64 for exp(int64);
+        # torch computes in the output dtype.
+        a = a.astype(_compute_dtype(out_dtype))
     with np.errstate(all="ignore"):
-        r = _UNARY[code](_a(x))
+        r = _UNARY[code](a)
     return _out(r, out_dtype)
 
 

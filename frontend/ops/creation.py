@@ -96,9 +96,7 @@ def from_numpy(arr):
         raise TypeError(f"from_numpy() expects a numpy.ndarray, got {type(arr).__name__}")
     dtype = dt.from_numpy_dtype(arr.dtype)
     if not arr.flags.c_contiguous or not arr.flags.writeable:
-        arr = np.ascontiguousarray(arr)
-        if not arr.flags.writeable:
-            arr = arr.copy()
+        arr = np.array(arr, order="C")
     return from_numpy_owned(arr, dtype)
 
 
