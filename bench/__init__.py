@@ -1,0 +1,1 @@
+"""Benchmarks against PyTorch (see DESIGN.md, Benchmarks)."""

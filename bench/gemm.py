@@ -1,0 +1,169 @@
+"""GEMM benchmark: cutegrad._C.gemm vs cuBLAS (torch.matmul), same process, same GPU.
+
+    python -m bench.gemm [--reps 30] [--out bench/results]
+
+Shapes: the forward (Y = X W^T), input-gradient (dX = dY W) and weight-gradient
+(dW = dY^T X) GEMM of every Linear in the four reference workloads of
+DESIGN.md, plus 4096^3 and 8192^3.  Each GEMM runs in the operand layouts a
+Linear really has (no transposes) for both libraries.  Timing: CUDA events
+around a batch of launches, median over reps; small problems rotate through
+enough input copies to defeat the L2 cache.  Writes
+bench/results/gemm-<gpu>.json (DESIGN.md's schema) and gemm-<gpu>.md.
+torch is the baseline (and the allocator here) only; cutegrad never needs it.
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+
+# (workload, tokens per step, [(linear name, in features, out features)])
+WORKLOADS = [
+    ("reverse", 64 * 64, [("qkv", 128, 384), ("proj", 128, 128), ("fc1", 128, 512), ("fc2", 512, 128), ("head", 128, 36)]),
+    ("vit", 256 * 80, [("patch", 48, 256), ("qkv", 256, 768), ("proj", 256, 256), ("fc1", 256, 1024),
+                       ("fc2", 1024, 256), ("head", 256, 10)]),
+    ("minigpt", 64 * 128, [("qkv", 256, 768), ("proj", 256, 256), ("fc1", 256, 1024), ("fc2", 1024, 256),
+                           ("head", 256, 4096)]),
+    ("gpt2-small", 8 * 1024, [("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768),
+                              ("head", 768, 50304)]),
+]
+L2_DEFEAT_BYTES = 160 << 20
+
+
+def gemm_cases():
+    """(name, M, N, K, a_major, b_major, is_workload)."""
+    cases = []
+    for wl, tokens, linears in WORKLOADS:
+        for lin, fin, fout in linears:
+            cases.append((f"{wl}.{lin}.fwd", tokens, fout, fin, "k", "k", True))
+            cases.append((f"{wl}.{lin}.dgrad", tokens, fin, fout, "k", "n", True))
+            cases.append((f"{wl}.{lin}.wgrad", fout, fin, tokens, "m", "n", True))
+    for s in (4096, 8192):
+        cases.append((f"square.{s}", s, s, s, "k", "k", False))
+    return cases
+
+
+def make_operands(torch, m, n, k, a_major, b_major, dtype):
+    """A (M x K) and B (K x N) as torch views with the requested unit-stride axis."""
+    a = torch.randn(m, k, device="cuda", dtype=dtype) if a_major == "k" else torch.randn(k, m, device="cuda", dtype=dtype).t()
+    b = torch.randn(n, k, device="cuda", dtype=dtype).t() if b_major == "k" else torch.randn(k, n, device="cuda", dtype=dtype)
+    return a, b
+
+
+def time_ms(torch, fn, sets, reps):
+    """Median per-call time: each rep times a batch of calls cycling over the input sets."""
+    inner = max(len(sets), 1)
+    for s in sets[: min(3, len(sets))]:
+        fn(*s)
+    torch.cuda.synchronize()
+    # Size the batch so one rep is ~2 ms of GPU time.
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(inner):
+        fn(*sets[i % len(sets)])
+    end.record()
+    torch.cuda.synchronize()
+    per_call = max(start.elapsed_time(end) / inner, 1e-4)
+    inner = max(inner, min(2000, int(2.0 / per_call)))
+    samples = []
+    for _ in range(reps):
+        start.record()
+        for i in range(inner):
+            fn(*sets[i % len(sets)])
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / inner)
+    return statistics.median(samples)
+
+
+def gpu_slug(name):
+    words = [w for w in name.lower().replace("nvidia", "").split() if w]
+    return words[0] if words else "gpu"
+
+
+def main():
+    parser = argparse.ArgumentParser(description="cutegrad GEMM vs cuBLAS")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--only", default="", help="substring filter on case names")
+    args = parser.parse_args()
+
+    import torch
+
+    from cutegrad import _C
+
+    _C.load_kernels()
+    dtype, dname = torch.bfloat16, "bf16"
+    stream = torch.cuda.current_stream().cuda_stream
+    rows, used = [], {}
+    for name, m, n, k, a_major, b_major, is_workload in gemm_cases():
+        if args.only and args.only not in name:
+            continue
+        bytes_per_set = 2 * (m * k + k * n + m * n)
+        nsets = max(1, min(32, math.ceil(L2_DEFEAT_BYTES / bytes_per_set)))
+        sets = []
+        for _ in range(nsets):
+            a, b = make_operands(torch, m, n, k, a_major, b_major, dtype)
+            sets.append((a, b, torch.empty(m, n, device="cuda", dtype=dtype)))
+
+        def cutegrad_call(a, b, d):
+            return _C.gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
+                           (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                           dname, dname, stream=stream)
+
+        def cublas_call(a, b, d):
+            torch.matmul(a, b, out=d)
+
+        a, b, d = sets[0]
+        used[name] = cutegrad_call(a, b, d)
+        ref = torch.matmul(a.float(), b.float())
+        err = ((d.float() - ref).abs().max() / ref.abs().max()).item()
+        if not err < 1e-2:
+            raise SystemExit(f"{name}: cutegrad result wrong (relative error {err:.2e})")
+        flops = 2.0 * m * n * k
+        t_ours = time_ms(torch, cutegrad_call, sets, args.reps)
+        t_cublas = time_ms(torch, cublas_call, sets, args.reps)
+        ours, theirs = flops / t_ours / 1e9, flops / t_cublas / 1e9
+        rows.append({"name": f"{name} M={m} N={n} K={k} {dname}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
+                     "baseline": round(theirs, 2), "baseline_name": "cuBLAS (torch.matmul)",
+                     "ratio": round(ours / theirs, 4), "kernel": used[name], "workload": is_workload})
+        print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {used[name]}", flush=True)
+        del sets
+
+    device = torch.cuda.get_device_name()
+    from cuda.bindings import runtime as cudart
+
+    _, drv = cudart.cudaDriverGetVersion()
+    result = {
+        "device": device,
+        "driver": f"{drv // 1000}.{drv % 1000 // 10}",
+        "versions": {"cutegrad": importlib.metadata.version("cutegrad"), "python": platform.python_version(),
+                     "torch": torch.__version__, "cuda": torch.version.cuda},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench.gemm " + " ".join(sys.argv[1:]),
+        "rows": rows,
+    }
+    workload = [r["ratio"] for r in rows if r["workload"]]
+    geo = math.exp(sum(map(math.log, workload)) / len(workload)) if workload else float("nan")
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, f"gemm-{gpu_slug(device)}")
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(f"# GEMM: cutegrad vs cuBLAS on {device}\n\n")
+        f.write(f"{result['date']}, driver {result['driver']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+                f"`{result['command']}`. bf16 in/out, fp32 accumulate. TFLOP/s, median of {args.reps} reps.\n\n")
+        f.write(f"Geometric-mean ratio over the workload shapes: **{geo:.3f}**\n\n")
+        f.write("| shape | cutegrad | cuBLAS | ratio | kernel |\n|---|---:|---:|---:|---|\n")
+        for r in rows:
+            f.write(f"| {r['name']} | {r['cutegrad']:.1f} | {r['baseline']:.1f} | {r['ratio']:.3f} | {r['kernel']} |\n")
+    print(f"geomean ratio (workload shapes) {geo:.3f}; wrote {base}.json and .md")
+
+
+if __name__ == "__main__":
+    main()

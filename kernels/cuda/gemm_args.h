@@ -1,0 +1,58 @@
+// Plain-data description of one GEMM call, shared by the nanobind module, the
+// SIMT fallback (nvcc) and the table of AOT CuTeDSL kernels (generated at build
+// time by kernels/cute/aot.py).  No CUDA or Python headers here on purpose: the
+// three translation units are compiled by different compilers.
+#pragma once
+#include <cstdint>
+
+namespace cutegrad {
+
+enum class DType : int { bf16 = 0, fp16 = 1, fp32 = 2 };
+enum class Epilogue : int { none = 0, bias = 1, gelu = 2, bias_gelu = 3, gelu_bwd = 4 };
+
+// D[l] = epilogue(A[l] (M x K) @ B[l] (K x N) (+ D[l] if accumulate)).
+// Strides are in elements.  A is addressed a[l*a_sl + m*a_sm + k*a_sk],
+// B as b[l*b_sl + k*b_sk + n*b_sn], D as d[l*d_sl + m*d_sm + n] (unit column
+// stride), the pre-activation aux like D with its own strides, bias[n].
+struct GemmArgs {
+  const void* a;
+  const void* b;
+  void* d;
+  const void* bias;
+  const void* aux;
+  int64_t m, n, k, batch;
+  int64_t a_sl, a_sm, a_sk;
+  int64_t b_sl, b_sk, b_sn;
+  int64_t d_sl, d_sm;
+  int64_t aux_sl, aux_sm;
+  DType in_dtype;
+  DType out_dtype;
+  Epilogue epilogue;
+  bool accumulate;
+  int32_t max_ctas;  // persistent grid size for the CuTeDSL kernels (#SMs)
+};
+
+// One exported CuTeDSL specialization (see kernels/cute/gemm.py).
+struct GemmKernelEntry {
+  const char* name;
+  DType in_dtype;
+  DType out_dtype;
+  char a_major;  // 'k' or 'm'
+  char b_major;  // 'k' or 'n'
+  int tile_m;
+  int tile_n;
+  Epilogue epilogue;
+  bool accumulate;
+  int sm;  // compute capability the cubin runs on, e.g. 90
+  void (*load)(int* cuda_error);  // loads the module on every device
+  int (*launch)(const GemmArgs& args, void* stream);  // returns a cudaError_t
+};
+
+extern const GemmKernelEntry kGemmKernels[];
+extern const int kNumGemmKernels;
+
+// SIMT fallback (kernels/cuda/gemm_fallback.cu): any dtype combination, any
+// strides, any size; returns a cudaError_t.
+int gemm_fallback_launch(const GemmArgs& args, void* stream);
+
+}  // namespace cutegrad

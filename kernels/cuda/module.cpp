@@ -1,0 +1,337 @@
+// cutegrad._C: the one native module every GPU kernel is reached through.
+//
+// GEMM entry: validates everything it is given (shapes, dtypes, pointer
+// alignment, strides) before any launch and raises a Python exception naming
+// the mismatch, then picks the tensor-core CuTeDSL specialization that fits
+// (kernels/cute/gemm.py, compiled ahead of time) or the SIMT fallback
+// (kernels/cuda/gemm_fallback.cu).  The exported CuTeDSL modules are loaded on
+// every device the first time any GEMM runs (or by load_kernels(), which a
+// graph capture should call first: module loading must not happen mid-capture).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+#include <nanobind/stl/optional.h>
+
+#include <cuda_runtime.h>
+
+#include <array>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "gemm_args.h"
+
+namespace nb = nanobind;
+using namespace cutegrad;
+
+namespace {
+
+using Triple = std::tuple<int64_t, int64_t, int64_t>;
+
+DType parse_dtype(const std::string& s, const char* what) {
+  if (s == "bf16" || s == "bfloat16") return DType::bf16;
+  if (s == "fp16" || s == "float16") return DType::fp16;
+  if (s == "fp32" || s == "float32") return DType::fp32;
+  throw nb::type_error((std::string("gemm: unsupported ") + what + " '" + s +
+                        "' (expected bf16, fp16 or fp32)").c_str());
+}
+
+const char* dtype_name(DType d) {
+  switch (d) {
+    case DType::bf16: return "bf16";
+    case DType::fp16: return "fp16";
+    case DType::fp32: return "fp32";
+  }
+  return "?";
+}
+
+int dtype_bytes(DType d) { return d == DType::fp32 ? 4 : 2; }
+
+Epilogue parse_epilogue(const std::string& s) {
+  if (s == "none") return Epilogue::none;
+  if (s == "bias") return Epilogue::bias;
+  if (s == "gelu") return Epilogue::gelu;
+  if (s == "bias_gelu") return Epilogue::bias_gelu;
+  if (s == "gelu_bwd") return Epilogue::gelu_bwd;
+  throw nb::value_error(("gemm: unknown epilogue '" + s +
+                         "' (expected none, bias, gelu, bias_gelu or gelu_bwd)").c_str());
+}
+
+const char* epilogue_name(Epilogue e) {
+  switch (e) {
+    case Epilogue::none: return "none";
+    case Epilogue::bias: return "bias";
+    case Epilogue::gelu: return "gelu";
+    case Epilogue::bias_gelu: return "bias_gelu";
+    case Epilogue::gelu_bwd: return "gelu_bwd";
+  }
+  return "?";
+}
+
+[[noreturn]] void fail(const std::string& msg) { throw nb::value_error(("gemm: " + msg).c_str()); }
+
+std::string triple_str(const Triple& t) {
+  return "(" + std::to_string(std::get<0>(t)) + ", " + std::to_string(std::get<1>(t)) + ", " +
+         std::to_string(std::get<2>(t)) + ")";
+}
+
+void check_pointer(uintptr_t p, DType dt, const char* name, bool needed) {
+  if (!needed) return;
+  if (p == 0) fail(std::string(name) + " is a null pointer");
+  if (p % dtype_bytes(dt) != 0)
+    fail(std::string(name) + " pointer 0x" + ([&] { char b[32]; snprintf(b, sizeof b, "%llx", (unsigned long long)p); return std::string(b); })() +
+         " is not aligned to its element size (" + std::to_string(dtype_bytes(dt)) + " bytes)");
+}
+
+// ---- module loading -------------------------------------------------------
+
+std::once_flag g_load_once;
+int g_load_error = 0;
+
+void load_all_modules() {
+  std::call_once(g_load_once, [] {
+    for (int i = 0; i < kNumGemmKernels; ++i) {
+      int err = 0;
+      kGemmKernels[i].load(&err);
+      if (err != 0 && g_load_error == 0) g_load_error = err;
+    }
+  });
+  if (g_load_error != 0)
+    throw std::runtime_error(std::string("cutegrad._C: loading the CuTeDSL kernel modules failed: ") +
+                             cudaGetErrorString(static_cast<cudaError_t>(g_load_error)));
+}
+
+struct DeviceInfo {
+  int sm = -1;  // major*10 + minor
+  int num_sms = 0;
+};
+
+DeviceInfo device_info(int device) {
+  static std::mutex mu;
+  static std::vector<DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
+  DeviceInfo& info = cache[device];
+  if (info.sm < 0) {
+    int major = 0, minor = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error("cutegrad._C: cannot query CUDA device " + std::to_string(device));
+    }
+    info.sm = major * 10 + minor;
+  }
+  return info;
+}
+
+int current_device() {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("cutegrad._C: no usable CUDA device: ") + cudaGetErrorString(err));
+  }
+  return dev;
+}
+
+// ---- dispatch -------------------------------------------------------------
+
+struct Choice {
+  const GemmKernelEntry* kernel = nullptr;  // null: SIMT fallback
+  std::string why_not;                      // why the tensor-core path was not taken
+};
+
+bool divisible(int64_t v, int64_t by) { return v % by == 0; }
+
+// Tile heuristic: the 128x256 tile halves B traffic per FLOP but leaves SMs
+// idle when there are few tiles; take it only when it still fills the GPU.
+int choose_tile_n(const GemmArgs& g, int num_sms) {
+  int64_t tiles_256 = ((g.m + 127) / 128) * ((g.n + 255) / 256) * g.batch;
+  return (g.n > 128 && tiles_256 >= num_sms) ? 256 : 128;
+}
+
+Choice choose_kernel(const GemmArgs& g, char a_major, char b_major, int tile_n, const DeviceInfo& dev) {
+  Choice c;
+  auto no = [&](const std::string& why) { c.why_not = why; return c; };
+  if (g.in_dtype == DType::fp32) return no("fp32 inputs have no tensor-core specialization");
+  if (dev.sm != 90) return no("the tensor-core GEMM is built for sm_90a only");
+  const int vin = 16 / dtype_bytes(g.in_dtype), vout = 16 / dtype_bytes(g.out_dtype);
+  auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.d)) return no("A, B and D must be 16-byte aligned");
+  bool uses_bias = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
+  if (uses_bias && !aligned16(g.bias)) return no("bias must be 16-byte aligned");
+  if (g.epilogue == Epilogue::gelu_bwd && !aligned16(g.aux)) return no("aux must be 16-byte aligned");
+  int64_t a_ld = a_major == 'k' ? g.a_sm : g.a_sk;
+  int64_t b_ld = b_major == 'k' ? g.b_sn : g.b_sk;
+  if (!divisible(a_ld, vin) || !divisible(b_ld, vin) || !divisible(g.d_sm, vout))
+    return no("row strides must be multiples of 16 bytes");
+  if (g.batch > 1 && (!divisible(g.a_sl, vin) || !divisible(g.b_sl, vin) || !divisible(g.d_sl, vout) ||
+                      g.a_sl == 0 || g.b_sl == 0))
+    return no("batch strides must be non-zero multiples of 16 bytes");
+  for (int i = 0; i < kNumGemmKernels; ++i) {
+    const GemmKernelEntry& e = kGemmKernels[i];
+    if (e.sm == dev.sm && e.in_dtype == g.in_dtype && e.out_dtype == g.out_dtype && e.a_major == a_major &&
+        e.b_major == b_major && e.tile_n == tile_n && e.epilogue == g.epilogue && e.accumulate == g.accumulate) {
+      c.kernel = &e;
+      return c;
+    }
+  }
+  return no(std::string("no specialization for ") + dtype_name(g.in_dtype) + "->" + dtype_name(g.out_dtype) +
+            " A " + a_major + "-major, B " + b_major + "-major, tile 128x" + std::to_string(tile_n) +
+            ", epilogue " + epilogue_name(g.epilogue) + (g.accumulate ? " with accumulate" : ""));
+}
+
+void check_cuda(int err, const std::string& what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error("cutegrad._C: " + what + " failed: " + cudaGetErrorName(static_cast<cudaError_t>(err)) +
+                             ": " + cudaGetErrorString(static_cast<cudaError_t>(err)));
+  }
+}
+
+// Returns the name of the kernel that ran ("simt" for the fallback).
+std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Triple b_shape, Triple b_strides,
+                 uintptr_t d, Triple d_shape, Triple d_strides, const std::string& dtype,
+                 const std::string& out_dtype, const std::string& epilogue, uintptr_t bias, uintptr_t aux,
+                 std::optional<Triple> aux_strides, bool accumulate, uintptr_t stream, const std::string& path,
+                 int tile_n) {
+  GemmArgs g{};
+  g.in_dtype = parse_dtype(dtype, "dtype");
+  g.out_dtype = parse_dtype(out_dtype, "out_dtype");
+  g.epilogue = parse_epilogue(epilogue);
+  g.accumulate = accumulate;
+  if (path != "auto" && path != "tensor_core" && path != "simt")
+    fail("path must be 'auto', 'tensor_core' or 'simt', got '" + path + "'");
+  if (tile_n != 0 && tile_n != 128 && tile_n != 256) fail("tile_n must be 0 (heuristic), 128 or 256");
+
+  auto [la, m, ka] = a_shape;
+  auto [lb, kb, n] = b_shape;
+  auto [ld_, md, nd] = d_shape;
+  if (ka != kb) fail("K mismatch: A is " + triple_str(a_shape) + " (batch, M, K) but B is " + triple_str(b_shape) + " (batch, K, N)");
+  if (md != m || nd != n)
+    fail("D shape " + triple_str(d_shape) + " does not match (batch, M, N) = (" + std::to_string(la) + ", " +
+         std::to_string(m) + ", " + std::to_string(n) + ")");
+  if (la != lb || la != ld_)
+    fail("batch mismatch: A " + std::to_string(la) + ", B " + std::to_string(lb) + ", D " + std::to_string(ld_));
+  if (m < 0 || n < 0 || ka < 0 || la < 1) fail("extents must be non-negative and batch >= 1");
+  const int64_t int32_max = 2147483647;
+  if (m > int32_max || n > int32_max || ka > int32_max || la > 65535) fail("extent too large (M, N, K < 2^31, batch <= 65535)");
+  g.m = m; g.n = n; g.k = ka; g.batch = la;
+  std::tie(g.a_sl, g.a_sm, g.a_sk) = a_strides;
+  std::tie(g.b_sl, g.b_sk, g.b_sn) = b_strides;
+  int64_t d_sn;
+  std::tie(g.d_sl, g.d_sm, d_sn) = d_strides;
+
+  const bool uses_bias = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
+  const bool uses_aux = g.epilogue == Epilogue::gelu_bwd;
+  if (g.m == 0 || g.n == 0) return "none";
+  const bool nonempty_k = g.k > 0;
+  check_pointer(a, g.in_dtype, "A", nonempty_k);
+  check_pointer(b, g.in_dtype, "B", nonempty_k);
+  check_pointer(d, g.out_dtype, "D", true);
+  check_pointer(bias, g.out_dtype, "bias", uses_bias);
+  check_pointer(aux, g.out_dtype, "aux (pre-activation)", uses_aux);
+
+  // A dimension of extent 1 has no meaningful stride: treat it as unit so a
+  // row or column vector is accepted in either major order.
+  if (g.m == 1 && g.a_sk != 1) g.a_sm = 1;
+  if (g.k == 1) { if (g.a_sm != 1) g.a_sk = 1; if (g.b_sn != 1) g.b_sk = 1; }
+  if (g.n == 1 && g.b_sk != 1) g.b_sn = 1;
+  if (g.n == 1) d_sn = 1;
+  char a_major, b_major;
+  if (g.a_sk == 1) a_major = 'k';
+  else if (g.a_sm == 1) a_major = 'm';
+  else fail("A has no unit stride (strides (batch, M, K) = " + triple_str(a_strides) + "): its inner dimension must be contiguous");
+  if (g.b_sk == 1) b_major = 'k';
+  else if (g.b_sn == 1) b_major = 'n';
+  else fail("B has no unit stride (strides (batch, K, N) = " + triple_str(b_strides) + "): its inner dimension must be contiguous");
+  if (d_sn != 1) fail("D must have unit stride along N (strides (batch, M, N) = " + triple_str(d_strides) + ")");
+  if (g.d_sm < g.n && g.m > 1) fail("D rows overlap: row stride " + std::to_string(g.d_sm) + " < N = " + std::to_string(g.n));
+  if (g.batch > 1 && g.d_sl == 0) fail("D batch stride is 0 with batch > 1: outputs would overlap");
+  if (uses_aux) {
+    if (!aux_strides) fail("epilogue gelu_bwd needs aux_strides (batch, M, N)");
+    int64_t aux_sn;
+    std::tie(g.aux_sl, g.aux_sm, aux_sn) = *aux_strides;
+    if (aux_sn != 1 && g.n > 1) fail("aux must have unit stride along N (strides " + triple_str(*aux_strides) + ")");
+  }
+  g.a = reinterpret_cast<const void*>(a);
+  g.b = reinterpret_cast<const void*>(b);
+  g.d = reinterpret_cast<void*>(d);
+  g.bias = reinterpret_cast<const void*>(bias);
+  g.aux = reinterpret_cast<const void*>(aux);
+
+  const int device = current_device();
+  const DeviceInfo dev = device_info(device);
+  g.max_ctas = dev.num_sms;
+  void* s = reinterpret_cast<void*>(stream);
+
+  Choice choice;
+  if (path != "simt") {
+    const bool big_enough = g.m >= 64 && g.n >= 64 && g.k >= 16;
+    if (!big_enough && path == "auto") {
+      choice.why_not = "too small";
+    } else {
+      choice = choose_kernel(g, a_major, b_major, tile_n ? tile_n : choose_tile_n(g, dev.num_sms), dev);
+    }
+    if (!choice.kernel && path == "tensor_core") fail("tensor-core path requested but unavailable: " + choice.why_not);
+  }
+  if (choice.kernel) {
+    load_all_modules();
+    // The exported kernels take a batch stride even for one batch; give them
+    // a valid (16-byte multiple) one that is never used for addressing.
+    if (g.batch == 1) {
+      g.a_sl = (a_major == 'k' ? g.a_sm * g.m : g.a_sk * g.k);
+      g.b_sl = (b_major == 'k' ? g.b_sn * g.n : g.b_sk * g.k);
+      g.d_sl = g.d_sm * g.m;
+      g.aux_sl = g.aux_sm * g.m;
+    }
+    check_cuda(choice.kernel->launch(g, s), std::string("launch of ") + choice.kernel->name);
+    check_cuda(cudaGetLastError(), std::string("launch of ") + choice.kernel->name);
+    return choice.kernel->name;
+  }
+  check_cuda(gemm_fallback_launch(g, s), "launch of gemm_simt");
+  return "simt";
+}
+
+nb::list gemm_specializations() {
+  nb::list out;
+  for (int i = 0; i < kNumGemmKernels; ++i) {
+    const GemmKernelEntry& e = kGemmKernels[i];
+    nb::dict d;
+    d["name"] = e.name;
+    d["dtype"] = dtype_name(e.in_dtype);
+    d["out_dtype"] = dtype_name(e.out_dtype);
+    d["a_major"] = std::string(1, e.a_major);
+    d["b_major"] = std::string(1, e.b_major);
+    d["tile_m"] = e.tile_m;
+    d["tile_n"] = e.tile_n;
+    d["epilogue"] = epilogue_name(e.epilogue);
+    d["accumulate"] = e.accumulate;
+    d["sm"] = e.sm;
+    out.append(d);
+  }
+  return out;
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "cutegrad native kernels (AOT CuTeDSL + CUDA C++)";
+  m.def("gemm", &gemm, nb::arg("a"), nb::arg("a_shape"), nb::arg("a_strides"), nb::arg("b"), nb::arg("b_shape"),
+        nb::arg("b_strides"), nb::arg("d"), nb::arg("d_shape"), nb::arg("d_strides"), nb::arg("dtype"),
+        nb::arg("out_dtype"), nb::arg("epilogue") = "none", nb::arg("bias") = 0, nb::arg("aux") = 0,
+        nb::arg("aux_strides") = nb::none(), nb::arg("accumulate") = false, nb::arg("stream") = 0,
+        nb::arg("path") = "auto", nb::arg("tile_n") = 0,
+        "D = epilogue(A @ B (+ D)) on raw device pointers; see docs/kernels.md. Returns the kernel's name.");
+  m.def("gemm_specializations", &gemm_specializations, "The AOT CuTeDSL GEMM specializations built into this module.");
+  m.def(
+      "load_kernels",
+      [] {
+        load_all_modules();
+        return kNumGemmKernels;
+      },
+      "Load every exported CuTeDSL module on every device (call before a CUDA graph capture).");
+}
