@@ -20,5 +20,6 @@ from .ops import *  # noqa: F401,F403  (the op namespace is the public API, as i
 from .ops import sum, max, min, abs, all, any, pow, round  # names shadowing builtins, explicitly
 from .backends import cpu as _cpu_backend  # registers the CPU kernels
 from . import tensor_methods as _tensor_methods  # binds Tensor methods
+from . import nn, optim
 
 del _cpu_backend, _tensor_methods

@@ -239,7 +239,7 @@ class Tensor:
         backward(self, gradient, retain_graph, create_graph, inputs)
 
     def detach(self):
-        return make(self._storage, self._shape, self._strides, self._offset, self._dtype, self._base or self)
+        return make(self._storage, self._shape, self._strides, self._offset, self._dtype, self._base if self._base is not None else self)
 
     def detach_(self):
         self.grad_fn = None

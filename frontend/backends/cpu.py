@@ -244,7 +244,10 @@ def reduce(code, x, dims, keepdim, out_dtype):
     elif code in (C.SUM, C.PROD):
         arr = arr.astype(out_dtype.np, copy=False)
     with np.errstate(all="ignore"):
-        r = _REDUCE[code](arr, axis=dims, keepdims=keepdim)
+        if code == C.MEAN and arr.size == 0:
+            r = np.sum(arr, axis=dims, keepdims=keepdim) / 0.0  # NaN without NumPy's empty-slice warning
+        else:
+            r = _REDUCE[code](arr, axis=dims, keepdims=keepdim)
     return _out(r, out_dtype)
 
 

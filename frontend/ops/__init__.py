@@ -27,3 +27,8 @@ subtract = sub
 negative = neg
 greater = gt
 less = lt
+
+# The public op names; the family submodules (ops.nn, ops.shape, ...) stay
+# out so `from cutegrad.ops import *` cannot shadow cutegrad.nn and friends.
+__all__ = [_n for _n, _v in list(globals().items())
+           if not _n.startswith("_") and type(_v).__name__ != "module"]
