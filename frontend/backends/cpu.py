@@ -343,7 +343,10 @@ def rms_norm(x, nd, weight, eps):
 # --- indexing ----------------------------------------------------------------------
 @register("gather", CPU)
 def gather(x, dim, index):
-    return _out(np.take_along_axis(x._np, index._np, axis=dim), x._dtype)
+    idx = index._np
+    # torch lets index be smaller than x outside dim; take_along_axis wants equal sizes
+    src = x._np[tuple(slice(None) if d == dim else slice(0, n) for d, n in enumerate(idx.shape))]
+    return _out(np.take_along_axis(src, idx, axis=dim), x._dtype)
 
 
 @register("scatter_add", CPU)

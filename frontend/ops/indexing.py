@@ -32,6 +32,8 @@ def _normalize_key(x, key):
                 raise IndexError("tensors used as indices must be long, int, byte or bool tensors")
             if k._storage.device is not x._storage.device:
                 k = k.to(x._storage.device)
+            if k._dtype is dt.uint8:  # a byte tensor is a mask, as in torch
+                k = k.to(dt.bool_)
             advanced = True
         elif isinstance(k, (list, np.ndarray)):
             from .creation import tensor
@@ -154,7 +156,7 @@ def gather(x, dim, index):
                                f"smaller than self {list(x._shape)} apart from dimension {d}")
     if index.numel():
         arr = index._host_array()
-        if arr.min() < -x._shape[d] or arr.max() >= x._shape[d]:
+        if arr.min() < 0 or arr.max() >= x._shape[d]:
             raise IndexError(f"gather(): index {int(arr.max() if arr.max() >= x._shape[d] else arr.min())} is out "
                              f"of bounds for dimension {d} with size {x._shape[d]}")
     out = _K_GATHER[x._storage.device.backend](x, d, index)
