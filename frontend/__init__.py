@@ -21,5 +21,6 @@ from .ops import sum, max, min, abs, all, any, pow, round  # names shadowing bui
 from .backends import cpu as _cpu_backend  # registers the CPU kernels
 from . import tensor_methods as _tensor_methods  # binds Tensor methods
 from . import nn, optim
+from .io import save, load, from_dlpack
 
 del _cpu_backend, _tensor_methods
