@@ -24,7 +24,7 @@ and `replay` writes each one's seed and base offset before launching (rng.py).
 """
 import threading
 
-from cutegrad.cuda import capture_guard, copies
+from cutegrad.cuda import capture_guard
 from cutegrad.cuda import driver as _drv
 from cutegrad.cuda.errors import StreamCaptureError
 from cutegrad.cuda.streams import Stream, current_stream
@@ -160,8 +160,6 @@ class CUDAGraph:
             raise
         self._rng = tuple(cap.rng.values())
         self._rng_blocks = tuple(cap.rng_blocks)
-        if not capture_guard.any_capture_underway():
-            copies.free_deferred_pinned()
 
     def _abandon(self, cap, reason):
         """End and discard a capture that failed; never raises (it runs during error handling)."""

@@ -3,7 +3,9 @@ async copies through pinned memory, driver errors, and allocator OOM recovery.
 
 Ordering is tested deterministically with a *gate*: cuStreamWaitValue32 holds a
 stream until the host releases a flag, so "not done yet" states are certain
-rather than a race against a fast GPU.
+rather than a race against a fast GPU. While a gate is closed nothing may
+synchronise the whole device (cuMemFreeHost, cuMemFree, cuCtxSynchronize), or
+the test would wait for itself.
 """
 import contextlib
 import threading
@@ -141,7 +143,8 @@ def test_query_and_wait_event_follow_the_gate():
     g, s = cuda.Stream(), cuda.Stream()
     out = alloc(4, s)
     copies.memset32(out.ptr, 0, 1, s)
-    s.synchronize()
+    # Also warms the pinned cache: a fresh cuMemHostAlloc must not happen while gated.
+    assert read(out.ptr, 4, np.uint32, s)[0] == 0
     with gate(g):
         ev = g.record_event()
         s.wait_event(ev)
@@ -209,6 +212,22 @@ def test_async_copies_through_pinned_memory(nbytes):
     del keep
     free(a)
     free(b)
+
+
+def test_pinned_buffers_are_reused_after_their_copies():
+    s = cuda.Stream()
+    dev = alloc(1000, s)
+    a = copies.PinnedBuffer(1000)
+    ptr = a.ptr
+    copies.device_to_host(a.ptr, dev.ptr, 1000, s)
+    a.record(s)
+    del a
+    s.synchronize()
+    b = copies.PinnedBuffer(700)  # same 1 KiB size class, its copy is done: reused
+    assert b.ptr == ptr
+    del b
+    copies.empty_pinned_cache()
+    free(dev)
 
 
 def test_memsets():

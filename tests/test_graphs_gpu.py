@@ -200,7 +200,7 @@ def _tensor_item(s, ev):
     (_stream_query, r"cuStreamQuery"),
     (_empty_cache, r"empty_cache"),
     (_raw_alloc, r"cuMemAlloc"),
-    (_pinned_alloc, r"cuMemHostAlloc"),
+    (_pinned_alloc, r"pinned host staging buffer"),
     (_tensor_item, r"Tensor\.item\(\)"),
 ])
 def test_illegal_work_during_capture_discards_it_cleanly(op, name):
