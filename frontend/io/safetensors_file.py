@@ -286,6 +286,7 @@ def load(path, device="cpu", mmap=False):
     except tensors whose offset is not aligned to their element size, which
     are copied.
     """
+    dev = _device(device)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         _, entries, start = _read_header(f, path, size)
@@ -293,7 +294,6 @@ def load(path, device="cpu", mmap=False):
             arrays = _map(path, entries, start)
         else:
             arrays = _read(f, path, entries, start)
-    dev = _device(device)
     out = {}
     for name, dtype, shape, _, _ in entries:
         t = from_numpy_owned(arrays[name], dtype)
