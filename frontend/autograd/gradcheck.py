@@ -80,8 +80,11 @@ def gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3):
     diff = [x for x in inputs if isinstance(x, Tensor) and x._requires_grad]
 
     def vjp(*xs):
-        ys = [o for o in _as_tuple(fn(*xs)) if isinstance(o, Tensor)]
-        d = [x for x in xs if isinstance(x, Tensor) and x._requires_grad]
-        return _grad(ys, d, seeds, create_graph=True, allow_unused=True)
+        # gradcheck evaluates this under no_grad for finite differences; the
+        # first-order gradient itself still needs a graph.
+        with grad_mode.enable_grad():
+            ys = [o for o in _as_tuple(fn(*xs)) if isinstance(o, Tensor)]
+            d = [x for x in xs if isinstance(x, Tensor) and x._requires_grad]
+            return _grad(ys, d, seeds, create_graph=True, allow_unused=True)
 
     return gradcheck(lambda *xs: tuple(g for g in vjp(*xs) if g is not None), inputs, eps, atol, rtol) and bool(diff)

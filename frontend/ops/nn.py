@@ -196,12 +196,18 @@ def _param_check(p, shape, what, opname):
 
 
 class LayerNormBackward(Node):
-    __slots__ = ("nd", "has_w", "has_b")
+    __slots__ = ("nd", "has_w", "has_b", "eps")
 
     def backward(self, g):
         x, w, mean, rstd = self.saved_tensors
         axes = tuple(range(len(x._shape) - self.nd, len(x._shape)))
         batch_axes = tuple(range(len(x._shape) - self.nd))
+        if _state.enabled:
+            # create_graph: the statistics depend on x too, so recompute them
+            # in differentiable ops instead of using the saved constants.
+            mean = R.mean(x, axes, keepdim=True)
+            centered = P.sub(x, mean)
+            rstd = P.rsqrt(P.add(R.mean(P.mul(centered, centered), axes, keepdim=True), self.eps))
         xhat = P.mul(P.sub(x, mean.to(x._dtype)), rstd.to(x._dtype))
         gw = P.mul(g, w) if w is not None else g
         dx = P.mul(rstd.to(x._dtype), P.sub(P.sub(gw, R.mean(gw, axes, keepdim=True)),
@@ -223,7 +229,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     ins = [x] + [p for p in (weight, bias) if p is not None]
     if _state.enabled and any(t._requires_grad for t in ins):
         node = LayerNormBackward()
-        node.nd, node.has_w, node.has_b = nd, weight is not None, bias is not None
+        node.nd, node.has_w, node.has_b, node.eps = nd, weight is not None, bias is not None, eps
         node.save(x, weight, mean, rstd)
         attach(y, node, ins)
     return y
@@ -234,12 +240,14 @@ _FINFO_EPS = {dt.float16: 2.0 ** -10, dt.bfloat16: 2.0 ** -7, dt.float32: 2.0 **
 
 
 class RMSNormBackward(Node):
-    __slots__ = ("nd", "has_w")
+    __slots__ = ("nd", "has_w", "eps")
 
     def backward(self, g):
         x, w, rstd = self.saved_tensors
         axes = tuple(range(len(x._shape) - self.nd, len(x._shape)))
         batch_axes = tuple(range(len(x._shape) - self.nd))
+        if _state.enabled:  # create_graph: rstd depends on x (see LayerNormBackward)
+            rstd = P.rsqrt(P.add(R.mean(P.mul(x, x), axes, keepdim=True), self.eps))
         r = rstd.to(x._dtype)
         xhat = P.mul(x, r)
         gw = P.mul(g, w) if w is not None else g
@@ -260,7 +268,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     ins = [x] + ([weight] if weight is not None else [])
     if _state.enabled and any(t._requires_grad for t in ins):
         node = RMSNormBackward()
-        node.nd, node.has_w = nd, weight is not None
+        node.nd, node.has_w, node.eps = nd, weight is not None, eps
         node.save(x, weight, rstd)
         attach(y, node, ins)
     return y
