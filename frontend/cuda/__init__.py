@@ -28,6 +28,7 @@ from .device import (
 from .streams import ExternalStream, Stream, current_stream, default_stream, set_stream, stream
 from .events import Event
 from .capture_guard import _check_not_capturing
+from .tensors import record_stream  # importing tensors registers the CUDA storage kernels
 
 
 def is_current_stream_capturing():
@@ -65,6 +66,6 @@ __all__ = [
     "DeviceProperties", "Event", "ExternalStream", "Stream",
     "current_device", "current_stream", "default_stream", "device", "device_count",
     "empty_cache", "get_device_name", "get_device_properties", "is_available",
-    "is_current_stream_capturing", "mem_get_info", "set_device", "set_stream",
+    "is_current_stream_capturing", "mem_get_info", "record_stream", "set_device", "set_stream",
     "stream", "synchronize",
 ]

@@ -47,3 +47,13 @@ def memset32(ptr, value, count, stream=None):
     """Set `count` 32-bit words at `ptr` (4-byte aligned) to the bit pattern `value`."""
     if count:
         _drv.call("cuMemsetD32Async", ptr, value & 0xFFFFFFFF, count, _stream(stream)._cu)
+
+
+def memset32_strided(ptr, pitch, value, count, stream=None):
+    """Set one 32-bit word every `pitch` bytes, `count` times, starting at `ptr`.
+
+    Two of these fill 64-bit values (low words, then high words at ptr + 4)
+    without a kernel.
+    """
+    if count:
+        _drv.call("cuMemsetD2D32Async", ptr, pitch, value & 0xFFFFFFFF, 1, count, _stream(stream)._cu)
