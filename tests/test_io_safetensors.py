@@ -38,6 +38,12 @@ def _torch_dtype(name):
     return getattr(torch, name)
 
 
+def _torch_tensor(arr, dtype_name):
+    if dtype_name == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(arr.copy())
+
+
 def test_cutegrad_to_torch_every_dtype_bit_identical(tmp_path):
     rng = np.random.default_rng(0)
     sd = {f"{d}_{i}": cutegrad.from_numpy(_random_array(d, s, rng)) for d in DTYPES for i, s in enumerate(SHAPES)}
@@ -56,9 +62,7 @@ def test_torch_to_cutegrad_every_dtype_bit_identical(tmp_path):
     sd = {}
     for d in DTYPES:
         for i, s in enumerate(SHAPES):
-            arr = _random_array(d, s, rng)
-            tt = torch.from_numpy(arr.view(np.int16) if d == "bfloat16" else arr)
-            sd[f"{d}_{i}"] = tt.view(torch.bfloat16) if d == "bfloat16" else tt
+            sd[f"{d}_{i}"] = _torch_tensor(_random_array(d, s, rng), d)
     path = tmp_path / "torch.safetensors"
     st.save_file(sd, str(path))
     for mmap in (False, True):
@@ -126,6 +130,17 @@ def test_layout_follows_the_reference_writer(tmp_path):
     assert [k for _, k in order] == ["a_f64", "a_f32", "c_f16", "b_u8"]
     for k, v in header.items():
         assert v["data_offsets"][0] % sd[k].element_size() == 0
+
+
+def test_files_are_byte_identical_to_the_reference_writer(tmp_path):
+    rng = np.random.default_rng(5)
+    arrays = {f"{name}{d}": _random_array(d, shape, rng)
+              for d in DTYPES for name, shape in (("w_", (3, 2)), ("b_", (5,)), ("é_", (0, 2)), ("s_", ()))}
+    ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+    cutegrad.save({k: cutegrad.from_numpy(a) for k, a in arrays.items()}, ours, metadata={"format": "pt"})
+    st.save_file({k: _torch_tensor(a, k.split("_", 1)[1]) for k, a in arrays.items()}, str(theirs),
+                 metadata={"format": "pt"})
+    assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_empty_state_dict_round_trips(tmp_path):

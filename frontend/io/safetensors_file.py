@@ -9,10 +9,9 @@ The format (https://github.com/huggingface/safetensors):
               relative to the end of the header
 
 Written here with NumPy and json instead of through `safetensors.numpy`,
-which does not know ml_dtypes' bfloat16. The writer does what the reference
-(Rust) writer does, so files are interchangeable with
-`safetensors.torch.save_file`/`load_file`: tensors ordered by decreasing
-alignment then name, header padded with spaces so the data starts at a
+which does not know ml_dtypes' bfloat16. The writer lays files out as the
+reference (Rust) writer does, byte for byte: tensors in its dtype order then
+by name, compact JSON, header padded with spaces so the data starts at a
 multiple of 8 bytes.
 
 The reader trusts nothing in the file: every way a truncated or corrupted
@@ -41,6 +40,10 @@ _NAMES = {
     dt.float16: "F16", dt.bfloat16: "BF16", dt.float32: "F32", dt.float64: "F64",
 }
 _DTYPES = {v: k for k, v in _NAMES.items()}
+# Rank of each dtype in the reference writer's Dtype enum; it writes the
+# highest rank first, then by name.
+_WRITE_RANK = {dt.bool_: 0, dt.uint8: 1, dt.int8: 2, dt.int16: 3, dt.float16: 4, dt.bfloat16: 5, dt.int32: 6,
+               dt.float32: 7, dt.float64: 8, dt.int64: 9}
 # Valid safetensors dtypes that cutegrad has no tensor type for.
 _FOREIGN = {"U16", "U32", "U64", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"}
 _BIG_ENDIAN = sys.byteorder == "big"
@@ -85,9 +88,10 @@ def save(state_dict, path, metadata=None):
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"save(): metadata must map str to str, got {k!r}: {v!r}")
 
-    # The reference writer's order: the largest alignment first, so every
-    # tensor starts aligned to its element size when the data starts at 8.
-    entries.sort(key=lambda e: (-e[1]._dtype.itemsize, e[0]))
+    # The reference writer's order, so files come out byte-identical to it;
+    # element sizes never grow along it, so with the data starting at a
+    # multiple of 8 every tensor is aligned to its element size.
+    entries.sort(key=lambda e: (-_WRITE_RANK[e[1]._dtype], e[0]))
     header = {}
     if metadata is not None:
         header["__metadata__"] = dict(metadata)
