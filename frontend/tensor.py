@@ -239,7 +239,9 @@ class Tensor:
         backward(self, gradient, retain_graph, create_graph, inputs)
 
     def detach(self):
-        return make(self._storage, self._shape, self._strides, self._offset, self._dtype, self._base if self._base is not None else self)
+        # Shares memory but is no autograd view (torch's too): in-place writes
+        # into it are allowed and show up as version bumps on the original.
+        return make(self._storage, self._shape, self._strides, self._offset, self._dtype)
 
     def detach_(self):
         self.grad_fn = None
