@@ -37,6 +37,12 @@ IGNORE_INDEX = -100
 # Fixed odd multipliers for the split hash (a multiplicative hash mod 2**64).
 _HASH_SEED = 0x5EED_0F_2E7E
 _SPLITS = ("train", "heldout")
+_ENUMERATE_BELOW = 1 << 16
+
+
+def _all_sequences(n_symbols: int, length: int) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n_symbols, dtype=np.int64)] * length, indexing="ij")
+    return np.stack(grids, axis=-1).reshape(-1, length)
 
 
 class ReversalTask:
@@ -86,11 +92,19 @@ class ReversalTask:
             raise ValueError(f"ReversalTask: n must be >= 0, got {n}")
         rng = np.random.default_rng([seed, _SPLITS.index(split)])
         want_heldout = split == "heldout"
+        if self.n_symbols ** self.length <= _ENUMERATE_BELOW:
+            # Small spaces: draw from the split's exact member list (rejection
+            # could spin forever on a split that happens to be empty).
+            every = _all_sequences(self.n_symbols, self.length)
+            members = every[self.split_of(every) == want_heldout]
+            if len(members) == 0:
+                raise ValueError(f"ReversalTask: the {split} split is empty for {self.n_symbols} symbols and length {self.length}")
+            return members[rng.integers(0, len(members), size=n)]
         out = np.empty((n, self.length), dtype=np.int64)
         filled = 0
+        rate = self.heldout_fraction if want_heldout else 1.0 - self.heldout_fraction
         while filled < n:
             # Oversample by the acceptance rate so one or two rounds suffice.
-            rate = self.heldout_fraction if want_heldout else 1.0 - self.heldout_fraction
             draw = rng.integers(0, self.n_symbols, size=(int((n - filled) / rate) + 16, self.length), dtype=np.int64)
             keep = draw[self.split_of(draw) == want_heldout][: n - filled]
             out[filled : filled + len(keep)] = keep
