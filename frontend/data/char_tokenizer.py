@@ -17,7 +17,7 @@ from .cache import write_atomic
 
 __all__ = ["CharTokenizer"]
 
-_FORMAT = "cutegrad-char-tokenizer-v1"
+_FORMAT = "cutegrad-char-tokenizer-v2"
 
 
 class CharTokenizer:
@@ -66,7 +66,8 @@ class CharTokenizer:
 
     def save(self, path: Union[str, Path]) -> None:
         """Write the alphabet as JSON."""
-        payload = {"format": _FORMAT, "chars": "".join(self.chars)}
+        # Code points, not a string: JSON would fuse two adjacent lone surrogates into one character.
+        payload = {"format": _FORMAT, "code_points": [ord(c) for c in self.chars]}
         write_atomic(Path(path), json.dumps(payload, ensure_ascii=True).encode("ascii"))
 
     @classmethod
@@ -75,7 +76,7 @@ class CharTokenizer:
         payload = json.loads(Path(path).read_text(encoding="ascii"))
         if payload.get("format") != _FORMAT:
             raise ValueError(f"CharTokenizer.load: {path} is not a {_FORMAT} file (format={payload.get('format')!r})")
-        return cls(payload["chars"])
+        return cls(chr(c) for c in payload["code_points"])
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"
