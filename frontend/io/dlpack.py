@@ -192,16 +192,23 @@ def to_capsule(tensor, stream=None, *, max_version=None, dl_device=None, copy=No
             raise BufferError(f"cutegrad cannot export a {src} tensor to {target} through DLPack")
         tensor, copied = tensor.detach().cpu(), True
     elif copy:
-        tensor, copied = tensor.detach().clone(), True
+        tensor, copied = _copy_of(tensor), True
     dev = tensor._storage.device
     if dev.type == "cuda":
-        _order_for_consumer(dev.index, stream)
+        _order_for_consumer(tensor, stream)
     elif stream is not None and stream != -1:
         raise BufferError(f"stream must be None for a DLPack export of a CPU tensor, got {stream!r}")
     versioned = max_version is not None and int(tuple(max_version)[0]) >= 1
     kind, index = device_of(tensor)
     return capsule_for(tensor.data_ptr(), tensor._shape, tensor._strides, tensor._dtype, kind, index,
                        tensor._storage, versioned=versioned, copied=copied)
+
+
+def _copy_of(tensor):
+    # empty + copy_ rather than clone: copy_ is one of the storage kernels
+    # every backend has, clone needs the backend's compute kernels.
+    from ..ops import empty
+    return empty(tensor._shape, dtype=tensor._dtype, device=tensor._storage.device).copy_(tensor.detach())
 
 
 def _cuda(what):
@@ -217,8 +224,14 @@ def _cuda(what):
     return cuda
 
 
-def _order_for_consumer(device_index, stream):
-    """Make the consumer's stream wait for work queued on cutegrad's current stream."""
+def _order_for_consumer(tensor, stream):
+    """Make the consumer's stream wait for work queued on cutegrad's current stream.
+
+    The consumer's stream is also recorded as a user of the tensor's memory:
+    the consumer calls the deleter when its object dies, possibly before its
+    queued kernels ran, and the allocator must not hand the block out again
+    before they have.
+    """
     if stream == -1:
         return
     if stream is None:
@@ -227,13 +240,18 @@ def _order_for_consumer(device_index, stream):
         raise BufferError(f"bad CUDA stream {stream!r} for DLPack: pass 1 (legacy default), "
                           "2 (per-thread default), a CUstream handle, or -1 for no ordering; 0 is ambiguous")
     cuda = _cuda("stream ordering")
+    device_index = tensor._storage.device.index
     producer = cuda.current_stream(device_index)
     # CU_STREAM_LEGACY (1) and handle 0 name the same legacy default stream.
     if stream == producer.handle or (stream == 1 and producer.handle == 0):
         return
+    consumer = cuda.ExternalStream(stream, device=device_index)
     ready = cuda.Event()
     ready.record(producer)
-    ready.wait(cuda.ExternalStream(stream, device=device_index))
+    ready.wait(consumer)
+    record = getattr(cuda, "record_stream", None)
+    if record is not None:
+        record(tensor, consumer)
 
 
 # --- import -------------------------------------------------------------------------
@@ -338,13 +356,17 @@ class _HostMemory:
 
 
 class DeviceMemory:
-    """A producer's device memory under a cutegrad Storage: `.ptr`, `.nbytes`, and the producer."""
+    """A producer's device memory under a cutegrad Storage: `.ptr`, `.nbytes`, `.device` (index), the producer.
 
-    __slots__ = ("ptr", "nbytes", "owner", "__weakref__")
+    It has no record_stream: the producer owns the memory and its reuse.
+    """
 
-    def __init__(self, ptr, nbytes, owner):
+    __slots__ = ("ptr", "nbytes", "device", "owner", "__weakref__")
+
+    def __init__(self, ptr, nbytes, device, owner):
         self.ptr = ptr
         self.nbytes = nbytes
+        self.device = device
         self.owner = owner
 
 
@@ -384,6 +406,7 @@ def _tensor_from_imported(imp, dtype=None, copy=None):
             return out
         return make(Storage(buf, _cpu), shape, strides, 0, dtype)
     if imp.device_type == abi.kDLCUDA:
+        _cuda("the CUDA storage kernels")  # importing cutegrad.cuda registers them
         dev = _device(f"cuda:{imp.device_id}")
         if numel_of(shape) == 0:
             imp.owner.release()
@@ -394,9 +417,9 @@ def _tensor_from_imported(imp, dtype=None, copy=None):
             imp.owner.release()
             raise BufferError("cutegrad CUDA tensors cannot have negative strides; "
                               "make the producer's array contiguous first")
-        storage = Storage(DeviceMemory(imp.ptr, (hi + 1) * isz, imp.owner), dev)
+        storage = Storage(DeviceMemory(imp.ptr, (hi + 1) * isz, imp.device_id, imp.owner), dev)
         out = make(storage, shape, strides, 0, dtype)
-        return out.clone() if copy else out
+        return _copy_of(out) if copy else out
     imp.owner.release()
     raise BufferError(f"cutegrad cannot import DLPack device type {imp.device_type} "
                       "(it knows CPU=1, CUDAHost=3 and CUDA=2)")
