@@ -67,7 +67,10 @@ def tensor(data, dtype=None, device=None, requires_grad=False):
     else:
         if isinstance(data, (list, tuple)) and any(isinstance(v, Tensor) for v in _flatten(data)):
             data = _nested_tensors_to_lists(data)
-        arr = np.asarray(data)
+        try:
+            arr = np.asarray(data)
+        except ValueError as e:  # NumPy >= 1.24 refuses ragged nested lists
+            raise ValueError(f"tensor(): could not build a tensor: data is ragged ({e})") from None
         if arr.dtype == object:
             raise TypeError("tensor(): could not infer dtype: data is ragged or holds non-numbers")
         if dtype is None:
@@ -223,6 +226,8 @@ def randn(*size, dtype=None, device=None, generator=None, requires_grad=False):
 
 
 def randint(low, high=None, size=None, dtype=None, device=None, generator=None):
+    if size is None and isinstance(high, (tuple, list)):  # randint(high, size), as torch
+        low, high, size = 0, low, high
     if high is None:
         low, high = 0, low
     if size is None:
