@@ -22,6 +22,8 @@ from bisect import bisect_left, insort
 FREE = 0         # in its pool's free list, may be handed out or merged
 ALLOCATED = 1    # owned by a caller
 PENDING = 2      # freed by the caller, waiting for events on other streams
+DEAD = 3         # absorbed by a neighbour or released with its segment; any use is a bug
+QUICK = 4        # freed, coalescing deferred: filed by exact size in its pool's quick lists
 
 KEY_SHIFT = 64
 
@@ -50,7 +52,7 @@ class Block:
         return self.prev is not None or self.next is not None
 
     def __repr__(self):
-        state = ("free", "allocated", "pending")[self.state]
+        state = ("free", "allocated", "pending", "dead", "free (uncoalesced)")[self.state]
         return f"Block(ptr={self.ptr:#x}, size={self.size}, stream={self.stream}, {state})"
 
 
@@ -100,12 +102,13 @@ class FreeList:
 class BlockPool:
     """Free blocks of one size class (small or large), default or graph-private."""
 
-    __slots__ = ("is_small", "private", "free", "get_free_calls")
+    __slots__ = ("is_small", "private", "free", "quick", "get_free_calls")
 
     def __init__(self, is_small, private=None):
         self.is_small = is_small
         self.private = private      # the owning PrivatePool, None for the default pools
         self.free = {}              # stream -> FreeList
+        self.quick = {}             # stream -> {size: [QUICK blocks]}
         # Counts best-fit searches; a block's age for garbage collection is the
         # number of searches since it was cached (PyTorch's gc_count).
         self.get_free_calls = 0

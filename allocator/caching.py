@@ -23,18 +23,21 @@ Design (after PyTorch's CUDACachingAllocator; see docs/allocator.md):
   big enough for the request, then synchronize outstanding events and release
   every unsplit cached block, then raise OutOfMemoryError.
 
-Hot path: ``malloc``/``free`` of a size that is cached with no capture and no
-outstanding events runs an inlined copy of the general path with no dict or
-string building; every other case goes through ``_malloc_general``.
+Hot path: with no capture underway and no outstanding events, ``free`` files a
+block under its exact size without coalescing it (state QUICK) and ``malloc``
+first looks there: an alloc+free pair of a size in use is then a few dict and
+list operations. Any request that misses coalesces all such blocks first, so
+best fit, splitting and releasing always see the fully coalesced state, the
+same as coalescing at every free would give.
 """
 
 from __future__ import annotations
 
-import _thread
+import time
 from bisect import bisect_left, insort
 from collections import deque
 
-from .block import (ALLOCATED, FREE, KEY_SHIFT, PENDING, Block, BlockPool, FreeList,
+from .block import (ALLOCATED, DEAD, FREE, KEY_SHIFT, PENDING, QUICK, Block, BlockPool, FreeList,
                     PrivatePool, Segment)
 from .config import UNLIMITED, AllocatorConfig, config_from_env
 from .errors import CaptureError, OutOfMemoryError
@@ -45,10 +48,6 @@ SMALL_BUFFER = 2 << 20          # small-pool segment size
 LARGE_BUFFER = 20 << 20         # segment size for 1-10 MiB requests
 MIN_LARGE_ALLOC = 10 << 20      # from here segments are the request rounded to 2 MiB
 ROUND_LARGE = 2 << 20
-
-# A Block object that was absorbed by its left neighbour while being freed; any
-# later use of it is a caller bug (double free).
-DEAD = 3
 
 LOCK_TIMEOUT_S = 30.0
 
@@ -111,7 +110,8 @@ class CachingAllocator:
         self._deferred = []            # blocks freed during capture with cross-stream uses
         self._capture_uses = {}        # block -> streams it was recorded on during capture
         self._limit = None             # reserved-bytes cap from the memory fraction
-        self._lock = _thread.allocate_lock()
+        self._token = [True]           # see "locking" below
+        self._n_quick = 0              # blocks whose coalescing is deferred (state QUICK)
         self._pending_frees = []
         self._next_pool_id = 1
         # True whenever malloc cannot take the fast path.
@@ -139,32 +139,50 @@ class CachingAllocator:
                           or (self._limit is not None and self._gc_threshold > 0.0))
 
     # ------------------------------------------------------------------ locking
-    # One plain lock, taken without blocking on the hot path. Frees never wait:
-    # a free that finds the lock taken (by another thread, or by this thread
-    # when a finalizer runs inside malloc) leaves its block in _pending_frees
-    # and whoever holds the lock frees it before returning. Every holder
-    # re-checks _pending_frees after releasing, so no free is left behind.
+    # Mutual exclusion is a token in a list: list.pop() and list.append() are
+    # atomic in CPython (under the GIL, and under per-object locks in
+    # free-threaded builds) and cost far less than a lock's acquire/release
+    # pair. Frees never wait: a free that finds the token taken (by another
+    # thread, or by this thread when a finalizer runs inside malloc) leaves its
+    # block in _pending_frees, and whoever holds the token frees it before
+    # returning. Every holder re-checks _pending_frees after releasing, so no
+    # free is left behind.
     def _acquire_contended(self):
-        if not self._lock.acquire(True, LOCK_TIMEOUT_S):
-            raise RuntimeError(
-                f"cutegrad allocator: lock not released within {LOCK_TIMEOUT_S} s; malloc was "
-                "probably called from a finalizer running inside another allocator call")
+        token = self._token
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            time.sleep(0)           # let the holder run
+            try:
+                token.pop()
+                return
+            except IndexError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"cutegrad allocator: busy for more than {LOCK_TIMEOUT_S} s; malloc was "
+                        "probably called from a finalizer running inside another allocator call") from None
 
     def _drain_pending_frees(self):
         pending = self._pending_frees
-        while pending and self._lock.acquire(False):
+        token = self._token
+        while pending:
+            try:
+                token.pop()
+            except IndexError:
+                return              # the holder drains them
             try:
                 while pending:
                     self._free(pending.pop())
             finally:
-                self._lock.release()
+                token.append(True)
 
     def __enter__(self):
-        if not self._lock.acquire(False):
+        try:
+            self._token.pop()
+        except IndexError:
             self._acquire_contended()
 
     def __exit__(self, *exc):
-        self._lock.release()
+        self._token.append(True)
         if self._pending_frees:
             self._drain_pending_frees()
 
@@ -173,39 +191,21 @@ class CachingAllocator:
         """Allocate ``nbytes`` for use on ``stream``; returns a Block."""
         if nbytes.__class__ is not int or nbytes < 0:
             raise self._bad_size(nbytes)
-        if not self._lock.acquire(False):
+        try:
+            self._token.pop()
+        except IndexError:
             self._acquire_contended()
         try:
             if not self._slow:
                 size = 512 if nbytes < 512 else (nbytes + 511) & -512
                 pool = self._small if size <= 1048576 else self._large
-                fl = pool.free.get(stream)
-                if fl is not None:
-                    keys = fl.keys
-                    i = bisect_left(keys, size << 64)
-                    if i < len(keys):
-                        key = keys[i]
-                        block = fl.blocks[key]
-                        bsize = block.size
-                        ms = self._max_split
-                        if (size < ms <= bsize) or (size >= ms and bsize >= size + self._non_split_rounding):
-                            return self._malloc_general(nbytes, stream)
-                        del keys[i]
-                        del fl.blocks[key]
-                        rest = bsize - size
-                        if (rest >= 512) if pool.is_small else (size < ms and rest > 1048576):
-                            nxt = block.next
-                            r = Block(block.ptr + size, rest, stream, pool, block.segment, block, nxt)
-                            if nxt is not None:
-                                nxt.prev = r
-                            block.next = r
-                            block.size = size
-                            r.gc_base = pool.get_free_calls
-                            rkey = (rest << 64) | r.ptr
-                            insort(keys, rkey)
-                            fl.blocks[rkey] = r
-                        else:
-                            size = bsize
+                # An exact-size block freed on this stream and not yet coalesced.
+                sizes = pool.quick.get(stream)
+                if sizes is not None:
+                    blocks = sizes.get(size)
+                    if blocks:
+                        block = blocks.pop()
+                        self._n_quick -= 1
                         block.state = 1
                         block.requested = nbytes
                         # No block is pending on this path, so active == allocated
@@ -228,7 +228,7 @@ class CachingAllocator:
                         return block
             return self._malloc_general(nbytes, stream)
         finally:
-            self._lock.release()
+            self._token.append(True)
             if self._pending_frees:
                 self._drain_pending_frees()
 
@@ -238,14 +238,18 @@ class CachingAllocator:
             raise self._bad_free(block)
         pending = self._pending_frees
         pending.append(block)
-        if self._lock.acquire(False):
-            try:
-                while pending:
-                    self._free(pending.pop())
-            finally:
-                self._lock.release()
-            if pending:
-                self._drain_pending_frees()
+        token = self._token
+        try:
+            token.pop()
+        except IndexError:
+            return                  # the token's holder frees it
+        try:
+            while pending:
+                self._free(pending.pop())
+        finally:
+            token.append(True)
+        if pending:
+            self._drain_pending_frees()
 
     def record_stream(self, block, stream):
         """Mark ``block`` as used on ``stream``; its memory is then held until that use completes."""
@@ -254,14 +258,19 @@ class CachingAllocator:
                 raise ValueError(f"record_stream: {block!r} is not an allocated block")
             if stream == block.stream:
                 return
-            if block.stream_uses is None:
-                block.stream_uses = {stream}
-            else:
-                block.stream_uses.add(stream)
+            uses = block.stream_uses
+            if uses is None:
+                uses = block.stream_uses = set()
             if self._captures and self.memory.capture_id(stream) is not None:
-                # A use by captured work: it runs at replay, not now. Uses by
-                # streams outside any capture are eager work and need events.
-                self._capture_uses.setdefault(block, set()).add(stream)
+                # A use by captured work: it runs at replay, not now, so it needs
+                # no event unless the stream also used the block eagerly.
+                if stream not in uses:
+                    self._capture_uses.setdefault(block, set()).add(stream)
+            elif self._capture_uses:
+                during = self._capture_uses.get(block)
+                if during is not None:
+                    during.discard(stream)
+            uses.add(stream)
 
     # ------------------------------------------------------------------ free path
     def _free(self, block):
@@ -274,7 +283,26 @@ class CachingAllocator:
         self._n_alloc -= 1
         self._bytes_alloc -= size
         if block.stream_uses is None:
-            self._free_block(block)
+            self._bytes_req -= block.requested
+            if self._poison:
+                self.memory.fill(block.ptr, size, self._poison_byte, block.stream)
+            if self._slow:
+                self._insert_free(block)
+                return
+            # Defer coalescing: the next request of this size on this stream
+            # takes the block back without a split and a merge. Any request
+            # that misses coalesces every deferred block first.
+            block.state = QUICK
+            pool = block.pool
+            sizes = pool.quick.get(block.stream)
+            if sizes is None:
+                sizes = pool.quick[block.stream] = {}
+            blocks = sizes.get(size)
+            if blocks is None:
+                sizes[size] = [block]
+            else:
+                blocks.append(block)
+            self._n_quick += 1
             return
         block.state = PENDING
         self._n_pending += 1
@@ -288,15 +316,32 @@ class CachingAllocator:
             self._capture_uses.pop(block, None)
             self._insert_events(block)
 
+    def _flush_quick(self):
+        """Coalesce every block whose coalescing was deferred by the fast free path."""
+        pools = [self._small, self._large]
+        for p in self._pools.values():
+            pools += (p.small, p.large)
+        for pool in pools:
+            if pool.quick:
+                quick, pool.quick = pool.quick, {}
+                for sizes in quick.values():
+                    for blocks in sizes.values():
+                        for block in blocks:
+                            self._insert_free(block)
+        self._n_quick = 0
+
     def _free_block(self, block):
-        """Make an allocated or pending block free and coalesce it with free neighbours."""
-        if block.state == PENDING:
-            self._n_pending -= 1
-            self._bytes_pending -= block.size
-            block.stream_uses = None
+        """Free a pending block whose events completed (or that needs none any more)."""
+        self._n_pending -= 1
+        self._bytes_pending -= block.size
+        block.stream_uses = None
         self._bytes_req -= block.requested
         if self._poison:
             self.memory.fill(block.ptr, block.size, self._poison_byte, block.stream)
+        self._insert_free(block)
+
+    def _insert_free(self, block):
+        """Coalesce a block with its free neighbours and file the result in its pool's free list."""
         pool = block.pool
         fl = pool.free.get(block.stream)
         if fl is None:
@@ -304,8 +349,8 @@ class CachingAllocator:
         keys = fl.keys
         blocks = fl.blocks
         nxt = block.next
-        if nxt is not None and nxt.state == 0:
-            k = (nxt.size << 64) | nxt.ptr
+        if nxt is not None and nxt.state == FREE:
+            k = (nxt.size << KEY_SHIFT) | nxt.ptr
             del keys[bisect_left(keys, k)]
             del blocks[k]
             block.size += nxt.size
@@ -315,8 +360,8 @@ class CachingAllocator:
                 nxt2.prev = block
             nxt.state = DEAD
         prev = block.prev
-        if prev is not None and prev.state == 0:
-            k = (prev.size << 64) | prev.ptr
+        if prev is not None and prev.state == FREE:
+            k = (prev.size << KEY_SHIFT) | prev.ptr
             del keys[bisect_left(keys, k)]
             del blocks[k]
             prev.size += block.size
@@ -326,9 +371,9 @@ class CachingAllocator:
                 nxt2.prev = prev
             block.state = DEAD
             block = prev
-        block.state = 0
+        block.state = FREE
         block.gc_base = pool.get_free_calls
-        k = (block.size << 64) | block.ptr
+        k = (block.size << KEY_SHIFT) | block.ptr
         insort(keys, k)
         blocks[k] = block
 
@@ -445,6 +490,8 @@ class CachingAllocator:
         return block
 
     def _malloc_general(self, nbytes, stream):
+        if self._n_quick:
+            self._flush_quick()
         if not self._captures and (self._events or self._deferred):
             self._process_events()
         size = self.round_size(nbytes)
@@ -554,6 +601,8 @@ class CachingAllocator:
 
     def _release_cached_blocks(self):
         """Synchronize outstanding events, then give every unsplit cached segment back."""
+        if self._n_quick:
+            self._flush_quick()
         self._synchronize_and_free_events()
         self._release_pool_blocks(self._large)
         self._release_pool_blocks(self._small)
@@ -695,7 +744,7 @@ class CachingAllocator:
         in_private = 0
         for seg in self._segments.values():
             for b in seg.blocks():
-                if b.state == FREE:
+                if b.state == FREE or b.state == QUICK:
                     largest = max(largest, b.size)
                     if seg.pool.private is not None:
                         in_private += b.size
@@ -709,6 +758,8 @@ class CachingAllocator:
     def memory_stats(self):
         """Counters in PyTorch's ``torch.cuda.memory_stats`` layout (see docs/allocator.md)."""
         with self:
+            if self._n_quick:
+                self._flush_quick()
             base = self._base
             n_active = self._n_alloc + self._n_pending
             b_active = self._bytes_alloc + self._bytes_pending
@@ -788,6 +839,8 @@ class CachingAllocator:
         """Every segment with its blocks, sorted by address (PyTorch's snapshot layout)."""
         state_names = {ALLOCATED: "active_allocated", PENDING: "active_pending_free", FREE: "inactive"}
         with self:
+            if self._n_quick:
+                self._flush_quick()
             result = []
             for ptr in sorted(self._segments):
                 seg = self._segments[ptr]

@@ -7,7 +7,9 @@ step of a randomized workload. The invariants (docs/allocator.md):
    order, with consistent prev/next links, so no two blocks overlap.
 2. Every block belongs to its segment's pool and stream.
 3. A free block sits in its pool's free list under its (size, ptr) key and
-   nowhere else; no other block does; no two free blocks are adjacent.
+   nowhere else; no other block does; no two free blocks are adjacent. A
+   block whose coalescing was deferred (QUICK) sits once in its pool's quick
+   list for its stream and exact size, and the quick count matches.
 4. A pending block waits for exactly the events queued for it, or for the end
    of capture.
 5. Stats balance: allocated/active/requested/reserved counters equal sums over
@@ -18,7 +20,7 @@ step of a randomized workload. The invariants (docs/allocator.md):
 
 from __future__ import annotations
 
-from .block import ALLOCATED, FREE, KEY_SHIFT, PENDING
+from .block import ALLOCATED, FREE, KEY_SHIFT, PENDING, QUICK
 
 
 def _fail(msg):
@@ -36,6 +38,7 @@ def check_invariants(alloc):
         for _, block in q:
             event_counts[id(block)] = event_counts.get(id(block), 0) + 1
     deferred = {id(b) for b in alloc._deferred}
+    quick_seen = {}
 
     for seg in segments:
         if alloc._segments.get(seg.ptr) is not seg:
@@ -73,6 +76,13 @@ def check_invariants(alloc):
                 free_seen.add(id(b))
                 if b.stream_uses or b.event_count:
                     _fail(f"{b!r}: free but still has stream uses or events")
+            elif b.state == QUICK:
+                lst = seg.pool.quick.get(b.stream, {}).get(b.size)
+                if not lst or sum(1 for x in lst if x is b) != 1:
+                    _fail(f"{b!r}: deferred-coalescing block not filed once in its quick list")
+                quick_seen[id(b)] = b
+                if b.stream_uses or b.event_count:
+                    _fail(f"{b!r}: quick-free but still has stream uses or events")
             elif b.state == ALLOCATED:
                 n_alloc += 1
                 bytes_alloc += b.size
@@ -113,6 +123,16 @@ def check_invariants(alloc):
                     _fail(f"{b!r}: filed under the wrong pool, stream or key")
     if sum(len(fl.blocks) for pool in pools for fl in pool.free.values()) != len(free_seen):
         _fail("free lists hold a different number of blocks than the segments")
+    n_quick = 0
+    for pool in pools:
+        for stream, sizes in pool.quick.items():
+            for size, lst in sizes.items():
+                for b in lst:
+                    n_quick += 1
+                    if quick_seen.get(id(b)) is not b or b.pool is not pool or b.stream != stream or b.size != size:
+                        _fail(f"{b!r}: in a quick list but not a matching deferred-coalescing block")
+    if n_quick != len(quick_seen) or alloc._n_quick != n_quick:
+        _fail(f"quick lists hold {n_quick} blocks, segments {len(quick_seen)}, counter {alloc._n_quick}")
 
     expected = {
         "allocations": (alloc._n_alloc, n_alloc),

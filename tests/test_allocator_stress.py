@@ -1,6 +1,6 @@
 """Seeded randomized stress test of the caching allocator on SimulatedMemory.
 
-100,000 operations over 4 streams: allocations of 1 B..64 MiB, frees,
+Two seeds x 50,000 operations over 4 streams: allocations of 1 B..64 MiB, frees,
 record_stream with simulated kernels on other streams, simulated event
 completion, graph captures into new and shared private pools (with joined
 streams), pool releases, memory-fraction caps, injected driver OOMs and
@@ -49,7 +49,9 @@ class LiveMap:
         del self.ends[ptr]
 
 
-def random_size(rng):
+def random_size(rng, hot):
+    if rng.random() < 0.5:
+        return rng.choice(hot)                         # sizes a model would repeat every step
     r = rng.random()
     if r < 0.55:
         return rng.randint(1, 1 << 20)                 # small pool
@@ -66,7 +68,10 @@ def run_stress(seed, steps, conf):
     livemap = LiveMap()
     capture = None               # (stream, pool_id, driver frees at start)
     graphs = []                  # pool ids held by captured "graphs"
-    counts = dict.fromkeys(["malloc", "oom", "free", "record", "complete", "capture", "end",
+    hot = [random_size(rng, [1]) for _ in range(24)]
+    program = [(rng.choice(STREAMS[:2]), rng.choice(hot)) for _ in range(10)]
+    program_pos = 0
+    counts = dict.fromkeys(["malloc", "quick_hit", "oom", "free", "record", "complete", "capture", "end",
                             "release", "fraction", "inject", "empty"], 0)
 
     def check():
@@ -80,9 +85,33 @@ def run_stress(seed, steps, conf):
 
     for step in range(steps):
         op = rng.random()
+        eager_phase = (step // 1000) % 3 == 0
+        program_entry = None
+        if eager_phase:
+            # Training-like eager traffic: the same allocations every "step",
+            # freed oldest first, a few stray sizes, streams completing. This
+            # is where the deferred-coalescing fast path runs.
+            if capture is not None:
+                op = 0.93
+            elif rng.random() < 0.05:
+                op = 0.85
+            elif rng.random() < 0.1:
+                op *= 0.72
+            elif len(live) >= len(program):
+                op = 0.5
+            else:
+                op = 0.0
+                program_entry = program[program_pos % len(program)]
+                program_pos += 1
         if op < 0.40 or not live:
-            stream = rng.choice(STREAMS)
-            nbytes = random_size(rng)
+            if program_entry is not None:
+                stream, nbytes = program_entry
+            else:
+                stream = rng.choice(STREAMS)
+                nbytes = random_size(rng, hot)
+            # Blocks freed on this stream with this exact size and not yet coalesced.
+            pool = alloc._small if alloc.round_size(nbytes) <= MiB else alloc._large
+            quick = list(pool.quick.get(stream, {}).get(alloc.round_size(nbytes), ()))
             try:
                 block = alloc.malloc(nbytes, stream)
             except OutOfMemoryError as e:
@@ -90,6 +119,7 @@ def run_stress(seed, steps, conf):
                 counts["oom"] += 1
             else:
                 counts["malloc"] += 1
+                counts["quick_hit"] += any(b is block for b in quick)
                 assert block.size >= nbytes and block.stream == stream
                 pending = mem.pending_work(block.ptr, block.size, exclude=stream)
                 assert pending == [], f"block {block!r} reused while other streams may use it: {pending}"
@@ -97,7 +127,7 @@ def run_stress(seed, steps, conf):
                 live.append((block, stream, nbytes))
                 mem.touch(block.ptr, block.size, stream)
         elif op < 0.72:
-            block, stream, _ = live.pop(rng.randrange(len(live)))
+            block, stream, _ = live.pop(0 if eager_phase else rng.randrange(len(live)))
             livemap.remove(block.ptr)
             if rng.random() < 0.3:
                 mem.touch(block.ptr, block.size, stream)
@@ -115,7 +145,7 @@ def run_stress(seed, steps, conf):
             mem.complete(s, upto)
             counts["complete"] += 1
         elif op < 0.935:
-            if capture is None:
+            if capture is None and not eager_phase:
                 stream = rng.choice(STREAMS)
                 if graphs and rng.random() < 0.3:
                     pool_id = rng.choice(graphs)        # share a live graph's pool
@@ -131,7 +161,7 @@ def run_stress(seed, steps, conf):
                     mem.join_capture(rng.choice([s for s in STREAMS if s != stream]), cid)
                 capture = (stream, pool_id, mem.num_frees)
                 counts["capture"] += 1
-            else:
+            elif capture is not None:
                 stream, pool_id, _ = capture
                 mem.end_capture(stream)
                 alloc.end_allocate_to_pool(pool_id)
@@ -198,5 +228,7 @@ def test_randomized_stress(seed, conf):
     # The run exercised every kind of operation, including the failure paths.
     for kind, n in counts.items():
         assert n > 0, f"the stress run never did '{kind}'"
+    if "garbage_collection" not in conf:        # collection needs the general path
+        assert counts["quick_hit"] > 1000
     assert stats["num_ooms"] > 0 and stats["num_alloc_retries"] > 0
     assert stats["graph_pools.created"] > 10
