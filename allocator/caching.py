@@ -114,8 +114,7 @@ class CachingAllocator:
         self._n_quick = 0              # blocks whose coalescing is deferred (state QUICK)
         self._pending_frees = []
         self._next_pool_id = 1
-        # True whenever malloc cannot take the fast path.
-        self._slow = self._divisions
+        self._update_slow()             # sets _slow: True whenever malloc cannot take the fast path
         self._reset_stats()
 
     # ------------------------------------------------------------------ stats state
@@ -137,6 +136,9 @@ class CachingAllocator:
     def _update_slow(self):
         self._slow = bool(self._captures or self._events or self._deferred or self._divisions
                           or (self._limit is not None and self._gc_threshold > 0.0))
+        # Frees may defer coalescing only when malloc can take them back on
+        # its fast path, and when freed bytes need no poisoning.
+        self._quick_free = not self._slow and not self._poison
 
     # ------------------------------------------------------------------ locking
     # Mutual exclusion is a token in a list: list.pop() and list.append() are
@@ -236,20 +238,38 @@ class CachingAllocator:
         """Return a block; it is reusable on its stream at once, elsewhere after its events."""
         if block.__class__ is not Block or block.state != ALLOCATED:
             raise self._bad_free(block)
-        pending = self._pending_frees
-        pending.append(block)
         token = self._token
         try:
             token.pop()
         except IndexError:
-            return                  # the token's holder frees it
+            # Busy: queue it; the holder (or this retry, if it just finished) frees it.
+            self._pending_frees.append(block)
+            self._drain_pending_frees()
+            return
         try:
-            while pending:
-                self._free(pending.pop())
+            seg = block.segment
+            if self._quick_free and block.stream_uses is None and self._segments.get(seg.ptr) is seg:
+                # _free's common case with _file_quick inlined (the hot path).
+                size = block.size
+                self._n_alloc -= 1
+                self._bytes_alloc -= size
+                self._bytes_req -= block.requested
+                block.state = QUICK
+                sizes = block.pool.quick.get(block.stream)
+                if sizes is None:
+                    sizes = block.pool.quick[block.stream] = {}
+                blocks = sizes.get(size)
+                if blocks is None:
+                    sizes[size] = [block]
+                else:
+                    blocks.append(block)
+                self._n_quick += 1
+            else:
+                self._free(block)
         finally:
             token.append(True)
-        if pending:
-            self._drain_pending_frees()
+            if self._pending_frees:
+                self._drain_pending_frees()
 
     def record_stream(self, block, stream):
         """Mark ``block`` as used on ``stream``; its memory is then held until that use completes."""
@@ -284,25 +304,12 @@ class CachingAllocator:
         self._bytes_alloc -= size
         if block.stream_uses is None:
             self._bytes_req -= block.requested
-            if self._poison:
-                self.memory.fill(block.ptr, size, self._poison_byte, block.stream)
-            if self._slow:
+            if not self._quick_free:
+                if self._poison:
+                    self.memory.fill(block.ptr, size, self._poison_byte, block.stream)
                 self._insert_free(block)
                 return
-            # Defer coalescing: the next request of this size on this stream
-            # takes the block back without a split and a merge. Any request
-            # that misses coalesces every deferred block first.
-            block.state = QUICK
-            pool = block.pool
-            sizes = pool.quick.get(block.stream)
-            if sizes is None:
-                sizes = pool.quick[block.stream] = {}
-            blocks = sizes.get(size)
-            if blocks is None:
-                sizes[size] = [block]
-            else:
-                blocks.append(block)
-            self._n_quick += 1
+            self._file_quick(block)
             return
         block.state = PENDING
         self._n_pending += 1
@@ -311,10 +318,28 @@ class CachingAllocator:
             # Events recorded during capture become graph nodes and must not be
             # queried; decide after the capture which uses still need events.
             self._deferred.append(block)
-            self._slow = True
+            self._update_slow()
         else:
             self._capture_uses.pop(block, None)
             self._insert_events(block)
+
+    def _file_quick(self, block):
+        """Defer coalescing: file a freed block under its exact size.
+
+        The next request of that size on that stream takes it back without a
+        split and a merge; any request that misses coalesces every deferred
+        block first (_flush_quick).
+        """
+        block.state = QUICK
+        sizes = block.pool.quick.get(block.stream)
+        if sizes is None:
+            sizes = block.pool.quick[block.stream] = {}
+        blocks = sizes.get(block.size)
+        if blocks is None:
+            sizes[block.size] = [block]
+        else:
+            blocks.append(block)
+        self._n_quick += 1
 
     def _flush_quick(self):
         """Coalesce every block whose coalescing was deferred by the fast free path."""
@@ -694,7 +719,7 @@ class CachingAllocator:
             else:
                 pool.use_count += 1
             self._captures.append(_Capture(pool, stream, self.memory.capture_id(stream)))
-            self._slow = True
+            self._update_slow()
 
     def end_allocate_to_pool(self, pool_id):
         """Stop routing allocations to ``pool_id`` (the capture ended)."""

@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -94,10 +95,18 @@ def main(argv=None):
     alloc.check_invariants()
 
     device = torch.cuda.get_device_name(0)
-    driver_version = cu.cuDriverGetVersion()[1]
+    api = cu.cuDriverGetVersion()[1]
+    driver = f"CUDA driver API {api // 1000}.{api % 1000 // 10}"
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30)
+        if smi.returncode == 0 and smi.stdout.strip():
+            driver = f"{smi.stdout.strip()} ({driver})"
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # the API version alone still identifies the driver generation
     result = {
         "device": device,
-        "driver": f"{driver_version // 1000}.{driver_version % 1000 // 10}",
+        "driver": driver,
         "versions": {"cutegrad": getattr(cutegrad, "__version__", "unknown"),
                      "python": platform.python_version(), "torch": torch.__version__,
                      "cuda": torch.version.cuda},
