@@ -33,6 +33,7 @@ same as coalescing at every free would give.
 
 from __future__ import annotations
 
+import operator
 import time
 from bisect import bisect_left, insort
 from collections import deque
@@ -192,7 +193,7 @@ class CachingAllocator:
     def malloc(self, nbytes, stream=0):
         """Allocate ``nbytes`` for use on ``stream``; returns a Block."""
         if nbytes.__class__ is not int or nbytes < 0:
-            raise self._bad_size(nbytes)
+            nbytes = self._checked_size(nbytes)
         try:
             self._token.pop()
         except IndexError:
@@ -755,13 +756,14 @@ class CachingAllocator:
                           "its segment was released)")
 
     @staticmethod
-    def _bad_size(nbytes):
-        if nbytes.__class__ is not int and hasattr(nbytes, "__index__") and not isinstance(nbytes, bool):
-            return TypeError(f"malloc: nbytes must be a Python int, got {type(nbytes).__name__} "
-                             "(convert with int())")
-        if nbytes.__class__ is not int:
-            return TypeError(f"malloc: nbytes must be an int, got {type(nbytes).__name__}")
-        return ValueError(f"malloc: nbytes must be >= 0, got {nbytes}")
+    def _checked_size(nbytes):
+        """``nbytes`` as a non-negative int (integer types such as numpy's are accepted)."""
+        if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__"):
+            raise TypeError(f"malloc: nbytes must be an int, got {type(nbytes).__name__}")
+        nbytes = operator.index(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"malloc: nbytes must be >= 0, got {nbytes}")
+        return nbytes
 
     def _oom_error(self, nbytes, alloc_size):
         device_free, device_total = self.memory.mem_get_info()

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 
+import numpy as np
 import pytest
 
 from cutegrad.allocator import (CachingAllocator, CaptureError, OutOfMemoryError, SimulatedMemory,
@@ -264,6 +265,11 @@ def test_bad_input_raises_clear_errors():
         alloc.malloc(-1)
     with pytest.raises(TypeError, match="must be an int"):
         alloc.malloc(1.5)
+    with pytest.raises(TypeError, match="must be an int"):
+        alloc.malloc(True)
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        alloc.malloc(np.int64(-3))
+    assert alloc.malloc(np.int64(1000)).size == 1024     # integer types other than int are fine
     with pytest.raises(TypeError, match="expected a Block"):
         alloc.free(object())
     b = alloc.malloc(10)
