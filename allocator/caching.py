@@ -249,7 +249,9 @@ class CachingAllocator:
             return
         try:
             seg = block.segment
-            if self._quick_free and block.stream_uses is None and self._segments.get(seg.ptr) is seg:
+            # State is checked again: another thread may have freed it meanwhile.
+            if (self._quick_free and block.state == 1 and block.stream_uses is None
+                    and self._segments.get(seg.ptr) is seg):
                 # _free's common case with _file_quick inlined (the hot path).
                 size = block.size
                 self._n_alloc -= 1
@@ -766,7 +768,10 @@ class CachingAllocator:
         return nbytes
 
     def _oom_error(self, nbytes, alloc_size):
-        device_free, device_total = self.memory.mem_get_info()
+        try:
+            device_free, device_total = self.memory.mem_get_info()
+        except Exception:  # a driver that refuses the query (e.g. during capture) must not mask the OOM
+            device_free, device_total = None, self.memory.total_memory()
         largest = 0
         in_private = 0
         for seg in self._segments.values():

@@ -38,7 +38,8 @@ class OutOfMemoryError(RuntimeError):
         super().__init__(
             f"CUDA out of memory on device {device}: tried to allocate "
             f"{format_size(rounded)} (requested {requested} bytes). The device has "
-            f"{format_size(device_total)} in total, of which {format_size(device_free)} is free."
+            f"{format_size(device_total)} in total, of which "
+            f"{format_size(device_free) if device_free is not None else 'an unknown amount'} is free."
             f"{cap} cutegrad has {format_size(reserved)} reserved, {format_size(allocated)} "
             f"allocated, so {format_size(self.reserved_unallocated)} is reserved but unallocated; "
             f"the largest free cached block is {format_size(largest_free_block)}"

@@ -622,6 +622,17 @@ def test_oom_error_reports_fragmentation():
     assert b.size == 4 * MiB
 
 
+def test_oom_report_survives_a_failing_memory_query():
+    class NoInfo(SimulatedMemory):
+        def mem_get_info(self):
+            raise RuntimeError("cuMemGetInfo refused")
+
+    alloc = CachingAllocator(NoInfo(capacity=8 * MiB), parse_config(""))
+    with pytest.raises(OutOfMemoryError, match="an unknown amount is free") as info:
+        alloc.malloc(16 * MiB)
+    assert info.value.device_free is None and info.value.device_total == 8 * MiB
+
+
 def test_injected_oom_is_retried_after_releasing_cache():
     mem, alloc = make()
     alloc.free(alloc.malloc(30 * MiB))
