@@ -291,6 +291,8 @@ def load(path, device="cpu", mmap=False):
     are copied.
     """
     dev = _device(device)
+    if dev.type == "cuda":
+        from .. import cuda  # noqa: F401  (importing it registers the CUDA storage kernels)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         _, entries, start = _read_header(f, path, size)
