@@ -134,6 +134,53 @@ def test_delayed_work_on_other_stream_protects_freed_memory(gpu):
         gate.close()
 
 
+def random_nbytes(rng):
+    r = rng.random()
+    return (rng.randint(1, 1 << 20) if r < 0.6 else
+            rng.randint(1 << 20, 10 << 20) if r < 0.9 else rng.randint(10 << 20, 64 << 20))
+
+
+def captured_phase(alloc, cu, s, other, rng, live):
+    """Capture random allocations, fills and frees on ``s`` into a private pool, replay it.
+
+    Also frees, during the capture, an eager block that another stream is still
+    using, which must be deferred (no event may be recorded during capture).
+    Returns the blocks allocated in the capture that stay live, with their fills.
+    """
+    pool = alloc.new_pool_id()
+    alloc.begin_allocate_to_pool(pool, handle(s))
+    ok(cu.cuStreamBeginCapture(s, cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL))
+    inside = {}
+    for _ in range(40):
+        if rng.random() < 0.6 or not inside:
+            block = alloc.malloc(random_nbytes(rng), handle(s))
+            assert block.segment.pool.private is not None
+            fill = rng.randint(1, 255)
+            ok(cu.cuMemsetD8Async(block.ptr, fill, block.size, s))
+            inside[block] = fill
+        else:
+            block = rng.choice(list(inside))
+            inside.pop(block)
+            alloc.free(block)
+    eager = [b for b, (bs, _) in live.items() if bs is not s]
+    if eager:
+        block = rng.choice(eager)
+        live.pop(block)
+        ok(cu.cuMemsetD8Async(block.ptr, 0, block.size, other))   # eager work, not captured
+        alloc.record_stream(block, handle(other))
+        alloc.free(block)
+    graph = ok(cu.cuStreamEndCapture(s))
+    alloc.end_allocate_to_pool(pool)
+    exe = ok(cu.cuGraphInstantiate(graph, 0))
+    for _ in range(2):
+        ok(cu.cuGraphLaunch(exe, s))
+    ok(cu.cuStreamSynchronize(s))
+    ok(cu.cuGraphExecDestroy(exe))
+    ok(cu.cuGraphDestroy(graph))
+    alloc.release_pool(pool)             # the graph is gone; its live blocks keep the pool
+    return {b: (s, fill) for b, fill in inside.items()}
+
+
 def test_randomized_stress_on_device(gpu):
     mem, cu, streams = gpu
     rng = random.Random(7)
@@ -142,18 +189,19 @@ def test_randomized_stress_on_device(gpu):
     held = new_stream(cu, streams)
     gate = HostGate(cu)
     live = {}                      # Block -> (stream, fill byte)
-    clobbers = 0
+    clobbers = captured = 0
     try:
-        for round_no in range(1, 9):
+        for round_no in range(1, 17):
             gate.hold(held, round_no)
-            for _ in range(250):
+            for step in range(400):
+                if step == 200 and round_no % 2 == 0:
+                    got = captured_phase(alloc, cu, work[0], work[1], rng, live)
+                    captured += len(got)
+                    live.update(got)
                 op = rng.random()
                 if op < 0.5 or not live:
                     s = rng.choice(work)
-                    r = rng.random()
-                    nbytes = (rng.randint(1, 1 << 20) if r < 0.6 else
-                              rng.randint(1 << 20, 10 << 20) if r < 0.9 else rng.randint(10 << 20, 64 << 20))
-                    block = alloc.malloc(nbytes, handle(s))
+                    block = alloc.malloc(random_nbytes(rng), handle(s))
                     fill = rng.randint(1, 255)
                     ok(cu.cuMemsetD8Async(block.ptr, fill, block.size, s))
                     live[block] = (s, fill)
@@ -186,12 +234,16 @@ def test_randomized_stress_on_device(gpu):
                 n = min(block.size, 256)
                 assert read_bytes(cu, block.ptr, n) == bytes([fill]) * n, f"{block!r} was clobbered"
                 assert read_bytes(cu, block.ptr + block.size - n, n) == bytes([fill]) * n
-        assert clobbers > 100
+            if round_no % 4 == 0:
+                alloc.empty_cache()
+        assert clobbers > 500 and captured > 20
         for block in list(live):
             alloc.free(block)
         alloc.empty_cache()
         alloc.check_invariants()
-        assert alloc.memory_stats()["reserved_bytes.all.current"] == 0
+        stats = alloc.memory_stats()
+        assert stats["reserved_bytes.all.current"] == 0
+        assert stats["graph_pools.current"] == 0 and stats["graph_pools.freeable"] == 0
     finally:
         gate.open(1 << 30)
         ok(cu.cuCtxSynchronize())
