@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import dtypes as dt
 from ..device import device as _device, cpu as _cpu
-from ..tensor import Storage, Tensor, make, from_numpy_owned, numel_of, contiguous_strides
+from ..tensor import Storage, make, from_numpy_owned, numel_of, contiguous_strides
 from . import dlpack_abi as abi
 
 _TO_DL = {
