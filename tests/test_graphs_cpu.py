@@ -172,3 +172,41 @@ def test_cuda_graph_state_errors_without_capture():
     with pytest.raises(RuntimeError, match="not capturing"):
         g.capture_end()
     g.reset()  # nothing to release
+
+
+class _CountingGraph:
+    def __init__(self):
+        self.replays = 0
+
+    def replay(self):
+        self.replays += 1
+
+
+def test_graphed_step_checks_inputs_then_copies_and_replays():
+    import cutegrad
+    from cutegrad.graphs import GraphedStep
+    static = (cutegrad.zeros(2, 3), cutegrad.zeros(4, dtype=cutegrad.int64))
+    out = cutegrad.zeros(1)
+    g = _CountingGraph()
+    step = GraphedStep(g, static, out)
+    with pytest.raises(TypeError, match="captured with 2 input"):
+        step(cutegrad.ones(2, 3))
+    with pytest.raises(ValueError, match=r"input 0 is \(3, 2\).*captured with \(2, 3\)"):
+        step(cutegrad.ones(3, 2), cutegrad.ones(4, dtype=cutegrad.int64))
+    with pytest.raises(ValueError, match="input 1 is .*float32.*captured with .*int64"):
+        step(cutegrad.ones(2, 3), cutegrad.ones(4))
+    with pytest.raises(TypeError, match="must be a Tensor"):
+        step(cutegrad.ones(2, 3), [1, 2, 3, 4])
+    assert g.replays == 0 and static[0].sum().item() == 0  # nothing ran on a bad call
+    assert step(cutegrad.ones(2, 3), cutegrad.full((4,), 7, dtype=cutegrad.int64)) is out
+    assert g.replays == 1
+    assert static[0].tolist() == [[1.0] * 3] * 2 and static[1].tolist() == [7] * 4
+
+
+def test_graphed_rejects_bad_arguments_before_touching_cuda():
+    import cutegrad
+    from cutegrad.graphs import graphed
+    with pytest.raises(ValueError, match="sample input 0 must be a CUDA tensor"):
+        graphed(lambda x: x, cutegrad.zeros(3))
+    with pytest.raises(ValueError, match="warmup must be an int >= 1"):
+        graphed(lambda: None, (), warmup=0)

@@ -300,3 +300,27 @@ def test_philox_offsets_advance_on_every_replay():
     assert (seed, base) == (5, 0)
     g.reset()
     allocator().free(out)
+
+
+def test_graphed_step_replays_with_new_inputs():
+    import cutegrad
+    state = cutegrad.zeros(8, device="cuda")  # stands for parameters the step updates
+    calls = []
+
+    def step(x):
+        calls.append(cuda.is_current_stream_capturing())
+        out = cutegrad.empty(8, device="cuda")
+        out.copy_(x)
+        state.copy_(out)
+        return out
+
+    g = graphs.graphed(step, cutegrad.zeros(8, device="cuda"), warmup=2)
+    assert calls == [False, False, True]  # two warm-up runs, then the capture
+    for i in range(50):
+        y = g(cutegrad.full((8,), float(i), device="cuda"))
+        assert y.cpu().tolist() == [float(i)] * 8
+        assert state.cpu().tolist() == [float(i)] * 8
+    assert len(calls) == 3  # replays do not call the Python step
+    with pytest.raises(ValueError, match="captured with"):
+        g(cutegrad.zeros(9, device="cuda"))
+    g.reset()
