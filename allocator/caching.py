@@ -814,16 +814,19 @@ class CachingAllocator:
             put("reserved_bytes", self._bytes_reserved, self._bytes_reserved_peak,
                 self._bytes_reserved_total, base[5][1])
             pools = {"small_pool": [0, 0, 0, 0], "large_pool": [0, 0, 0, 0]}
-            inactive_split = inactive_split_bytes = 0
+            inactive_split = inactive_split_bytes = oversize_allocations = oversize_segments = 0
+            ms = self._max_split
             for seg in self._segments.values():
                 p = pools["small_pool" if seg.pool.is_small else "large_pool"]
                 p[2] += 1
                 p[3] += seg.size
+                oversize_segments += seg.size >= ms
                 split = seg.head.next is not None
                 for b in seg.blocks():
                     if b.state == ALLOCATED:
                         p[0] += 1
                         p[1] += b.size
+                        oversize_allocations += b.size >= ms
                     elif b.state == FREE and split:
                         inactive_split += 1
                         inactive_split_bytes += b.size
@@ -840,6 +843,8 @@ class CachingAllocator:
             stats["num_device_alloc"] = self._num_device_alloc
             stats["num_device_free"] = self._num_device_free
             stats["max_split_size"] = -1 if self._max_split == UNLIMITED else self._max_split
+            stats["oversize_allocations.current"] = oversize_allocations
+            stats["oversize_segments.current"] = oversize_segments
             stats["graph_pools.current"] = sum(1 for p in self._pools.values() if p.use_count > 0)
             stats["graph_pools.freeable"] = sum(1 for p in self._pools.values() if p.use_count == 0)
             stats["graph_pools.created"] = self._num_pools_created

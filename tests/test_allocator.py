@@ -175,6 +175,8 @@ def test_oversize_block_serves_requests_within_rounding_limit():
     c = alloc.malloc(8 * MiB)                   # 12 >= 8 + 4: too wasteful, new segment
     assert c.ptr != big.ptr
     assert mem.num_mallocs == 2
+    assert stat(alloc, "oversize_allocations.current") == 1      # c (8 MiB); the 12 MiB block is cached
+    assert stat(alloc, "oversize_segments.current") == 2         # the 12 MiB and 8 MiB segments
     alloc.check_invariants()
 
 
