@@ -42,18 +42,29 @@ def _np_view(storage, shape, strides, offset, dtype):
                       strides=tuple(s * isz for s in strides))
 
 
+_STRIDES = {}  # shape -> contiguous strides; outputs of a model repeat few shapes
+
+
 def contiguous_strides(shape):
-    strides = []
-    acc = 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= n if n > 1 else 1
-    return tuple(reversed(strides))
+    shape = tuple(shape)
+    strides = _STRIDES.get(shape)
+    if strides is None:
+        acc, out = 1, []
+        for n in reversed(shape):
+            out.append(acc)
+            acc *= n if n > 1 else 1
+        strides = tuple(reversed(out))
+        if len(_STRIDES) < 4096:
+            _STRIDES[shape] = strides
+    return strides
+
+
+_new_object = object.__new__  # skips Tensor.__new__'s public-constructor guard
 
 
 def make(storage, shape, strides, offset, dtype, base=None):
     """Build a Tensor object around existing storage (no copy, no checks)."""
-    t = Tensor.__new__(Tensor)
+    t = _new_object(Tensor)
     t._storage = storage
     t._shape = shape
     t._strides = strides
@@ -72,11 +83,11 @@ def make(storage, shape, strides, offset, dtype, base=None):
 
 def from_numpy_owned(arr, dtype):
     """Wrap a freshly computed NumPy result (the CPU backend's outputs)."""
-    if arr.dtype != dtype.np or not arr.flags.c_contiguous:
+    if (arr.dtype is not dtype.np and arr.dtype != dtype.np) or not arr.flags.c_contiguous:
         # np.array, not np.ascontiguousarray: the latter turns 0-d into shape (1,)
         arr = np.array(arr, dtype=dtype.np, order="C")
     st = Storage(arr.reshape(-1), _cpu_device)
-    t = Tensor.__new__(Tensor)
+    t = _new_object(Tensor)
     t._storage = st
     t._shape = arr.shape
     t._strides = contiguous_strides(arr.shape)

@@ -65,14 +65,16 @@ Tensor.new_tensor = lambda self, data, dtype=None, device=None: ops.tensor(
 Tensor.__getitem__ = ops.getitem
 Tensor.__setitem__ = ops.setitem
 
-Tensor.__add__ = lambda a, b: ops.add(a, b)
-Tensor.__radd__ = lambda a, b: ops.add(b, a)
-Tensor.__sub__ = lambda a, b: ops.sub(a, b)
-Tensor.__rsub__ = lambda a, b: ops.sub(b, a)
-Tensor.__mul__ = lambda a, b: ops.mul(a, b)
-Tensor.__rmul__ = lambda a, b: ops.mul(b, a)
-Tensor.__truediv__ = lambda a, b: ops.div(a, b)
-Tensor.__rtruediv__ = lambda a, b: ops.div(b, a)
+# Operators call the binary core directly: one Python frame less per op.
+_binary = P._binary
+Tensor.__add__ = lambda a, b: _binary(C.ADD, a, b)
+Tensor.__radd__ = lambda a, b: _binary(C.ADD, b, a)
+Tensor.__sub__ = lambda a, b: _binary(C.SUB, a, b)
+Tensor.__rsub__ = lambda a, b: _binary(C.SUB, b, a)
+Tensor.__mul__ = lambda a, b: _binary(C.MUL, a, b)
+Tensor.__rmul__ = lambda a, b: _binary(C.MUL, b, a)
+Tensor.__truediv__ = lambda a, b: _binary(C.DIV, a, b)
+Tensor.__rtruediv__ = lambda a, b: _binary(C.DIV, b, a)
 Tensor.__floordiv__ = lambda a, b: ops.floor_divide(a, b)
 Tensor.__rfloordiv__ = lambda a, b: ops.floor_divide(b, a)
 Tensor.__mod__ = lambda a, b: ops.remainder(a, b)

@@ -9,12 +9,13 @@ import numpy as np
 from .. import dtypes as dt
 from ..device import CPU, cpu as cpu_device
 from ..dispatch import register
-from ..tensor import from_numpy_owned, make, Storage, contiguous_strides
+from ..tensor import Tensor, from_numpy_owned, make, Storage, contiguous_strides
 from ..ops import codes as C
 from ..ops.special import erf, erf_np_gelu_tanh
 from ..random import cpu_generator
 
 _HALF = (dt.float16, dt.bfloat16)
+_F32 = np.dtype(np.float32)
 
 
 def _a(t):
@@ -178,17 +179,34 @@ _BINARY = {
     C.REMAINDER: np.remainder, C.ATAN2: np.arctan2,
 }
 _CMP = (C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR)
+# Codes whose results raise no IEEE flag on finite operands in range: they skip
+# np.errstate, which costs more than a small add itself. An inf - inf or an
+# overflow there gets NumPy's default RuntimeWarning; the values are the same.
+_QUIET = frozenset((C.ADD, C.SUB, C.MUL, C.MAXIMUM, C.MINIMUM) + _CMP)
 
 
 @register("binary", CPU)
 def binary(code, a, b, compute_dtype, out_dtype):
     """a, b: tensors or Python scalars; compute_dtype: promoted input dtype."""
-    cd = np.dtype(_compute_dtype(compute_dtype))
-    x = np.asarray(_arg(a)).astype(cd, copy=False)
-    y = np.asarray(_arg(b)).astype(cd, copy=False)
-    with np.errstate(all="ignore"):
+    half = compute_dtype in _HALF
+    cd = _F32 if half else compute_dtype.np
+    # The common case, a tensor already of the compute dtype, uses its array as is.
+    if a.__class__ is Tensor and a._dtype is compute_dtype and not half:
+        x = a._np
+    else:
+        x = np.asarray(_arg(a)).astype(cd, copy=False)
+    if b.__class__ is Tensor and b._dtype is compute_dtype and not half:
+        y = b._np
+    else:
+        y = np.asarray(_arg(b)).astype(cd, copy=False)
+    if code in _QUIET:
         r = _BINARY[code](x, y)
-    return _out(r, out_dtype)
+    else:
+        with np.errstate(all="ignore"):
+            r = _BINARY[code](x, y)
+    if r.__class__ is not np.ndarray:  # ufuncs return NumPy scalars for 0-d operands
+        r = np.asarray(r)
+    return from_numpy_owned(r, out_dtype)
 
 
 @register("where", CPU)
@@ -316,10 +334,15 @@ def softmax(x, dim, log):
 def layer_norm(x, nd, weight, bias, eps):
     arr = _a(x)
     axes = tuple(range(arr.ndim - nd, arr.ndim))
-    mean = arr.mean(axis=axes, keepdims=True)
-    var = ((arr - mean) ** 2).mean(axis=axes, keepdims=True)
+    n = 1
+    for d in axes:
+        n *= arr.shape[d]
+    # np.add.reduce / n is np.mean without its Python-level wrapper
+    mean = np.add.reduce(arr, axis=axes, keepdims=True) / n
+    centered = arr - mean
+    var = np.add.reduce(centered * centered, axis=axes, keepdims=True) / n
     rstd = 1.0 / np.sqrt(var + eps)
-    y = (arr - mean) * rstd
+    y = centered * rstd
     if weight is not None:
         y = y * _a(weight)
     if bias is not None:

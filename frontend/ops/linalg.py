@@ -5,6 +5,7 @@ from ..tensor import Tensor
 from ..autograd import grad_mode
 from ..autograd.engine import Node, attach
 from .broadcast import broadcast_shapes, sum_to
+from .shape import unsqueeze, squeeze, transpose
 
 _K_MATMUL = kernel("matmul").impl
 _state = grad_mode.state
@@ -14,7 +15,6 @@ class MatmulBackward(Node):
     __slots__ = ("a_shape", "b_shape")
 
     def backward(self, g):
-        from .shape import transpose
         a, b = self.saved_tensors
         ga = gb = None
         if self.next_functions[0] is not None:
@@ -41,7 +41,8 @@ def _matmul2(a, b):
     if a._shape[-1] != b._shape[-2]:
         raise RuntimeError(f"mat1 and mat2 shapes cannot be multiplied ({'x'.join(map(str, a._shape))} and "
                            f"{'x'.join(map(str, b._shape))})")
-    broadcast_shapes(a._shape[:-2], b._shape[:-2])
+    if len(a._shape) > 2 or len(b._shape) > 2:
+        broadcast_shapes(a._shape[:-2], b._shape[:-2])
     out = _K_MATMUL[a._storage.device.backend](a, b, a._dtype)
     if _state.enabled and (a._requires_grad or b._requires_grad):
         node = MatmulBackward()
@@ -52,8 +53,9 @@ def _matmul2(a, b):
 
 
 def matmul(a, b):
-    from .shape import unsqueeze, squeeze
     _check(a, b, "matmul")
+    if len(a._shape) >= 2 and len(b._shape) >= 2:
+        return _matmul2(a, b)
     if not a._shape or not b._shape:
         raise RuntimeError(f"both arguments to matmul need to be at least 1D, but they are {len(a._shape)}D and "
                            f"{len(b._shape)}D")
@@ -91,7 +93,6 @@ def bmm(a, b):
 
 def linear(x, weight, bias=None):
     """x @ weight.T + bias (weight: (out_features, in_features))."""
-    from .shape import transpose
     from .pointwise import add
     if len(weight._shape) != 2:
         raise RuntimeError(f"linear: weight must be 2-D (out_features, in_features), got shape {list(weight._shape)}")

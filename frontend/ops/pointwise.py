@@ -2,6 +2,8 @@
 where/clamp/masked_fill, and the in-place variants. Each op's backward sits
 next to its forward.
 """
+import numbers
+
 from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor
@@ -39,7 +41,7 @@ def _scalar_of(t, device):
 
 
 def _check_number(x, opname):
-    if not isinstance(x, (int, float, bool)):
+    if not isinstance(x, (int, float, bool, numbers.Real)):
         raise TypeError(f"{opname}(): expected a Tensor or a Python number, got {type(x).__name__}")
 
 
@@ -157,22 +159,30 @@ _CMP = frozenset((C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR))
 
 
 def _binary(code, a, b):
-    at = isinstance(a, Tensor)
-    bt = isinstance(b, Tensor)
-    if at and bt:
-        dev = _device_of(a, b)
-        if a._shape != b._shape:
-            broadcast_shapes(a._shape, b._shape)
-        a2, b2 = _scalar_of(a, dev), _scalar_of(b, dev)
-    elif at:
-        _check_number(b, _NAMES[code])
-        dev, a2, b2 = a._storage.device, a, b
-    elif bt:
+    if isinstance(a, Tensor):
+        if isinstance(b, Tensor):
+            dev = a._storage.device
+            if dev is b._storage.device:
+                a2, b2 = a, b
+            else:
+                dev = _device_of(a, b)
+                a2, b2 = _scalar_of(a, dev), _scalar_of(b, dev)
+            if a._shape != b._shape:
+                broadcast_shapes(a._shape, b._shape)
+            cdt = a._dtype if a._dtype is b._dtype else dt.result_type(a, b)
+            needs_grad = a._requires_grad or b._requires_grad
+        else:
+            _check_number(b, _NAMES[code])
+            dev, a2, b2 = a._storage.device, a, b
+            cdt = dt.result_type(a, b)
+            needs_grad = a._requires_grad
+    elif isinstance(b, Tensor):
         _check_number(a, _NAMES[code])
         dev, a2, b2 = b._storage.device, a, b
+        cdt = dt.result_type(a, b)
+        needs_grad = b._requires_grad
     else:
         raise TypeError(f"{_NAMES[code]}(): expected at least one Tensor operand")
-    cdt = dt.result_type(a, b)
     if code in _CMP:
         out_dt = dt.bool_
     elif code == C.DIV and cdt.category != dt.FLOAT:
@@ -183,7 +193,7 @@ def _binary(code, a, b):
             raise RuntimeError("Subtraction, the `-` operator, with two bool tensors is not supported. "
                                "Use the `^` or `logical_xor()` operator instead.")
     out = _K_BINARY[dev.backend](code, a2, b2, cdt, out_dt)
-    if _state.enabled and ((at and a._requires_grad) or (bt and b._requires_grad)):
+    if needs_grad and _state.enabled:
         node_cls = _NODE.get(code)
         if node_cls is None:
             return out

@@ -1,0 +1,121 @@
+"""Host overhead per op on CPU tensors: cutegrad vs PyTorch CPU.
+
+Small operands make the measured time mostly framework overhead (argument
+checks, dispatch, dtype promotion, output Tensor construction) rather than
+arithmetic, which is the cost that decides eager speed on a GPU, where the
+kernel runs asynchronously. Each figure is the median over REPEATS batches of
+the mean time of BATCH back-to-back calls, after a warm-up.
+
+    python -m bench.overhead [--repeats N] [--batch N] [--out DIR]
+
+prints a table and writes bench/results/overhead-cpu.json (DESIGN.md's
+results schema; `ratio` > 1 means cutegrad has the lower overhead).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_us(fn, repeats, batch):
+    for _ in range(batch):  # warm-up: caches, lazy imports, allocator pools
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        for _ in range(batch):
+            fn()
+        samples.append((time.perf_counter_ns() - t0) / batch / 1e3)
+    return statistics.median(samples)
+
+
+def cases(lib, mod, F):
+    """(name, zero-argument callable) per op, for module `mod` (cutegrad or torch)."""
+    rng = np.random.default_rng(0)
+
+    def t(*shape, grad=False):
+        arr = rng.standard_normal(shape).astype(np.float32)
+        x = mod.tensor(arr)
+        return x.requires_grad_() if grad else x
+
+    a, b = t(32, 32), t(32, 32)
+    m1, m2 = t(64, 64), t(64, 64)
+    x, w, bias = t(32, 64), t(64), t(64)
+    ga, gb = t(32, 32, grad=True), t(32, 32, grad=True)
+    return [
+        ("add 32x32 fp32", lambda: a + b),
+        ("matmul 64x64 fp32", lambda: m1 @ m2),
+        ("layer_norm 32x64 fp32", lambda: F.layer_norm(x, (64,), w, bias)),
+        ("add 32x32 fp32, recording autograd", lambda: ga + gb),
+    ]
+
+
+def versions(torch):
+    from bench.gemm import cutegrad_version
+    return {"cutegrad": cutegrad_version(), "python": platform.python_version(),
+            "torch": torch.__version__ if torch is not None else None, "cuda": None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description="host microseconds per op, cutegrad vs PyTorch CPU")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=400)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+
+    import cutegrad
+    try:
+        import torch
+        import torch.nn.functional as TF
+    except ImportError:
+        torch = TF = None
+
+    ours = cases("cutegrad", cutegrad, cutegrad)
+    theirs = cases("torch", torch, TF) if torch is not None else [(n, None) for n, _ in ours]
+    rows = []
+    print(f"{'op':<38} {'cutegrad us':>12} {'torch us':>10} {'ratio':>7}")
+    for (name, fn), (_, tfn) in zip(ours, theirs):
+        us = median_us(fn, args.repeats, args.batch)
+        base = median_us(tfn, args.repeats, args.batch) if tfn is not None else None
+        ratio = round(base / us, 4) if base else None
+        rows.append({"name": name, "unit": "us/op (host, median)", "cutegrad": round(us, 2),
+                     "baseline": round(base, 2) if base else None, "baseline_name": "PyTorch CPU eager",
+                     "ratio": ratio})
+        print(f"{name:<38} {us:12.2f} {base if base else float('nan'):10.2f} {ratio if ratio else float('nan'):7.3f}",
+              flush=True)
+
+    result = {
+        "device": cpu_model(),
+        "driver": None,
+        "versions": versions(torch),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m bench.overhead " + " ".join(sys.argv[1:]),
+        "threads": {"torch": torch.get_num_threads() if torch is not None else None, "cpus": os.cpu_count()},
+        "rows": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "overhead-cpu.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
