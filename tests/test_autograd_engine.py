@@ -458,3 +458,24 @@ def test_graph_is_freed_after_backward():
     del y
     gc.collect()
     assert node_ref() is None
+
+
+def test_leaf_grad_owns_dense_memory_after_expanding_backward():
+    x = leaf(np.ones((2, 3)))
+    x.sum().backward()  # the sum's gradient is an expand (stride 0)
+    assert x.grad.is_contiguous() and x.grad.stride() == (3, 1)
+    x.grad.add_(cg.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=cg.float64))
+    np.testing.assert_allclose(grad_np(x), [[2.0, 3.0, 4.0], [5.0, 6.0, 7.0]])
+    w = leaf(np.ones((3, 1)))
+    (w.expand(3, 4) * 2).mean().backward()
+    assert w.grad.is_contiguous()
+
+
+def test_leaf_grad_does_not_alias_the_callers_gradient_or_retained_grads():
+    x = leaf([1.0, 2.0])
+    y = x + 0
+    y.retain_grad()
+    g = cg.tensor([5.0, 6.0], dtype=cg.float64)
+    y.backward(g)
+    x.grad.mul_(0)
+    assert g.tolist() == [5.0, 6.0] and y.grad.tolist() == [5.0, 6.0]

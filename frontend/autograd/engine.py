@@ -101,6 +101,11 @@ class AccumulateGrad(Node):
         var = self.variable
         if grad._shape != var._shape:
             raise RuntimeError(f"gradient of shape {list(grad._shape)} does not match leaf of shape {list(var._shape)}")
+        if not grad.is_contiguous():
+            # Backward formulas hand out views (a sum's gradient is an expand,
+            # stride 0): `.grad` must own dense memory, or an in-place update
+            # of it (optimizers, grad.add_) would write one element many times.
+            grad = grad.contiguous()
         if not grad_mode.state.enabled:
             grad = grad.detach()
         if var.grad is None:
@@ -152,7 +157,7 @@ def add_retain_grad_hook(t):
     def retain(grad):
         tensor = ref()
         if tensor is not None:
-            g = grad.detach()
+            g = grad.detach().clone()  # the engine passes grad on: .grad must not alias it
             tensor.grad = g if tensor.grad is None else tensor.grad + g
         return None
     t.grad_fn.register_prehook(retain)
@@ -263,7 +268,8 @@ def _root_grads(tensors, grad_tensors):
             if g._shape != t._shape:
                 raise RuntimeError(f"Mismatch in shape: grad_output has a shape of {list(g._shape)} and output "
                                    f"has a shape of {list(t._shape)}")
-            g = g.clone() if not grad_mode.state.enabled else g
+            # The caller keeps its tensor: a leaf's .grad must not alias it.
+            g = g.clone()
         out.append(g)
     return out
 
