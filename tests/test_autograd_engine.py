@@ -479,3 +479,26 @@ def test_leaf_grad_does_not_alias_the_callers_gradient_or_retained_grads():
     y.backward(g)
     x.grad.mul_(0)
     assert g.tolist() == [5.0, 6.0] and y.grad.tolist() == [5.0, 6.0]
+
+
+def test_copy_from_a_leaf_routes_the_gradient_to_it():
+    v = leaf([1.0, 2.0, 3.0])
+    y = cg.zeros(3, dtype=cg.float64)
+    y.copy_(v)
+    assert y.requires_grad and y.grad_fn is not None
+    (y * 2).sum().backward()
+    np.testing.assert_allclose(grad_np(v), [2.0, 2.0, 2.0])
+
+
+def test_overwriting_a_non_leaf_with_constants_gives_zero_gradient_like_torch():
+    x = leaf([1.0, 2.0])
+    y = x * 2
+    y.fill_(0.0)
+    assert y.requires_grad
+    (y * 3).sum().backward()
+    np.testing.assert_allclose(grad_np(x), [0.0, 0.0])
+    x.grad = None
+    z = x * 2
+    z.zero_().add_(x)
+    (z * 3).sum().backward()
+    np.testing.assert_allclose(grad_np(x), [3.0, 3.0])

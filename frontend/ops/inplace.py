@@ -45,11 +45,30 @@ class CopySlices(Node):
         return (gb, g_written)
 
 
+class OverwrittenBackward(Node):
+    """x's old value was overwritten by one that needs no gradient: the
+    history before the write gets zeros (torch does the same)."""
+    __slots__ = ()
+
+    def backward(self, g):
+        from .creation import zeros_like
+        return (zeros_like(g),)
+
+
 def _rebase_history(x, result):
     base = x._base
     if base is None:
-        x.grad_fn = result.grad_fn
-        x._requires_grad = result._requires_grad
+        if result._requires_grad:
+            fn = result.grad_fn
+            if fn is None:  # result is a leaf (x.copy_(leaf)): route x's gradient to it
+                from .conversion import IdentityBackward
+                fn = IdentityBackward()
+                fn.next_functions = (edge(result),)
+        else:
+            fn = OverwrittenBackward()
+            fn.next_functions = (edge(x),)
+        x.grad_fn = fn
+        x._requires_grad = True
         return
     if not base.is_contiguous():
         raise NotImplementedError("in-place write into a view whose base is not contiguous, with autograd, "
