@@ -113,10 +113,13 @@ def _parse_python_batch(name: str, raw: bytes) -> Tuple[np.ndarray, np.ndarray]:
         batch = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
         raise ValueError(f"CIFAR-10: {name} is not a valid python-format batch ({exc})") from exc
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+    if isinstance(batch, dict):
+        # The published pickles come from Python 2 (bytes keys); re-pickled copies may have str keys.
+        batch = {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
         raise ValueError(f"CIFAR-10: {name} lacks the 'data' and 'labels' entries of a CIFAR-10 batch")
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"CIFAR-10: {name}: 'data' must be uint8 [N, 3072], got {data.dtype} {data.shape}")
     if labels.shape != (len(data),):
