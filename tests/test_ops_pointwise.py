@@ -253,3 +253,27 @@ def test_float_only_unary_on_integer_input_returns_default_float(dtype):
     assert out.dtype is cg.float32
     np.testing.assert_allclose(f64(out), np.exp([0, 1, 1]), rtol=1e-6)
     assert cg.sqrt(x).dtype is cg.float32
+
+
+def _broadcastable_pair(rng):
+    """Random shapes that broadcast: a common shape with dims set to 1 or dropped from the front."""
+    full = [int(v) for v in rng.integers(1, 6, size=int(rng.integers(0, 5)))]
+    a = [1 if rng.random() < 0.3 else n for n in full][int(rng.integers(0, len(full) + 1)):]
+    b = [1 if rng.random() < 0.3 else n for n in full][int(rng.integers(0, len(full) + 1)):]
+    return tuple(a), tuple(b)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_broadcast_sweep(seed):
+    rng = np.random.default_rng(1000 + seed)
+    for _ in range(6):
+        sa, sb = _broadcastable_pair(rng)
+        dtype = FLOAT_DTYPES[int(rng.integers(0, len(FLOAT_DTYPES)))]
+        name = sorted(BINARY)[int(rng.integers(0, len(BINARY)))]
+        a, b = _binary_inputs(name, rng, sa, sb, dtype)
+        out = BINARY[name][0](tensor(a, dtype), tensor(b, dtype))
+        assert_close(out, BINARY[name][1](a, b), dtype, what=f"{name} {sa} {sb} {dtype}")
+        uname = sorted(UNARY)[int(rng.integers(0, len(UNARY)))]
+        fn, ref, (lo, hi) = UNARY[uname]
+        x = rand(rng, sa, dtype, lo, hi)
+        assert_close(fn(tensor(x, dtype)), ref(x), dtype, what=f"{uname} {sa} {dtype}")
