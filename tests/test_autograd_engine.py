@@ -502,3 +502,12 @@ def test_overwriting_a_non_leaf_with_constants_gives_zero_gradient_like_torch():
     z.zero_().add_(x)
     (z * 3).sum().backward()
     np.testing.assert_allclose(grad_np(x), [3.0, 3.0])
+
+
+def test_autograd_grad_through_a_deep_chain():
+    x = leaf([1.0])
+    y = x
+    for _ in range(3000):
+        y = y * 1.0001
+    (g,) = cg.autograd.grad(y.sum(), x)
+    np.testing.assert_allclose(g.numpy(), [1.0001 ** 3000], rtol=1e-9)

@@ -182,18 +182,20 @@ def _topo_dependencies(roots):
 
 
 def _needed(nodes, targets):
-    """Nodes from which some target is reachable (only those must run)."""
+    """Nodes from which some target is reachable (only those must run):
+    a walk up the reversed edges from the targets, linear in the graph."""
+    parents = {}
+    for node in nodes:
+        for nxt in node.next_functions:
+            if nxt is not None:
+                parents.setdefault(nxt, []).append(node)
     needed = set(targets)
-    changed = True
-    order = nodes
-    while changed:
-        changed = False
-        for node in order:
-            if node in needed:
-                continue
-            if any(n is not None and n in needed for n in node.next_functions):
-                needed.add(node)
-                changed = True
+    stack = list(needed)
+    while stack:
+        for parent in parents.get(stack.pop(), ()):
+            if parent not in needed:
+                needed.add(parent)
+                stack.append(parent)
     return needed
 
 
