@@ -87,6 +87,30 @@ def nvcc_gencode(archs):
     return flags + ["-gencode", "arch=compute_80,code=compute_80"]
 
 
+def compile_cuda(nvcc, archs):
+    """nvcc objects of kernels/cuda/*.cu, cached by sources + flags; returns (objects, number compiled)."""
+    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr"] + nvcc_gencode(archs)
+    headers = sorted(glob.glob(os.path.join(CUDA_SRC, "*.h")))
+    cache = os.path.join(ROOT, "build", "cuda-cache")
+    os.makedirs(cache, exist_ok=True)
+    objects, compiled = [], 0
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    for src in sorted(glob.glob(os.path.join(CUDA_SRC, "*.cu"))):
+        h = hashlib.sha256()
+        for path in [src] + headers:
+            with open(path, "rb") as f:
+                h.update(f.read())
+        h.update(" ".join(flags).encode() + version.encode())
+        obj = os.path.join(cache, f"{os.path.basename(src)}.{h.hexdigest()[:20]}.o")
+        if not os.path.exists(obj):
+            subprocess.check_call([nvcc, *flags, "-I", CUDA_SRC, "-c", src, "-o", obj + ".tmp"])
+            os.replace(obj + ".tmp", obj)
+            compiled += 1
+        objects.append(obj)
+    print(f"[nvcc] {compiled} compiled, {len(objects) - compiled} from cache", flush=True)
+    return objects, compiled
+
+
 class BuildExt(build_ext):
     def build_extensions(self):
         archs = cuda_archs()
@@ -97,7 +121,7 @@ class BuildExt(build_ext):
         with open(os.path.join(aot_out, "manifest.json")) as f:
             manifest = json.load(f)
         nvcc, cuda_includes, cudart = find_cuda()
-        cu_objects = self.compile_cuda(nvcc, archs)
+        cu_objects, _ = compile_cuda(nvcc, archs)
 
         import nanobind
 
@@ -144,30 +168,15 @@ class BuildExt(build_ext):
         print(f"[c++] {compiled} compiled, {len(objects) - compiled} from cache", flush=True)
         return objects
 
-    def compile_cuda(self, nvcc, archs):
-        flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr"] + nvcc_gencode(archs)
-        headers = sorted(glob.glob(os.path.join(CUDA_SRC, "*.h")))
-        cache = os.path.join(ROOT, "build", "cuda-cache")
-        os.makedirs(cache, exist_ok=True)
-        objects, compiled = [], 0
-        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-        for src in sorted(glob.glob(os.path.join(CUDA_SRC, "*.cu"))):
-            h = hashlib.sha256()
-            for path in [src] + headers:
-                with open(path, "rb") as f:
-                    h.update(f.read())
-            h.update(" ".join(flags).encode() + version.encode())
-            obj = os.path.join(cache, f"{os.path.basename(src)}.{h.hexdigest()[:20]}.o")
-            if not os.path.exists(obj):
-                subprocess.check_call([nvcc, *flags, "-I", CUDA_SRC, "-c", src, "-o", obj + ".tmp"])
-                os.replace(obj + ".tmp", obj)
-                compiled += 1
-            objects.append(obj)
-        print(f"[nvcc] {compiled} compiled, {len(objects) - compiled} from cache", flush=True)
-        return objects
 
-
-setup(
-    ext_modules=[Extension("cutegrad._C", sources=[os.path.relpath(os.path.join(CUDA_SRC, "module.cpp"), ROOT)])],
-    cmdclass={"build_ext": BuildExt},
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import its helpers
+    setup(
+        ext_modules=[
+            Extension(
+                "cutegrad._C",
+                # module.cpp defines the module; other *.cpp files add bindings through its register_ops hook.
+                sources=sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CUDA_SRC, "*.cpp"))),
+            )
+        ],
+        cmdclass={"build_ext": BuildExt},
+    )

@@ -81,6 +81,16 @@ def time_ms(torch, fn, sets, reps):
     return statistics.median(samples)
 
 
+def cutegrad_version():
+    try:
+        return importlib.metadata.version("cutegrad")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not pip-installed
+        import tomllib
+
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
+            return tomllib.load(f)["project"]["version"] + "+source"
+
+
 def gpu_slug(name):
     words = [w for w in name.lower().replace("nvidia", "").split() if w]
     return words[0] if words else "gpu"
@@ -142,7 +152,7 @@ def main():
     result = {
         "device": device,
         "driver": f"{drv // 1000}.{drv % 1000 // 10}",
-        "versions": {"cutegrad": importlib.metadata.version("cutegrad"), "python": platform.python_version(),
+        "versions": {"cutegrad": cutegrad_version(), "python": platform.python_version(),
                      "torch": torch.__version__, "cuda": torch.version.cuda},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench.gemm " + " ".join(sys.argv[1:]),

@@ -55,4 +55,9 @@ extern const int kNumGemmKernels;
 // strides, any size; returns a cudaError_t.
 int gemm_fallback_launch(const GemmArgs& args, void* stream);
 
+// Split-K reduction (kernels/cuda/gemm_splitk_reduce.cu): D = epilogue(sum of
+// `splits` fp32 partial products in ws (row stride ws_ld, slice stride
+// ws_ld * M) (+ D)); only the single-batch fields of args are used.
+int gemm_splitk_reduce(const GemmArgs& args, const float* ws, int64_t ws_ld, int splits, void* stream);
+
 }  // namespace cutegrad

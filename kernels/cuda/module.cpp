@@ -26,6 +26,13 @@
 namespace nb = nanobind;
 using namespace cutegrad;
 
+// Binding files other than this one (kernels/cuda/*.cpp, e.g. the non-GEMM ops)
+// add their functions to the module through this hook, so each kernel family
+// owns its bindings without editing this file.
+namespace cutegrad {
+void register_ops(nb::module_& m) __attribute__((weak));
+}
+
 namespace {
 
 using Triple = std::tuple<int64_t, int64_t, int64_t>;
@@ -146,11 +153,42 @@ struct Choice {
 
 bool divisible(int64_t v, int64_t by) { return v % by == 0; }
 
-// Tile heuristic: the 128x256 tile halves B traffic per FLOP but leaves SMs
-// idle when there are few tiles; take it only when it still fills the GPU.
+// Tile heuristic: a 128x256 tile costs about 1.8 times a 128x128 one (it
+// halves B traffic per FLOP), so count waves of each over the SMs and take
+// the cheaper; this avoids e.g. 1.45 waves of 128x256 tiles at 8192x768.
 int choose_tile_n(const GemmArgs& g, int num_sms) {
-  int64_t tiles_256 = ((g.m + 127) / 128) * ((g.n + 255) / 256) * g.batch;
-  return (g.n > 128 && tiles_256 >= num_sms) ? 256 : 128;
+  if (g.n <= 128) return 128;
+  const int64_t rows = (g.m + 127) / 128;
+  const int64_t t128 = rows * ((g.n + 127) / 128) * g.batch, t256 = rows * ((g.n + 255) / 256) * g.batch;
+  const double cost128 = static_cast<double>((t128 + num_sms - 1) / num_sms);
+  const double cost256 = 1.8 * static_cast<double>((t256 + num_sms - 1) / num_sms);
+  return cost256 < cost128 ? 256 : 128;
+}
+
+// Split-K: when the output has too few tiles to fill the SMs (weight
+// gradients: small M x N, long K), run S K-slices as a batched GEMM into an
+// fp32 workspace and reduce.  Cost model in units of one 128x128 tile doing
+// one K step on one SM (~6.5 ns on an H100/H200): waves * K/S plus the
+// reduction's memory traffic and two extra launches.  Split only for a clear
+// (> 15%) gain, and only into slices that divide K (and are multiples of 64
+// for the tensor-core path).
+int choose_split(const GemmArgs& g, int num_sms, bool tensor_core) {
+  if (g.batch != 1 || g.k < 256) return 1;
+  const double unit_s = 6.5e-9, bytes_per_s = 2.5e12, launch_s = 4e-6;
+  const int64_t tiles = ((g.m + 127) / 128) * ((g.n + 127) / 128);
+  auto cost = [&](int64_t s) {
+    double waves = static_cast<double>((tiles * s + num_sms - 1) / num_sms);
+    double reduce = s == 1 ? 0.0 : ((s * 4.0 + 4.0) * g.m * g.n / bytes_per_s + launch_s) / unit_s;
+    return waves * static_cast<double>(g.k / s) + reduce;
+  };
+  int best = 1;
+  double best_cost = cost(1) * 0.85;
+  for (int s = 2; s <= 32; ++s) {
+    if (g.k % s != 0 || g.k / s < 128 || (tensor_core && (g.k / s) % 64 != 0)) continue;
+    double c = cost(s);
+    if (c < best_cost) best = s, best_cost = c;
+  }
+  return best;
 }
 
 Choice choose_kernel(const GemmArgs& g, char a_major, char b_major, int tile_n, const DeviceInfo& dev) {
@@ -164,6 +202,12 @@ Choice choose_kernel(const GemmArgs& g, char a_major, char b_major, int tile_n, 
   bool uses_bias = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
   if (uses_bias && !aligned16(g.bias)) return no("bias must be 16-byte aligned");
   if (g.epilogue == Epilogue::gelu_bwd && !aligned16(g.aux)) return no("aux must be 16-byte aligned");
+  // TMA needs 16-byte row strides; we also keep every contiguous extent a
+  // 16-byte multiple (the rule the CUTLASS Hopper examples state): on an H100
+  // a D with N = 127 in a padded buffer had its padding overwritten.
+  if (!divisible(a_major == 'k' ? g.k : g.m, vin) || !divisible(b_major == 'k' ? g.k : g.n, vin) ||
+      !divisible(g.n, vout))
+    return no("contiguous extents must be multiples of 16 bytes");
   int64_t a_ld = a_major == 'k' ? g.a_sm : g.a_sk;
   int64_t b_ld = b_major == 'k' ? g.b_sn : g.b_sk;
   if (!divisible(a_ld, vin) || !divisible(b_ld, vin) || !divisible(g.d_sm, vout))
@@ -192,12 +236,43 @@ void check_cuda(int err, const std::string& what) {
   }
 }
 
+// One launch: the tensor-core specialization that fits, else the SIMT kernel.
+std::string run_one(GemmArgs g, char a_major, char b_major, const std::string& path, int tile_n,
+                    const DeviceInfo& dev, void* s) {
+  Choice choice;
+  if (path != "simt") {
+    const bool big_enough = g.m >= 16 && g.n >= 16 && g.k >= 16;
+    if (!big_enough && path == "auto") {
+      choice.why_not = "too small";
+    } else {
+      choice = choose_kernel(g, a_major, b_major, tile_n ? tile_n : choose_tile_n(g, dev.num_sms), dev);
+    }
+    if (!choice.kernel && path == "tensor_core") fail("tensor-core path requested but unavailable: " + choice.why_not);
+  }
+  if (choice.kernel) {
+    load_all_modules();
+    // The exported kernels take a batch stride even for one batch; give them
+    // a valid (16-byte multiple) one that is never used for addressing.
+    if (g.batch == 1) {
+      g.a_sl = (a_major == 'k' ? g.a_sm * g.m : g.a_sk * g.k);
+      g.b_sl = (b_major == 'k' ? g.b_sn * g.n : g.b_sk * g.k);
+      g.d_sl = g.d_sm * g.m;
+      g.aux_sl = g.aux_sm * g.m;
+    }
+    check_cuda(choice.kernel->launch(g, s), std::string("launch of ") + choice.kernel->name);
+    check_cuda(cudaGetLastError(), std::string("launch of ") + choice.kernel->name);
+    return choice.kernel->name;
+  }
+  check_cuda(gemm_fallback_launch(g, s), "launch of gemm_simt");
+  return "simt";
+}
+
 // Returns the name of the kernel that ran ("simt" for the fallback).
 std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Triple b_shape, Triple b_strides,
                  uintptr_t d, Triple d_shape, Triple d_strides, const std::string& dtype,
                  const std::string& out_dtype, const std::string& epilogue, uintptr_t bias, uintptr_t aux,
                  std::optional<Triple> aux_strides, bool accumulate, uintptr_t stream, const std::string& path,
-                 int tile_n) {
+                 int tile_n, int split_k) {
   GemmArgs g{};
   g.in_dtype = parse_dtype(dtype, "dtype");
   g.out_dtype = parse_dtype(out_dtype, "out_dtype");
@@ -206,6 +281,7 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   if (path != "auto" && path != "tensor_core" && path != "simt")
     fail("path must be 'auto', 'tensor_core' or 'simt', got '" + path + "'");
   if (tile_n != 0 && tile_n != 128 && tile_n != 256) fail("tile_n must be 0 (heuristic), 128 or 256");
+  if (split_k < 0 || split_k > 64) fail("split_k must be 0 (heuristic), 1 (off) or 2..64");
 
   auto [la, m, ka] = a_shape;
   auto [lb, kb, n] = b_shape;
@@ -263,37 +339,57 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   g.bias = reinterpret_cast<const void*>(bias);
   g.aux = reinterpret_cast<const void*>(aux);
 
+  if (split_k > 1 && (g.batch != 1 || g.k % split_k != 0))
+    fail("split_k=" + std::to_string(split_k) + " needs batch 1 and K (" + std::to_string(g.k) + ") divisible by it");
+
   const int device = current_device();
   const DeviceInfo dev = device_info(device);
   g.max_ctas = dev.num_sms;
   void* s = reinterpret_cast<void*>(stream);
 
-  Choice choice;
-  if (path != "simt") {
-    const bool big_enough = g.m >= 64 && g.n >= 64 && g.k >= 16;
-    if (!big_enough && path == "auto") {
-      choice.why_not = "too small";
-    } else {
-      choice = choose_kernel(g, a_major, b_major, tile_n ? tile_n : choose_tile_n(g, dev.num_sms), dev);
-    }
-    if (!choice.kernel && path == "tensor_core") fail("tensor-core path requested but unavailable: " + choice.why_not);
+  int splits = 1;
+  if (split_k > 1) {
+    splits = split_k;
+  } else if (split_k == 0 && path != "simt") {
+    GemmArgs probe = g;  // what the partial-product GEMM would look like
+    probe.out_dtype = DType::fp32;
+    probe.epilogue = Epilogue::none;
+    probe.accumulate = false;
+    probe.d = nullptr;
+    probe.d_sm = (g.n + 7) / 8 * 8;
+    const bool tensor_core = choose_kernel(probe, a_major, b_major, 128, dev).kernel != nullptr;
+    splits = choose_split(g, dev.num_sms, tensor_core);
   }
-  if (choice.kernel) {
-    load_all_modules();
-    // The exported kernels take a batch stride even for one batch; give them
-    // a valid (16-byte multiple) one that is never used for addressing.
-    if (g.batch == 1) {
-      g.a_sl = (a_major == 'k' ? g.a_sm * g.m : g.a_sk * g.k);
-      g.b_sl = (b_major == 'k' ? g.b_sn * g.n : g.b_sk * g.k);
-      g.d_sl = g.d_sm * g.m;
-      g.aux_sl = g.aux_sm * g.m;
-    }
-    check_cuda(choice.kernel->launch(g, s), std::string("launch of ") + choice.kernel->name);
-    check_cuda(cudaGetLastError(), std::string("launch of ") + choice.kernel->name);
-    return choice.kernel->name;
+  if (splits == 1) return run_one(g, a_major, b_major, path, tile_n, dev, s);
+
+  // K-slices as a batch of fp32 partial products, then reduce + epilogue.
+  const int64_t ws_ld = (g.n + 7) / 8 * 8;
+  void* ws = nullptr;
+  check_cuda(cudaMallocAsync(&ws, static_cast<size_t>(splits) * g.m * ws_ld * sizeof(float), static_cast<cudaStream_t>(s)),
+             "split-K workspace allocation");
+  GemmArgs part = g;
+  const int64_t chunk = g.k / splits;
+  part.k = chunk;
+  part.batch = splits;
+  part.a_sl = chunk * g.a_sk;
+  part.b_sl = chunk * g.b_sk;
+  part.d = ws;
+  part.d_sm = ws_ld;
+  part.d_sl = ws_ld * g.m;
+  part.out_dtype = DType::fp32;
+  part.epilogue = Epilogue::none;
+  part.accumulate = false;
+  part.bias = part.aux = nullptr;
+  std::string name;
+  try {
+    name = run_one(part, a_major, b_major, path, tile_n, dev, s);
+    check_cuda(gemm_splitk_reduce(g, static_cast<const float*>(ws), ws_ld, splits, s), "launch of gemm_splitk_reduce");
+  } catch (...) {
+    cudaFreeAsync(ws, static_cast<cudaStream_t>(s));
+    throw;
   }
-  check_cuda(gemm_fallback_launch(g, s), "launch of gemm_simt");
-  return "simt";
+  check_cuda(cudaFreeAsync(ws, static_cast<cudaStream_t>(s)), "split-K workspace release");
+  return "splitk" + std::to_string(splits) + ":" + name + "+reduce";
 }
 
 nb::list gemm_specializations() {
@@ -324,9 +420,10 @@ NB_MODULE(_C, m) {
         nb::arg("b_strides"), nb::arg("d"), nb::arg("d_shape"), nb::arg("d_strides"), nb::arg("dtype"),
         nb::arg("out_dtype"), nb::arg("epilogue") = "none", nb::arg("bias") = 0, nb::arg("aux") = 0,
         nb::arg("aux_strides") = nb::none(), nb::arg("accumulate") = false, nb::arg("stream") = 0,
-        nb::arg("path") = "auto", nb::arg("tile_n") = 0,
+        nb::arg("path") = "auto", nb::arg("tile_n") = 0, nb::arg("split_k") = 0,
         "D = epilogue(A @ B (+ D)) on raw device pointers; see docs/kernels.md. Returns the kernel's name.");
   m.def("gemm_specializations", &gemm_specializations, "The AOT CuTeDSL GEMM specializations built into this module.");
+  if (cutegrad::register_ops) cutegrad::register_ops(m);
   m.def(
       "load_kernels",
       [] {

@@ -271,12 +271,13 @@ def build_kernel(spec: GemmSpec):
             acc = cute.make_rmem_tensor(tCcC.shape, acc_dtype)
             k_slices = cute.size(tCrA, mode=[2])
 
+            # The stmatrix atom fixes the thread/value order of the epilogue
+            # slices for every output dtype (the accumulator is copied slice by
+            # slice in that order below); 32-bit outputs then store with plain
+            # shared-memory stores over that same layout.
             store_atom = sm90.get_smem_store_op(c_layout_enum, out_dtype, acc_dtype)
-            if cutlass.const_expr(out_dtype.width == 16):
-                c_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), out_dtype)
-                r2s = cute.make_tiled_copy_S(store_atom, cute.make_tiled_copy_C_atom(c_atom, tiled_mma))
-            else:
-                r2s = cute.make_tiled_copy_S(store_atom, cute.make_tiled_copy_C_atom(store_atom, tiled_mma))
+            c_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), out_dtype)
+            r2s = cute.make_tiled_copy_S(store_atom, cute.make_tiled_copy_C_atom(c_atom, tiled_mma))
             thr_r2s = r2s.get_slice(ctid)
             tRS_sC = thr_r2s.partition_D(sC)
             tRS_acc = r2s.retile(acc)

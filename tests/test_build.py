@@ -1,0 +1,118 @@
+"""The built extension, read without a GPU: every sm_90a GEMM specialization is
+tensor-core code (HGMMA) with no local memory beyond the budget, and an
+unchanged rebuild compiles nothing."""
+
+import concurrent.futures
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AOT_DIR = os.path.join(ROOT, "build", "aot")
+MANIFEST = os.path.join(AOT_DIR, "manifest.json")
+# Bytes of local memory (register spills, stack arrays) a kernel may use: the
+# GEMMs keep the whole accumulator in registers, so none.
+LOCAL_MEMORY_BUDGET = 0
+EM_CUDA = 190
+
+needs_build = pytest.mark.skipif(not os.path.exists(MANIFEST), reason="no build/aot: run `pip install -e .` first")
+
+
+def cuda_tool(name):
+    """cuobjdump / nvdisasm from the toolkit or the PyPI wheels (nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm)."""
+    dirs = [os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin")]
+    spec = importlib.util.find_spec("nvidia")
+    dirs += [os.path.join(p, "cu13", "bin") for p in (spec.submodule_search_locations if spec else [])]
+    for d in dirs:
+        if os.path.exists(os.path.join(d, name)):
+            return os.path.join(d, name)
+    found = shutil.which(name)
+    assert found, f"{name} not found: install the CUDA toolkit or `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`"
+    return found
+
+
+def embedded_cubins(blob):
+    """CUDA ELF images embedded in a host object (export_to_c stores the cubin as data)."""
+    out, at = [], blob.find(b"\x7fELF", 1)
+    while at > 0:
+        if struct.unpack_from("<H", blob, at + 18)[0] == EM_CUDA:
+            phoff = struct.unpack_from("<Q", blob, at + 0x20)[0]
+            shoff = struct.unpack_from("<Q", blob, at + 0x28)[0]
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", blob, at + 0x36)
+            out.append(blob[at : at + max(phoff + phentsize * phnum, shoff + shentsize * shnum)])
+        at = blob.find(b"\x7fELF", at + 1)
+    return out
+
+
+def run_tool(args):
+    cuobjdump = cuda_tool("cuobjdump")
+    env = dict(os.environ, PATH=os.path.dirname(cuda_tool("nvdisasm")) + os.pathsep + os.environ.get("PATH", ""))
+    return subprocess.run([cuobjdump, *args], capture_output=True, text=True, env=env, check=True).stdout
+
+
+def local_bytes(res_usage):
+    return [int(x) for x in re.findall(r"LOCAL:(\d+)", res_usage)]
+
+
+@needs_build
+def test_every_sm90_gemm_specialization_uses_hgmma_and_no_local_memory():
+    manifest = json.load(open(MANIFEST))
+    objects = [o for o in manifest["objects"] if "gemm_sm_90a_" in os.path.basename(o)]
+    assert objects, "no sm_90a GEMM objects in the build"
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def inspect(obj):
+            cubins = embedded_cubins(open(obj, "rb").read())
+            assert len(cubins) == 1, f"{obj}: expected one embedded cubin, found {len(cubins)}"
+            path = os.path.join(tmp, os.path.basename(obj) + ".cubin")
+            with open(path, "wb") as f:
+                f.write(cubins[0])
+            return os.path.basename(obj), run_tool(["-res-usage", "-sass", path])
+
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for name, listing in pool.map(inspect, objects):
+                assert "HGMMA" in listing, f"{name}: no HGMMA instruction in its SASS"
+                usage = local_bytes(listing)
+                assert usage and max(usage) <= LOCAL_MEMORY_BUDGET, f"{name}: local memory {usage}"
+
+
+@needs_build
+def test_cuda_cpp_kernels_in_extension_use_no_local_memory():
+    from cutegrad import _C
+
+    usage = run_tool(["-res-usage", _C.__file__])
+    assert "gemm_simt_kernel" in usage
+    assert max(local_bytes(usage)) <= LOCAL_MEMORY_BUDGET, usage
+
+
+@needs_build
+def test_unchanged_rebuild_compiles_no_kernel():
+    archs = os.environ.get("CUTEGRAD_CUDA_ARCHS", "sm_90a")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "kernels", "cute", "aot.py"), "--out", AOT_DIR,
+                          "--archs", archs], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\[aot\] 0 compiled, \d+ from cache", out), out
+    sys.path.insert(0, ROOT)
+    try:
+        import setup as build_script
+    finally:
+        sys.path.remove(ROOT)
+    nvcc, _, _ = build_script.find_cuda()
+    objects, compiled = build_script.compile_cuda(nvcc, build_script.cuda_archs())
+    assert compiled == 0 and objects
+
+
+def test_import_without_native_kernels_is_lazy():
+    """cutegrad imports without loading _C; the GEMM loader names the problem."""
+    code = ("import sys, cutegrad; assert 'cutegrad._C' not in sys.modules; "
+            "sys.modules['cutegrad._C'] = None; import cutegrad._gemm as g\n"
+            "try:\n    g.native()\nexcept RuntimeError as e:\n    assert 'pip install -e .' in str(e); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "ok", out.stderr
