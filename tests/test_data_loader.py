@@ -256,3 +256,32 @@ def test_default_collate_gives_cutegrad_tensors():
     assert tuple(x.shape) == (4, 3) and tuple(y.shape) == (4,)
     np.testing.assert_allclose(x.numpy(), ds.arrays[0][order[:4]].astype(np.float32))
     np.testing.assert_array_equal(y.numpy(), order[:4])
+
+
+@pytest.mark.skipif(not has_from_numpy, reason="cutegrad.from_numpy is not implemented yet (core Tensor in progress)")
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_reference_datasets_reach_tensors(prefetch):
+    from cutegrad.data import ReversalTask, SyntheticImages, TextDataset
+
+    datasets = [
+        (ReversalTask().dataset(20, seed=0), (cutegrad.int64, cutegrad.int64)),
+        (SyntheticImages("test", size=20), (cutegrad.float32, cutegrad.int64)),
+        (TextDataset(np.arange(100, dtype=np.uint16), seq_len=8), (cutegrad.int64, cutegrad.int64)),
+    ]
+    for ds, dtypes in datasets:
+        as_tensors = list(DataLoader(ds, batch_size=6, shuffle=True, seed=9, prefetch=prefetch))
+        as_numpy = list(DataLoader(ds, batch_size=6, shuffle=True, seed=9, prefetch=prefetch, collate_fn=collate_numpy))
+        assert len(as_tensors) == len(as_numpy)
+        for tb, nb in zip(as_tensors, as_numpy):
+            for t, n, dt in zip(tb, nb, dtypes):
+                assert isinstance(t, cutegrad.Tensor) and t.dtype == dt
+                np.testing.assert_array_equal(t.numpy(), n)
+
+
+@pytest.mark.skipif(not has_from_numpy, reason="cutegrad.from_numpy is not implemented yet (core Tensor in progress)")
+def test_to_tensors_keeps_structure_and_bools():
+    from cutegrad.data import to_tensors
+
+    out = to_tensors({"m": np.array([True, False]), "x": (np.ones((2, 3), np.float32)[:, ::2], "name")})
+    assert out["m"].dtype == cutegrad.bool and out["m"].numpy().tolist() == [True, False]
+    assert tuple(out["x"][0].shape) == (2, 2) and out["x"][1] == "name"
