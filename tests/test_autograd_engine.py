@@ -511,3 +511,18 @@ def test_autograd_grad_through_a_deep_chain():
         y = y * 1.0001
     (g,) = cg.autograd.grad(y.sum(), x)
     np.testing.assert_allclose(g.numpy(), [1.0001 ** 3000], rtol=1e-9)
+
+
+def test_retain_grad_follows_in_place_ops_like_torch():
+    x = leaf([1.0, 2.0])
+    y = x * 2
+    y.retain_grad()
+    y.mul_(3)
+    (y * 5).sum().backward()
+    np.testing.assert_allclose(y.grad.numpy(), [5.0, 5.0])  # gradient of the final y
+    np.testing.assert_allclose(grad_np(x), [30.0, 30.0])
+    b = x * 1
+    b.retain_grad()
+    b[0] = 7.0  # CopySlices: b's new history
+    (b * 4).sum().backward()
+    np.testing.assert_allclose(b.grad.numpy(), [4.0, 4.0])

@@ -160,6 +160,7 @@ def add_retain_grad_hook(t):
             g = grad.detach().clone()  # the engine passes grad on: .grad must not alias it
             tensor.grad = g if tensor.grad is None else tensor.grad + g
         return None
+    retain.retains_grad_of = ref  # lets an in-place op move it to t's new grad_fn
     t.grad_fn.register_prehook(retain)
 
 

@@ -55,7 +55,25 @@ class OverwrittenBackward(Node):
         return (zeros_like(g),)
 
 
+def _move_retained_grad(t, old_fn):
+    """retain_grad() follows the tensor to its new history, as in torch
+    (other hooks stay with the value they were registered on)."""
+    if t._retains_grad and old_fn is not None and old_fn._pre_hooks and t.grad_fn is not old_fn:
+        for hook in [h for h in old_fn._pre_hooks if getattr(h, "retains_grad_of", None) is not None]:
+            if hook.retains_grad_of() is t:
+                old_fn._pre_hooks.remove(hook)
+                t.grad_fn.register_prehook(hook)
+
+
 def _rebase_history(x, result):
+    old_x_fn, old_base_fn = x.grad_fn, x._base.grad_fn if x._base is not None else None
+    _rebase(x, result)
+    _move_retained_grad(x, old_x_fn)
+    if x._base is not None:
+        _move_retained_grad(x._base, old_base_fn)
+
+
+def _rebase(x, result):
     base = x._base
     if base is None:
         if result._requires_grad:
