@@ -15,8 +15,10 @@ Format of one example, with `vocab_size = V` and `seq_len = T` (defaults 36, 64)
 Splits: every content sequence belongs to exactly one split, decided by a hash
 of its symbols (`heldout` when the hash lands in the first
 `heldout_fraction` of its range). Samplers draw uniformly and reject
-sequences of the other split, so train and held-out sets can never share a
-sequence. Sampling is seeded: the same (split, n, seed) gives the same arrays.
+sequences of the other split (spaces of at most 65,536 sequences are
+enumerated and drawn from the split's member list instead), so train and
+held-out sets can never share a sequence. Sampling is seeded: the same
+(split, n, seed) gives the same arrays.
 
 Exact-sequence accuracy counts an example as right when every supervised
 position (targets != -100) is predicted correctly.
