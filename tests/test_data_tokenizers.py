@@ -231,3 +231,19 @@ def test_bpe_on_tiny_shakespeare():
     # Byte-level BPE at 4096 compresses English about 3x versus bytes.
     assert 2.5 < len(text) / len(ids) < 4.5
     assert tok.token_bytes(256) in {b" t", b"he", b"e ", b"th", b" a"}
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # hypothesis is a test extra; the seeded random-unicode tests above still run
+    given = None
+
+if given is not None:
+    _HYPO_TOK = BPETokenizer.train(random_unicode(np.random.default_rng(7), 20_000) + " the then there other brother " * 50, 700)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.characters(exclude_categories=()), max_size=200))
+    def test_bpe_round_trip_hypothesis(s):
+        assert _HYPO_TOK.decode(_HYPO_TOK.encode(s)) == s
+        assert "".join(pretokenize(s)) == s
