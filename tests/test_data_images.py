@@ -3,11 +3,22 @@
 import io
 import pickle
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cutegrad.data import CIFAR10, CIFAR10_MEAN, CIFAR10_STD, DataLoader, SyntheticImages, collate_numpy, find_cifar10, read_cifar10
+from cutegrad.data import (
+    CIFAR10,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DataLoader,
+    SyntheticImages,
+    collate_numpy,
+    find_cifar10,
+    read_cifar10,
+    resolve_image_data,
+)
 
 PER_BATCH = 7  # the real files hold 10,000 images each; the layout is what matters
 
@@ -221,3 +232,41 @@ def test_synthetic_classes_are_learnable_and_not_colour_coded():
     # Mean colour alone carries almost none.
     colour_tr, colour_te = xtr.mean(axis=(2, 3)), xte.mean(axis=(2, 3))
     assert _ridge_accuracy(colour_tr, ytr, colour_te, yte) < 0.25
+
+
+# -- choosing the vit data ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_local_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUTEGRAD_DATA", raising=False)
+    monkeypatch.setenv("CUTEGRAD_CACHE", str(tmp_path / "cache"))
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    return tmp_path
+
+
+def test_resolve_image_data_falls_back_to_synthetic(no_local_data):
+    lines = []
+    d = resolve_image_data(synthetic_train_size=30, synthetic_test_size=10, log=lines.append)
+    assert d.name == "synthetic" and d.num_classes == 10
+    assert (len(d.train), len(d.test)) == (30, 10)
+    assert "CIFAR-10 not found" in lines[0]
+
+
+@pytest.mark.parametrize("where", ["explicit", "env", "cache", "cwd_data"])
+def test_resolve_image_data_finds_cifar(no_local_data, monkeypatch, where):
+    root = {"explicit": no_local_data / "mine", "env": no_local_data / "env", "cache": no_local_data / "cache", "cwd_data": Path.cwd() / "data"}[where]
+    write_binary_dir(root, make_batches())
+    if where == "env":
+        monkeypatch.setenv("CUTEGRAD_DATA", str(root))
+    lines = []
+    d = resolve_image_data(root if where == "explicit" else None, log=lines.append)
+    assert d.name == "cifar10" and (len(d.train), len(d.test)) == (5 * PER_BATCH, PER_BATCH)
+    assert "CIFAR-10 (binary format)" in lines[0] and str(root) in lines[0]
+
+
+def test_resolve_image_data_explicit_path_must_hold_cifar(no_local_data):
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10"):
+        resolve_image_data(no_local_data / "nothing-here", log=lambda m: None)

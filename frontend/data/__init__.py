@@ -10,6 +10,7 @@ from .char_tokenizer import CharTokenizer
 from .cifar import CIFAR10, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, find_cifar10, read_cifar10
 from .corpus import Corpus, embedded_corpus, resolve_corpus
 from .dataset import Dataset, Subset, TensorDataset
+from .images import ImageData, resolve_image_data
 from .loader import DataLoader, collate_numpy, default_collate, to_tensor, to_tensors
 from .reversal import IGNORE_INDEX, ReversalDataset, ReversalTask, exact_sequence_accuracy
 from .synthetic_images import SYNTHETIC_CLASSES, SyntheticImages
@@ -26,6 +27,7 @@ __all__ = [
     "DataLoader",
     "Dataset",
     "IGNORE_INDEX",
+    "ImageData",
     "ReversalDataset",
     "ReversalTask",
     "SYNTHETIC_CLASSES",
@@ -44,6 +46,7 @@ __all__ = [
     "pretokenize",
     "read_cifar10",
     "resolve_corpus",
+    "resolve_image_data",
     "split_tokens",
     "to_tensor",
     "to_tensors",
