@@ -94,7 +94,7 @@ def prepare_text(
     vocab_size: int = 4096,
     seq_len: int = 128,
     val_fraction: float = 0.1,
-    cache: Optional[bool] = True,
+    cache: bool = True,
 ) -> TextData:
     """Tokenize `text` (`"bpe"`: byte-level BPE of `vocab_size`, trained and cached;
     `"char"`: one id per character) and split it into train/val windows."""
