@@ -141,7 +141,7 @@ def edge(t):
 
 def attach(out, node, inputs):
     """Record node as the producer of out, with inputs' edges."""
-    node.next_functions = tuple(edge(t) if t is not None else None for t in inputs)
+    node.next_functions = tuple([edge(t) if t is not None else None for t in inputs])
     out.grad_fn = node
     out._requires_grad = True
     return out

@@ -200,9 +200,11 @@ def _binary(code, a, b):
         node = node_cls(a, b)
         if code in (C.MAXIMUM, C.MINIMUM):
             node.is_max = code == C.MAXIMUM
+        ins = (a, b) if node.a_meta is not None and node.b_meta is not None else \
+            (a,) if node.a_meta is not None else (b,)
         if code in _SAVES:
-            node.save(*[x for x in (a, b) if isinstance(x, Tensor)])
-        attach(out, node, [x for x in (a, b) if isinstance(x, Tensor)])
+            node.save(*ins)
+        attach(out, node, ins)
     return out
 
 
