@@ -13,7 +13,7 @@ training loop does.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Iterator, NamedTuple, Tuple, Union
 
 import numpy as np
 
