@@ -122,6 +122,13 @@ def randperm(n, dtype, device, generator):
 
 
 # --- pointwise ------------------------------------------------------------------
+@np.errstate(all="ignore")
+def _quietly(fn, *args):
+    """fn(*args) without NumPy's floating-point warnings (torch gives none).
+    errstate's decorator form costs less per call than its with-statement."""
+    return fn(*args)
+
+
 def _gelu(x):
     return 0.5 * x * (1.0 + erf(x * np.sqrt(0.5)))
 
@@ -151,8 +158,7 @@ def unary(code, x, out_dtype):
         # NumPy would pick float16 for exp(uint8) and float64 for exp(int64);
         # torch computes in the output dtype.
         a = a.astype(_compute_dtype(out_dtype))
-    with np.errstate(all="ignore"):
-        r = _UNARY[code](a)
+    r = _quietly(_UNARY[code], a)
     return _out(r, out_dtype)
 
 
@@ -179,10 +185,12 @@ _BINARY = {
     C.REMAINDER: np.remainder, C.ATAN2: np.arctan2,
 }
 _CMP = (C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR)
-# Codes whose results raise no IEEE flag on finite operands in range: they skip
-# np.errstate, which costs more than a small add itself. An inf - inf or an
-# overflow there gets NumPy's default RuntimeWarning; the values are the same.
-_QUIET = frozenset((C.ADD, C.SUB, C.MUL, C.MAXIMUM, C.MINIMUM) + _CMP)
+# np.errstate costs about as much as a small add, so it is skipped where NumPy
+# cannot warn: max/min and comparisons (NaN propagates silently) on any dtype,
+# and integer/bool arithmetic (wraps without flags). Float add/sub/mul keep it:
+# inf - inf and 0 * inf set IEEE flags, and torch does not warn.
+_QUIET_ANY = frozenset((C.MAXIMUM, C.MINIMUM) + _CMP)
+_QUIET_INT = frozenset((C.ADD, C.SUB, C.MUL))
 
 
 @register("binary", CPU)
@@ -199,11 +207,10 @@ def binary(code, a, b, compute_dtype, out_dtype):
         y = b._np
     else:
         y = np.asarray(_arg(b)).astype(cd, copy=False)
-    if code in _QUIET:
+    if code in _QUIET_ANY or (code in _QUIET_INT and compute_dtype.category != dt.FLOAT):
         r = _BINARY[code](x, y)
     else:
-        with np.errstate(all="ignore"):
-            r = _BINARY[code](x, y)
+        r = _quietly(_BINARY[code], x, y)
     if r.__class__ is not np.ndarray:  # ufuncs return NumPy scalars for 0-d operands
         r = np.asarray(r)
     return from_numpy_owned(r, out_dtype)

@@ -339,7 +339,7 @@ class _UnaryNode(Node):
             y = saved[1]
             return (mul(g, mul(y, rsub(y, 1))),)
         if code == C.RELU:
-            return (mul(g, gt(x, 0).to(g._dtype)),)
+            return (where(gt(x, 0), g, 0.0),)  # not g * mask: an inf gradient must give 0, not NaN
         if code in (C.GELU, C.GELU_TANH, C.SILU):
             return (_act_backward(code, g, x),)
         if code == C.SIN:
@@ -552,12 +552,11 @@ class WhereBackward(Node):
 
     def backward(self, g):
         (cond,) = self.saved_tensors
-        zero = mul(g, 0)
         out = []
         if self.a_meta is not None:
-            out.append(_grad_to(where(cond, g, zero), *self.a_meta))
+            out.append(_grad_to(where(cond, g, 0.0), *self.a_meta))
         if self.b_meta is not None:
-            out.append(_grad_to(where(cond, zero, g), *self.b_meta))
+            out.append(_grad_to(where(cond, 0.0, g), *self.b_meta))
         return tuple(out)
 
 
@@ -598,7 +597,7 @@ class ClampBackward(Node):
         if self.hi is not None:
             k2 = le(x, self.hi)
             keep = k2 if keep is None else logical_and(keep, k2)
-        return (mul(g, keep.to(g._dtype)),)
+        return (where(keep, g, 0.0),)
 
 
 def clamp(x, min=None, max=None):
