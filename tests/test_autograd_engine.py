@@ -526,3 +526,11 @@ def test_retain_grad_follows_in_place_ops_like_torch():
     b[0] = 7.0  # CopySlices: b's new history
     (b * 4).sum().backward()
     np.testing.assert_allclose(b.grad.numpy(), [4.0, 4.0])
+
+
+@pytest.mark.parametrize("op", [cg.relu, lambda t: cg.clamp(t, min=0.0), lambda t: cg.where(t > 0, t, 0.0)],
+                         ids=["relu", "clamp", "where"])
+def test_masked_out_positions_get_zero_not_nan_from_infinite_gradients(op):
+    x = leaf([-1.0, 2.0])
+    (op(x) * cg.tensor([float("inf"), 1.0], dtype=cg.float64)).sum().backward()
+    assert grad_np(x).tolist() == [0.0, 1.0]

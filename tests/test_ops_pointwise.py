@@ -277,3 +277,15 @@ def test_random_broadcast_sweep(seed):
         fn, ref, (lo, hi) = UNARY[uname]
         x = rand(rng, sa, dtype, lo, hi)
         assert_close(fn(tensor(x, dtype)), ref(x), dtype, what=f"{uname} {sa} {dtype}")
+
+
+def test_ieee_special_values_without_numpy_warnings(recwarn):
+    inf, nan = float("inf"), float("nan")
+    x = cg.tensor([inf, 0.0, -inf, nan])
+    y = cg.tensor([inf, inf, -inf, 1.0])
+    np.testing.assert_array_equal(f64(x - y), [nan, -inf, nan, nan])
+    np.testing.assert_array_equal(f64(x * cg.tensor([0.0, inf, 0.0, 2.0])), [nan, nan, nan, nan])
+    np.testing.assert_array_equal(f64(cg.tensor([1.0, 0.0, -1.0]) / 0), [inf, nan, -inf])
+    np.testing.assert_array_equal(f64(cg.log(cg.tensor([0.0, -1.0]))), [-inf, nan])
+    np.testing.assert_array_equal(f64(cg.exp(cg.tensor([1000.0]))), [inf])
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
