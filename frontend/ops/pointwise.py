@@ -152,9 +152,20 @@ class MaxMinBackward(MulBackward):
         return self._pack(ga, gb)
 
 
+class RemainderBackward(MulBackward):
+    __slots__ = ()
+
+    def backward(self, g):
+        # a % b = a - floor(a / b) * b
+        a, b = self._operands()
+        ga = g if self.a_meta is not None else None
+        gb = mul(neg(g), _unary(C.FLOOR, div(a, b), None)) if self.b_meta is not None else None
+        return self._pack(ga, gb)
+
+
 _NODE = {C.ADD: AddBackward, C.SUB: SubBackward, C.MUL: MulBackward, C.DIV: DivBackward,
-         C.POW: PowBackward, C.MAXIMUM: MaxMinBackward, C.MINIMUM: MaxMinBackward}
-_SAVES = (C.MUL, C.DIV, C.POW, C.MAXIMUM, C.MINIMUM)
+         C.POW: PowBackward, C.MAXIMUM: MaxMinBackward, C.MINIMUM: MaxMinBackward, C.REMAINDER: RemainderBackward}
+_SAVES = (C.MUL, C.DIV, C.POW, C.MAXIMUM, C.MINIMUM, C.REMAINDER)
 _CMP = frozenset((C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR))
 
 
@@ -403,7 +414,7 @@ def _act_backward(code, g, x):
 
 
 _SAVE_OUT = frozenset((C.EXP, C.SQRT, C.RSQRT, C.TANH, C.SIGMOID, C.RECIPROCAL, C.EXPM1))
-_NO_GRAD = frozenset((C.SIGN, C.LOGICAL_NOT, C.ISNAN, C.ISINF, C.ISFINITE))
+_NO_GRAD = frozenset((C.LOGICAL_NOT, C.ISNAN, C.ISINF, C.ISFINITE))
 _FLOAT_ONLY = frozenset((C.EXP, C.LOG, C.SQRT, C.RSQRT, C.TANH, C.SIGMOID, C.GELU, C.GELU_TANH,
                          C.SILU, C.SIN, C.COS, C.RECIPROCAL, C.ERF, C.LOG1P, C.EXPM1))
 _BOOL_OUT = frozenset((C.LOGICAL_NOT, C.ISNAN, C.ISINF, C.ISFINITE))

@@ -222,11 +222,25 @@ class ProdBackward(Node):
     __slots__ = ("in_shape", "dims", "keepdim")
 
     def backward(self, g):
-        from .pointwise import mul, div
+        from .pointwise import mul, div, eq, where
         x, out = self.saved_tensors
         o = _unsqueeze_to(out, self.in_shape, self.dims, self.keepdim)
         g = _unsqueeze_to(g, self.in_shape, self.dims, self.keepdim)
-        return (div(mul(g, o), x),)
+        # d prod / d x_i is the product of the others: out / x_i, except at
+        # zeros, where it is the product of the non-zeros if x_i is the only
+        # zero of its slice, else 0.
+        zero = eq(x, 0)
+        nonzero_prod = prod(where(zero, 1.0, x), self.dims[0], keepdim=True) if len(self.dims) == 1 else \
+            _prod_dims(where(zero, 1.0, x), self.dims)
+        single_zero = eq(sum(zero, self.dims, keepdim=True), 1)
+        at_zero = where(single_zero, nonzero_prod, 0.0)
+        return (mul(g, where(zero, at_zero, div(o, x))),)
+
+
+def _prod_dims(x, dims):
+    for d in dims:
+        x = prod(x, d, keepdim=True)
+    return x
 
 
 class VarBackward(Node):
