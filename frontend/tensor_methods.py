@@ -118,3 +118,12 @@ def _no_bitwise(a):
 
 Tensor.T = property(lambda self: ops.permute(self, tuple(reversed(range(len(self._shape))))))
 Tensor.mT = property(lambda self: ops.transpose(self, -2, -1))
+
+
+def _record_stream(self, stream):
+    """Mark this CUDA tensor's memory as in use by `stream` (see cutegrad.cuda)."""
+    from . import cuda
+    cuda.record_stream(self, stream)
+
+
+Tensor.record_stream = _record_stream
