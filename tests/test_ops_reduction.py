@@ -165,3 +165,16 @@ def test_sum_of_empty_and_mean_of_empty():
     assert cg.sum(t).item() == 0.0
     assert cg.sum(t, 0).tolist() == [0.0, 0.0, 0.0]
     assert np.isnan(cg.mean(t).item())
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_reductions_of_a_0_dim_tensor_along_dim(dim):
+    x = cg.tensor(3.0, requires_grad=True)
+    for out in (x.sum(dim), x.mean(dim), cg.amax(x, dim), cg.amin(x, dim), x.prod(dim), cg.logsumexp(x, dim),
+                x.max(dim).values, x.min(dim, keepdim=True).values, x.std(dim, correction=0) + 3.0):
+        assert out.shape == () and out.item() == 3.0
+    assert x.max(dim).indices.item() == 0 and x.argmax(dim).item() == 0
+    x.max(dim).values.backward()
+    assert x.grad.item() == 1.0
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        x.sum(1)

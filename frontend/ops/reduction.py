@@ -26,6 +26,8 @@ def _dims(x, dim):
     if isinstance(dim, int):
         dim = (dim,)
     dims = tuple(sorted(x._wrap_dim(d) for d in dim))
+    if n == 0:
+        return ()  # a 0-dim tensor's dim 0 / -1 reduces nothing, as in torch
     if len(set(dims)) != len(dims):
         raise RuntimeError(f"dim {list(dim)} appears multiple times in the list of dims")
     return dims
@@ -133,7 +135,11 @@ def _extreme(code, argcode, name, x, dim, keepdim):
     if isinstance(dim, Tensor) or not isinstance(dim, int):
         return (maximum_like if code == C.MAX else minimum_like)(x, dim)
     d = x._wrap_dim(dim)
-    if x._shape and x._shape[d] == 0:
+    if not x._shape:  # 0-dim: the value itself, at index 0
+        from .conversion import clone
+        from .creation import zeros
+        return values_indices(clone(x), zeros((), dtype=dt.int64, device=x._storage.device))
+    if x._shape[d] == 0:
         raise IndexError(f"{name}(): Expected reduction dim {d} to have non-zero size.")
     values = _K_REDUCE[be](code, x, (d,), keepdim, x._dtype)
     indices = _K_ARG[be](argcode, x, d, keepdim)
