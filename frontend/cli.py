@@ -1,0 +1,69 @@
+"""The `cutegrad` command line: `cutegrad train <workload>` and `cutegrad eval <workload>`.
+
+    cutegrad train reverse --device cpu --out runs/r
+    cutegrad eval reverse --checkpoint runs/r/model.safetensors
+
+See docs/training.md for the workloads, presets and output files.
+"""
+import argparse
+import json
+import sys
+
+from .models import WORKLOADS
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="cutegrad", description="cutegrad: train and evaluate the reference workloads")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a reference workload and write checkpoint, metrics and loss plot",
+                       description="Train a reference workload. Picks CUDA when available, else the CPU with a "
+                                   "scaled-down preset.")
+    t.add_argument("workload", choices=WORKLOADS)
+    t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    t.add_argument("--preset", choices=("full", "cpu"), default=None,
+                   help="configuration size (default: full on CUDA, cpu on the CPU)")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
+    t.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="parameter and activation dtype; the loss is always computed in float32")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    t.add_argument("--data", default=None,
+                   help="minigpt/gpt2-small: a text file (default: tiny Shakespeare when found, else the embedded "
+                        "corpus); vit: a CIFAR-10 folder or archive (default: procedural images)")
+    t.add_argument("--tokenizer", choices=("bpe", "char"), default=None,
+                   help="minigpt/gpt2-small: byte-level BPE (default) or characters")
+    t.add_argument("--out", default=None, help="output folder (default: runs/<workload>)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="reload a checkpoint written by `cutegrad train` and compute its eval metric")
+    e.add_argument("workload", choices=WORKLOADS)
+    e.add_argument("--checkpoint", required=True, help="model.safetensors written by cutegrad train")
+    e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from . import train as training
+    try:
+        if args.command == "train":
+            metrics = training.train(
+                args.workload, device=args.device, steps=args.steps, batch_size=args.batch_size, dtype=args.dtype,
+                seed=args.seed, data=args.data, out=args.out or f"runs/{args.workload}", lr=args.lr,
+                preset=args.preset, tokenizer=args.tokenizer, progress=not args.no_progress)
+            ev = metrics["eval"]
+            print(f"{args.workload}: {ev['metric']} {ev['value']:.4f} after {metrics['steps']} steps "
+                  f"({metrics['wall_time_s']:.1f} s on {metrics['device']})")
+        else:
+            result = training.evaluate_checkpoint(args.checkpoint, args.workload, args.device)
+            print(json.dumps(result))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"cutegrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The pre-norm transformer block shared by the GPT and ViT reference models.
+
+    x = x + attn(norm1(x))
+    x = x + mlp(norm2(x))
+
+Attention goes through `F.scaled_dot_product_attention` (causal for GPT,
+bidirectional for ViT), so the CUDA backend's fused attention kernel serves
+both models without model changes.
+"""
+from .. import nn
+from ..nn import functional as F
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused q/k/v projection."""
+
+    def __init__(self, dim, n_heads, causal, dropout=0.0, bias=True):
+        super().__init__()
+        if dim % n_heads:
+            raise ValueError(f"SelfAttention: dim {dim} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        hs = C // self.n_heads
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.reshape(B, T, self.n_heads, hs).transpose(1, 2)
+        k = k.reshape(B, T, self.n_heads, hs).transpose(1, 2)
+        v = v.reshape(B, T, self.n_heads, hs).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=self.causal)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, dropout=0.0, bias=True):
+        super().__init__()
+        self.fc = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(hidden, dim, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `norm` is nn.LayerNorm (GPT) or nn.RMSNorm (ViT)."""
+
+    def __init__(self, dim, n_heads, mlp_ratio=4, causal=True, dropout=0.0, bias=True, norm=nn.LayerNorm):
+        super().__init__()
+        self.norm1 = norm(dim)
+        self.attn = SelfAttention(dim, n_heads, causal, dropout, bias)
+        self.norm2 = norm(dim)
+        self.mlp = MLP(dim, mlp_ratio * dim, dropout, bias)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,544 @@
+"""Training and evaluation of the reference workloads: the main job of cutegrad.
+
+`python -m cutegrad.train <workload>` and `cutegrad train <workload>` (the
+console script, cutegrad/cli.py) run `train()`; `cutegrad eval <workload>
+--checkpoint PATH` runs `evaluate_checkpoint()`.
+
+A run:
+1. picks the device (CUDA when `cutegrad.cuda.is_available()`, else CPU)
+   and the preset (`models.PRESETS` on CUDA, `models.CPU_PRESETS` on the
+   CPU, announced in one line), then applies the command-line overrides;
+2. builds the data: the reversal task (reverse), the procedural images or
+   CIFAR-10 (vit), a tokenized text corpus (minigpt, gpt2-small);
+3. trains for `steps` steps with the preset's optimizer, gradient clipping
+   and warmup + cosine schedule, with a progress bar showing loss and
+   throughput;
+4. evaluates: exact-sequence accuracy on held-out sequences (reverse), test
+   accuracy (vit), validation loss (minigpt, gpt2-small);
+5. writes into `--out`: `model.safetensors` (the state_dict, with the
+   preset, model config and data description in the metadata so
+   `evaluate_checkpoint` rebuilds the model and its eval data from the file
+   alone), `metrics.json`, `loss.png` (when matplotlib is installed) and,
+   for text workloads, `tokenizer.json`.
+
+Evaluation is deterministic (fixed held-out examples, fixed validation
+windows, no dropout), so re-evaluating a checkpoint on the same device and
+dtype reproduces the metric written at the end of training.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, nn, ops, optim
+from .autograd import no_grad
+from .dtypes import bfloat16, float16, float32
+from .models import CPU_PRESETS, PRESETS, GPTConfig, OptimizerConfig, Preset, ViTConfig, build_model
+from .random import manual_seed
+
+CHECKPOINT_NAME = "model.safetensors"
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "loss.png"
+TOKENIZER_NAME = "tokenizer.json"
+DTYPES = {"float32": float32, "bfloat16": bfloat16, "float16": float16}
+# Held-out reversal sequences and validation windows come from this seed, never
+# from --seed, so every run of a workload is scored on the same examples.
+EVAL_SEED = 1234
+REVERSE_EVAL_CHUNK = 250
+
+
+def _say(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- device and preset ---------------------------------------------------------------
+def cuda_available():
+    try:
+        from . import cuda
+    except ImportError:
+        return False
+    return bool(cuda.is_available())
+
+
+def pick_device(requested=None):
+    """'cuda' when requested or available, else 'cpu'. An explicit 'cuda' without a GPU is an error."""
+    if requested is None or requested == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if requested.startswith("cuda") and not cuda_available():
+        raise RuntimeError(f"--device {requested}: no CUDA device is available (cutegrad.cuda.is_available() is False)")
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {requested!r}")
+    return requested
+
+
+def resolve_preset(workload, device, size=None, steps=None, batch_size=None, lr=None, tokenizer=None):
+    """The preset a run uses: full on CUDA, CPU-scaled on the CPU (or as `size` says), with overrides."""
+    if workload not in PRESETS:
+        raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(PRESETS)}")
+    if size is None:
+        size = "cpu" if device == "cpu" else "full"
+    if size not in ("full", "cpu"):
+        raise ValueError(f"--preset must be 'full' or 'cpu', got {size!r}")
+    preset = (CPU_PRESETS if size == "cpu" else PRESETS)[workload]
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"--lr must be > 0, got {lr}")
+    if tokenizer is not None:
+        if preset.tokenizer is None:
+            raise ValueError(f"--tokenizer applies to text workloads (minigpt, gpt2-small), not {workload}")
+        if tokenizer not in ("bpe", "char"):
+            raise ValueError(f"--tokenizer must be 'bpe' or 'char', got {tokenizer!r}")
+    if steps is not None:
+        preset = replace(preset, steps=steps, warmup_steps=min(preset.warmup_steps, steps))
+    if lr is not None:
+        preset = replace(preset, optimizer=replace(preset.optimizer, lr=lr))
+    return preset.with_overrides(batch_size=batch_size, tokenizer=tokenizer)
+
+
+# --- model, optimizer, schedule, loss ------------------------------------------------
+def parameter_groups(model, weight_decay):
+    """AdamW groups: weight decay on matrices and embeddings, none on biases, norm gains
+    and whatever the model lists in `no_weight_decay()` (ViT's class tokens and positions)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and name not in skip else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, config: OptimizerConfig):
+    if config.name == "sgd":
+        return optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                         weight_decay=config.weight_decay)
+    if config.name == "adamw":
+        return optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.lr, betas=config.betas,
+                           eps=config.eps)
+    raise ValueError(f"unknown optimizer {config.name!r}; expected 'sgd' or 'adamw'")
+
+
+def build_scheduler(optimizer, preset: Preset):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr ("cosine") or a flat lr ("constant")."""
+    if preset.schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown schedule {preset.schedule!r}; expected 'cosine' or 'constant'")
+    floor = preset.min_lr_ratio if preset.schedule == "cosine" else 1.0
+    return optim.lr_scheduler.WarmupCosineLR(optimizer, preset.warmup_steps, preset.steps, min_lr_ratio=floor)
+
+
+def loss_fn(model, inputs, targets):
+    """Mean cross-entropy; logits are scored in float32 whatever the model's dtype."""
+    logits = model(inputs).float()
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# --- workloads -----------------------------------------------------------------------
+class ReverseWorkload:
+    """Sequence reversal; eval: exact-sequence accuracy of teacher-forced argmax predictions.
+
+    Teacher forcing scores exactly what greedy generation would: all
+    predictions of a row are right given the true prefix iff greedy decoding
+    reproduces the whole reversed sequence.
+    """
+
+    unit = "tokens"
+    metric = "exact_sequence_accuracy"
+
+    def __init__(self, preset, data=None):
+        from .data import ReversalTask
+        if data is not None:
+            raise ValueError("--data does not apply to reverse: the reversal task generates its own sequences")
+        cfg = preset.model
+        self.task = ReversalTask(vocab_size=cfg.vocab_size, seq_len=cfg.block_size)
+        self.preset = preset
+        self.description = (f"reversal task: {self.task.length} symbols of {self.task.n_symbols}, "
+                            f"seq {self.task.seq_len}")
+        self.data_meta = {}
+
+    def items_per_batch(self, batch_size):
+        return batch_size * self.task.seq_len
+
+    def train_batches(self, batch_size, seed):
+        return self.task.batches(batch_size, "train", seed)
+
+    def evaluate(self, model, device, dtype):
+        from .data import exact_sequence_accuracy
+        inputs, targets = self.task.sample(self.preset.eval_examples, "heldout", seed=EVAL_SEED)
+        preds = []
+        for i in range(0, len(inputs), REVERSE_EVAL_CHUNK):
+            logits = model(ops.from_numpy(inputs[i:i + REVERSE_EVAL_CHUNK]).to(device))
+            preds.append(ops.argmax(logits, -1).cpu().numpy())
+        preds = np.concatenate(preds)
+        supervised = targets != -100
+        return {self.metric: exact_sequence_accuracy(preds, targets),
+                "token_accuracy": float((preds == targets)[supervised].mean()),
+                "heldout_sequences": int(len(inputs))}
+
+
+class ImageWorkload:
+    """vit: procedural 10-class images by default, CIFAR-10 with --data; eval: test accuracy."""
+
+    unit = "images"
+    metric = "test_accuracy"
+
+    def __init__(self, preset, data=None):
+        from .data import CIFAR10, SyntheticImages, find_cifar10
+        self.preset = preset
+        if data is None:
+            self.train_set = SyntheticImages("train")
+            self.test_set = SyntheticImages("test", size=preset.eval_examples)
+            self.description = (f"procedural 32x32x3 10-class images ({len(self.train_set)} train, "
+                                f"{len(self.test_set)} test)")
+            self.data_meta = {"images": "synthetic"}
+        else:
+            found = find_cifar10(data)
+            if found is None:
+                raise FileNotFoundError(f"--data {data}: no CIFAR-10 archive or extracted folder found there "
+                                        f"(expected cifar-10-python.tar.gz, cifar-10-batches-py, or the binary ones)")
+            self.train_set = CIFAR10(data, "train")
+            self.test_set = CIFAR10(data, "test")
+            self.description = f"CIFAR-10 ({found[0]} format) from {found[1]}"
+            self.data_meta = {"images": "cifar10", "data": str(Path(data).resolve())}
+
+    def items_per_batch(self, batch_size):
+        return batch_size
+
+    def train_batches(self, batch_size, seed):
+        from .data import DataLoader, collate_numpy
+        loader = DataLoader(self.train_set, batch_size, shuffle=True, drop_last=True, seed=seed,
+                            collate_fn=collate_numpy if not hasattr(self.train_set, "get_batch") else None)
+        while True:
+            for images, labels in loader:
+                yield _as_numpy(images), _as_numpy(labels)
+
+    def evaluate(self, model, device, dtype):
+        n = min(self.preset.eval_examples, len(self.test_set))
+        correct = 0
+        bs = self.preset.batch_size
+        for i in range(0, n, bs):
+            images, labels = self.test_set.get_batch(np.arange(i, min(i + bs, n)))
+            logits = model(ops.from_numpy(images).to(device, dtype))
+            correct += int((ops.argmax(logits, -1).cpu().numpy() == labels).sum())
+        return {self.metric: correct / n, "test_images": n}
+
+
+class TextWorkload:
+    """minigpt and gpt2-small: next-token prediction on a corpus; eval: mean validation loss."""
+
+    unit = "tokens"
+    metric = "val_loss"
+
+    def __init__(self, preset, data=None, tokenizer_file=None, corpus_meta=None):
+        from .data import BPETokenizer, CharTokenizer, TextDataset, embedded_corpus, resolve_corpus, split_tokens
+        self.preset = preset
+        seq = preset.model.block_size
+        if corpus_meta is not None:
+            text = embedded_corpus() if corpus_meta["corpus"] == "embedded" else Path(
+                corpus_meta["corpus_source"]).read_text(encoding="utf-8")
+            name, source = corpus_meta["corpus"], corpus_meta["corpus_source"]
+            self.corpus_description = f"corpus: {name} ({source})"
+        else:
+            corpus = resolve_corpus(data, log=lambda m: None)
+            text, name, source = corpus.text, corpus.name, corpus.source
+            self.corpus_description = corpus.description
+        if tokenizer_file is not None:
+            cls = BPETokenizer if preset.tokenizer == "bpe" else CharTokenizer
+            self.tokenizer = cls.load(tokenizer_file)
+        elif preset.tokenizer == "bpe":
+            self.tokenizer = BPETokenizer.train_cached(text, min(preset.tokenizer_vocab, preset.model.vocab_size))
+        else:
+            self.tokenizer = CharTokenizer.from_text(text)
+        train_tokens, val_tokens = split_tokens(self.tokenizer.encode(text), 0.1)
+        self.train_set = TextDataset(train_tokens, seq)
+        self.val_set = TextDataset(val_tokens, seq)
+        self.description = (f"{self.corpus_description}; {preset.tokenizer} tokenizer, vocab "
+                            f"{self.tokenizer.vocab_size}; {len(train_tokens):,} train / {len(val_tokens):,} val tokens")
+        self.data_meta = {"corpus": name, "corpus_source": source, "tokenizer": preset.tokenizer}
+
+    def items_per_batch(self, batch_size):
+        return batch_size * self.preset.model.block_size
+
+    def train_batches(self, batch_size, seed):
+        return self.train_set.random_batches(batch_size, seed)
+
+    def eval_windows(self):
+        """Fixed, evenly spaced validation windows: eval_batches x batch_size of them."""
+        n = self.preset.eval_batches * self.preset.batch_size
+        return np.linspace(0, len(self.val_set) - 1, n).astype(np.int64)
+
+    def evaluate(self, model, device, dtype):
+        starts = self.eval_windows()
+        bs = self.preset.batch_size
+        total = 0.0
+        for i in range(0, len(starts), bs):
+            inputs, targets = self.val_set.get_batch(starts[i:i + bs])
+            loss = loss_fn(model, ops.from_numpy(inputs).to(device), ops.from_numpy(targets).to(device))
+            total += loss.item() * len(inputs)
+        val_loss = total / len(starts)
+        return {self.metric: val_loss, "val_perplexity": math.exp(min(val_loss, 700.0)),
+                "val_windows": int(len(starts))}
+
+
+def _as_numpy(x):
+    return x if isinstance(x, np.ndarray) else x.numpy()
+
+
+WORKLOADS = {"reverse": ReverseWorkload, "vit": ImageWorkload, "minigpt": TextWorkload, "gpt2-small": TextWorkload}
+
+
+def make_workload(preset, data=None):
+    return WORKLOADS[preset.workload](preset, data)
+
+
+def fit_vocab(preset, workload):
+    """Text workloads: a char tokenizer (or a corpus too small for the BPE vocab) sets the model vocab
+    when the preset's is too small; a larger preset vocab is kept (unused rows pad it, as GPT-2's 50304)."""
+    if not isinstance(workload, TextWorkload):
+        return preset
+    n = workload.tokenizer.vocab_size
+    if preset.tokenizer == "char" or n > preset.model.vocab_size:
+        return replace(preset, model=replace(preset.model, vocab_size=n))
+    return preset
+
+
+# --- training ------------------------------------------------------------------------
+def _batch_to(batch, device, dtype):
+    inputs, targets = batch
+    x = ops.from_numpy(np.ascontiguousarray(inputs))
+    x = x.to(device, dtype) if x.is_floating_point() else x.to(device)
+    return x, ops.from_numpy(np.ascontiguousarray(targets)).to(device)
+
+
+class _LossLog:
+    """Per-step losses kept as device tensors and read in blocks, so the host does not wait
+    on the device every step."""
+
+    def __init__(self):
+        self.values = []
+        self._pending = []
+
+    def add(self, loss):
+        self._pending.append(loss.detach())
+
+    def flush(self):
+        if self._pending:
+            self.values.extend(float(v) for v in ops.stack(self._pending).float().cpu().numpy())
+            self._pending = []
+        return self.values[-1] if self.values else float("nan")
+
+
+def _progress(total, desc, enabled):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+
+def train(workload, device=None, steps=None, batch_size=None, dtype="float32", seed=0, data=None, out="runs/run",
+          lr=None, preset=None, tokenizer=None, progress=True, log_every=10):
+    """Train one workload and write the checkpoint, metrics and plot into `out`; returns the metrics dict."""
+    t_start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    device = pick_device(device)
+    preset = resolve_preset(workload, device, preset, steps, batch_size, lr, tokenizer)
+    if preset.note:
+        _say(f"cutegrad train {workload}: scaled-down preset for {device} ({preset.note}); "
+             f"--preset full runs the paper's configuration")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manual_seed(seed)
+    work = make_workload(preset, data)
+    preset = fit_vocab(preset, work)
+    work.preset = preset
+    _say(f"cutegrad train {workload}: {work.description}")
+    model = build_model(preset.model).to(device, DTYPES[dtype])
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(f"cutegrad train {workload}: {n_params:,} parameters, batch {preset.batch_size}, {preset.steps} steps, "
+         f"{preset.optimizer.name} lr {preset.optimizer.lr}, {device}, {dtype}")
+    opt = build_optimizer(model, preset.optimizer)
+    sched = build_scheduler(opt, preset)
+    batches = work.train_batches(preset.batch_size, seed)
+    items = work.items_per_batch(preset.batch_size)
+
+    losses = _LossLog()
+    bar = _progress(preset.steps, f"train {workload}", progress)
+    model.train()
+    t_train = time.perf_counter()
+    t_window, n_window, rate = t_train, 0, 0.0
+    for step in range(1, preset.steps + 1):
+        inputs, targets = _batch_to(next(batches), device, DTYPES[dtype])
+        loss = loss_fn(model, inputs, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if preset.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), preset.clip_grad_norm)
+        opt.step()
+        sched.step()
+        losses.add(loss)
+        n_window += 1
+        if step % log_every == 0 or step == preset.steps:
+            last = losses.flush()
+            if not math.isfinite(last):
+                raise FloatingPointError(f"cutegrad train {workload}: loss became {last} at step {step}; "
+                                         f"try a lower --lr")
+            now = time.perf_counter()
+            rate = n_window * items / max(now - t_window, 1e-9)
+            t_window, n_window = now, 0
+            if bar is not None:
+                bar.set_postfix_str(f"loss {last:.4f}, {rate:,.0f} {work.unit}/s")
+        if bar is not None:
+            bar.update(1)
+    train_time = time.perf_counter() - t_train
+    if bar is not None:
+        bar.close()
+
+    model.eval()
+    with no_grad():
+        result = work.evaluate(model, device, DTYPES[dtype])
+    _say(f"cutegrad train {workload}: {work.metric} = {result[work.metric]:.4f}")
+
+    meta = checkpoint_metadata(preset, work, dtype, seed)
+    if isinstance(work, TextWorkload):
+        work.tokenizer.save(out / TOKENIZER_NAME)
+    from .io import save
+    save(model.state_dict(), out / CHECKPOINT_NAME, metadata=meta)
+    metrics = {
+        "workload": workload,
+        "device": device,
+        "dtype": dtype,
+        "seed": seed,
+        "preset": preset.to_dict(),
+        "data": work.description,
+        "parameters": n_params,
+        "steps": preset.steps,
+        "loss": losses.values,
+        "eval": {"metric": work.metric, "value": result[work.metric], **result},
+        "throughput": {"unit": f"{work.unit}/s", "mean": preset.steps * items / train_time},
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t_start,
+        "checkpoint": CHECKPOINT_NAME,
+        "cutegrad_version": __version__,
+    }
+    _write_json(out / METRICS_NAME, metrics)
+    plot_losses(losses.values, out / PLOT_NAME, f"{workload}: {work.metric} {result[work.metric]:.4f}")
+    _say(f"cutegrad train {workload}: wrote {out / CHECKPOINT_NAME}, {out / METRICS_NAME} "
+         f"({metrics['wall_time_s']:.1f} s wall)")
+    return metrics
+
+
+def checkpoint_metadata(preset, work, dtype, seed):
+    """str -> str metadata that lets `load_checkpoint` rebuild the model and its eval data."""
+    return {
+        "format": "cutegrad.train/1",
+        "workload": preset.workload,
+        "preset": json.dumps(preset.to_dict()),
+        "model_kind": preset.model_kind,
+        "model_config": json.dumps(preset.model.to_dict()),
+        "data": json.dumps(work.data_meta),
+        "dtype": dtype,
+        "seed": str(seed),
+    }
+
+
+def _write_json(path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_losses(losses, path, title):
+    """Loss curve (raw and smoothed) as a PNG; skipped with a line when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _say("cutegrad train: matplotlib is not installed; skipping the loss plot (pip install matplotlib)")
+        return False
+    steps = np.arange(1, len(losses) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, lw=0.8, alpha=0.45, label="loss")
+    if len(losses) >= 10:
+        w = max(5, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, lw=1.6, label=f"mean of {w}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# --- evaluation of a checkpoint --------------------------------------------------------
+def _config_from(kind, d):
+    if kind == "gpt":
+        return GPTConfig(**d)
+    if kind == "vit":
+        return ViTConfig(**d)
+    raise ValueError(f"unknown model kind {kind!r} in checkpoint metadata")
+
+
+def _preset_from(d):
+    d = dict(d)
+    kind = d.pop("model_kind")
+    d["model"] = _config_from(kind, d["model"])
+    opt = dict(d["optimizer"])
+    opt["betas"] = tuple(opt["betas"])
+    d["optimizer"] = OptimizerConfig(**opt)
+    return Preset(**d)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, preset, metadata) from a checkpoint written by `train`."""
+    from .io import load, load_metadata
+    meta = load_metadata(path)
+    if meta.get("format") != "cutegrad.train/1":
+        raise ValueError(f"{path}: not a cutegrad training checkpoint (its metadata has no "
+                         f"'format': 'cutegrad.train/1'); was it written by `cutegrad train`?")
+    preset = _preset_from(json.loads(meta["preset"]))
+    model = build_model(preset.model)
+    model.load_state_dict(load(path))
+    return model.to(device, DTYPES[meta["dtype"]]), preset, meta
+
+
+def evaluate_checkpoint(checkpoint, workload=None, device=None):
+    """Rebuild the model and eval data from a checkpoint and return the eval results dict."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: no such file: {path}")
+    device = pick_device(device)
+    model, preset, meta = load_checkpoint(path, device)
+    if workload is not None and workload != preset.workload:
+        raise ValueError(f"{path} is a {preset.workload} checkpoint, not {workload}")
+    data_meta = json.loads(meta["data"])
+    if preset.workload == "reverse":
+        work = ReverseWorkload(preset)
+    elif preset.workload == "vit":
+        work = ImageWorkload(preset, data_meta.get("data"))
+    else:
+        tok = path.with_name(TOKENIZER_NAME)
+        if not tok.is_file():
+            raise FileNotFoundError(f"{tok}: the tokenizer written next to the checkpoint is missing")
+        work = TextWorkload(preset, tokenizer_file=tok, corpus_meta=data_meta)
+    model.eval()
+    with no_grad():
+        result = work.evaluate(model, device, DTYPES[meta["dtype"]])
+    return {"workload": preset.workload, "metric": work.metric, "value": result[work.metric], **result}
+
+
+if __name__ == "__main__":
+    from .cli import main
+    sys.exit(main(["train"] + sys.argv[1:]))
