@@ -332,3 +332,34 @@ def test_raises_where_torch_raises(case):
         op(cg)
     assert str(c_err.value), "error message must say what was wrong"
     del t_err
+
+
+EMPTY_CASES = {
+    "mm_k0": lambda m, F: m.zeros(2, 0) @ m.zeros(0, 5),
+    "mm_m0": lambda m, F: m.zeros(0, 3) @ m.ones(3, 4),
+    "softmax_rows0": lambda m, F: m.softmax(m.zeros(0, 3), 1),
+    "log_softmax_dim0": lambda m, F: m.log_softmax(m.zeros(2, 0), 1),
+    "logsumexp_dim0": lambda m, F: m.logsumexp(m.zeros(2, 0), 1),
+    "sum0": lambda m, F: m.zeros(0, 3).sum(0),
+    "mean1": lambda m, F: m.zeros(0, 3).mean(1),
+    "cat": lambda m, F: m.cat([m.zeros(0, 3), m.ones(2, 3)]),
+    "index_empty": lambda m, F: m.ones(3)[m.tensor([], dtype=m.int64)],
+    "mask_none": lambda m, F: m.ones(3)[m.zeros(3, dtype=m.bool)],
+    "layer_norm": lambda m, F: F.layer_norm(m.zeros(0, 3), (3,)),
+    "cross_entropy_empty": lambda m, F: F.cross_entropy(m.zeros(0, 3), m.zeros(0, dtype=m.int64)),
+    "embedding": lambda m, F: F.embedding(m.zeros(0, dtype=m.int64), m.ones(3, 4)),
+    "gather": lambda m, F: m.gather(m.ones(3, 4), 1, m.zeros(3, 0, dtype=m.int64)),
+    "stack": lambda m, F: m.stack([m.zeros(0, 3), m.zeros(0, 3)]),
+    "where": lambda m, F: m.where(m.zeros(0, 3) > 0, m.zeros(0, 3), 1.0),
+    "sdpa_no_queries": lambda m, F: F.scaled_dot_product_attention(m.zeros(1, 0, 4), m.zeros(1, 3, 4),
+                                                                  m.zeros(1, 3, 4)),
+    "expand_to_0": lambda m, F: m.zeros(1, 3).expand(0, 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_CASES))
+def test_empty_tensors_match_torch(name):
+    c = EMPTY_CASES[name](cg, cg)
+    t = EMPTY_CASES[name](torch, F)
+    assert tuple(c.shape) == tuple(t.shape) and _same_dtype(c, t)
+    np.testing.assert_array_equal(_np(c), _np(t))

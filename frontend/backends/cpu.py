@@ -306,7 +306,8 @@ def var(x, dims, correction, keepdim):
 @register("logsumexp", CPU)
 def logsumexp(x, dims, keepdim):
     arr = _a(x)
-    m = np.max(arr, axis=dims, keepdims=True)
+    # np.max has no identity for empty slices; -inf is logsumexp's (torch's too)
+    m = np.max(arr, axis=dims, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, 0)
     with np.errstate(all="ignore"):
         r = np.log(np.sum(np.exp(arr - m), axis=dims, keepdims=True)) + m
@@ -325,6 +326,8 @@ def matmul(a, b, out_dtype):
 @register("softmax", CPU)
 def softmax(x, dim, log):
     arr = _a(x)
+    if arr.size == 0:  # np.max has no identity; the result is empty anyway
+        return _out(arr, x._dtype)
     m = np.max(arr, axis=dim, keepdims=True)
     m = np.where(np.isfinite(m), m, 0)
     with np.errstate(all="ignore"):
