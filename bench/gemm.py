@@ -4,8 +4,11 @@
 
 Shapes: the forward (Y = X W^T), input-gradient (dX = dY W) and weight-gradient
 (dW = dY^T X) GEMM of every Linear in the four reference workloads of
-DESIGN.md, plus 4096^3 and 8192^3.  Each GEMM runs in the operand layouts a
-Linear really has (no transposes) for both libraries.  Timing: CUDA events
+DESIGN.md, plus 4096^3 and 8192^3, bf16 (there is no tf32 GEMM yet: fp32
+inputs take the SIMT fallback).  Each GEMM runs in the operand layouts a
+Linear really has (no transposes) for both libraries.  Extra rows (not in the
+geomean): the MLP's first Linear with the bias+GELU epilogue fused, against
+torch.addmm + gelu.  Timing: CUDA events
 around a batch of launches, median over reps; small problems rotate through
 enough input copies to defeat the L2 cache.  Writes
 bench/results/gemm-<gpu>.json (DESIGN.md's schema) and gemm-<gpu>.md.
@@ -20,6 +23,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 
 # (workload, tokens per step, [(linear name, in features, out features)])
@@ -36,7 +40,7 @@ L2_DEFEAT_BYTES = 160 << 20
 
 
 def gemm_cases():
-    """(name, M, N, K, a_major, b_major, is_workload)."""
+    """(name, M, N, K, a_major, b_major, is_workload): plain GEMMs."""
     cases = []
     for wl, tokens, linears in WORKLOADS:
         for lin, fin, fout in linears:
@@ -79,6 +83,18 @@ def time_ms(torch, fn, sets, reps):
         end.synchronize()
         samples.append(start.elapsed_time(end) / inner)
     return statistics.median(samples)
+
+
+def driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        from cuda.bindings import runtime as cudart
+
+        _, drv = cudart.cudaDriverGetVersion()
+        return f"CUDA driver API {drv // 1000}.{drv % 1000 // 10}"
 
 
 def cutegrad_version():
@@ -145,13 +161,47 @@ def main():
         print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {used[name]}", flush=True)
         del sets
 
-    device = torch.cuda.get_device_name()
-    from cuda.bindings import runtime as cudart
+    # Fused epilogue: the MLP's first Linear + GELU in one kernel vs PyTorch's
+    # addmm (cuBLAS, bias fused) followed by a separate GELU kernel.
+    for wl, tokens, linears in WORKLOADS:
+        name = f"{wl}.fc1.fwd+bias+gelu"
+        if args.only and args.only not in name:
+            continue
+        fin, fout = next((i, o) for lin, i, o in linears if lin == "fc1")
+        m, n, k = tokens, fout, fin
+        nsets = max(1, min(32, math.ceil(L2_DEFEAT_BYTES / (2 * (m * k + k * n + 2 * m * n)))))
+        sets = []
+        for _ in range(nsets):
+            a, b = make_operands(torch, m, n, k, "k", "k", dtype)
+            sets.append((a, b, torch.randn(n, device="cuda", dtype=dtype), torch.empty(m, n, device="cuda", dtype=dtype)))
 
-    _, drv = cudart.cudaDriverGetVersion()
+        def fused_call(a, b, bias, d):
+            return _C.gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
+                           (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                           dname, dname, epilogue="bias_gelu", bias=bias.data_ptr(), stream=stream)
+
+        def torch_call(a, b, bias, d):
+            torch.nn.functional.gelu(torch.addmm(bias, a, b), approximate="tanh")
+
+        a, b, bias, d = sets[0]
+        kernel = fused_call(a, b, bias, d)
+        ref = torch.nn.functional.gelu(torch.addmm(bias.float(), a.float(), b.float()), approximate="tanh")
+        err = ((d.float() - ref).abs().max() / ref.abs().max()).item()
+        if not err < 1e-2:
+            raise SystemExit(f"{name}: cutegrad result wrong (relative error {err:.2e})")
+        flops = 2.0 * m * n * k
+        ours = flops / time_ms(torch, fused_call, sets, args.reps) / 1e9
+        theirs = flops / time_ms(torch, torch_call, sets, args.reps) / 1e9
+        rows.append({"name": f"{name} M={m} N={n} K={k} {dname}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
+                     "baseline": round(theirs, 2), "baseline_name": "torch addmm + gelu(tanh)",
+                     "ratio": round(ours / theirs, 4), "kernel": kernel, "workload": False})
+        print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
+        del sets
+
+    device = torch.cuda.get_device_name()
     result = {
         "device": device,
-        "driver": f"{drv // 1000}.{drv % 1000 // 10}",
+        "driver": driver_version(),
         "versions": {"cutegrad": cutegrad_version(), "python": platform.python_version(),
                      "torch": torch.__version__, "cuda": torch.version.cuda},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -169,9 +219,10 @@ def main():
         f.write(f"{result['date']}, driver {result['driver']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
                 f"`{result['command']}`. bf16 in/out, fp32 accumulate. TFLOP/s, median of {args.reps} reps.\n\n")
         f.write(f"Geometric-mean ratio over the workload shapes: **{geo:.3f}**\n\n")
-        f.write("| shape | cutegrad | cuBLAS | ratio | kernel |\n|---|---:|---:|---:|---|\n")
+        f.write("| shape | cutegrad | baseline | ratio | baseline is | kernel |\n|---|---:|---:|---:|---|---|\n")
         for r in rows:
-            f.write(f"| {r['name']} | {r['cutegrad']:.1f} | {r['baseline']:.1f} | {r['ratio']:.3f} | {r['kernel']} |\n")
+            f.write(f"| {r['name']} | {r['cutegrad']:.1f} | {r['baseline']:.1f} | {r['ratio']:.3f} | "
+                    f"{r['baseline_name']} | {r['kernel']} |\n")
     print(f"geomean ratio (workload shapes) {geo:.3f}; wrote {base}.json and .md")
 
 

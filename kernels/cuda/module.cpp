@@ -168,13 +168,13 @@ int choose_tile_n(const GemmArgs& g, int num_sms) {
 // Split-K: when the output has too few tiles to fill the SMs (weight
 // gradients: small M x N, long K), run S K-slices as a batched GEMM into an
 // fp32 workspace and reduce.  Cost model in units of one 128x128 tile doing
-// one K step on one SM (~6.5 ns on an H100/H200): waves * K/S plus the
+// one K step on one SM (~6.1 ns on an H100, measured): waves * K/S plus the
 // reduction's memory traffic and two extra launches.  Split only for a clear
 // (> 15%) gain, and only into slices that divide K (and are multiples of 64
 // for the tensor-core path).
 int choose_split(const GemmArgs& g, int num_sms, bool tensor_core) {
   if (g.batch != 1 || g.k < 256) return 1;
-  const double unit_s = 6.5e-9, bytes_per_s = 2.5e12, launch_s = 4e-6;
+  const double unit_s = 6.1e-9, bytes_per_s = 2.0e12, launch_s = 6e-6;
   const int64_t tiles = ((g.m + 127) / 128) * ((g.n + 127) / 128);
   auto cost = [&](int64_t s) {
     double waves = static_cast<double>((tiles * s + num_sms - 1) / num_sms);
