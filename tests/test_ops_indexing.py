@@ -141,3 +141,12 @@ def test_negative_indices_in_index_tensors():
     arr, t = _base((5,))
     np.testing.assert_array_equal(f64(t[cg.tensor([-1, -5, 0])]), arr[[-1, -5, 0]])
     np.testing.assert_array_equal(f64(t[[-2]]), arr[[-2]])
+
+
+def test_empty_list_and_0_dim_tensor_indices():
+    arr, t = _base()
+    assert t[:, []].shape == (4, 0, 6)
+    np.testing.assert_array_equal(f64(t[cg.tensor(1)]), arr[1])
+    np.testing.assert_array_equal(f64(t[cg.tensor(2), 1:3, cg.tensor(0, dtype=cg.int32)]), arr[2, 1:3, 0])
+    t[[]] = 5.0  # writes nothing
+    np.testing.assert_array_equal(f64(t), arr)

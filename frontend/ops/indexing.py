@@ -37,7 +37,8 @@ def _normalize_key(x, key):
             advanced = True
         elif isinstance(k, (list, np.ndarray)):
             from .creation import tensor
-            k = tensor(k, device=x._storage.device)
+            empty = np.size(k) == 0  # an empty list indexes nothing; it is no float index
+            k = tensor(k, dtype=dt.int64 if empty else None, device=x._storage.device)
             if k._dtype.category == dt.FLOAT:
                 raise IndexError("tensors used as indices must be long, int, byte or bool tensors")
             advanced = True
