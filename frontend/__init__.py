@@ -20,6 +20,7 @@ from .ops import *  # noqa: F401,F403  (the op namespace is the public API, as i
 from .ops import sum, max, min, abs, all, any, pow, round  # names shadowing builtins, explicitly
 from .backends import cpu as _cpu_backend  # registers the CPU kernels
 from . import cuda  # CUDA runtime and CUDA tensor storage; imports no driver until first use
+from .backends import cuda as _cuda_backend  # registers the CUDA kernels; touches neither the driver nor _C
 from . import tensor_methods as _tensor_methods  # binds Tensor methods
 from . import nn, optim, data
 from .graphs import rng as _graph_rng  # makes manual_seed reach the CUDA generators

@@ -1,0 +1,358 @@
+// Elementwise kernels: unary, binary, where, clamp, activation backward,
+// cast/strided copy/fill, arange.
+//
+// Design (TensorIterator-style): the bindings broadcast every operand to the
+// output shape (stride 0 on broadcast dimensions), drop extent-1 dimensions
+// and merge dimensions that are contiguous for every operand, so most calls
+// arrive with 1-3 dimensions.  Two kernels then cover every case:
+//  * vectorized: every tensor operand is contiguous, of the output's dtype
+//    (fp32, fp16 or bf16) and 16-byte aligned.  Each thread moves 16 bytes
+//    per operand with one vector load/store; the ragged tail (< one vector)
+//    is done element by element by the first threads.
+//  * strided: any strides, any dtype per operand.  A linear index is split
+//    into coordinates (32-bit division when the extent allows) and dotted
+//    with each operand's strides; loads and stores go through a runtime dtype
+//    switch into the compute type.
+// The op is chosen by a (family, code) switch inside the loop; it is uniform
+// over the launch, so it is a predictable branch, not divergence.
+//
+// AOT specializations: strided kernel for compute fp32 / fp64 / int64, each
+// with 32- and 64-bit indexing; vectorized kernel for fp32, fp16 and bf16.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dtype_access.h"
+#include "ops_args.h"
+
+namespace cutegrad {
+namespace ops {
+namespace {
+
+// cutegrad.ops.codes
+enum UnaryCode : int {
+  NEG, EXP, LOG, SQRT, RSQRT, ABS, TANH, SIGMOID, RELU, GELU, GELU_TANH, SILU, SIGN, SIN, COS,
+  LOGICAL_NOT, RECIPROCAL, SQUARE, ERF, LOG1P, EXPM1, FLOOR, CEIL, ROUND, TRUNC, ISNAN, ISINF, ISFINITE
+};
+enum BinaryCode : int {
+  ADD = 100, SUB, MUL, DIV, POW, MAXIMUM, MINIMUM, EQ, NE, LT, LE, GT, GE, AND, OR, XOR, FLOORDIV,
+  REMAINDER, ATAN2
+};
+
+constexpr int kThreads = 256;
+
+template <typename C> __device__ __forceinline__ C nan_max(C a, C b) {
+  if (m_isnan(a)) return a;
+  if (m_isnan(b)) return b;
+  return a > b ? a : b;
+}
+template <typename C> __device__ __forceinline__ C nan_min(C a, C b) {
+  if (m_isnan(a)) return a;
+  if (m_isnan(b)) return b;
+  return a < b ? a : b;
+}
+
+template <typename C> __device__ __forceinline__ C sigmoid(C x) {
+  C e = m_exp(-m_fabs(x));
+  return x >= C(0) ? C(1) / (C(1) + e) : e / (C(1) + e);
+}
+
+template <typename C> __device__ C unary_float(int code, C x) {
+  switch (code) {
+    case NEG: return -x;
+    case EXP: return m_exp(x);
+    case LOG: return m_log(x);
+    case SQRT: return m_sqrt(x);
+    case RSQRT: return C(1) / m_sqrt(x);
+    case ABS: return m_fabs(x);
+    case TANH: return m_tanh(x);
+    case SIGMOID: return sigmoid(x);
+    case RELU: return m_isnan(x) ? x : (x > C(0) ? x : C(0));
+    case GELU: return C(0.5) * x * (C(1) + m_erf(x * C(0.70710678118654752440)));
+    case GELU_TANH: {
+      const C k = C(0.79788456080286535588);
+      return C(0.5) * x * (C(1) + m_tanh(k * (x + C(0.044715) * x * x * x)));
+    }
+    case SILU: return x * sigmoid(x);
+    case SIGN: return x > C(0) ? C(1) : (x < C(0) ? C(-1) : x);  // keeps 0, -0 and NaN
+    case SIN: return m_sin(x);
+    case COS: return m_cos(x);
+    case LOGICAL_NOT: return x == C(0) ? C(1) : C(0);
+    case RECIPROCAL: return C(1) / x;
+    case SQUARE: return x * x;
+    case ERF: return m_erf(x);
+    case LOG1P: return m_log1p(x);
+    case EXPM1: return m_expm1(x);
+    case FLOOR: return m_floor(x);
+    case CEIL: return m_ceil(x);
+    case ROUND: return m_rint(x);  // half to even, as NumPy
+    case TRUNC: return m_trunc(x);
+    case ISNAN: return m_isnan(x) ? C(1) : C(0);
+    case ISINF: return (m_fabs(x) == m_inf<C>()) ? C(1) : C(0);
+    default: return (!m_isnan(x) && m_fabs(x) != m_inf<C>()) ? C(1) : C(0);  // ISFINITE
+  }
+}
+
+__device__ int64_t unary_int(int code, int64_t x) {
+  switch (code) {
+    case NEG: return -x;
+    case ABS: return x < 0 ? -x : x;
+    case RELU: return x > 0 ? x : 0;
+    case SIGN: return (x > 0) - (x < 0);
+    case LOGICAL_NOT: return x == 0;
+    case SQUARE: return x * x;
+    case ISNAN: case ISINF: return 0;
+    case ISFINITE: return 1;
+    default: return x;  // FLOOR, CEIL, ROUND, TRUNC of an integer
+  }
+}
+
+// NumPy's floor_divide / remainder on floats (npy_divmod): exact where floor(a / b) is not.
+template <typename C> __device__ C py_floordiv(C a, C b) {
+  if (b == C(0)) return a / b;
+  C mod = m_fmod(a, b);
+  C div = (a - mod) / b;
+  if (mod != C(0) && ((b < C(0)) != (mod < C(0)))) div -= C(1);
+  if (div != C(0)) {
+    C fl = m_floor(div);
+    if (div - fl > C(0.5)) fl += C(1);
+    return fl;
+  }
+  return m_copysign(C(0), a / b);
+}
+template <typename C> __device__ C py_remainder(C a, C b) {
+  C mod = m_fmod(a, b);
+  if (b == C(0)) return mod;
+  if (mod != C(0)) {
+    if ((b < C(0)) != (mod < C(0))) mod += b;
+  } else {
+    mod = m_copysign(C(0), b);
+  }
+  return mod;
+}
+
+template <typename C> __device__ C binary_float(int code, C a, C b) {
+  switch (code) {
+    case ADD: return a + b;
+    case SUB: return a - b;
+    case MUL: return a * b;
+    case DIV: return a / b;
+    case POW: return m_pow(a, b);
+    case MAXIMUM: return nan_max(a, b);
+    case MINIMUM: return nan_min(a, b);
+    case EQ: return a == b;
+    case NE: return a != b;
+    case LT: return a < b;
+    case LE: return a <= b;
+    case GT: return a > b;
+    case GE: return a >= b;
+    case AND: return (a != C(0)) && (b != C(0));
+    case OR: return (a != C(0)) || (b != C(0));
+    case XOR: return (a != C(0)) != (b != C(0));
+    case FLOORDIV: return py_floordiv(a, b);
+    case REMAINDER: return py_remainder(a, b);
+    default: return m_atan2(a, b);
+  }
+}
+
+__device__ int64_t int_pow(int64_t base, int64_t e) {
+  if (e < 0) return (base == 1) ? 1 : (base == -1 ? ((e & 1) ? -1 : 1) : 0);
+  int64_t r = 1;
+  while (e) {
+    if (e & 1) r *= base;
+    base *= base;
+    e >>= 1;
+  }
+  return r;
+}
+
+// Integer division by zero gives 0, as NumPy does (with a warning), instead of a trap value.
+__device__ int64_t binary_int(int code, int64_t a, int64_t b) {
+  switch (code) {
+    case ADD: return a + b;
+    case SUB: return a - b;
+    case MUL: return a * b;
+    case DIV: return b == 0 ? 0 : a / b;
+    case POW: return int_pow(a, b);
+    case MAXIMUM: return a > b ? a : b;
+    case MINIMUM: return a < b ? a : b;
+    case EQ: return a == b;
+    case NE: return a != b;
+    case LT: return a < b;
+    case LE: return a <= b;
+    case GT: return a > b;
+    case GE: return a >= b;
+    case AND: return (a != 0) && (b != 0);
+    case OR: return (a != 0) || (b != 0);
+    case XOR: return (a != 0) != (b != 0);
+    case FLOORDIV: {
+      if (b == 0) return 0;
+      int64_t q = a / b;
+      return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+    }
+    case REMAINDER: {
+      if (b == 0) return 0;
+      int64_t r = a % b;
+      return (r != 0 && ((r < 0) != (b < 0))) ? r + b : r;
+    }
+    default: return static_cast<int64_t>(::atan2(static_cast<double>(a), static_cast<double>(b)));
+  }
+}
+
+template <typename C> __device__ C act_backward(int code, C g, C x) {
+  if (code == GELU) {
+    C cdf = C(0.5) * (C(1) + m_erf(x * C(0.70710678118654752440)));
+    C pdf = m_exp(C(-0.5) * x * x) * C(0.39894228040143267794);
+    return g * (cdf + x * pdf);
+  }
+  if (code == GELU_TANH) {
+    const C k = C(0.79788456080286535588);
+    C th = m_tanh(k * (x + C(0.044715) * x * x * x));
+    return g * (C(0.5) * (C(1) + th) + C(0.5) * x * (C(1) - th * th) * k * (C(1) + C(3 * 0.044715) * x * x));
+  }
+  C s = sigmoid(x);  // SILU
+  return g * (s * (C(1) + x * (C(1) - s)));
+}
+
+template <typename C> __device__ __forceinline__ C apply(const ElementwiseArgs& a, C x, C y, C z) {
+  switch (a.family) {
+    case kUnary:
+      if constexpr (std::is_floating_point<C>::value) return unary_float(a.code, x); else return unary_int(a.code, x);
+    case kBinary:
+      if constexpr (std::is_floating_point<C>::value) return binary_float(a.code, x, y); else return binary_int(a.code, x, y);
+    case kWhere: return x != C(0) ? y : z;
+    case kClamp: {
+      C r = x;
+      if constexpr (std::is_floating_point<C>::value) {
+        if (a.has_lo) r = nan_max(r, static_cast<C>(a.p0));
+        if (a.has_hi) r = nan_min(r, static_cast<C>(a.p1));
+      } else {
+        if (a.has_lo && r < a.i0) r = a.i0;
+        if (a.has_hi && r > a.i1) r = a.i1;
+      }
+      return r;
+    }
+    case kActBackward:
+      if constexpr (std::is_floating_point<C>::value) return act_backward(a.code, x, y); else return x;
+    default: return x;  // kCopy
+  }
+}
+
+template <typename C> __device__ __forceinline__ C scalar_of(const Operand& op) {
+  if constexpr (std::is_floating_point<C>::value) return static_cast<C>(op.scalar_f);
+  else return static_cast<C>(op.scalar_i);
+}
+
+template <typename C, typename I>
+__global__ void __launch_bounds__(kThreads) strided_kernel(const ElementwiseArgs a) {
+  const I n = static_cast<I>(a.numel);
+  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += static_cast<I>(gridDim.x) * kThreads) {
+    if (a.family == kArange) {
+      if constexpr (std::is_floating_point<C>::value) {
+        store_from<double>(a.out, a.out_dtype, i * a.out_strides[0], a.p0 + static_cast<double>(i) * a.p1);
+      } else {
+        store_from<int64_t>(a.out, a.out_dtype, i * a.out_strides[0], a.i0 + static_cast<int64_t>(i) * a.i1);
+      }
+      continue;
+    }
+    int64_t off_out = 0, off0 = 0, off1 = 0, off2 = 0;
+    I rem = i;
+    for (int d = a.ndim - 1; d >= 0; --d) {
+      const I size = static_cast<I>(a.sizes[d]);
+      const I c = rem % size;
+      rem /= size;
+      off_out += static_cast<int64_t>(c) * a.out_strides[d];
+      off0 += static_cast<int64_t>(c) * a.in[0].strides[d];
+      off1 += static_cast<int64_t>(c) * a.in[1].strides[d];
+      off2 += static_cast<int64_t>(c) * a.in[2].strides[d];
+    }
+    C x = a.in[0].is_scalar ? scalar_of<C>(a.in[0]) : load_as<C>(a.in[0].data, a.in[0].dtype, off0);
+    C y = C(0), z = C(0);
+    if (a.nin > 1) y = a.in[1].is_scalar ? scalar_of<C>(a.in[1]) : load_as<C>(a.in[1].data, a.in[1].dtype, off1);
+    if (a.nin > 2) z = a.in[2].is_scalar ? scalar_of<C>(a.in[2]) : load_as<C>(a.in[2].data, a.in[2].dtype, off2);
+    store_from<C>(a.out, a.out_dtype, off_out, apply<C>(a, x, y, z));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) vectorized_kernel(const ElementwiseArgs a) {
+  constexpr int kVec = 16 / sizeof(T);
+  struct alignas(16) Pack { T v[kVec]; };
+  const int64_t n = a.numel;
+  const int64_t n_vec = n / kVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  float s[3];
+  for (int k = 0; k < 3; ++k) s[k] = static_cast<float>(a.in[k].scalar_f);
+  for (int64_t v = first; v < n_vec; v += stride) {
+    Pack in[3], out;
+    for (int k = 0; k < a.nin; ++k)
+      if (!a.in[k].is_scalar) in[k] = static_cast<const Pack*>(a.in[k].data)[v];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      float x = a.in[0].is_scalar ? s[0] : widen(in[0].v[j]);
+      float y = a.nin > 1 ? (a.in[1].is_scalar ? s[1] : widen(in[1].v[j])) : 0.f;
+      float z = a.nin > 2 ? (a.in[2].is_scalar ? s[2] : widen(in[2].v[j])) : 0.f;
+      out.v[j] = narrow<T>(apply<float>(a, x, y, z));
+    }
+    static_cast<Pack*>(a.out)[v] = out;
+  }
+  const int64_t tail = n_vec * kVec + first;
+  if (tail < n) {
+    float x = a.in[0].is_scalar ? s[0] : widen(static_cast<const T*>(a.in[0].data)[tail]);
+    float y = a.nin > 1 ? (a.in[1].is_scalar ? s[1] : widen(static_cast<const T*>(a.in[1].data)[tail])) : 0.f;
+    float z = a.nin > 2 ? (a.in[2].is_scalar ? s[2] : widen(static_cast<const T*>(a.in[2].data)[tail])) : 0.f;
+    static_cast<T*>(a.out)[tail] = narrow<T>(apply<float>(a, x, y, z));
+  }
+}
+
+bool vectorizable(const ElementwiseArgs& a) {
+  if (a.family == kArange || a.compute != kComputeF32) return false;
+  if (a.out_dtype != kF32 && a.out_dtype != kF16 && a.out_dtype != kBF16) return false;
+  if (a.ndim != 1 || a.out_strides[0] != 1 || reinterpret_cast<uintptr_t>(a.out) % 16) return false;
+  for (int k = 0; k < a.nin; ++k) {
+    const Operand& op = a.in[k];
+    if (op.is_scalar) continue;
+    if (op.dtype != a.out_dtype || op.strides[0] != 1 || reinterpret_cast<uintptr_t>(op.data) % 16) return false;
+  }
+  return true;
+}
+
+unsigned grid_for(int64_t work) {
+  int64_t blocks = (work + kThreads - 1) / kThreads;
+  if (blocks < 1) blocks = 1;
+  const int64_t cap = int64_t(1) << 20;  // grid-stride loops cover the rest
+  return static_cast<unsigned>(blocks < cap ? blocks : cap);
+}
+
+template <typename C>
+void launch_strided(const ElementwiseArgs& a, cudaStream_t s) {
+  if (a.numel < (int64_t(1) << 31)) strided_kernel<C, uint32_t><<<grid_for(a.numel), kThreads, 0, s>>>(a);
+  else strided_kernel<C, uint64_t><<<grid_for(a.numel), kThreads, 0, s>>>(a);
+}
+
+}  // namespace
+
+int elementwise_launch(const ElementwiseArgs& a, void* stream) {
+  if (a.numel == 0) return cudaSuccess;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (vectorizable(a)) {
+    const int vec = a.out_dtype == kF32 ? 4 : 8;
+    const unsigned grid = grid_for((a.numel + vec - 1) / vec);
+    if (a.out_dtype == kF32) vectorized_kernel<float><<<grid, kThreads, 0, s>>>(a);
+    else if (a.out_dtype == kF16) vectorized_kernel<__half><<<grid, kThreads, 0, s>>>(a);
+    else vectorized_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(a);
+  } else if (a.compute == kComputeF32) {
+    launch_strided<float>(a, s);
+  } else if (a.compute == kComputeF64) {
+    launch_strided<double>(a, s);
+  } else {
+    launch_strided<int64_t>(a, s);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace ops
+}  // namespace cutegrad

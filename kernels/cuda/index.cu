@@ -1,0 +1,143 @@
+// Gather and scatter along one dimension: the kernels behind gather,
+// index_select, scatter_add, index_add, advanced indexing (x[idx],
+// x[idx] = v, x[idx] += v), embedding lookups and one_hot.
+//
+// Design: one thread per position of the iteration shape (the index's shape
+// for gather/scatter; index_select/index_add view their 1-D index with
+// stride 0 on every other dimension, so the same kernels serve).  The
+// coordinates of a position are dotted with each operand's strides; along
+// `dim` the source (gather) or destination (scatter) coordinate is the index
+// value.  Advanced indexing arrives as a 1-D gather/scatter over the storage
+// with precomputed element offsets.  Index values outside [0, dim_size) are
+// skipped (gather writes 0): the frontend validates indices before launch,
+// so this only keeps a bad index from touching memory it does not own.
+// Scatter with accumulate uses atomics (fp32, fp64, fp16, bf16, int32,
+// int64), so the summation order of duplicate indices is not fixed; half
+// types accumulate in an fp32 copy made by the frontend, rounding once.
+//
+// AOT specializations: gather by element size (1, 2, 4, 8 bytes); scatter
+// with a double or int64 compute type.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dtype_access.h"
+#include "ops_args.h"
+
+namespace cutegrad {
+namespace ops {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct Offsets {
+  int64_t index, src, dst;
+  int64_t coord_dim;
+};
+
+__device__ __forceinline__ Offsets offsets_of(const IndexArgs& a, int64_t p) {
+  Offsets o{0, 0, 0, 0};
+  for (int d = a.ndim - 1; d >= 0; --d) {
+    const int64_t c = p % a.sizes[d];
+    p /= a.sizes[d];
+    o.index += c * a.index_strides[d];
+    if (d == a.dim) {
+      o.coord_dim = c;
+    }
+    o.src += c * a.src_strides[d];
+    o.dst += c * a.dst_strides[d];
+  }
+  return o;
+}
+
+template <typename E>
+__global__ void __launch_bounds__(kThreads) gather_kernel(const IndexArgs a) {
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < a.numel;
+       p += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Offsets o = offsets_of(a, p);
+    const int64_t idx = load_as<int64_t>(a.index, a.index_dtype, o.index);
+    E v{};
+    if (idx >= 0 && idx < a.dim_size) {
+      const int64_t src = o.src + (idx - o.coord_dim) * a.src_strides[a.dim];
+      v = static_cast<const E*>(a.src)[src];
+    }
+    static_cast<E*>(a.dst)[o.dst] = v;
+  }
+}
+
+template <typename C>
+__device__ __forceinline__ void atomic_add_as(void* base, int dtype, int64_t off, C v) {
+  switch (dtype) {
+    case kF32: atomicAdd(static_cast<float*>(base) + off, static_cast<float>(v)); break;
+    case kF64: atomicAdd(static_cast<double*>(base) + off, static_cast<double>(v)); break;
+    case kF16: atomicAdd(static_cast<__half*>(base) + off, __float2half_rn(static_cast<float>(v))); break;
+    case kBF16: atomicAdd(static_cast<__nv_bfloat16*>(base) + off, __float2bfloat16_rn(static_cast<float>(v))); break;
+    case kI32: atomicAdd(static_cast<int*>(base) + off, static_cast<int>(v)); break;
+    default:  // kI64: two's complement addition is the same on unsigned words
+      atomicAdd(reinterpret_cast<unsigned long long*>(static_cast<int64_t*>(base) + off),
+                static_cast<unsigned long long>(static_cast<int64_t>(v)));
+      break;
+  }
+}
+
+template <typename C>
+__global__ void __launch_bounds__(kThreads) scatter_kernel(const IndexArgs a) {
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < a.numel;
+       p += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const Offsets o = offsets_of(a, p);
+    const int64_t idx = load_as<int64_t>(a.index, a.index_dtype, o.index);
+    if (idx < 0 || idx >= a.dim_size) continue;
+    const int64_t dst = o.dst + (idx - o.coord_dim) * a.dst_strides[a.dim];
+    C v;
+    if (a.src_is_scalar) {
+      if constexpr (std::is_floating_point<C>::value) v = static_cast<C>(a.scalar_f); else v = static_cast<C>(a.scalar_i);
+    } else {
+      v = load_as<C>(a.src, a.src_dtype, o.src);
+    }
+    if (a.accumulate) atomic_add_as<C>(a.dst, a.dst_dtype, dst, v);
+    else store_from<C>(a.dst, a.dst_dtype, dst, v);
+  }
+}
+
+unsigned grid_for(int64_t n) {
+  int64_t blocks = (n + kThreads - 1) / kThreads;
+  const int64_t cap = int64_t(1) << 20;
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks < cap ? blocks : cap));
+}
+
+int element_size(int dtype) {
+  switch (dtype) {
+    case kBool: case kU8: case kI8: return 1;
+    case kI16: case kF16: case kBF16: return 2;
+    case kI32: case kF32: return 4;
+    default: return 8;
+  }
+}
+
+}  // namespace
+
+int gather_launch(const IndexArgs& a, void* stream) {
+  if (a.numel == 0) return cudaSuccess;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (element_size(a.src_dtype)) {
+    case 1: gather_kernel<uint8_t><<<grid_for(a.numel), kThreads, 0, s>>>(a); break;
+    case 2: gather_kernel<uint16_t><<<grid_for(a.numel), kThreads, 0, s>>>(a); break;
+    case 4: gather_kernel<uint32_t><<<grid_for(a.numel), kThreads, 0, s>>>(a); break;
+    default: gather_kernel<uint64_t><<<grid_for(a.numel), kThreads, 0, s>>>(a); break;
+  }
+  return cudaGetLastError();
+}
+
+int scatter_launch(const IndexArgs& a, void* stream) {
+  if (a.numel == 0) return cudaSuccess;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const bool is_float = a.dst_dtype == kF16 || a.dst_dtype == kBF16 || a.dst_dtype == kF32 || a.dst_dtype == kF64;
+  if (is_float) scatter_kernel<double><<<grid_for(a.numel), kThreads, 0, s>>>(a);
+  else scatter_kernel<int64_t><<<grid_for(a.numel), kThreads, 0, s>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace ops
+}  // namespace cutegrad

@@ -1,0 +1,172 @@
+// Plain-data descriptions of the non-GEMM CUDA kernels (elementwise, reductions,
+// softmax, norms, indexing, random), shared by the nanobind bindings (host
+// compiler) and the kernels (nvcc).  No CUDA or Python headers here: the two
+// sides are compiled by different compilers.  Every launch function validates
+// nothing (ops_bindings.cpp does that before calling it) and returns a
+// cudaError_t as int.
+//
+// Conventions: strides and offsets count elements; pointers already include
+// the tensor's storage offset; dtype codes are cutegrad's DType.index.
+#pragma once
+#include <cstdint>
+
+namespace cutegrad {
+namespace ops {
+
+constexpr int kMaxDims = 12;
+
+// cutegrad.dtypes: DType.index of each dtype.
+enum DTypeCode : int { kBool = 0, kU8, kI8, kI16, kI32, kI64, kF16, kBF16, kF32, kF64, kNumDTypes };
+
+// Arithmetic type a kernel computes in: half types compute in fp32 and round once.
+enum Compute : int { kComputeF32 = 0, kComputeF64 = 1, kComputeI64 = 2 };
+
+// ---- elementwise ----------------------------------------------------------
+
+enum Family : int { kUnary = 0, kBinary = 1, kWhere = 2, kClamp = 3, kActBackward = 4, kCopy = 5, kArange = 6 };
+
+struct Operand {
+  const void* data;  // null for a scalar
+  int dtype;
+  int is_scalar;
+  double scalar_f;
+  int64_t scalar_i;
+  int64_t strides[kMaxDims];
+};
+
+// out[i] = f(in[0][i], in[1][i], in[2][i]) over `sizes` (already coalesced).
+struct ElementwiseArgs {
+  int ndim;
+  int nin;
+  int family;
+  int code;  // cutegrad.ops.codes value (unary/binary/activation code)
+  int compute;
+  int64_t numel;
+  int64_t sizes[kMaxDims];
+  void* out;
+  int out_dtype;
+  int64_t out_strides[kMaxDims];
+  Operand in[3];
+  // clamp bounds (p0, p1 / i0, i1 with has_lo/has_hi); arange start and step.
+  double p0, p1;
+  int64_t i0, i1;
+  int has_lo, has_hi;
+};
+
+int elementwise_launch(const ElementwiseArgs& args, void* stream);
+
+// ---- reductions -----------------------------------------------------------
+
+// cutegrad.ops.codes reduce codes, plus two this module adds.
+enum ReduceCode : int {
+  kSum = 200, kMean, kMax, kMin, kProd, kAny, kAll, kArgMax, kArgMin,
+  kVar = 300, kLogSumExp = 301,
+};
+
+// out[o] = reduce over r of in[kept(o) + red(r)]; out is contiguous (index o).
+struct ReduceArgs {
+  const void* in;
+  int in_dtype;
+  void* out;
+  int out_dtype;
+  int code;
+  int compute;
+  int n_kept;
+  int64_t kept_sizes[kMaxDims];
+  int64_t kept_strides[kMaxDims];
+  int n_red;
+  int64_t red_sizes[kMaxDims];
+  int64_t red_strides[kMaxDims];
+  int64_t n_out;
+  int64_t n_reduce;
+  double correction;  // var: divide by max(n - correction, 0)
+  int inner;          // reduced dims are the fastest in memory: lanes walk r
+};
+
+int reduce_launch(const ReduceArgs& args, void* stream);
+
+// ---- softmax and norms (contiguous rows) ----------------------------------
+
+// x, y contiguous, viewed as (outer, n, inner); softmax along n.
+struct SoftmaxArgs {
+  const void* x;
+  void* y;
+  int dtype;
+  int64_t outer, n, inner;
+  int log;
+};
+
+int softmax_launch(const SoftmaxArgs& args, void* stream);
+
+// x, y contiguous (rows, n); weight/bias contiguous (n) or null; mean/rstd (rows).
+struct NormArgs {
+  const void* x;
+  void* y;
+  int dtype;
+  const void* weight;
+  int weight_dtype;
+  const void* bias;
+  int bias_dtype;
+  void* mean;  // null for rms_norm
+  void* rstd;
+  int stat_dtype;  // kF32, or kF64 for float64 inputs
+  int64_t rows, n;
+  double eps;
+  int rms;
+};
+
+int norm_launch(const NormArgs& args, void* stream);
+
+// ---- gather / scatter -----------------------------------------------------
+
+// For every position p of `sizes` (C order): with c = coordinates of p,
+//   gather:  out[p contiguous] = src[sum_d c_d * src_strides_d, with c_dim
+//            replaced by index[c . index_strides]]
+//   scatter: dst[same, with dst strides] (+)= src[c . src_strides]
+struct IndexArgs {
+  int ndim;
+  int64_t sizes[kMaxDims];
+  int dim;
+  int64_t dim_size;  // extent of dst/src along dim: index values outside [0, dim_size) are skipped
+  const void* index;
+  int index_dtype;
+  int64_t index_strides[kMaxDims];
+  void* dst;
+  int dst_dtype;
+  int64_t dst_strides[kMaxDims];
+  const void* src;
+  int src_dtype;
+  int64_t src_strides[kMaxDims];
+  int src_is_scalar;
+  double scalar_f;
+  int64_t scalar_i;
+  int accumulate;  // scatter: add instead of assign
+  int64_t numel;
+};
+
+int gather_launch(const IndexArgs& args, void* stream);
+int scatter_launch(const IndexArgs& args, void* stream);
+
+// ---- random (counter-based Philox4x32-10) ---------------------------------
+
+enum RandomKind : int { kUniform = 0, kNormal = 1, kRandint = 2, kBernoulliScaled = 3 };
+
+// Value v of the launch is lane v % 4 of Philox(key = seed, counter = offset / 4 + v / 4),
+// with seed = seed_ptr ? *seed_ptr : seed and offset = (offset_ptr ? *offset_ptr : 0) + offset.
+struct RandomArgs {
+  void* out;
+  int dtype;
+  int kind;
+  int64_t n;
+  uint64_t seed;
+  const void* seed_ptr;
+  uint64_t offset;
+  const void* offset_ptr;
+  double a, b;         // uniform [a, b); normal mean a, std b; bernoulli keep a, scale b
+  int64_t low, range;  // randint: low + (x mod range), range <= 2^32
+};
+
+int random_launch(const RandomArgs& args, void* stream);
+
+}  // namespace ops
+}  // namespace cutegrad

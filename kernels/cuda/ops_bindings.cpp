@@ -1,0 +1,482 @@
+// nanobind entry points of the CUDA C++ kernels other than GEMM (elementwise,
+// reductions, softmax, norms, gather/scatter, random, fused optimizers).
+//
+// Every entry validates its arguments (dtype codes, stride/shape ranks,
+// null pointers, overlapping outputs, unsupported combinations) and raises a
+// Python exception naming the mismatch before anything is launched; CUDA
+// errors of the launch raise RuntimeError naming the kernel.  Work is queued
+// on the stream handle passed in and never synchronised.  Shapes arrive
+// uncoalesced; this file merges dimensions so kernels see as few as possible.
+// The Python side is frontend/backends/cuda.py; argument contracts are in
+// docs/cuda_ops.md.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ops_args.h"
+
+namespace nb = nanobind;
+
+namespace cutegrad {
+namespace ops {
+namespace {
+
+using Dims = std::vector<int64_t>;
+
+[[noreturn]] void fail(const char* op, const std::string& msg) {
+  throw nb::value_error((std::string(op) + ": " + msg).c_str());
+}
+
+void check_cuda(int err, const char* kernel) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("cutegrad._C: launch of ") + kernel + " failed: " +
+                             cudaGetErrorName(static_cast<cudaError_t>(err)) + ": " +
+                             cudaGetErrorString(static_cast<cudaError_t>(err)));
+  }
+}
+
+void check_dtype(const char* op, int dtype, const char* what) {
+  if (dtype < 0 || dtype >= kNumDTypes)
+    fail(op, std::string(what) + " has an unknown dtype code " + std::to_string(dtype) + " (expected 0..9)");
+}
+
+void check_rank(const char* op, const Dims& strides, size_t ndim, const char* what) {
+  if (strides.size() != ndim)
+    fail(op, std::string(what) + " has " + std::to_string(strides.size()) + " strides for a " + std::to_string(ndim) +
+                 "-d shape");
+}
+
+void check_ptr(const char* op, uintptr_t p, const char* what) {
+  if (p == 0) fail(op, std::string(what) + " is a null pointer");
+}
+
+int64_t numel_of(const char* op, const Dims& shape) {
+  int64_t n = 1;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] < 0) fail(op, "negative extent " + std::to_string(shape[d]) + " in dimension " + std::to_string(d));
+    n *= shape[d];
+  }
+  return n;
+}
+
+void check_output(const char* op, const Dims& shape, const Dims& strides) {
+  for (size_t d = 0; d < shape.size(); ++d)
+    if (shape[d] > 1 && strides[d] == 0)
+      fail(op, "output has stride 0 in dimension " + std::to_string(d) + " of extent " + std::to_string(shape[d]) +
+                   ": its elements would overlap");
+}
+
+void check_compute(const char* op, int compute) {
+  if (compute < kComputeF32 || compute > kComputeI64)
+    fail(op, "unknown compute type " + std::to_string(compute) + " (expected 0 fp32, 1 fp64, 2 int64)");
+}
+
+// Dimensions of one iteration space with the strides of several operands;
+// drops extent-1 dimensions and merges neighbours contiguous for every operand.
+struct Space {
+  int ndim = 0;
+  int64_t sizes[kMaxDims];
+  int64_t* strides[4];  // operand k's strides, filled in place
+};
+
+void coalesce(const char* op, const Dims& shape, const std::vector<const Dims*>& in_strides, int64_t* out_sizes,
+              int64_t* const* out_strides, int* out_ndim) {
+  const size_t n_ops = in_strides.size();
+  int64_t sizes[64];
+  int64_t st[4][64];
+  if (shape.size() > 64) fail(op, "more than 64 dimensions");
+  int nd = 0;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    if (shape[d] == 1) continue;
+    sizes[nd] = shape[d];
+    for (size_t k = 0; k < n_ops; ++k) st[k][nd] = (*in_strides[k])[d];
+    ++nd;
+  }
+  // merge from the innermost dimension outwards
+  int64_t msizes[64];
+  int64_t mst[4][64];
+  int m = 0;
+  for (int d = nd - 1; d >= 0; --d) {
+    bool merge = m > 0;
+    for (size_t k = 0; merge && k < n_ops; ++k) merge = st[k][d] == mst[k][m - 1] * msizes[m - 1];
+    if (merge) {
+      msizes[m - 1] *= sizes[d];
+    } else {
+      msizes[m] = sizes[d];
+      for (size_t k = 0; k < n_ops; ++k) mst[k][m] = st[k][d];
+      ++m;
+    }
+  }
+  if (m > kMaxDims)
+    fail(op, "needs " + std::to_string(m) + " dimensions after merging contiguous ones; at most " +
+                 std::to_string(kMaxDims) + " are supported (make an operand contiguous first)");
+  for (int i = 0; i < m; ++i) {
+    out_sizes[i] = msizes[m - 1 - i];
+    for (size_t k = 0; k < n_ops; ++k) out_strides[k][i] = mst[k][m - 1 - i];
+  }
+  *out_ndim = m;
+}
+
+void set_scalar(Operand& op, nb::handle v, const char* opname, const char* what) {
+  op.is_scalar = 1;
+  op.data = nullptr;
+  if (PyBool_Check(v.ptr())) {
+    op.scalar_i = v.ptr() == Py_True ? 1 : 0;
+    op.scalar_f = static_cast<double>(op.scalar_i);
+  } else if (PyLong_Check(v.ptr())) {
+    int overflow = 0;
+    long long i = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+    if (overflow) fail(opname, std::string(what) + " does not fit in int64");
+    op.scalar_i = i;
+    op.scalar_f = static_cast<double>(i);
+  } else if (PyFloat_Check(v.ptr())) {
+    op.scalar_f = PyFloat_AsDouble(v.ptr());
+    double f = op.scalar_f;
+    op.scalar_i = (f == f && f > -9.2e18 && f < 9.2e18) ? static_cast<int64_t>(f) : 0;
+  } else {
+    fail(opname, std::string(what) + " must be a tensor or a Python number");
+  }
+}
+
+// ---- elementwise ----------------------------------------------------------
+
+const char* family_name(int f) {
+  switch (f) {
+    case kUnary: return "unary";
+    case kBinary: return "binary";
+    case kWhere: return "where";
+    case kClamp: return "clamp";
+    case kActBackward: return "act_backward";
+    case kCopy: return "copy";
+    default: return "arange";
+  }
+}
+
+// Operand k: dtype -1 absent, -2 a Python scalar in `scalar`; else a tensor at ptr with strides.
+void elementwise(int family, int code, int compute, const Dims& shape, uintptr_t out, int out_dtype,
+                 const Dims& out_strides, uintptr_t x, int x_dtype, const Dims& x_strides, nb::handle x_scalar,
+                 uintptr_t y, int y_dtype, const Dims& y_strides, nb::handle y_scalar, uintptr_t z, int z_dtype,
+                 const Dims& z_strides, nb::handle z_scalar, nb::handle lo, nb::handle hi, uintptr_t stream) {
+  if (family < kUnary || family > kArange) throw nb::value_error(("elementwise: unknown family " + std::to_string(family)).c_str());
+  const char* op = family_name(family);
+  const int expected_inputs[] = {1, 2, 3, 1, 2, 1, 0};
+  if (family == kUnary && !(code >= 0 && code < 28)) fail(op, "unknown unary code " + std::to_string(code));
+  if (family == kBinary && !(code >= 100 && code < 119)) fail(op, "unknown binary code " + std::to_string(code));
+  if (family == kActBackward && code != 9 && code != 10 && code != 11)
+    fail(op, "no backward rule for activation code " + std::to_string(code) + " (GELU, GELU_TANH, SILU only)");
+  check_compute(op, compute);
+  if ((family == kActBackward) && compute == kComputeI64) fail(op, "needs a floating compute type");
+  check_dtype(op, out_dtype, "output");
+  check_rank(op, out_strides, shape.size(), "output");
+  const int64_t numel = numel_of(op, shape);
+  check_output(op, shape, out_strides);
+
+  ElementwiseArgs a{};
+  a.family = family;
+  a.code = code;
+  a.compute = compute;
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.numel = numel;
+  const uintptr_t ptrs[3] = {x, y, z};
+  const int dtypes[3] = {x_dtype, y_dtype, z_dtype};
+  const Dims* strides[3] = {&x_strides, &y_strides, &z_strides};
+  const nb::handle scalars[3] = {x_scalar, y_scalar, z_scalar};
+  const char* names[3] = {"first input", "second input", "third input"};
+  std::vector<const Dims*> tensor_strides{&out_strides};
+  int64_t* strides_out[4] = {a.out_strides, nullptr, nullptr, nullptr};
+  int nin = 0;
+  for (int k = 0; k < 3; ++k) {
+    if (dtypes[k] == -1) break;
+    Operand& o = a.in[k];
+    ++nin;
+    if (dtypes[k] == -2) {
+      set_scalar(o, scalars[k], op, names[k]);
+      o.dtype = -2;
+      continue;
+    }
+    check_dtype(op, dtypes[k], names[k]);
+    check_rank(op, *strides[k], shape.size(), names[k]);
+    if (numel) check_ptr(op, ptrs[k], names[k]);
+    o.data = reinterpret_cast<const void*>(ptrs[k]);
+    o.dtype = dtypes[k];
+    strides_out[tensor_strides.size()] = o.strides;
+    tensor_strides.push_back(strides[k]);
+  }
+  if (nin != expected_inputs[family])
+    fail(op, "expects " + std::to_string(expected_inputs[family]) + " inputs, got " + std::to_string(nin));
+  a.nin = nin;
+  if (family == kClamp) {
+    a.has_lo = !lo.is_none();
+    a.has_hi = !hi.is_none();
+    Operand tmp{};
+    if (a.has_lo) { set_scalar(tmp, lo, op, "min"); a.p0 = tmp.scalar_f; a.i0 = tmp.scalar_i; }
+    if (a.has_hi) { set_scalar(tmp, hi, op, "max"); a.p1 = tmp.scalar_f; a.i1 = tmp.scalar_i; }
+  } else if (family == kArange) {
+    Operand tmp{};
+    set_scalar(tmp, lo, op, "start");
+    a.p0 = tmp.scalar_f; a.i0 = tmp.scalar_i;
+    set_scalar(tmp, hi, op, "step");
+    a.p1 = tmp.scalar_f; a.i1 = tmp.scalar_i;
+    if (shape.size() != 1 || out_strides[0] != 1) fail(op, "output must be 1-d and contiguous");
+  }
+  if (numel == 0) return;
+  check_ptr(op, out, "output");
+  if (family == kArange) {
+    a.ndim = 1;
+    a.sizes[0] = numel;
+    a.out_strides[0] = 1;
+  } else {
+    coalesce(op, shape, tensor_strides, a.sizes, strides_out, &a.ndim);
+  }
+  check_cuda(elementwise_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+// ---- reductions -----------------------------------------------------------
+
+void reduce(int code, int compute, uintptr_t x, int x_dtype, const Dims& shape, const Dims& strides,
+            const std::vector<int>& dims, uintptr_t out, int out_dtype, double correction, uintptr_t stream) {
+  const char* op = "reduce";
+  const bool known = (code >= kSum && code <= kArgMin) || code == kVar || code == kLogSumExp;
+  if (!known) fail(op, "unknown reduction code " + std::to_string(code));
+  check_compute(op, compute);
+  if ((code == kVar || code == kLogSumExp) && compute == kComputeI64) fail(op, "var/logsumexp need a floating compute type");
+  check_dtype(op, x_dtype, "input");
+  check_dtype(op, out_dtype, "output");
+  if ((code == kArgMax || code == kArgMin) && out_dtype != kI64) fail(op, "argmax/argmin write int64 indices");
+  check_rank(op, strides, shape.size(), "input");
+  numel_of(op, shape);
+  std::vector<bool> reduced(shape.size(), false);
+  for (int d : dims) {
+    if (d < 0 || d >= static_cast<int>(shape.size()))
+      fail(op, "dimension " + std::to_string(d) + " out of range for a " + std::to_string(shape.size()) + "-d input");
+    if (reduced[d]) fail(op, "dimension " + std::to_string(d) + " listed twice");
+    reduced[d] = true;
+  }
+  Dims kept_shape, kept_strides, red_shape, red_strides;
+  for (size_t d = 0; d < shape.size(); ++d) {
+    (reduced[d] ? red_shape : kept_shape).push_back(shape[d]);
+    (reduced[d] ? red_strides : kept_strides).push_back(strides[d]);
+  }
+  ReduceArgs a{};
+  a.in = reinterpret_cast<const void*>(x);
+  a.in_dtype = x_dtype;
+  a.out = reinterpret_cast<void*>(out);
+  a.out_dtype = out_dtype;
+  a.code = code;
+  a.compute = compute;
+  a.correction = correction;
+  a.n_out = numel_of(op, kept_shape);
+  a.n_reduce = numel_of(op, red_shape);
+  if (a.n_out == 0) return;
+  if (a.n_reduce == 0 && (code == kMax || code == kMin || code == kArgMax || code == kArgMin))
+    fail(op, "max/min/argmax/argmin of an empty reduction has no identity");
+  check_ptr(op, out, "output");
+  if (a.n_reduce) check_ptr(op, x, "input");
+  int64_t* ks[1] = {a.kept_strides};
+  int64_t* rs[1] = {a.red_strides};
+  coalesce(op, kept_shape, {&kept_strides}, a.kept_sizes, ks, &a.n_kept);
+  coalesce(op, red_shape, {&red_strides}, a.red_sizes, rs, &a.n_red);
+  auto inner_stride = [](int n, const int64_t* st) { return n ? (st[n - 1] < 0 ? -st[n - 1] : st[n - 1]) : INT64_MAX; };
+  a.inner = a.n_red > 0 && inner_stride(a.n_red, a.red_strides) <= inner_stride(a.n_kept, a.kept_strides);
+  check_cuda(reduce_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+// ---- softmax and norms ----------------------------------------------------
+
+void check_float_dtype(const char* op, int dtype, const char* what) {
+  if (dtype != kF16 && dtype != kBF16 && dtype != kF32 && dtype != kF64)
+    fail(op, std::string(what) + " must be float16, bfloat16, float32 or float64 (dtype code " +
+                 std::to_string(dtype) + ")");
+}
+
+void softmax(uintptr_t x, uintptr_t y, int dtype, int64_t outer, int64_t n, int64_t inner, bool log, uintptr_t stream) {
+  const char* op = log ? "log_softmax" : "softmax";
+  check_float_dtype(op, dtype, "input");
+  if (outer < 0 || n < 0 || inner < 0) fail(op, "negative extent");
+  if (outer * n * inner == 0) return;
+  check_ptr(op, x, "input");
+  check_ptr(op, y, "output");
+  SoftmaxArgs a{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), dtype, outer, n, inner, log ? 1 : 0};
+  check_cuda(softmax_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+void norm(uintptr_t x, uintptr_t y, int dtype, int64_t rows, int64_t n, uintptr_t weight, int weight_dtype,
+          uintptr_t bias, int bias_dtype, uintptr_t mean, uintptr_t rstd, int stat_dtype, double eps, bool rms,
+          uintptr_t stream) {
+  const char* op = rms ? "rms_norm" : "layer_norm";
+  check_float_dtype(op, dtype, "input");
+  check_float_dtype(op, stat_dtype, "statistics");
+  if (weight) check_float_dtype(op, weight_dtype, "weight");
+  if (bias) check_float_dtype(op, bias_dtype, "bias");
+  if (rms && bias) fail(op, "rms_norm takes no bias");
+  if (rows < 0 || n < 0) fail(op, "negative extent");
+  if (rows == 0) return;
+  if (n == 0) fail(op, "normalized shape has no elements");
+  check_ptr(op, x, "input");
+  check_ptr(op, y, "output");
+  check_ptr(op, rstd, "rstd");
+  if (!rms) check_ptr(op, mean, "mean");
+  NormArgs a{};
+  a.x = reinterpret_cast<const void*>(x);
+  a.y = reinterpret_cast<void*>(y);
+  a.dtype = dtype;
+  a.weight = reinterpret_cast<const void*>(weight);
+  a.weight_dtype = weight_dtype;
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.bias_dtype = bias_dtype;
+  a.mean = rms ? nullptr : reinterpret_cast<void*>(mean);
+  a.rstd = reinterpret_cast<void*>(rstd);
+  a.stat_dtype = stat_dtype;
+  a.rows = rows;
+  a.n = n;
+  a.eps = eps;
+  a.rms = rms ? 1 : 0;
+  check_cuda(norm_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+// ---- gather / scatter -----------------------------------------------------
+
+void fill_index_args(const char* op, IndexArgs& a, const Dims& shape, int dim, int64_t dim_size, uintptr_t index,
+                     int index_dtype, const Dims& index_strides, const Dims& src_strides, const Dims& dst_strides) {
+  if (shape.size() > static_cast<size_t>(kMaxDims))
+    fail(op, std::to_string(shape.size()) + " dimensions; at most " + std::to_string(kMaxDims) + " are supported");
+  if (dim < 0 || dim >= static_cast<int>(shape.size()))
+    fail(op, "dim " + std::to_string(dim) + " out of range for " + std::to_string(shape.size()) + " dimensions");
+  if (index_dtype != kI64 && index_dtype != kI32 && index_dtype != kI16 && index_dtype != kI8 && index_dtype != kU8)
+    fail(op, "index must be an integer tensor (dtype code " + std::to_string(index_dtype) + ")");
+  check_rank(op, index_strides, shape.size(), "index");
+  check_rank(op, dst_strides, shape.size(), "destination");
+  a.numel = numel_of(op, shape);
+  a.ndim = static_cast<int>(shape.size());
+  for (size_t d = 0; d < shape.size(); ++d) {
+    a.sizes[d] = shape[d];
+    a.index_strides[d] = index_strides[d];
+    a.dst_strides[d] = dst_strides[d];
+    a.src_strides[d] = src_strides.empty() ? 0 : src_strides[d];
+  }
+  a.dim = dim;
+  a.dim_size = dim_size;
+  a.index = reinterpret_cast<const void*>(index);
+  a.index_dtype = index_dtype;
+  if (a.numel) check_ptr(op, index, "index");
+}
+
+void gather(const Dims& shape, int dim, int64_t dim_size, uintptr_t index, int index_dtype, const Dims& index_strides,
+            uintptr_t src, int src_dtype, const Dims& src_strides, uintptr_t dst, int dst_dtype, const Dims& dst_strides,
+            uintptr_t stream) {
+  const char* op = "gather";
+  IndexArgs a{};
+  check_dtype(op, src_dtype, "source");
+  check_dtype(op, dst_dtype, "destination");
+  if (src_dtype != dst_dtype) fail(op, "source and destination dtypes differ");
+  check_rank(op, src_strides, shape.size(), "source");
+  fill_index_args(op, a, shape, dim, dim_size, index, index_dtype, index_strides, src_strides, dst_strides);
+  check_output(op, shape, dst_strides);
+  if (!a.numel) return;
+  check_ptr(op, dst, "destination");
+  if (dim_size) check_ptr(op, src, "source");
+  a.src = reinterpret_cast<const void*>(src);
+  a.src_dtype = src_dtype;
+  a.dst = reinterpret_cast<void*>(dst);
+  a.dst_dtype = dst_dtype;
+  check_cuda(gather_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+// src_dtype -2: `scalar` is written (or added) at every position.
+void scatter(const Dims& shape, int dim, int64_t dim_size, uintptr_t index, int index_dtype, const Dims& index_strides,
+             uintptr_t src, int src_dtype, const Dims& src_strides, nb::handle scalar, uintptr_t dst, int dst_dtype,
+             const Dims& dst_strides, bool accumulate, uintptr_t stream) {
+  const char* op = accumulate ? "scatter_add" : "scatter";
+  IndexArgs a{};
+  check_dtype(op, dst_dtype, "destination");
+  if (accumulate && !(dst_dtype == kF32 || dst_dtype == kF64 || dst_dtype == kF16 || dst_dtype == kBF16 ||
+                      dst_dtype == kI32 || dst_dtype == kI64))
+    fail(op, "accumulation supports float16/bfloat16/float32/float64/int32/int64 destinations (dtype code " +
+                 std::to_string(dst_dtype) + ")");
+  if (src_dtype == -2) {
+    Operand tmp{};
+    set_scalar(tmp, scalar, op, "value");
+    a.src_is_scalar = 1;
+    a.scalar_f = tmp.scalar_f;
+    a.scalar_i = tmp.scalar_i;
+    fill_index_args(op, a, shape, dim, dim_size, index, index_dtype, index_strides, Dims(), dst_strides);
+  } else {
+    check_dtype(op, src_dtype, "source");
+    check_rank(op, src_strides, shape.size(), "source");
+    fill_index_args(op, a, shape, dim, dim_size, index, index_dtype, index_strides, src_strides, dst_strides);
+    if (a.numel) check_ptr(op, src, "source");
+  }
+  if (!a.numel) return;
+  if (dim_size) check_ptr(op, dst, "destination");
+  a.src = reinterpret_cast<const void*>(src);
+  a.src_dtype = src_dtype;
+  a.dst = reinterpret_cast<void*>(dst);
+  a.dst_dtype = dst_dtype;
+  a.accumulate = accumulate ? 1 : 0;
+  check_cuda(scatter_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+// ---- random ---------------------------------------------------------------
+
+void random_tensor(int kind, uintptr_t out, int dtype, int64_t n, uint64_t seed, uintptr_t seed_ptr, uint64_t offset,
+            uintptr_t offset_ptr, double a_, double b_, int64_t low, int64_t range, uintptr_t stream) {
+  const char* op = "random";
+  if (kind < kUniform || kind > kBernoulliScaled) fail(op, "unknown kind " + std::to_string(kind));
+  check_dtype(op, dtype, "output");
+  if (n < 0) fail(op, "negative element count");
+  if (offset % 4) fail(op, "Philox offset must be a multiple of 4, got " + std::to_string(offset));
+  if (kind == kRandint && (range <= 0 || range > (int64_t(1) << 32)))
+    fail(op, "randint range must be in [1, 2^32], got " + std::to_string(range));
+  if (seed_ptr % 8 || offset_ptr % 8) fail(op, "seed/offset pointers must be 8-byte aligned");
+  if (n == 0) return;
+  check_ptr(op, out, "output");
+  RandomArgs a{};
+  a.out = reinterpret_cast<void*>(out);
+  a.dtype = dtype;
+  a.kind = kind;
+  a.n = n;
+  a.seed = seed;
+  a.seed_ptr = reinterpret_cast<const void*>(seed_ptr);
+  a.offset = offset;
+  a.offset_ptr = reinterpret_cast<const void*>(offset_ptr);
+  a.a = a_;
+  a.b = b_;
+  a.low = low;
+  a.range = range;
+  check_cuda(random_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+}  // namespace
+}  // namespace ops
+}  // namespace cutegrad
+
+namespace cutegrad {
+// The hook module.cpp calls while building the module (declared weak there).
+void register_ops(nb::module_& m) {
+  using namespace cutegrad::ops;
+  m.def("elementwise", &elementwise, nb::arg("family"), nb::arg("code"), nb::arg("compute"), nb::arg("shape"),
+        nb::arg("out"), nb::arg("out_dtype"), nb::arg("out_strides"), nb::arg("x"), nb::arg("x_dtype"),
+        nb::arg("x_strides"), nb::arg("x_scalar").none(), nb::arg("y"), nb::arg("y_dtype"), nb::arg("y_strides"),
+        nb::arg("y_scalar").none(), nb::arg("z"), nb::arg("z_dtype"), nb::arg("z_strides"), nb::arg("z_scalar").none(),
+        nb::arg("lo").none(), nb::arg("hi").none(), nb::arg("stream"),
+        "out = f(x, y, z) elementwise with broadcasting strides (family, code, compute, shape, out, out_dtype, "
+        "out_strides, then ptr, dtype, strides, scalar for each input, lo, hi, stream).");
+  m.def("reduce", &reduce, "Reduce input over `dims` into a contiguous output (code, compute, ...).");
+  m.def("softmax", &softmax, "softmax/log_softmax of a contiguous (outer, n, inner) tensor along n.");
+  m.def("norm", &norm, "layer_norm / rms_norm forward of contiguous (rows, n) with per-row statistics.");
+  m.def("gather", &gather, "dst[p] = src[p with coordinate dim := index[p]].");
+  m.def("scatter", &scatter, nb::arg("shape"), nb::arg("dim"), nb::arg("dim_size"), nb::arg("index"),
+        nb::arg("index_dtype"), nb::arg("index_strides"), nb::arg("src"), nb::arg("src_dtype"), nb::arg("src_strides"),
+        nb::arg("scalar").none(), nb::arg("dst"), nb::arg("dst_dtype"), nb::arg("dst_strides"), nb::arg("accumulate"),
+        nb::arg("stream"), "dst[p with coordinate dim := index[p]] (+)= src[p] or a scalar.");
+  m.def("random", &random_tensor, "Philox random tensor (uniform, normal, randint, scaled Bernoulli mask).");
+}
+
+}  // namespace cutegrad

@@ -1,0 +1,262 @@
+// Reductions over any set of dimensions: sum, mean, prod, max, min, any, all,
+// argmax, argmin, var (Welford) and logsumexp (online max + rescaled sum).
+//
+// Design: the bindings split the input's dimensions into kept and reduced
+// groups and merge contiguous dimensions inside each group, so an output
+// index o and a reduction index r (both C-order, so argmax returns the flat
+// index torch returns) each map to an input offset through at most a few
+// multiply-adds.  One block of 256 threads covers several outputs:
+//  * inner mode (reduced dims are the fastest in memory): threadIdx.x walks r
+//    (coalesced along the row), threadIdx.y picks the output;
+//  * outer mode (kept dims are the fastest): threadIdx.x picks consecutive
+//    outputs (coalesced across outputs), threadIdx.y splits r.
+// The r-lanes of one output combine through shared memory.  Accumulation is
+// fp32 for half and fp32 inputs, fp64 for fp64, int64 for integer sums.
+// Lanes visit r in increasing order and ties combine towards the lower
+// index, so argmax/argmin return the first extremum; NaN counts as the
+// extremum and propagates through max/min, as in NumPy.
+//
+// AOT specializations: sum/mean/prod (fp32, fp64, int64 accumulators),
+// max/min (fp32, fp64, int64), any/all, argmax/argmin (fp32, fp64, int64),
+// var and logsumexp (fp32, fp64).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "dtype_access.h"
+#include "ops_args.h"
+
+namespace cutegrad {
+namespace ops {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename C> struct SumOp {
+  using Acc = C;
+  __device__ static Acc init() { return C(0); }
+  __device__ static Acc step(Acc a, C v, int64_t) { return a + v; }
+  __device__ static Acc combine(Acc a, Acc b) { return a + b; }
+  __device__ static void store(const ReduceArgs& r, int64_t o, Acc a) {
+    if (r.code == kMean) store_from<C>(r.out, r.out_dtype, o, a / static_cast<C>(r.n_reduce));
+    else store_from<C>(r.out, r.out_dtype, o, a);
+  }
+};
+
+template <typename C> struct ProdOp {
+  using Acc = C;
+  __device__ static Acc init() { return C(1); }
+  __device__ static Acc step(Acc a, C v, int64_t) { return a * v; }
+  __device__ static Acc combine(Acc a, Acc b) { return a * b; }
+  __device__ static void store(const ReduceArgs& r, int64_t o, Acc a) { store_from<C>(r.out, r.out_dtype, o, a); }
+};
+
+template <typename C> __device__ __forceinline__ C lowest() {
+  if constexpr (std::is_floating_point<C>::value) return -m_inf<C>(); else return INT64_MIN;
+}
+template <typename C> __device__ __forceinline__ C highest() {
+  if constexpr (std::is_floating_point<C>::value) return m_inf<C>(); else return INT64_MAX;
+}
+
+// a "beats" b for max (is_max) or min; NaN beats everything.
+template <typename C> __device__ __forceinline__ bool beats(C a, C b, bool is_max) {
+  if (m_isnan(a)) return !m_isnan(b);
+  if (m_isnan(b)) return false;
+  return is_max ? a > b : a < b;
+}
+
+template <typename C, bool IsMax> struct ExtremumOp {
+  using Acc = C;
+  __device__ static Acc init() { return IsMax ? lowest<C>() : highest<C>(); }
+  __device__ static Acc step(Acc a, C v, int64_t) { return beats(v, a, IsMax) ? v : a; }
+  __device__ static Acc combine(Acc a, Acc b) { return beats(b, a, IsMax) ? b : a; }
+  __device__ static void store(const ReduceArgs& r, int64_t o, Acc a) { store_from<C>(r.out, r.out_dtype, o, a); }
+};
+
+template <typename C, bool IsAll> struct LogicalOp {
+  using Acc = int;
+  __device__ static Acc init() { return IsAll ? 1 : 0; }
+  __device__ static Acc step(Acc a, C v, int64_t) { return IsAll ? (a && v != C(0)) : (a || v != C(0)); }
+  __device__ static Acc combine(Acc a, Acc b) { return IsAll ? (a && b) : (a || b); }
+  __device__ static void store(const ReduceArgs& r, int64_t o, Acc a) { store_from<int64_t>(r.out, r.out_dtype, o, a); }
+};
+
+template <typename C> struct ValIdx {
+  C val;
+  int64_t idx;  // -1: nothing seen yet
+};
+
+template <typename C, bool IsMax> struct ArgOp {
+  using Acc = ValIdx<C>;
+  __device__ static Acc init() { return Acc{C(0), -1}; }
+  __device__ static Acc step(Acc a, C v, int64_t r) {
+    if (a.idx < 0 || beats(v, a.val, IsMax)) return Acc{v, r};
+    return a;
+  }
+  __device__ static Acc combine(Acc a, Acc b) {
+    if (b.idx < 0) return a;
+    if (a.idx < 0) return b;
+    if (beats(b.val, a.val, IsMax)) return b;
+    if (beats(a.val, b.val, IsMax)) return a;
+    return b.idx < a.idx ? b : a;  // equal (or both NaN): the first occurrence
+  }
+  __device__ static void store(const ReduceArgs& r, int64_t o, Acc a) { static_cast<int64_t*>(r.out)[o] = a.idx; }
+};
+
+template <typename C> struct Welford {
+  C n, mean, m2;
+};
+
+template <typename C> struct VarOp {
+  using Acc = Welford<C>;
+  __device__ static Acc init() { return Acc{C(0), C(0), C(0)}; }
+  __device__ static Acc step(Acc a, C v, int64_t) {
+    a.n += C(1);
+    C d = v - a.mean;
+    a.mean += d / a.n;
+    a.m2 += d * (v - a.mean);
+    return a;
+  }
+  __device__ static Acc combine(Acc a, Acc b) {
+    if (b.n == C(0)) return a;
+    if (a.n == C(0)) return b;
+    C n = a.n + b.n;
+    C d = b.mean - a.mean;
+    return Acc{n, a.mean + d * (b.n / n), a.m2 + b.m2 + d * d * (a.n * b.n / n)};
+  }
+  __device__ static void store(const ReduceArgs& r, int64_t o, Acc a) {
+    C denom = a.n - static_cast<C>(r.correction);
+    if (denom < C(0)) denom = C(0);
+    store_from<C>(r.out, r.out_dtype, o, a.m2 / denom);
+  }
+};
+
+template <typename C> struct MaxSum {
+  C m, s;
+};
+
+// Online logsumexp; infinities and NaN follow the CPU reference (max taken as
+// 0 when it is not finite): +inf -> +inf, all -inf -> -inf, NaN -> NaN.
+template <typename C> struct LseOp {
+  using Acc = MaxSum<C>;
+  __device__ static Acc init() { return Acc{-m_inf<C>(), C(0)}; }
+  __device__ static Acc step(Acc a, C v, int64_t) { return combine(a, Acc{v, C(1)}); }
+  __device__ static Acc combine(Acc a, Acc b) {
+    if (m_isnan(a.m) || m_isnan(b.m)) return Acc{a.m + b.m, C(1)};
+    if (a.m == m_inf<C>() || b.m == m_inf<C>()) return Acc{m_inf<C>(), C(1)};
+    if (b.m == -m_inf<C>()) return a;
+    if (a.m == -m_inf<C>()) return b;
+    if (a.m >= b.m) return Acc{a.m, a.s + b.s * m_exp(b.m - a.m)};
+    return Acc{b.m, b.s + a.s * m_exp(a.m - b.m)};
+  }
+  __device__ static void store(const ReduceArgs& r, int64_t o, Acc a) {
+    C v = (m_isnan(a.m) || m_fabs(a.m) == m_inf<C>()) ? a.m : a.m + m_log(a.s);
+    store_from<C>(r.out, r.out_dtype, o, v);
+  }
+};
+
+__device__ __forceinline__ int64_t offset_of(int64_t idx, int n, const int64_t* sizes, const int64_t* strides) {
+  int64_t off = 0;
+  for (int d = n - 1; d >= 0; --d) {
+    const int64_t c = idx % sizes[d];
+    idx /= sizes[d];
+    off += c * strides[d];
+  }
+  return off;
+}
+
+template <typename Op, typename C>
+__global__ void __launch_bounds__(kThreads) reduce_kernel(const ReduceArgs a) {
+  using Acc = typename Op::Acc;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Acc* sm = reinterpret_cast<Acc*>(smem_raw);
+  const int r_lane = a.inner ? threadIdx.x : threadIdx.y;
+  const int r_threads = a.inner ? blockDim.x : blockDim.y;
+  const int o_lane = a.inner ? threadIdx.y : threadIdx.x;
+  const int o_threads = a.inner ? blockDim.y : blockDim.x;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const int r_step = a.inner ? 1 : blockDim.x;  // distance in sm between neighbouring r-lanes
+  for (int64_t o0 = static_cast<int64_t>(blockIdx.x) * o_threads; o0 < a.n_out;
+       o0 += static_cast<int64_t>(gridDim.x) * o_threads) {
+    const int64_t o = o0 + o_lane;
+    Acc acc = Op::init();
+    if (o < a.n_out) {
+      const int64_t base = offset_of(o, a.n_kept, a.kept_sizes, a.kept_strides);
+      if (a.n_red == 1) {
+        const int64_t st = a.red_strides[0];
+        for (int64_t r = r_lane; r < a.n_reduce; r += r_threads)
+          acc = Op::step(acc, load_as<C>(a.in, a.in_dtype, base + r * st), r);
+      } else {
+        for (int64_t r = r_lane; r < a.n_reduce; r += r_threads)
+          acc = Op::step(acc, load_as<C>(a.in, a.in_dtype, base + offset_of(r, a.n_red, a.red_sizes, a.red_strides)), r);
+      }
+    }
+    sm[tid] = acc;
+    __syncthreads();
+    for (int s = r_threads / 2; s > 0; s >>= 1) {
+      if (r_lane < s) sm[tid] = Op::combine(sm[tid], sm[tid + s * r_step]);
+      __syncthreads();
+    }
+    if (r_lane == 0 && o < a.n_out) Op::store(a, o, sm[tid]);
+    __syncthreads();
+  }
+}
+
+int pow2_at_most(int64_t v, int cap) {
+  int p = 1;
+  while (p < cap && p < v) p <<= 1;
+  return p;
+}
+
+template <typename Op, typename C>
+int launch(const ReduceArgs& a, cudaStream_t s) {
+  dim3 block;
+  int o_threads;
+  if (a.inner) {
+    const int r_threads = pow2_at_most(a.n_reduce, kThreads);
+    o_threads = kThreads / r_threads;
+    block = dim3(r_threads, o_threads);
+  } else {
+    o_threads = pow2_at_most(a.n_out, 32);
+    block = dim3(o_threads, kThreads / o_threads);
+  }
+  int64_t blocks = (a.n_out + o_threads - 1) / o_threads;
+  const int64_t cap = int64_t(1) << 20;
+  if (blocks > cap) blocks = cap;
+  if (blocks < 1) blocks = 1;
+  reduce_kernel<Op, C><<<static_cast<unsigned>(blocks), block, kThreads * sizeof(typename Op::Acc), s>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename C>
+int launch_by_code(const ReduceArgs& a, cudaStream_t s) {
+  switch (a.code) {
+    case kSum: case kMean: return launch<SumOp<C>, C>(a, s);
+    case kProd: return launch<ProdOp<C>, C>(a, s);
+    case kMax: return launch<ExtremumOp<C, true>, C>(a, s);
+    case kMin: return launch<ExtremumOp<C, false>, C>(a, s);
+    case kAny: return launch<LogicalOp<C, false>, C>(a, s);
+    case kAll: return launch<LogicalOp<C, true>, C>(a, s);
+    case kArgMax: return launch<ArgOp<C, true>, C>(a, s);
+    case kArgMin: return launch<ArgOp<C, false>, C>(a, s);
+    default:
+      if constexpr (std::is_floating_point<C>::value) {
+        if (a.code == kVar) return launch<VarOp<C>, C>(a, s);
+        return launch<LseOp<C>, C>(a, s);
+      }
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+int reduce_launch(const ReduceArgs& a, void* stream) {
+  if (a.n_out == 0) return cudaSuccess;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.compute == kComputeF32) return launch_by_code<float>(a, s);
+  if (a.compute == kComputeF64) return launch_by_code<double>(a, s);
+  return launch_by_code<int64_t>(a, s);
+}
+
+}  // namespace ops
+}  // namespace cutegrad

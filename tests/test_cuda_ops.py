@@ -1,0 +1,630 @@
+"""Every compute kernel of the CUDA backend against the CPU backend.
+
+Each kernel is called through the registry on CUDA tensors and on CPU
+tensors with the same arguments: dtype and shape must match the CPU backend
+on the same dtype, and values must match the CPU backend run in float64 on
+the same (already rounded) inputs, within a tolerance of the output dtype.
+Every output the CUDA backend allocates is first filled with 0xFF bytes (NaN
+for floats, -1 for integers), so an element a kernel does not write fails.
+Shapes include 0-d, extent-1, odd and empty extents and non-contiguous views.
+"""
+import math
+
+import numpy as np
+import pytest
+
+import cutegrad
+from cutegrad import dtypes as dt
+from cutegrad.device import CPU, CUDA
+from cutegrad.dispatch import kernel, KERNELS, has_impl
+from cutegrad.ops import codes as C
+
+
+def _gpu_skip_reason():
+    try:
+        import cutegrad.cuda as cuda
+        if not cuda.is_available():
+            return "needs a CUDA GPU and driver"
+        from cutegrad import _C
+    except Exception as exc:  # no driver library, or the extension is not built
+        return f"needs a CUDA GPU and cutegrad._C: {type(exc).__name__}: {exc}"
+    if not hasattr(_C, "elementwise"):
+        return "cutegrad._C was built without the CUDA op kernels"
+    return None
+
+
+_SKIP = _gpu_skip_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
+
+FLOATS = [dt.float32, dt.bfloat16, dt.float16]
+# relative tolerance of a result of each dtype (about two units in the last place)
+TOL = {dt.float32: 3e-6, dt.bfloat16: 1.6e-2, dt.float16: 2e-3, dt.float64: 1e-12}
+STORAGE_KERNELS = {"empty", "full", "from_numpy", "to_device"}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    from cutegrad.backends import cuda as backend
+    backend.set_poison_outputs(True)
+    yield
+    backend.set_poison_outputs(False)
+
+
+TESTED = set()
+
+
+def impl(name, backend):
+    TESTED.add(name)
+    return kernel(name).impl[backend]
+
+
+def rand(rng, shape, dtype, lo=-3.0, hi=3.0):
+    """A CPU tensor of dtype with values drawn in [lo, hi) (rounded to dtype)."""
+    if dtype.is_floating_point:
+        vals = rng.uniform(lo, hi, size=shape)
+    elif dtype is dt.bool_:
+        vals = rng.integers(0, 2, size=shape).astype(bool)
+    else:
+        vals = rng.integers(int(lo), int(hi) + 1, size=shape)
+    return cutegrad.tensor(np.asarray(vals), dtype=dtype)
+
+
+def cuda_of(t):
+    return t.to("cuda") if isinstance(t, cutegrad.Tensor) else t
+
+
+def f64(v):
+    """CPU float64 twin of a float tensor or float dtype argument; anything else unchanged."""
+    if isinstance(v, cutegrad.Tensor):
+        return v.to(dt.float64) if v.dtype.is_floating_point else v
+    if isinstance(v, dt.DType):
+        return dt.float64 if v.is_floating_point else v
+    return v
+
+
+def values(t):
+    arr = t.cpu().numpy()
+    return arr.astype(np.float64) if arr.dtype != bool else arr
+
+
+def assert_close(got, ref, dtype, scale=None):
+    g = values(got)
+    r = values(ref)
+    assert g.shape == r.shape, (g.shape, r.shape)
+    if dtype is None or not dtype.is_floating_point:
+        np.testing.assert_array_equal(g, r)
+        return
+    finite = np.isfinite(r)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg="NaN positions differ")
+    np.testing.assert_array_equal(g[~finite & ~np.isnan(r)], r[~finite & ~np.isnan(r)], err_msg="infinities differ")
+    if scale is None:
+        scale = 0.0
+    tol = TOL[dtype] * (np.abs(r[finite]) + scale)
+    err = np.abs(g[finite] - r[finite])
+    assert np.all(err <= tol), f"max error {err.max() if err.size else 0} (tolerance {TOL[dtype]}, dtype {dtype})"
+
+
+def check(name, *args, scale=None, out_index=None):
+    """Run kernel `name` on CPU (same dtypes and float64) and CUDA; compare."""
+    cpu = impl(name, CPU)(*args)
+    ref = impl(name, CPU)(*[f64(a) for a in args])
+    gpu = impl(name, CUDA)(*[cuda_of(a) for a in args])
+    cpus, refs, gpus = (cpu, ref, gpu) if isinstance(cpu, tuple) else ((cpu,), (ref,), (gpu,))
+    for c, r, g in zip(cpus, refs, gpus):
+        if c is None:
+            assert g is None
+            continue
+        assert g.device.type == "cuda"
+        assert g.dtype is c.dtype, (g.dtype, c.dtype)
+        assert tuple(g.shape) == tuple(c.shape)
+        assert_close(g, r if c.dtype.is_floating_point else c, c.dtype, scale)
+    return gpu
+
+
+SHAPES = [(), (1,), (7,), (3, 5), (2, 1, 33), (0, 4)]
+
+# --- pointwise -------------------------------------------------------------------------
+UNARY = {name: getattr(C, name) for name in (
+    "NEG", "EXP", "LOG", "SQRT", "RSQRT", "ABS", "TANH", "SIGMOID", "RELU", "GELU", "GELU_TANH", "SILU", "SIGN",
+    "SIN", "COS", "LOGICAL_NOT", "RECIPROCAL", "SQUARE", "ERF", "LOG1P", "EXPM1", "FLOOR", "CEIL", "ROUND",
+    "TRUNC", "ISNAN", "ISINF", "ISFINITE")}
+POSITIVE = {"LOG", "SQRT", "RSQRT", "RECIPROCAL"}
+BOOL_OUT = {"ISNAN", "ISINF", "ISFINITE", "LOGICAL_NOT"}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("name", sorted(UNARY))
+def test_unary_float(name, dtype):
+    rng = np.random.default_rng(1)
+    for shape in SHAPES:
+        lo = 0.1 if name in POSITIVE else -4.0
+        x = rand(rng, shape, dtype, lo, 4.0)
+        out_dtype = dt.bool_ if name in BOOL_OUT else dtype
+        check("unary", UNARY[name], x, out_dtype)
+    # special values and a transposed (strided) view
+    x = cutegrad.tensor([[0.0, -0.0, float("inf")], [float("-inf"), float("nan"), 2.5]], dtype=dtype)
+    if name not in POSITIVE:
+        check("unary", UNARY[name], x, dt.bool_ if name in BOOL_OUT else dtype)
+    xt = rand(rng, (4, 6), dtype, 0.1 if name in POSITIVE else -4.0, 4.0).t()
+    check("unary", UNARY[name], xt, dt.bool_ if name in BOOL_OUT else dtype)
+
+
+@pytest.mark.parametrize("name", ["NEG", "ABS", "SIGN", "SQUARE", "RELU", "LOGICAL_NOT", "ISNAN", "ISFINITE",
+                                  "FLOOR"])
+@pytest.mark.parametrize("dtype", [dt.int64, dt.int32, dt.uint8, dt.bool_])
+def test_unary_integer(name, dtype):
+    if dtype is dt.bool_ and name in ("NEG", "SQUARE", "SIGN"):
+        pytest.skip("rejected by the frontend for bool")
+    rng = np.random.default_rng(2)
+    x = rand(rng, (5, 7), dtype, 0 if dtype in (dt.uint8, dt.bool_) else -9, 9)
+    out_dtype = dt.bool_ if name in BOOL_OUT else dtype
+    check("unary", UNARY[name], x, out_dtype)
+
+
+def test_unary_float_of_integer_computes_in_the_output_dtype():
+    rng = np.random.default_rng(3)
+    x = rand(rng, (9,), dt.int64, 1, 20)
+    check("unary", C.EXP, x, dt.float32)
+    check("unary", C.SQRT, x, dt.float32)
+
+
+BINARY = {name: getattr(C, name) for name in (
+    "ADD", "SUB", "MUL", "DIV", "POW", "MAXIMUM", "MINIMUM", "EQ", "NE", "LT", "LE", "GT", "GE", "AND", "OR", "XOR",
+    "FLOORDIV", "REMAINDER", "ATAN2")}
+CMP = {"EQ", "NE", "LT", "LE", "GT", "GE", "AND", "OR", "XOR"}
+BROADCAST_PAIRS = [((3, 5), (3, 5)), ((3, 1, 5), (4, 5)), ((), (6,)), ((1,), (2, 3)), ((0, 3), (1, 3)),
+                   ((2, 3, 65), (65,))]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("name", sorted(BINARY))
+def test_binary_float(name, dtype):
+    rng = np.random.default_rng(4)
+    out_dtype = dt.bool_ if name in CMP else dtype
+    for sa, sb in BROADCAST_PAIRS:
+        lo = 0.5 if name == "POW" else -4.0
+        a = rand(rng, sa, dtype, lo, 4.0)
+        b = rand(rng, sb, dtype, -2.0, 2.0)
+        if name in ("DIV", "FLOORDIV", "REMAINDER"):
+            b = rand(rng, sb, dtype, 0.5, 3.0)
+        scale = 1.0 if name in ("SUB", "ADD", "REMAINDER") else None
+        check("binary", BINARY[name], a, b, dtype, out_dtype, scale=scale)
+        check("binary", BINARY[name], a, 1.5, dtype, out_dtype, scale=scale)
+        check("binary", BINARY[name], 2.0, b, dtype, out_dtype, scale=scale)
+
+
+@pytest.mark.parametrize("name", sorted(set(BINARY) - {"DIV", "ATAN2"}))
+@pytest.mark.parametrize("dtype", [dt.int64, dt.int32, dt.uint8])
+def test_binary_integer(name, dtype):
+    rng = np.random.default_rng(5)
+    out_dtype = dt.bool_ if name in CMP else dtype
+    lo = 0 if dtype is dt.uint8 else -9
+    a = rand(rng, (4, 9), dtype, lo, 9)
+    b = rand(rng, (9,), dtype, 1 if name in ("FLOORDIV", "REMAINDER") else lo, 4 if name == "POW" else 9)
+    if name == "POW":
+        b = rand(rng, (9,), dtype, 0, 4)
+    check("binary", BINARY[name], a, b, dtype, out_dtype)
+    check("binary", BINARY[name], a, 3, dtype, out_dtype)
+
+
+def test_binary_mixed_dtypes_promote_to_the_compute_dtype():
+    rng = np.random.default_rng(6)
+    a = rand(rng, (5, 6), dt.bfloat16)
+    b = rand(rng, (5, 6), dt.float16)
+    check("binary", C.MUL, a, b, dt.float32, dt.float32)
+    i = rand(rng, (6,), dt.int64, -5, 5)
+    check("binary", C.ADD, a, i, dt.bfloat16, dt.bfloat16)
+    check("binary", C.LT, i, a, dt.bfloat16, dt.bool_)
+
+
+def test_binary_with_nan_and_zero_division():
+    x = cutegrad.tensor([1.0, -1.0, 0.0, float("nan"), 5.0, -7.5])
+    y = cutegrad.tensor([0.0, 0.0, 0.0, 1.0, float("nan"), 2.0])
+    for code in (C.DIV, C.MAXIMUM, C.MINIMUM, C.FLOORDIV, C.REMAINDER, C.POW):
+        check("binary", code, x, y, dt.float32, dt.float32)
+    xi = cutegrad.tensor([7, -7, 7, -7, 0])
+    yi = cutegrad.tensor([2, 2, -2, -2, 3])
+    for code in (C.FLOORDIV, C.REMAINDER):
+        check("binary", code, xi, yi, dt.int64, dt.int64)
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [dt.int64])
+def test_where(dtype):
+    rng = np.random.default_rng(7)
+    cond = rand(rng, (3, 1, 5), dt.bool_)
+    a = rand(rng, (4, 5), dtype)
+    b = rand(rng, (3, 4, 1), dtype)
+    check("where", cond, a, b, dtype)
+    check("where", cond, a, 0.5 if dtype.is_floating_point else 2, dtype)
+    check("where", cond, -1, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [dt.int64])
+def test_clamp(dtype):
+    rng = np.random.default_rng(8)
+    x = rand(rng, (6, 7), dtype, -5, 5)
+    check("clamp", x, -1, 2, dtype)
+    check("clamp", x, None, 0, dtype)
+    check("clamp", x.t(), 1, None, dtype)
+    if dtype.is_floating_point:
+        check("clamp", cutegrad.tensor([float("nan"), 3.0, -3.0], dtype=dtype), -1.0, 1.0, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("code", [C.GELU, C.GELU_TANH, C.SILU])
+def test_act_backward(code, dtype):
+    rng = np.random.default_rng(9)
+    g = rand(rng, (5, 33), dtype)
+    x = rand(rng, (5, 33), dtype, -6, 6)
+    check("act_backward", code, g, x, scale=1.0)
+
+
+ALL_DTYPES = [dt.bool_, dt.uint8, dt.int8, dt.int16, dt.int32, dt.int64, dt.float16, dt.bfloat16, dt.float32,
+              dt.float64]
+
+
+@pytest.mark.parametrize("src", ALL_DTYPES)
+def test_cast_every_pair(src):
+    rng = np.random.default_rng(10)
+    x = rand(rng, (3, 7), src, 0 if src in (dt.uint8, dt.bool_) else -50, 50)
+    for dst in ALL_DTYPES:
+        got = impl("cast", CUDA)(cuda_of(x), dst)
+        expect = impl("cast", CPU)(x, dst)
+        assert got.dtype is dst
+        np.testing.assert_array_equal(values(got), values(expect))
+        got_t = impl("cast", CUDA)(cuda_of(x).t(), dst)
+        np.testing.assert_array_equal(values(got_t), values(expect).T)
+
+
+@pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16, dt.int64, dt.bool_])
+def test_contiguous_and_copy(dtype):
+    rng = np.random.default_rng(11)
+    x = rand(rng, (4, 5, 6), dtype, 0, 9)
+    xd = cuda_of(x)
+    views = [lambda t: t.permute(2, 0, 1), lambda t: t[:, 1:4, ::2], lambda t: t[1], lambda t: t.transpose(0, 1)]
+    for v in views:
+        got = impl("contiguous", CUDA)(v(xd))
+        assert got.is_contiguous()
+        np.testing.assert_array_equal(values(got), values(impl("contiguous", CPU)(v(x))))
+    # copy_ into a strided destination, broadcasting and casting the source
+    dst = cutegrad.zeros(6, 4, dtype=dt.float32, device="cuda")
+    src = rand(rng, (4,), dtype, 0, 9)
+    impl("copy_", CUDA)(dst.t(), cuda_of(src).unsqueeze(1))
+    expect = np.broadcast_to(values(src)[:, None], (4, 6)).T
+    np.testing.assert_array_equal(values(dst), expect)
+    # overlapping source and destination in one storage
+    y = cuda_of(cutegrad.arange(10, dtype=dt.float32))
+    impl("copy_", CUDA)(y[1:], y[:-1])
+    np.testing.assert_array_equal(values(y), [0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+
+
+@pytest.mark.parametrize("dtype", [dt.float32, dt.int64, dt.float64, dt.bfloat16])
+def test_arange(dtype):
+    for start, end, step in [(0, 10, 1), (-3, 17, 3), (5, 0, -2), (0, 0, 1)]:
+        got = impl("arange", CUDA)(start, end, step, dtype, cutegrad.device("cuda"))
+        np.testing.assert_array_equal(values(got), values(impl("arange", CPU)(start, end, step, dtype, None)))
+    got = impl("arange", CUDA)(0.5, 3.0, 0.25, dt.float32, cutegrad.device("cuda"))
+    np.testing.assert_allclose(values(got), np.arange(0.5, 3.0, 0.25), rtol=1e-6)
+
+
+# --- reductions -----------------------------------------------------------------------
+RED_CASES = [((7,), (0,)), ((3, 5), (1,)), ((3, 5), (0,)), ((2, 3, 4), (0, 2)), ((4, 1000), (1,)),
+             ((1000, 3), (0,)), ((2, 3, 4), (0, 1, 2)), ((), ()), ((5, 3), ()), ((6, 0), (1,)), ((33, 17, 5), (1,))]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("code", [C.SUM, C.MEAN, C.MAX, C.MIN, C.PROD])
+def test_reduce_float(code, dtype):
+    rng = np.random.default_rng(12)
+    for shape, dims in RED_CASES:
+        n = math.prod(shape[d] for d in dims) if shape else 1
+        if code in (C.MAX, C.MIN) and n == 0:
+            continue
+        lo, hi = (0.9, 1.1) if code == C.PROD else (-3.0, 3.0)
+        x = rand(rng, shape, dtype, lo, hi)
+        for keepdim in (False, True):
+            scale = 3.0 * n if code == C.SUM else (3.0 if code == C.MEAN else None)
+            out_dtype = dt.float32 if (code in (C.SUM, C.PROD) and dtype is dt.float32) else dtype
+            check("reduce", code, x, dims, keepdim, out_dtype, scale=scale)
+        if len(shape) >= 2:
+            check("reduce", code, x.transpose(0, -1), dims, False, dtype, scale=3.0 * n if code == C.SUM else 3.0)
+
+
+@pytest.mark.parametrize("code", [C.SUM, C.MAX, C.MIN, C.PROD, C.ANY, C.ALL])
+@pytest.mark.parametrize("dtype", [dt.int64, dt.int32, dt.bool_])
+def test_reduce_integer_and_logical(code, dtype):
+    rng = np.random.default_rng(13)
+    for shape, dims in RED_CASES:
+        n = math.prod(shape[d] for d in dims) if shape else 1
+        if code in (C.MAX, C.MIN) and n == 0:
+            continue
+        x = rand(rng, shape, dtype, 0 if dtype is dt.bool_ else -2, 2)
+        out_dtype = dt.bool_ if code in (C.ANY, C.ALL) else (dt.int64 if code in (C.SUM, C.PROD) else dtype)
+        check("reduce", code, x, dims, False, out_dtype)
+
+
+def test_reduce_propagates_nan_and_empty_mean_is_nan():
+    x = cutegrad.tensor([[1.0, float("nan"), 3.0], [float("-inf"), 2.0, 0.0]])
+    for code in (C.SUM, C.MAX, C.MIN, C.MEAN):
+        check("reduce", code, x, (1,), False, dt.float32)
+    check("reduce", C.MEAN, cutegrad.zeros(3, 0), (1,), False, dt.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [dt.int64])
+@pytest.mark.parametrize("code", [C.ARGMAX, C.ARGMIN])
+def test_argreduce(code, dtype):
+    rng = np.random.default_rng(14)
+    for shape, dim in [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((4, 300), 1), ((2, 3, 4), 1)]:
+        x = rand(rng, shape, dtype, -3, 3)  # integers in [-3, 3]: many ties
+        for keepdim in (False, True):
+            check("argreduce", code, x, dim, keepdim)
+        check("argreduce", code, x, None, False)
+        check("argreduce", code, x, None, True)
+    x = cutegrad.tensor([1.0, float("nan"), 5.0, float("nan")])
+    check("argreduce", code, x, 0, False)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_var(dtype):
+    rng = np.random.default_rng(15)
+    for shape, dims in RED_CASES[:8]:
+        if not shape:
+            continue
+        x = rand(rng, shape, dtype, 2.0, 4.0)
+        for correction in (0, 1):
+            check("var", x, dims, correction, False, scale=1.0)
+            check("var", x, dims, correction, True, scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_logsumexp(dtype):
+    rng = np.random.default_rng(16)
+    for shape, dims in RED_CASES[:8]:
+        x = rand(rng, shape, dtype, -20, 20)
+        check("logsumexp", x, dims, False, scale=1.0)
+        check("logsumexp", x, dims, True, scale=1.0)
+    inf = float("inf")
+    x = cutegrad.tensor([[-inf, -inf], [inf, 1.0], [float("nan"), 0.0], [-inf, 2.0]])
+    check("logsumexp", x, (1,), False)
+
+
+# --- matmul ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_matmul(dtype):
+    rng = np.random.default_rng(17)
+    cases = [((5, 7), (7, 3)), ((1, 1), (1, 1)), ((3, 0), (0, 4)), ((2, 3, 4, 5), (5, 6)), ((4, 5), (3, 5, 2)),
+             ((2, 1, 9, 4), (3, 4, 2)), ((128, 96), (96, 160)), ((3, 64, 128), (3, 128, 64)), ((70, 33), (33, 65))]
+    for sa, sb in cases:
+        a = rand(rng, sa, dtype, -1, 1)
+        b = rand(rng, sb, dtype, -1, 1)
+        k = sa[-1]
+        check("matmul", a, b, dtype, scale=max(1.0, math.sqrt(k)))
+    a = rand(rng, (40, 96), dtype, -1, 1)
+    b = rand(rng, (64, 96), dtype, -1, 1)
+    got = impl("matmul", CUDA)(cuda_of(a), cuda_of(b).t(), dtype)  # B n-major: the transposed weight of linear
+    assert_close(got, impl("matmul", CPU)(f64(a), f64(b).t(), dt.float64), dtype, scale=10.0)
+
+
+# --- softmax and norms -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax(dtype, log):
+    rng = np.random.default_rng(18)
+    for shape, dim in [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((2, 3, 4), 1), ((4, 1000), 1), ((2, 5000), 1),
+                       ((1, 1), 1), ((0, 3), 1)]:
+        x = rand(rng, shape, dtype, -10, 10)
+        check("softmax", x, dim, log, scale=1.0 if log else 1e-3)
+        if len(shape) == 2:
+            check("softmax", x.t(), 0, log, scale=1.0 if log else 1e-3)
+    x = cutegrad.tensor([[float("-inf"), 0.0, 1.0], [float("-inf")] * 3])
+    check("softmax", x, 1, log)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_layer_norm_and_rms_norm(dtype):
+    rng = np.random.default_rng(19)
+    for shape, nd in [((4, 7), 1), ((2, 3, 64), 1), ((5, 3, 4), 2), ((3, 1000), 1), ((1, 1), 1), ((0, 8), 1)]:
+        x = rand(rng, shape, dtype, -2, 5)
+        nshape = shape[len(shape) - nd:]
+        w = rand(rng, nshape, dtype, 0.5, 1.5)
+        b = rand(rng, nshape, dtype, -1, 1)
+        w32 = rand(rng, nshape, dt.float32, 0.5, 1.5)  # fp32 master weight beside half activations
+        for weight, bias in [(None, None), (w, b), (w, None), (w32, None)]:
+            check("layer_norm", x, nd, weight, bias, 1e-5, scale=4.0)
+            check("rms_norm", x, nd, weight, 1e-6, scale=4.0)
+
+
+# --- indexing ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16, dt.int64, dt.bool_])
+def test_gather_and_index_select(dtype):
+    rng = np.random.default_rng(20)
+    x = rand(rng, (5, 6, 7), dtype, 0, 9)
+    for dim in range(3):
+        idx_shape = [4, 3, 2]
+        idx = cutegrad.tensor(rng.integers(0, x.shape[dim], size=idx_shape))
+        check("gather", x, dim, idx)
+        sel = cutegrad.tensor(rng.integers(0, x.shape[dim], size=9))
+        check("index_select", x, dim, sel)
+        check("index_select", x.transpose(0, 2), dim, sel.to(dt.int32))
+    check("index_select", x, 1, cutegrad.tensor(2))
+
+
+@pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16, dt.float16, dt.int64])
+def test_scatter_add_and_index_add(dtype):
+    rng = np.random.default_rng(21)
+    base = rand(rng, (5, 6), dtype, -3, 3)
+    for dim in (0, 1):
+        idx = cutegrad.tensor(rng.integers(0, base.shape[dim], size=(5, 6)))  # duplicates
+        src = rand(rng, (5, 6), dtype, -3, 3)
+        check("scatter_add", base, dim, idx, src, scale=10.0)
+        sel = cutegrad.tensor(rng.integers(0, base.shape[dim], size=11))
+        src2 = rand(rng, (11, 6) if dim == 0 else (5, 11), dtype, -3, 3)
+        check("index_add", base, dim, sel, src2, scale=10.0)
+
+
+def _index_keys(rng):
+    i = cutegrad.tensor([0, 3, 3, 1])
+    j = cutegrad.tensor([[1], [0]])
+    mask = cutegrad.tensor(rng.integers(0, 2, size=(4, 5)).astype(bool))
+    return [(i,), (slice(None), cutegrad.tensor([4, 0])), (i, slice(1, 4)), (j, cutegrad.tensor([2, 4, 0])),
+            (mask,), (Ellipsis, cutegrad.tensor([-1, 2])), (None, i), (1, cutegrad.tensor([0, 2]))]
+
+
+@pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16, dt.int64])
+def test_index_and_index_put(dtype):
+    rng = np.random.default_rng(22)
+    x = rand(rng, (4, 5, 3), dtype, -5, 5)
+    for key in _index_keys(rng):
+        gkey = tuple(cuda_of(k) for k in key)
+        got = impl("index", CUDA)(cuda_of(x), gkey)
+        np.testing.assert_array_equal(values(got), values(impl("index", CPU)(x, key)))
+        got_t = impl("index", CUDA)(cuda_of(x).transpose(0, 1).transpose(0, 1), gkey)
+        np.testing.assert_array_equal(values(got_t), values(got))
+        shape = impl("index", CPU)(x, key).shape
+        v = rand(rng, tuple(shape)[-1:] if len(shape) else (), dtype, -5, 5)
+        for accumulate in (False, True):
+            if not accumulate and any(isinstance(k, cutegrad.Tensor) and k.dtype is dt.int64 and
+                                      len(set(k.numpy().reshape(-1).tolist())) < k.numel() for k in key):
+                continue  # duplicate targets without accumulate: which write wins is unspecified
+            a = x.clone()
+            b = cuda_of(x)
+            impl("index_put_", CPU)(a, key, v, accumulate)
+            impl("index_put_", CUDA)(b, gkey, cuda_of(v), accumulate)
+            assert_close(b, a, dtype, scale=5.0)
+            impl("index_put_", CPU)(a, key, 2, accumulate)
+            impl("index_put_", CUDA)(b, gkey, 2, accumulate)
+            assert_close(b, a, dtype, scale=5.0)
+
+
+@pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16, dt.int64])
+def test_cat_and_one_hot(dtype):
+    rng = np.random.default_rng(23)
+    parts = [rand(rng, (2, n, 3), dtype, 0, 9) for n in (1, 0, 4, 2)]
+    for dim, ps in [(1, parts), (0, [p.transpose(0, 1) for p in parts[:1]] * 3), (2, [parts[2], parts[2][..., :1]])]:
+        got = impl("cat", CUDA)([cuda_of(p) for p in ps], dim, dtype)
+        np.testing.assert_array_equal(values(got), values(impl("cat", CPU)(ps, dim, dtype)))
+    got = impl("cat", CUDA)([cuda_of(parts[0]), cuda_of(parts[0].to(dt.float64))], 1, dt.float64)
+    np.testing.assert_array_equal(values(got), values(impl("cat", CPU)([parts[0], parts[0].to(dt.float64)], 1,
+                                                                        dt.float64)))
+    idx = cutegrad.tensor(rng.integers(0, 7, size=(3, 4)))
+    np.testing.assert_array_equal(values(impl("one_hot", CUDA)(cuda_of(idx), 7)), values(impl("one_hot", CPU)(idx, 7)))
+
+
+# --- random ------------------------------------------------------------------------------
+def test_random_distributions_and_seeding():
+    dev = cutegrad.device("cuda")
+    cutegrad.manual_seed(123)
+    u = values(impl("uniform", CUDA)((200_001,), -2.0, 3.0, dt.float32, dev, None))
+    assert u.min() >= -2.0 and u.max() < 3.0 and abs(u.mean() - 0.5) < 0.02
+    nrm = values(impl("normal", CUDA)((100_003,), 1.0, 2.0, dt.float32, dev, None))
+    assert abs(nrm.mean() - 1.0) < 0.03 and abs(nrm.std() - 2.0) < 0.03
+    r = values(impl("randint", CUDA)(-3, 5, (10_001,), dt.int64, dev, None))
+    assert set(np.unique(r).tolist()) == set(range(-3, 5))
+    m = values(impl("bernoulli_scaled", CUDA)((50_001,), 0.8, dt.bfloat16, dev, None))
+    assert set(np.unique(m).tolist()) <= {0.0, float(np.float32(1 / 0.8).astype(dt.bfloat16.np))}
+    assert abs((m > 0).mean() - 0.8) < 0.01
+    p = values(impl("randperm", CUDA)(1000, dt.int64, dev, None))
+    assert sorted(p.tolist()) == list(range(1000))
+    # the same seed gives the same numbers; consecutive draws differ
+    cutegrad.manual_seed(7)
+    a = values(impl("uniform", CUDA)((1000,), 0.0, 1.0, dt.float32, dev, None))
+    b = values(impl("uniform", CUDA)((1000,), 0.0, 1.0, dt.float32, dev, None))
+    cutegrad.manual_seed(7)
+    a2 = values(impl("uniform", CUDA)((1000,), 0.0, 1.0, dt.float32, dev, None))
+    np.testing.assert_array_equal(a, a2)
+    assert not np.array_equal(a, b)
+
+
+def test_dropout_mask_replays_fresh_under_graph_capture():
+    from cutegrad import graphs
+    dev = cutegrad.device("cuda")
+    cutegrad.manual_seed(11)
+    eager = [values(impl("bernoulli_scaled", CUDA)((4096,), 0.5, dt.float32, dev, None)) for _ in range(3)]
+    cutegrad.manual_seed(11)
+    g = graphs.CUDAGraph()
+    with graphs.graph(g):
+        out = impl("bernoulli_scaled", CUDA)((4096,), 0.5, dt.float32, dev, None)
+    # capture reserved offsets but ran nothing; replays draw what eager draws in sequence
+    cutegrad.manual_seed(11)
+    for want in eager:
+        g.replay()
+        np.testing.assert_array_equal(values(out), want)
+
+
+# --- backward through the ops on CUDA -------------------------------------------------------
+def _loss_functions():
+    F = cutegrad.nn.functional
+
+    def mlp(x, w, b):
+        h = F.gelu(cutegrad.matmul(x, w) + b)
+        return (h * h).mean()
+
+    def attention_like(x, w, b):
+        s = cutegrad.softmax(cutegrad.matmul(x, w), dim=-1)
+        return (s * cutegrad.log_softmax(x.sum(-1, keepdim=True) + b, dim=0)).sum()
+
+    def norms(x, w, b):
+        y = F.layer_norm(x, (x.shape[-1],), w[0], b) + F.rms_norm(x, (x.shape[-1],), w[1])
+        return (y.tanh() * cutegrad.sigmoid(y)).sum()
+
+    def indexing(x, w, b):
+        idx = cutegrad.tensor([2, 0, 2, 1], device=x.device)
+        rows = x[idx] * w[1]
+        return (rows.exp().sum(0) + b).max() + F.silu(x).var() + x.logsumexp(dim=1).sum()
+
+    def reductions(x, w, b):
+        return x.abs().amax(dim=1).sum() + (x.pow(2) / (w[0] * w[0] + 1)).mean() + x.clamp(-0.5, 0.5).sum()
+
+    def cross_entropy(x, w, b):
+        target = cutegrad.tensor([1, 0, 3, 2], device=x.device)
+        return F.cross_entropy(cutegrad.matmul(x, w)[:, :4] + b[:4], target, label_smoothing=0.1)
+
+    return [mlp, attention_like, norms, indexing, reductions, cross_entropy]
+
+
+@pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16])
+@pytest.mark.parametrize("fn", _loss_functions(), ids=lambda f: f.__name__)
+def test_backward_on_cuda_matches_cpu(fn, dtype):
+    rng = np.random.default_rng(24)
+    x0 = rng.uniform(-1, 1, size=(4, 6))
+    w0 = rng.uniform(-1, 1, size=(6, 6))
+    b0 = rng.uniform(-1, 1, size=(6,))
+    results = {}
+    for device, dty in (("cpu", dt.float64), ("cuda", dtype)):
+        x, w, b = (cutegrad.tensor(v, dtype=dty, device=device, requires_grad=True) for v in (x0, w0, b0))
+        loss = fn(x, w, b)
+        loss.backward()
+        results[device] = [loss] + [t.grad for t in (x, w, b)]
+    tol = 1e-4 if dtype is dt.float32 else 5e-2
+    for got, ref in zip(results["cuda"], results["cpu"]):
+        g, r = values(got), values(ref)
+        scale = max(1.0, float(np.abs(r).max()))
+        np.testing.assert_allclose(g, r, rtol=tol, atol=tol * scale)
+
+
+# --- argument validation --------------------------------------------------------------------
+def test_bad_arguments_raise_before_launch():
+    from cutegrad import _C
+    with pytest.raises(ValueError, match="unknown unary code"):
+        _C.elementwise(0, 99, 0, (3,), 1, 8, (1,), 1, 8, (1,), None, 0, -1, (), None, 0, -1, (), None, None, None, 0)
+    with pytest.raises(ValueError, match="strides"):
+        _C.elementwise(0, 0, 0, (3, 2), 1, 8, (2, 1), 1, 8, (1,), None, 0, -1, (), None, 0, -1, (), None, None,
+                       None, 0)
+    with pytest.raises(ValueError, match="overlap"):
+        _C.elementwise(5, 0, 0, (3,), 1, 8, (0,), 1, 8, (1,), None, 0, -1, (), None, 0, -1, (), None, None, None, 0)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.elementwise(5, 0, 0, (3,), 1, 8, (1,), 0, 8, (1,), None, 0, -1, (), None, 0, -1, (), None, None, None, 0)
+    with pytest.raises(ValueError, match="empty reduction"):
+        _C.reduce(202, 0, 1, 8, (3, 0), (0, 1), [1], 1, 8, 0.0, 0)
+    with pytest.raises(ValueError, match="index must be an integer"):
+        _C.gather((2,), 0, 2, 1, 8, (1,), 1, 8, (1,), 1, 8, (1,), 0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        _C.random(0, 1, 8, 4, 0, 0, 2, 0, 0.0, 1.0, 0, 0, 0)
+
+
+def test_every_compute_kernel_is_registered_and_tested():
+    """Runs last in this file: every kernel with a CPU implementation has a CUDA one this file exercised."""
+    cpu_kernels = {k for k in KERNELS if has_impl(k, CPU)}
+    assert not {k for k in cpu_kernels if not has_impl(k, CUDA)}
+    untested = cpu_kernels - STORAGE_KERNELS - TESTED
+    assert not untested, f"kernels without a CUDA test here: {sorted(untested)}"
