@@ -104,7 +104,10 @@ def test_unchanged_rebuild_compiles_no_kernel():
         import setup as build_script
     finally:
         sys.path.remove(ROOT)
-    nvcc, _, _ = build_script.find_cuda()
+    try:
+        nvcc, _, _ = build_script.find_cuda()
+    except RuntimeError as exc:  # the toolkit lived only in the isolated build environment
+        pytest.skip(f"nvcc half of the check needs a CUDA toolkit in this environment: {exc}")
     objects, compiled = build_script.compile_cuda(nvcc, build_script.cuda_archs())
     assert compiled == 0 and objects
 
