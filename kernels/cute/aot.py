@@ -11,13 +11,14 @@ table that lets cutegrad._C find and launch them (``<family>_registry.cpp``)
 and ``manifest.json`` (the objects to link).
 
 Objects are cached under ``<out>/cache/<hash>/`` where the hash covers the
-family's source file, the spec and the DSL version, so an unchanged rebuild
-compiles nothing.  Missing specializations are compiled in parallel worker
+family's code (its syntax tree without docstrings), the spec and the DSL
+version, so an unchanged rebuild compiles nothing.  Missing specializations are compiled in parallel worker
 processes; each worker sets CUTE_DSL_ARCH to its target before importing
 cutlass (with no GPU the DSL would otherwise assume sm_100a while tracing).
 """
 
 import argparse
+import ast
 import concurrent.futures as futures
 import dataclasses
 import hashlib
@@ -40,10 +41,22 @@ def _family(name):
     return __import__(name)
 
 
+def _code_fingerprint(path):
+    """The module's syntax tree without docstrings: editing comments or
+    docstrings does not recompile kernels, any code change does."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
+
+
 def _spec_hash(family, spec):
     h = hashlib.sha256()
-    with open(os.path.join(HERE, f"{family}.py"), "rb") as f:
-        h.update(f.read())
+    h.update(_code_fingerprint(os.path.join(HERE, f"{family}.py")).encode())
     h.update(repr(dataclasses.asdict(spec)).encode())
     h.update(importlib.metadata.version("nvidia-cutlass-dsl").encode())
     h.update(COMPILE_OPTIONS.encode())

@@ -42,8 +42,14 @@ Constraints (checked in C++ before launch, otherwise the SIMT fallback runs)
 ----------------------------------------------------------------------------
 * every non-unit stride and every base pointer 16-byte aligned; the
   contiguous dimension has stride 1;
+* every contiguous extent (K or M of A, K or N of B, N of D) a multiple of 16
+  bytes: on an H100, D with N = 127 inside a padded buffer had its padding
+  columns overwritten, so such shapes take the fallback;
 * operand dtypes equal (bf16 or fp16); output dtype = input dtype or fp32;
   bias and pre-activation tensors have the output dtype.
+
+Split-K lives outside the kernel: kernels/cuda/module.cpp runs K-slices as a
+batch through an fp32-output specialization and reduces them in CUDA C++.
 
 Specializations
 ---------------
