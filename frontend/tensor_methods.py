@@ -24,7 +24,10 @@ _PLAIN = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "
           "unflatten", "permute", "transpose", "t", "movedim", "expand", "expand_as", "broadcast_to", "unsqueeze",
           "squeeze", "as_strided", "narrow", "select", "split", "chunk", "unbind", "repeat", "gather",
           "scatter_add", "index_select", "index_add", "matmul", "mm", "bmm", "softmax", "log_softmax", "to",
-          "clone", "contiguous", "uniform_", "normal_"]
+          "clone", "contiguous", "uniform_", "normal_", "clamp_min", "clamp_max", "log2", "log10", "lerp",
+          "addcmul", "addcdiv", "isclose", "allclose", "equal", "abs_", "log_", "rsqrt_", "lerp_", "addcmul_",
+          "addcdiv_", "norm", "flip", "nonzero", "masked_select", "outer", "sort", "argsort", "topk", "cumsum",
+          "tril", "triu", "var_mean", "std_mean", "multinomial"]
 
 for _name in _PLAIN:
     setattr(Tensor, _name, _method(getattr(ops, _name)))

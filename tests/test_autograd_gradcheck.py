@@ -131,6 +131,20 @@ CASES = {
     "setitem": (lambda a, v: _setitem(a, v), lambda: (x(3, 4), x(2))),
     "inplace_chain": (lambda a: _inplace_chain(a), lambda: (x(2, 3, lo=0.3),)),
     "multi_output_max": (lambda a: cg.max(a, 0), lambda: (x(3, 2),)),
+    "sort": (lambda a: cg.sort(a, 1, descending=True).values, lambda: (x(2, 4),)),
+    "topk": (lambda a: cg.topk(a, 2, 0).values, lambda: (x(4, 2),)),
+    "cumsum": (lambda a: cg.cumsum(a, 1), lambda: (x(2, 4),)),
+    "norm_2": (lambda a: cg.norm(a, dim=1), lambda: (x(2, 3),)),
+    "norm_3": (lambda a: cg.norm(a, 3, dim=0, keepdim=True), lambda: (away_from(3, 2),)),
+    "norm_1": (lambda a: cg.norm(a, 1), lambda: (away_from(2, 3),)),
+    "flip": (lambda a: cg.flip(a, (0, 1)), lambda: (x(2, 3),)),
+    "lerp": (lambda a, b, w: cg.lerp(a, b, w), lambda: (x(2, 3), x(3), x(2, 1))),
+    "addcmul_addcdiv": (lambda a, b, c: cg.addcdiv(cg.addcmul(a, b, c, value=0.5), b, c, value=2),
+                        lambda: (x(2, 3), x(2, 3), x(3, lo=0.5))),
+    "log2_log10": (lambda a: cg.log2(a) * cg.log10(a), lambda: (x(4, lo=0.2),)),
+    "outer": (cg.outer, lambda: (x(3), x(2))),
+    "masked_select": (lambda a: cg.masked_select(a, cg.tensor([True, False, True])), lambda: (x(2, 3),)),
+    "inplace_optimizer_ops": (lambda a, b: _optimizer_ops(a, b), lambda: (x(3), x(3, lo=0.5))),
 }
 
 
@@ -139,6 +153,12 @@ def _setitem(a, v):
     b[1, 1:3] = v
     b[cg.tensor([0, 2]), 0] = v * 2
     return b
+
+
+def _optimizer_ops(a, b):
+    m = a * 1
+    m.lerp_(b, 0.1).addcmul_(a, b, value=0.3).addcdiv_(a, b, value=-0.2)
+    return m
 
 
 def _inplace_chain(a):

@@ -34,6 +34,12 @@ INPLACE = [
     ("imul", lambda t: t.__imul__(3.0)),
     ("isub", lambda t: t.__isub__(1.0)),
     ("itruediv", lambda t: t.__itruediv__(2.0)),
+    ("abs_", lambda t: t.abs_()),
+    ("log_", lambda t: t.log_()),
+    ("rsqrt_", lambda t: t.rsqrt_()),
+    ("lerp_", lambda t: t.lerp_(cg.ones(3), 0.5)),
+    ("addcmul_", lambda t: t.addcmul_(cg.ones(3), cg.full((3,), 2.0), value=0.5)),
+    ("addcdiv_", lambda t: t.addcdiv_(cg.ones(3), cg.full((3,), 2.0), value=-1)),
     ("uniform_", lambda t: t.uniform_(0, 1)),
     ("normal_", lambda t: t.normal_()),
 ]
@@ -58,6 +64,18 @@ def test_inplace_values():
     np.testing.assert_allclose(t.numpy(), ((np.array([0.25, 1.0, 2.0]) + 2) * 2 - 1) / 2)
     t.clamp_(max=2.0).pow_(2)
     np.testing.assert_allclose(t.numpy(), np.minimum(((np.array([0.25, 1.0, 2.0]) + 2) * 2 - 1) / 2, 2.0) ** 2)
+
+
+def test_optimizer_style_inplace_values():
+    base = np.array([0.25, 1.0, 2.0])
+    t = cg.tensor(base, dtype=cg.float64)
+    t.lerp_(cg.tensor([1.0, 1.0, 1.0], dtype=cg.float64), 0.25)
+    want = base + 0.25 * (1.0 - base)
+    t.addcmul_(t, t, value=0.5)
+    want = want + 0.5 * want * want
+    t.addcdiv_(cg.ones(3, dtype=cg.float64), t, value=-2.0)
+    want = want - 2.0 / want
+    np.testing.assert_allclose(t.numpy(), want, rtol=1e-12)
 
 
 def test_inplace_into_non_contiguous_view_writes_the_right_elements():

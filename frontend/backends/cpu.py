@@ -429,6 +429,46 @@ def index_put_(x, key, values, accumulate):
     return x
 
 
+@register("sort", CPU)
+def sort(x, dim, descending, count):
+    """The first `count` entries of x sorted along dim, and their indices.
+    Stable in both directions; NaN sorts as the largest value (torch's order)."""
+    arr = _a(x)
+    if descending:
+        # Stable descending order: ascending sort of the reversed axis, reversed back.
+        rev = np.flip(arr, axis=dim)
+        idx = np.flip(np.argsort(rev, axis=dim, kind="stable"), axis=dim)
+        idx = arr.shape[dim] - 1 - idx
+    else:
+        idx = np.argsort(arr, axis=dim, kind="stable")
+    if count != arr.shape[dim]:
+        idx = np.take(idx, np.arange(count), axis=dim)
+    return _out(np.take_along_axis(x._np, idx, axis=dim), x._dtype), _out(idx, dt.int64)
+
+
+@register("cumsum", CPU)
+def cumsum(x, dim, out_dtype):
+    arr = _a(x)
+    acc = np.float64 if out_dtype is dt.float64 else np.float32 if out_dtype.is_floating_point else out_dtype.np
+    return _out(np.cumsum(arr, axis=dim, dtype=acc), out_dtype)
+
+
+@register("nonzero", CPU)
+def nonzero(x):
+    return _out(np.argwhere(x._np), dt.int64)
+
+
+@register("multinomial", CPU)
+def multinomial(probs, num_samples, replacement, generator):
+    """Row-wise draws of category indices (probs: (rows, n), validated by the op)."""
+    g = (generator or cpu_generator()).numpy()
+    p = _a(probs).astype(np.float64)
+    out = np.empty((p.shape[0], num_samples), np.int64)
+    for r in range(p.shape[0]):
+        out[r] = g.choice(p.shape[1], size=num_samples, replace=replacement, p=p[r] / p[r].sum())
+    return _out(out, dt.int64)
+
+
 @register("cat", CPU)
 def cat(tensors, dim, out_dtype):
     return _out(np.concatenate([t._np.astype(out_dtype.np, copy=False) for t in tensors], axis=dim), out_dtype)

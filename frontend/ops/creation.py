@@ -17,6 +17,7 @@ _K_UNIFORM = kernel("uniform").impl
 _K_NORMAL = kernel("normal").impl
 _K_RANDINT = kernel("randint").impl
 _K_RANDPERM = kernel("randperm").impl
+_K_MULTINOMIAL = kernel("multinomial").impl
 
 
 def _shape_arg(size, name):
@@ -242,6 +243,29 @@ def randint(low, high=None, size=None, dtype=None, device=None, generator=None):
 def randperm(n, dtype=None, device=None, generator=None):
     dev = _dev(device)
     return _K_RANDPERM[dev.backend](int(n), _resolve(dtype, dt.int64), dev, generator)
+
+
+def multinomial(input, num_samples, replacement=False, generator=None):
+    """Category indices drawn from each row of non-negative weights (1-D or 2-D)."""
+    if not isinstance(input, Tensor) or not input._dtype.is_floating_point or len(input._shape) not in (1, 2):
+        raise RuntimeError("multinomial: expected a 1-D or 2-D floating point tensor of probabilities")
+    n = input._shape[-1]
+    if num_samples <= 0:
+        raise RuntimeError(f"multinomial: num_samples must be positive, got {num_samples}")
+    if not replacement and num_samples > n:
+        raise RuntimeError(f"multinomial: cannot sample n_sample > prob_dist.size(-1) samples without "
+                           f"replacement ({num_samples} > {n})")
+    rows = input if len(input._shape) == 2 else input.reshape(1, n)
+    p = rows._host_array().astype(np.float64)
+    if not np.isfinite(p).all() or (p < 0).any():
+        raise RuntimeError("multinomial: probability tensor contains either `inf`, `nan` or element < 0")
+    if (p.sum(axis=1) <= 0).any():
+        raise RuntimeError("multinomial: invalid multinomial distribution (sum of probabilities <= 0)")
+    if not replacement and ((p > 0).sum(axis=1) < num_samples).any():
+        raise RuntimeError("multinomial: not enough categories with non-zero probability to draw "
+                           f"{num_samples} samples without replacement")
+    out = _K_MULTINOMIAL[rows._storage.device.backend](rows, num_samples, replacement, generator)
+    return out if len(input._shape) == 2 else out.reshape(num_samples)
 
 
 def _fill_from(x, src):

@@ -17,6 +17,7 @@ _K_INDEX_SELECT = kernel("index_select").impl
 _K_INDEX_ADD = kernel("index_add").impl
 _K_INDEX = kernel("index").impl
 _K_ONE_HOT = kernel("one_hot").impl
+_K_NONZERO = kernel("nonzero").impl
 _state = grad_mode.state
 
 
@@ -268,3 +269,22 @@ def one_hot(tensor, num_classes=-1):
     elif arr.size and arr.max() >= num_classes:
         raise RuntimeError("one_hot: Class values must be smaller than num_classes.")
     return _K_ONE_HOT[tensor._storage.device.backend](tensor, num_classes)
+
+
+def nonzero(x, as_tuple=False):
+    """int64 (count, ndim) indices of the non-zero elements, in row-major order."""
+    idx = _K_NONZERO[x._storage.device.backend](x)
+    if not as_tuple:
+        return idx
+    if not x._shape:
+        return (S.reshape(idx, (-1,)),)
+    return tuple(S.select(idx, 1, d) for d in range(len(x._shape)))
+
+
+def masked_select(x, mask):
+    """1-D tensor of x's elements where the (broadcast) bool mask is True."""
+    if not isinstance(mask, Tensor) or mask._dtype is not dt.bool_:
+        raise RuntimeError(f"masked_select: expected a bool mask, got {getattr(mask, '_dtype', type(mask).__name__)}")
+    from .broadcast import broadcast_shapes
+    shape = broadcast_shapes(x._shape, mask._shape)
+    return getitem(S.expand(x, shape), S.expand(mask, shape).contiguous())

@@ -169,11 +169,29 @@ def _unary_inplace(fn, opname):
 
 
 relu_ = _unary_inplace(P.relu, "relu_")
+abs_ = _unary_inplace(P.abs, "abs_")
+log_ = _unary_inplace(P.log, "log_")
+rsqrt_ = _unary_inplace(P.rsqrt, "rsqrt_")
 neg_ = _unary_inplace(P.neg, "neg_")
 exp_ = _unary_inplace(P.exp, "exp_")
 sqrt_ = _unary_inplace(P.sqrt, "sqrt_")
 tanh_ = _unary_inplace(P.tanh, "tanh_")
 sigmoid_ = _unary_inplace(P.sigmoid, "sigmoid_")
+
+
+def lerp_(x, end, weight):
+    _check_inplace(x, "lerp_")
+    return write_(x, P.lerp(_source(x), end, weight), "lerp_")
+
+
+def addcmul_(x, tensor1, tensor2, value=1):
+    _check_inplace(x, "addcmul_")
+    return write_(x, P.addcmul(_source(x), tensor1, tensor2, value), "addcmul_")
+
+
+def addcdiv_(x, tensor1, tensor2, value=1):
+    _check_inplace(x, "addcdiv_")
+    return write_(x, P.addcdiv(_source(x), tensor1, tensor2, value), "addcdiv_")
 
 
 def copy_(x, src, non_blocking=False):

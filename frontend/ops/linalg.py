@@ -104,3 +104,11 @@ def linear(x, weight, bias=None):
     if bias is not None:
         out = add(out, bias)
     return out
+
+
+def outer(a, b):
+    """Outer product of two 1-D tensors."""
+    from .pointwise import mul
+    if len(a._shape) != 1 or len(b._shape) != 1:
+        raise RuntimeError(f"outer: expected 1-D tensors, got {len(a._shape)}-D and {len(b._shape)}-D")
+    return mul(unsqueeze(a, 1), unsqueeze(b, 0))

@@ -641,3 +641,52 @@ def masked_fill(x, mask, value):
     if out._dtype is not x._dtype:
         out = out.to(x._dtype)
     return out
+
+
+def clamp_min(x, min):
+    return clamp(x, min=min)
+
+
+def clamp_max(x, max):
+    return clamp(x, max=max)
+
+
+_LN2, _LN10 = 0.6931471805599453, 2.302585092994046
+
+
+def log2(x):
+    return div(log(x), _LN2)
+
+
+def log10(x):
+    return div(log(x), _LN10)
+
+
+def lerp(start, end, weight):
+    """start + weight * (end - start)."""
+    return add(start, mul(sub(end, start), weight))
+
+
+def addcmul(x, tensor1, tensor2, value=1):
+    return add(x, mul(mul(tensor1, tensor2), value) if value != 1 else mul(tensor1, tensor2))
+
+
+def addcdiv(x, tensor1, tensor2, value=1):
+    return add(x, mul(div(tensor1, tensor2), value) if value != 1 else div(tensor1, tensor2))
+
+
+def isclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
+    """|a - b| <= atol + rtol * |b| elementwise; equal infinities are close, as torch."""
+    close = logical_or(eq(a, b), le(abs(sub(a, b)), add(mul(abs(b), rtol), atol)))
+    if equal_nan:
+        close = logical_or(close, logical_and(isnan(a), isnan(b)))
+    return close
+
+
+def allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
+    return bool(isclose(a, b, rtol, atol, equal_nan).all())
+
+
+def equal(a, b):
+    """True when a and b have the same shape and the same elements."""
+    return a._shape == b._shape and bool(eq(a, b).all())

@@ -309,3 +309,61 @@ def logsumexp(x, dim, keepdim=False):
         node.save_with_output(out, x)
         attach(out, node, (x,))
     return out
+
+
+def var_mean(x, dim=None, unbiased=None, keepdim=False, correction=None):
+    return var(x, dim, unbiased, keepdim, correction), mean(x, dim, keepdim)
+
+
+def std_mean(x, dim=None, unbiased=None, keepdim=False, correction=None):
+    return std(x, dim, unbiased, keepdim, correction), mean(x, dim, keepdim)
+
+
+class NormBackward(Node):
+    __slots__ = ("p", "in_shape", "dims", "keepdim")
+
+    def backward(self, g):
+        from .pointwise import mul, div, pow, abs, sign, where, eq
+        x, out = self.saved_tensors
+        o = _unsqueeze_to(out, self.in_shape, self.dims, self.keepdim)
+        g = _unsqueeze_to(g, self.in_shape, self.dims, self.keepdim)
+        p = self.p
+        if p == 1:
+            return (mul(g, sign(x)),)
+        if p == 2:
+            grad = div(x, o)
+        else:  # d ||x||_p / dx = sign(x) |x|^(p-1) / ||x||_p^(p-1)
+            grad = mul(sign(x), div(pow(abs(x), p - 1), pow(o, p - 1)))
+        # a zero norm has zero subgradient, as in torch
+        return (mul(g, where(eq(o, 0), 0.0, grad)),)
+
+
+def norm(x, p="fro", dim=None, keepdim=False, dtype=None):
+    """Vector p-norm over dim (all elements when None): p in {'fro', inf, -inf, 0, real > 0}."""
+    from .pointwise import abs, pow, ne
+    if dtype is not None:
+        x = x.to(dtype)
+    if not x._dtype.is_floating_point:
+        raise RuntimeError(f"norm(): input dtype should be floating point, got {x._dtype}")
+    if p == "fro":
+        p = 2
+    if isinstance(p, str):
+        raise RuntimeError(f"norm(): unsupported norm type {p!r}; expected 'fro' or a number")
+    p = float(p)
+    if p == float("inf"):
+        return amax(abs(x), dim, keepdim)
+    if p == float("-inf"):
+        return amin(abs(x), dim, keepdim)
+    if p == 0:
+        return sum(ne(x, 0), dim, keepdim, dtype=x._dtype)
+    if p < 0:
+        raise RuntimeError(f"norm(): p must be positive (or 0, inf, -inf), got {p}")
+    dims = _dims(x, dim)
+    with grad_mode.no_grad():
+        out = pow(sum(pow(abs(x), p), dims, keepdim), 1.0 / p)
+    if _state.enabled and x._requires_grad:
+        node = NormBackward()
+        node.p, node.in_shape, node.dims, node.keepdim = p, x._shape, dims, keepdim
+        node.save_with_output(out, x)
+        attach(out, node, (x,))
+    return out

@@ -503,3 +503,21 @@ def repeat(x, *sizes):
         inter += [1, s]
         target += [r, s]
     return reshape(expand(reshape(xv, inter), target), [r * s for r, s in zip(sizes, shape)])
+
+
+def flip(x, dims):
+    """Copy of x reversed along dims (torch has no negative strides, so no view)."""
+    from .indexing import index_select
+    from .creation import arange
+    if isinstance(dims, int):
+        dims = (dims,)
+    out = x
+    for d in sorted(set(x._wrap_dim(d) for d in dims)):
+        if not x._shape:
+            continue
+        n = x._shape[d]
+        out = index_select(out, d, arange(n - 1, -1, -1, device=x._storage.device))
+    if out is x:
+        from .conversion import clone
+        out = clone(x)
+    return out
