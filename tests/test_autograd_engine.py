@@ -534,3 +534,20 @@ def test_masked_out_positions_get_zero_not_nan_from_infinite_gradients(op):
     x = leaf([-1.0, 2.0])
     (op(x) * cg.tensor([float("inf"), 1.0], dtype=cg.float64)).sum().backward()
     assert grad_np(x).tolist() == [0.0, 1.0]
+
+
+def test_set_grad_enabled_as_a_plain_call_like_torch():
+    cg.set_grad_enabled(False)
+    assert not cg.is_grad_enabled() and not (leaf([1.0]) * 2).requires_grad
+    cg.set_grad_enabled(True)
+    assert cg.is_grad_enabled()
+
+    @cg.set_grad_enabled(False)
+    def f():
+        return cg.is_grad_enabled()
+
+    assert cg.is_grad_enabled() and f() is False and cg.is_grad_enabled()
+    with cg.no_grad():
+        with cg.set_grad_enabled(True):
+            assert cg.is_grad_enabled()
+        assert not cg.is_grad_enabled()

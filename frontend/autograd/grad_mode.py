@@ -54,8 +54,21 @@ class enable_grad(_Mode):
 
 
 class set_grad_enabled(_Mode):
+    """Like torch's: takes effect when called, so `set_grad_enabled(False)` on
+    its own line switches recording off; as a context manager or decorator it
+    restores the previous mode afterwards."""
+
     def __init__(self, mode):
         super().__init__(bool(mode))
+        self._prev = state.enabled
+        state.enabled = self._flag
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, fn):
+        state.enabled = self._prev  # decorating must not change the mode now
+        return super().__call__(fn)
 
     def _args(self):
         return (self._flag,)
