@@ -214,6 +214,8 @@ CASES = [
     ("one_hot", lambda m, i: _fn(m).one_hot(i, 6), lambda: [ints(6, 3, 2)]),
     ("scatter_add", lambda m, a, i, s: m.scatter_add(a, 1, i, s), lambda: [r(3, 4), ints(4, 3, 2), r(3, 2)]),
     ("index_add", lambda m, a, i, s: m.index_add(a, 0, i, s), lambda: [r(4, 3), np.array([1, 1, 0]), r(3, 3)]),
+    ("index_add_alpha", lambda m, a, i, s: a.index_add(1, i, s, alpha=-2.5), lambda: [r(3, 4), np.array([3, 0, 3]),
+                                                                                     r(3, 3)]),
     ("to_float32", lambda m, a: a.to(m.float32) * 2, lambda: [r(3, 4)]),
     ("clone_detach", lambda m, a: a.clone() * a.detach(), lambda: [r(3)]),
     ("views", lambda m, a: a.view(4, 6).t()[1:, ::2].reshape(-1).unsqueeze(0).expand(3, -1).flatten(),

@@ -87,9 +87,9 @@ class IndexBackward(Node):
 
     def backward(self, g):
         from .creation import zeros
-        from .inplace import index_put_
+        from .inplace import _index_put
         gz = zeros(self.in_shape, dtype=self.in_dtype, device=g._storage.device)
-        return (index_put_(gz, self.key, g, accumulate=True),)
+        return (_index_put(gz, self.key, g, accumulate=True),)
 
 
 def index(x, key):
@@ -111,7 +111,7 @@ def getitem(x, key):
 
 
 def setitem(x, key, value):
-    from .inplace import write_, index_put_, _check_inplace
+    from .inplace import write_, _index_put, _check_inplace
     key, advanced = _normalize_key(x, key)
     if isinstance(value, (list, tuple, np.ndarray)):
         from .creation import tensor
@@ -120,7 +120,7 @@ def setitem(x, key, value):
         _check_bounds(x, key)
         if isinstance(value, Tensor) and value._dtype is not x._dtype:
             value = value.to(x._dtype)
-        index_put_(x, key, value, accumulate=False)
+        _index_put(x, key, value, accumulate=False)
         return
     _check_inplace(x, "setitem")
     shape, strides, offset = S.basic_index_meta(x, key)
@@ -244,9 +244,23 @@ class IndexAddBackward(Node):
         return tuple(out)
 
 
-def index_add(x, dim, index, source):
+def index_add(x, dim, index, source, alpha=1):
     _check_index_tensor(index, "index_add")
+    if alpha != 1:
+        from .pointwise import mul
+        source = mul(source, alpha)
     d = x._wrap_dim(dim)
+    if len(index._shape) > 1:
+        raise IndexError("index_add(): Index is supposed to be a vector")
+    n = index._shape[0] if index._shape else 1
+    if source._shape[d:d + 1] != (n,) or len(source._shape) != len(x._shape):
+        raise RuntimeError(f"index_add(): source of shape {list(source._shape)} must match self of shape "
+                           f"{list(x._shape)} except in dimension {d}, where it must have the index's length {n}")
+    if index.numel():
+        arr = index._host_array()
+        if arr.min() < 0 or arr.max() >= x._shape[d]:
+            raise IndexError(f"index_add(): index {int(arr.max() if arr.max() >= x._shape[d] else arr.min())} is "
+                             f"out of bounds for dimension {d} with size {x._shape[d]}")
     out = _K_INDEX_ADD[x._storage.device.backend](x, d, index, source)
     if _state.enabled and (x._requires_grad or source._requires_grad):
         node = IndexAddBackward()

@@ -234,8 +234,21 @@ class IndexPutBackward(Node):
         return tuple(out)
 
 
-def index_put_(x, key, value, accumulate=False):
-    """x[key] = value (accumulate=False) or x[key] += value, for advanced keys."""
+def index_put_(x, indices, values, accumulate=False):
+    """x[indices] = values (or += with accumulate): indices is a tuple of index
+    tensors, as in torch. Out-of-range indices raise before anything is written."""
+    from .indexing import _normalize_key, _check_bounds
+    if not isinstance(indices, (tuple, list)):
+        raise TypeError(f"index_put_(): indices must be a tuple of tensors, got {type(indices).__name__}")
+    key, _ = _normalize_key(x, tuple(indices))
+    _check_bounds(x, key)
+    if isinstance(values, Tensor) and values._dtype is not x._dtype:
+        values = values.to(x._dtype)
+    return _index_put(x, key, values, accumulate)
+
+
+def _index_put(x, key, value, accumulate=False):
+    """index_put_ for a key already normalized and bounds-checked."""
     _check_inplace(x, "index_put_")
     track = _state.enabled and (x._requires_grad or (isinstance(value, Tensor) and value._requires_grad))
     if track:
