@@ -34,6 +34,8 @@ def _parser():
                         "corpus); vit: a CIFAR-10 folder or archive (default: procedural images)")
     t.add_argument("--tokenizer", choices=("bpe", "char"), default=None,
                    help="minigpt/gpt2-small: byte-level BPE (default) or characters")
+    t.add_argument("--eval-examples", type=int, default=None,
+                   help="held-out sequences (reverse), test images (vit) or validation windows (text) to score")
     t.add_argument("--out", default=None, help="output folder (default: runs/<workload>)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -52,7 +54,8 @@ def main(argv=None):
             metrics = training.train(
                 args.workload, device=args.device, steps=args.steps, batch_size=args.batch_size, dtype=args.dtype,
                 seed=args.seed, data=args.data, out=args.out or f"runs/{args.workload}", lr=args.lr,
-                preset=args.preset, tokenizer=args.tokenizer, progress=not args.no_progress)
+                preset=args.preset, tokenizer=args.tokenizer, eval_examples=args.eval_examples,
+                progress=not args.no_progress)
             ev = metrics["eval"]
             print(f"{args.workload}: {ev['metric']} {ev['value']:.4f} after {metrics['steps']} steps "
                   f"({metrics['wall_time_s']:.1f} s on {metrics['device']})")

@@ -76,7 +76,8 @@ def pick_device(requested=None):
     return requested
 
 
-def resolve_preset(workload, device, size=None, steps=None, batch_size=None, lr=None, tokenizer=None):
+def resolve_preset(workload, device, size=None, steps=None, batch_size=None, lr=None, tokenizer=None,
+                   eval_examples=None):
     """The preset a run uses: full on CUDA, CPU-scaled on the CPU (or as `size` says), with overrides."""
     if workload not in PRESETS:
         raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(PRESETS)}")
@@ -91,6 +92,8 @@ def resolve_preset(workload, device, size=None, steps=None, batch_size=None, lr=
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if lr is not None and not lr > 0:
         raise ValueError(f"--lr must be > 0, got {lr}")
+    if eval_examples is not None and eval_examples < 1:
+        raise ValueError(f"--eval-examples must be >= 1, got {eval_examples}")
     if tokenizer is not None:
         if preset.tokenizer is None:
             raise ValueError(f"--tokenizer applies to text workloads (minigpt, gpt2-small), not {workload}")
@@ -100,7 +103,7 @@ def resolve_preset(workload, device, size=None, steps=None, batch_size=None, lr=
         preset = replace(preset, steps=steps, warmup_steps=min(preset.warmup_steps, steps))
     if lr is not None:
         preset = replace(preset, optimizer=replace(preset.optimizer, lr=lr))
-    return preset.with_overrides(batch_size=batch_size, tokenizer=tokenizer)
+    return preset.with_overrides(batch_size=batch_size, tokenizer=tokenizer, eval_examples=eval_examples)
 
 
 # --- model, optimizer, schedule, loss ------------------------------------------------
@@ -124,12 +127,30 @@ def build_optimizer(model, config: OptimizerConfig):
     raise ValueError(f"unknown optimizer {config.name!r}; expected 'sgd' or 'adamw'")
 
 
+def lr_factor(preset: Preset, t):
+    """The learning-rate multiplier at step t (0-based) of the preset's schedule:
+    "cosine": linear warmup, then cosine decay to min_lr_ratio;
+    "wsd": linear warmup, flat, then cosine decay to min_lr_ratio over the last decay_fraction of the steps;
+    "constant": linear warmup, then flat."""
+    if t < preset.warmup_steps:
+        return (t + 1) / preset.warmup_steps
+    if preset.schedule == "constant":
+        return 1.0
+    if preset.schedule == "cosine":
+        start = preset.warmup_steps
+    else:
+        start = max(preset.warmup_steps, preset.steps - int(round(preset.decay_fraction * preset.steps)))
+    progress = min(1.0, max(0, t - start) / max(1, preset.steps - start))
+    return preset.min_lr_ratio + (1 - preset.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_scheduler(optimizer, preset: Preset):
-    """Linear warmup, then cosine decay to min_lr_ratio * lr ("cosine") or a flat lr ("constant")."""
-    if preset.schedule not in ("cosine", "constant"):
-        raise ValueError(f"unknown schedule {preset.schedule!r}; expected 'cosine' or 'constant'")
-    floor = preset.min_lr_ratio if preset.schedule == "cosine" else 1.0
-    return optim.lr_scheduler.WarmupCosineLR(optimizer, preset.warmup_steps, preset.steps, min_lr_ratio=floor)
+    if preset.schedule not in ("cosine", "wsd", "constant"):
+        raise ValueError(f"unknown schedule {preset.schedule!r}; expected 'cosine', 'wsd' or 'constant'")
+    if preset.schedule == "cosine":
+        return optim.lr_scheduler.WarmupCosineLR(optimizer, preset.warmup_steps, preset.steps,
+                                                 min_lr_ratio=preset.min_lr_ratio)
+    return optim.lr_scheduler.LambdaLR(optimizer, lambda t: lr_factor(preset, t))
 
 
 def loss_fn(model, inputs, targets):
@@ -268,9 +289,8 @@ class TextWorkload:
         return self.train_set.random_batches(batch_size, seed)
 
     def eval_windows(self):
-        """Fixed, evenly spaced validation windows: eval_batches x batch_size of them."""
-        n = self.preset.eval_batches * self.preset.batch_size
-        return np.linspace(0, len(self.val_set) - 1, n).astype(np.int64)
+        """Fixed, evenly spaced validation windows (eval_examples of them)."""
+        return np.linspace(0, len(self.val_set) - 1, self.preset.eval_examples).astype(np.int64)
 
     def evaluate(self, model, device, dtype):
         starts = self.eval_windows()
@@ -342,13 +362,13 @@ def _progress(total, desc, enabled):
 
 
 def train(workload, device=None, steps=None, batch_size=None, dtype="float32", seed=0, data=None, out="runs/run",
-          lr=None, preset=None, tokenizer=None, progress=True, log_every=10):
+          lr=None, preset=None, tokenizer=None, eval_examples=None, progress=True, log_every=10):
     """Train one workload and write the checkpoint, metrics and plot into `out`; returns the metrics dict."""
     t_start = time.perf_counter()
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     device = pick_device(device)
-    preset = resolve_preset(workload, device, preset, steps, batch_size, lr, tokenizer)
+    preset = resolve_preset(workload, device, preset, steps, batch_size, lr, tokenizer, eval_examples)
     if preset.note:
         _say(f"cutegrad train {workload}: scaled-down preset for {device} ({preset.note}); "
              f"--preset full runs the paper's configuration")

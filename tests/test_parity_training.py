@@ -162,13 +162,20 @@ def torch_optimizer(model, preset):
         rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in skip)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                  {"params": rest, "weight_decay": 0.0}], lr=o.lr, betas=o.betas, eps=o.eps)
-    floor = preset.min_lr_ratio if preset.schedule == "cosine" else 1.0
+    lo = preset.min_lr_ratio
 
     def factor(t):
         if t < preset.warmup_steps:
             return (t + 1) / preset.warmup_steps
-        progress = min(1.0, (t - preset.warmup_steps) / max(1, preset.steps - preset.warmup_steps))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if preset.schedule == "constant":
+            return 1.0
+        start = preset.warmup_steps
+        if preset.schedule == "wsd":
+            start = max(start, preset.steps - round(preset.decay_fraction * preset.steps))
+        if t <= start:
+            return 1.0
+        progress = min(1.0, (t - start) / (preset.steps - start))
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 

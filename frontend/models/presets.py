@@ -8,7 +8,12 @@ trains for fewer steps.
 
 SGD for reverse uses momentum 0.9: DESIGN.md fixes the learning rate (0.1)
 but not the momentum, and plain SGD at lr 0.1 needs several times more steps
-to solve the task.
+to solve the task. Its schedule is warmup-stable-decay: reversal training
+sits on a loss plateau (ln 34, chance) until the model discovers
+position-based attention, then drops to ~0 within a few dozen steps; a
+cosine decay from the start lowers the lr during the plateau and delays the
+escape, while a flat lr followed by a short final decay escapes early and
+then settles.
 """
 from dataclasses import asdict, dataclass, replace
 from typing import Optional, Tuple, Union
@@ -40,13 +45,15 @@ class Preset:
     steps: int
     optimizer: OptimizerConfig
     clip_grad_norm: Optional[float] = None
-    warmup_steps: int = 0  # linear warmup, then cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.1
-    schedule: str = "cosine"  # "cosine" (after warmup) or "constant"
+    warmup_steps: int = 0  # linear warmup from lr / warmup_steps to lr
+    min_lr_ratio: float = 0.1  # the decay ends at min_lr_ratio * lr
+    # After warmup: "cosine" decays over all remaining steps; "wsd" (warmup-stable-decay) holds the lr and
+    # decays over the last decay_fraction of the steps; "constant" holds it.
+    schedule: str = "cosine"
+    decay_fraction: float = 0.25
     tokenizer: Optional[str] = None  # text workloads: "bpe" or "char"
     tokenizer_vocab: int = 0  # text workloads with "bpe": the BPE vocabulary trained (<= model vocab_size)
-    eval_batches: int = 20  # LM workloads: validation batches averaged for the eval loss
-    eval_examples: int = 1000  # reverse: held-out sequences; vit: test images
+    eval_examples: int = 1000  # reverse: held-out sequences; vit: test images; text: validation windows
     note: str = ""  # how a CPU preset differs from the full one
 
     @property
@@ -68,7 +75,7 @@ PRESETS = {
         model=GPTConfig(vocab_size=36, block_size=64, n_layer=2, n_head=4, n_embd=128),
         batch_size=64, steps=1000,
         optimizer=OptimizerConfig("sgd", lr=0.1, momentum=0.9),
-        warmup_steps=20, schedule="cosine"),
+        warmup_steps=20, schedule="wsd"),
     "vit": Preset(
         workload="vit",
         model=ViTConfig(image_size=32, patch_size=4, in_channels=3, num_classes=10, dim=256, depth=6, n_heads=8,
@@ -81,13 +88,13 @@ PRESETS = {
         model=GPTConfig(vocab_size=4096, block_size=128, n_layer=6, n_head=8, n_embd=256, dropout=0.1),
         batch_size=64, steps=5000,
         optimizer=OptimizerConfig("adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1),
-        clip_grad_norm=1.0, warmup_steps=100, tokenizer="bpe", tokenizer_vocab=4096),
+        clip_grad_norm=1.0, warmup_steps=100, tokenizer="bpe", tokenizer_vocab=4096, eval_examples=2048),
     "gpt2-small": Preset(
         workload="gpt2-small",
         model=GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
         batch_size=8, steps=2000,
         optimizer=OptimizerConfig("adamw", lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1),
-        clip_grad_norm=1.0, warmup_steps=100, tokenizer="bpe", tokenizer_vocab=50257),
+        clip_grad_norm=1.0, warmup_steps=100, tokenizer="bpe", tokenizer_vocab=50257, eval_examples=256),
 }
 
 CPU_PRESETS = {
@@ -103,14 +110,14 @@ CPU_PRESETS = {
     "minigpt": replace(
         PRESETS["minigpt"],
         model=replace(PRESETS["minigpt"].model, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
-        batch_size=16, steps=300, warmup_steps=20, eval_batches=10,
+        batch_size=16, steps=300, warmup_steps=20, eval_examples=160,
         note="CPU: seq 64, dim 128, 4 layers, 4 heads, batch 16, 300 steps, no dropout "
              "(full: seq 128, dim 256, 6 layers, 8 heads, batch 64, 5000 steps)"),
     "gpt2-small": replace(
         PRESETS["gpt2-small"],
         model=replace(PRESETS["gpt2-small"].model, vocab_size=4096, block_size=128, n_layer=4, n_head=4,
                       n_embd=256),
-        batch_size=4, steps=100, warmup_steps=10, eval_batches=5, tokenizer_vocab=4096,
+        batch_size=4, steps=100, warmup_steps=10, eval_examples=32, tokenizer_vocab=4096,
         note="CPU: vocab 4096 (the BPE tokenizer's), seq 128, dim 256, 4 layers, 4 heads, batch 4, 100 steps "
              "(full: vocab 50304, seq 1024, dim 768, 12 layers, 12 heads, batch 8, 2000 steps)"),
 }
