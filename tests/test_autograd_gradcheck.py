@@ -175,7 +175,8 @@ def test_gradcheck(name):
 
 
 GRADGRAD = ["gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "softmax", "log_softmax", "layer_norm", "rms_norm",
-            "matmul", "exp", "div", "pow_tt", "cross_entropy", "sdpa", "mse", "logsumexp"]
+            "matmul", "exp", "div", "pow_tt", "cross_entropy", "sdpa", "mse", "logsumexp", "prod_with_zeros",
+            "multi_output_max", "setitem", "inplace_chain", "cumsum", "norm_2", "var", "where", "gather"]
 
 
 @pytest.mark.parametrize("name", GRADGRAD)

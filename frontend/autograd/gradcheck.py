@@ -74,7 +74,10 @@ def gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3):
     from ..tensor import Tensor
     from .. import ops
     inputs = _as_tuple(inputs)
-    outs = [o for o in _as_tuple(fn(*inputs)) if isinstance(o, Tensor)]
+    def differentiable(results):
+        return [o for o in _as_tuple(results) if isinstance(o, Tensor) and o._requires_grad]
+
+    outs = differentiable(fn(*inputs))
     rng = np.random.default_rng(0)
     seeds = [ops.tensor(rng.standard_normal(o._shape), dtype=o._dtype) for o in outs]
     diff = [x for x in inputs if isinstance(x, Tensor) and x._requires_grad]
@@ -83,7 +86,7 @@ def gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3):
         # gradcheck evaluates this under no_grad for finite differences; the
         # first-order gradient itself still needs a graph.
         with grad_mode.enable_grad():
-            ys = [o for o in _as_tuple(fn(*xs)) if isinstance(o, Tensor)]
+            ys = differentiable(fn(*xs))
             d = [x for x in xs if isinstance(x, Tensor) and x._requires_grad]
             return _grad(ys, d, seeds, create_graph=True, allow_unused=True)
 

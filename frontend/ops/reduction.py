@@ -240,7 +240,9 @@ class ProdBackward(Node):
             _prod_dims(where(zero, 1.0, x), self.dims)
         single_zero = eq(sum(zero, self.dims, keepdim=True), 1)
         at_zero = where(single_zero, nonzero_prod, 0.0)
-        return (mul(g, where(zero, at_zero, div(o, x))),)
+        # (the division's denominator is made safe at zeros so that its own
+        # gradient, under create_graph, has no 0/0 there)
+        return (mul(g, where(zero, at_zero, div(o, where(zero, 1.0, x)))),)
 
 
 def _prod_dims(x, dims):
