@@ -331,6 +331,12 @@ class Tensor:
             extras.append("requires_grad=True")
         return "tensor(" + ", ".join([body] + extras) + ")"
 
+    def __format__(self, spec):
+        # f"{loss:.4f}" formats a one-element tensor's value, as torch does
+        if spec and numel_of(self._shape) == 1:
+            return format(self.item(), spec)
+        return format(repr(self), spec)
+
     def __reduce__(self):
         from . import ops
         arr = np.array(self._host_array())

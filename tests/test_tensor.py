@@ -184,6 +184,11 @@ def test_scalar_conversions():
         len(cg.tensor(1.0))
 
 
+def test_format_spec_formats_one_element_tensors():
+    assert f"{cg.tensor(1.23456):.3f}" == "1.235" and f"{cg.tensor([7]):>3}" == "  7"
+    assert f"{cg.tensor([1, 2])}" == "tensor([1, 2])"
+
+
 def test_repr_shows_dtype_and_grad_state():
     assert repr(cg.tensor([1.0, 2.0])) == "tensor([1., 2.])"
     assert "dtype=cutegrad.float16" in repr(cg.tensor([1.0], dtype=cg.float16))
