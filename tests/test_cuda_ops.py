@@ -140,13 +140,14 @@ def test_unary_float(name, dtype):
         lo = 0.1 if name in POSITIVE else -4.0
         x = rand(rng, shape, dtype, lo, 4.0)
         out_dtype = dt.bool_ if name in BOOL_OUT else dtype
-        check("unary", UNARY[name], x, out_dtype)
+        # absolute slack of one tolerance unit: 1 + erf(x) and friends cancel near their zeros
+        check("unary", UNARY[name], x, out_dtype, scale=1.0)
     # special values and a transposed (strided) view
     x = cutegrad.tensor([[0.0, -0.0, float("inf")], [float("-inf"), float("nan"), 2.5]], dtype=dtype)
     if name not in POSITIVE:
-        check("unary", UNARY[name], x, dt.bool_ if name in BOOL_OUT else dtype)
+        check("unary", UNARY[name], x, dt.bool_ if name in BOOL_OUT else dtype, scale=1.0)
     xt = rand(rng, (4, 6), dtype, 0.1 if name in POSITIVE else -4.0, 4.0).t()
-    check("unary", UNARY[name], xt, dt.bool_ if name in BOOL_OUT else dtype)
+    check("unary", UNARY[name], xt, dt.bool_ if name in BOOL_OUT else dtype, scale=1.0)
 
 
 @pytest.mark.parametrize("name", ["NEG", "ABS", "SIGN", "SQUARE", "RELU", "LOGICAL_NOT", "ISNAN", "ISFINITE",
@@ -320,14 +321,15 @@ def test_reduce_float(code, dtype):
         n = math.prod(shape[d] for d in dims) if shape else 1
         if code in (C.MAX, C.MIN) and n == 0:
             continue
-        lo, hi = (0.9, 1.1) if code == C.PROD else (-3.0, 3.0)
+        lo, hi = (0.99, 1.01) if code == C.PROD else (-3.0, 3.0)
         x = rand(rng, shape, dtype, lo, hi)
+        # sums and products of n terms carry about n roundings
+        scale = {C.SUM: 3.0 * n, C.MEAN: 3.0, C.PROD: 0.1 * n}.get(code)
         for keepdim in (False, True):
-            scale = 3.0 * n if code == C.SUM else (3.0 if code == C.MEAN else None)
             out_dtype = dt.float32 if (code in (C.SUM, C.PROD) and dtype is dt.float32) else dtype
             check("reduce", code, x, dims, keepdim, out_dtype, scale=scale)
         if len(shape) >= 2:
-            check("reduce", code, x.transpose(0, -1), dims, False, dtype, scale=3.0 * n if code == C.SUM else 3.0)
+            check("reduce", code, x.transpose(0, -1), dims, False, dtype, scale=scale)
 
 
 @pytest.mark.parametrize("code", [C.SUM, C.MAX, C.MIN, C.PROD, C.ANY, C.ALL])
@@ -355,7 +357,7 @@ def test_reduce_propagates_nan_and_empty_mean_is_nan():
 def test_argreduce(code, dtype):
     rng = np.random.default_rng(14)
     for shape, dim in [((7,), 0), ((3, 5), 1), ((3, 5), 0), ((4, 300), 1), ((2, 3, 4), 1)]:
-        x = rand(rng, shape, dtype, -3, 3)  # integers in [-3, 3]: many ties
+        x = rand(rng, shape, dtype, -3, 3)  # int64: values in [-3, 3], many ties
         for keepdim in (False, True):
             check("argreduce", code, x, dim, keepdim)
         check("argreduce", code, x, None, False)

@@ -713,4 +713,105 @@ def randperm(n, dtype, device, generator):
     return tensor(perm, dtype=dtype, device=device)
 
 
-__all__ = ["set_poison_outputs"]
+# --- fused optimizer steps (CUDA only; the CPU optimizers use the ops above) --------------
+_MT_CHUNK = 8192  # elements per block of the multi-tensor kernels
+
+
+def _multi_tensor_lists(name, tensor_lists):
+    """Pointer lists of equally long lists of contiguous CUDA tensors, their sizes and dtypes."""
+    ref = tensor_lists[0]
+    out = []
+    for lst in tensor_lists:
+        if len(lst) != len(ref):
+            raise ValueError(f"{name}: tensor lists differ in length ({len(lst)} vs {len(ref)})")
+        dtype = lst[0]._dtype if lst else None
+        ptrs = []
+        for i, t in enumerate(lst):
+            if not _is_cuda(t) or not t.is_contiguous():
+                raise ValueError(f"{name}: tensor {i} must be a contiguous CUDA tensor")
+            if t._dtype is not dtype:
+                raise ValueError(f"{name}: tensor {i} is {t._dtype}, the others of its list {dtype}")
+            if t._shape != ref[i]._shape:
+                raise ValueError(f"{name}: tensor {i} has shape {list(t._shape)}, expected {list(ref[i]._shape)}")
+            ptrs.append(_ptr(t))
+        out.append((ptrs, dtype))
+    numels = [numel_of(t._shape) for t in ref]
+    return out, numels
+
+
+def _scalar_ptr(t, name, what):
+    if t is None:
+        return 0
+    if not _is_cuda(t) or t._dtype is not dt.float32 or numel_of(t._shape) != 1:
+        raise ValueError(f"{name}: {what} must be a one-element float32 CUDA tensor")
+    return _ptr(t)
+
+
+@register("adamw_multi_tensor", CUDA)
+def adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
+                       maximize=False, grad_scale=None):
+    """AdamW on every parameter in place, 48 tensors per launch (torch.optim.AdamW's update).
+
+    step: the step count after this update, an int, or a one-element float32 CUDA
+    tensor (read on the device, so a captured graph replays with the current
+    count). grad_scale: None or a one-element float32 CUDA tensor every gradient
+    is multiplied by (the clipping coefficient of grad_norm_clip).
+    """
+    if not params:
+        return
+    ((pp, pdt), (gp, gdt), (mp, mdt), (vp, vdt)), numels = _multi_tensor_lists(
+        "adamw_multi_tensor", (params, grads, exp_avgs, exp_avg_sqs))
+    if mdt is not pdt or vdt is not pdt:
+        raise ValueError(f"adamw_multi_tensor: optimizer states ({mdt}, {vdt}) must have the parameters' dtype {pdt}")
+    step_ptr = 0
+    if isinstance(step, Tensor):
+        step_ptr, step = _scalar_ptr(step, "adamw_multi_tensor", "step"), 0.0
+    _lib().adamw(pp, gp, mp, vp, numels, pdt.index, gdt.index, float(lr), float(beta1), float(beta2), float(eps),
+                 float(weight_decay), float(step), step_ptr, _scalar_ptr(grad_scale, "adamw_multi_tensor", "grad_scale"),
+                 bool(maximize), _MT_CHUNK, _stream(params[0]._storage.device.index))
+
+
+@register("sgd_multi_tensor", CUDA)
+def sgd_multi_tensor(params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, first_step=False, maximize=False, grad_scale=None):
+    """SGD (momentum, dampening, Nesterov, weight decay) on every parameter in place, as torch.optim.SGD.
+
+    momentum_buffers: None for momentum 0; first_step: the buffers are
+    initialised from the gradient (torch's first step) instead of updated.
+    """
+    if not params:
+        return
+    lists = (params, grads) if momentum_buffers is None else (params, grads, momentum_buffers)
+    parts, numels = _multi_tensor_lists("sgd_multi_tensor", lists)
+    (pp, pdt), (gp, gdt) = parts[0], parts[1]
+    bp = parts[2][0] if momentum_buffers is not None else []
+    if momentum_buffers is not None and parts[2][1] is not pdt:
+        raise ValueError(f"sgd_multi_tensor: momentum buffers must have the parameters' dtype {pdt}")
+    _lib().sgd(pp, gp, bp, numels, pdt.index, gdt.index, float(lr), float(momentum), float(dampening),
+               float(weight_decay), bool(nesterov), bool(first_step),
+               _scalar_ptr(grad_scale, "sgd_multi_tensor", "grad_scale"), bool(maximize), _MT_CHUNK,
+               _stream(params[0]._storage.device.index))
+
+
+@register("grad_norm_clip", CUDA)
+def grad_norm_clip(grads, max_norm):
+    """A float32 CUDA tensor [total L2 norm of grads, min(1, max_norm / (norm + 1e-6))], computed on the device.
+
+    The second element is the scale clip_grad_norm_ applies; pass out[1:] as
+    grad_scale of the fused optimizers to clip and step without a host sync.
+    The summation order is fixed (per-chunk partials, then one block), so the
+    result is the same bits on every run.
+    """
+    if not grads:
+        raise ValueError("grad_norm_clip: no gradients")
+    ((gp, gdt),), numels = _multi_tensor_lists("grad_norm_clip", (grads,))
+    dev = grads[0]._storage.device
+    stream = _stream(dev.index)
+    n_partial = max(1, sum((n + _MT_CHUNK - 1) // _MT_CHUNK for n in numels))
+    partial = _empty((n_partial,), dt.float32, dev, stream)
+    out = _empty((2,), dt.float32, dev, stream)
+    _lib().grad_norm(gp, numels, gdt.index, _ptr(partial), n_partial, _ptr(out), float(max_norm), _MT_CHUNK, stream)
+    return out
+
+
+__all__ = ["set_poison_outputs", "adamw_multi_tensor", "sgd_multi_tensor", "grad_norm_clip"]

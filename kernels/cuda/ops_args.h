@@ -168,5 +168,55 @@ struct RandomArgs {
 
 int random_launch(const RandomArgs& args, void* stream);
 
+// ---- fused optimizers (multi-tensor) --------------------------------------
+
+constexpr int kMaxTensorsPerLaunch = 48;
+
+// One launch covers up to kMaxTensorsPerLaunch tensors; block b works on chunk
+// (b - block_start[t]) of tensor t, where block_start is the prefix sum of
+// each tensor's chunk count.  Parameters and optimizer states share one dtype
+// per launch (fp32, fp16 or bf16; math in fp32), gradients have their own.
+struct MultiTensorArgs {
+  int count;
+  int64_t chunk;  // elements per block
+  int64_t numel[kMaxTensorsPerLaunch];
+  int64_t block_start[kMaxTensorsPerLaunch + 1];
+  void* param[kMaxTensorsPerLaunch];
+  const void* grad[kMaxTensorsPerLaunch];
+  void* state0[kMaxTensorsPerLaunch];  // AdamW exp_avg, SGD momentum buffer (null: no momentum)
+  void* state1[kMaxTensorsPerLaunch];  // AdamW exp_avg_sq
+  int param_dtype, grad_dtype;
+};
+
+// AdamW (torch.optim.AdamW's order): p *= 1 - lr*wd; m += (g - m)(1 - b1);
+// v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+// t is *step_ptr when step_ptr is set (a device counter, for graph capture), else step.
+// Every gradient is first multiplied by *grad_scale when grad_scale is set
+// (the clipping coefficient from grad_norm_launch) and negated when maximize.
+struct AdamWHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  double step;
+  const float* step_ptr;
+  const float* grad_scale;
+  int maximize;
+};
+
+// SGD (torch.optim.SGD): g += wd p; buf = first ? g : momentum buf + (1 - dampening) g;
+// g = nesterov ? g + momentum buf : buf; p -= lr g.
+struct SGDHyper {
+  double lr, momentum, dampening, weight_decay;
+  int nesterov, first_step, maximize;
+  const float* grad_scale;
+};
+
+int adamw_launch(const MultiTensorArgs& args, const AdamWHyper& h, void* stream);
+int sgd_launch(const MultiTensorArgs& args, const SGDHyper& h, void* stream);
+
+// Squared L2 norm of every gradient of the launch, one partial per block into
+// partial[block] (no atomics: a fixed summation order).
+int sum_squares_launch(const MultiTensorArgs& args, float* partial, void* stream);
+// out[0] = sqrt(sum of partial[0..n)), out[1] = min(1, max_norm / (out[0] + 1e-6)).
+int norm_finish_launch(const float* partial, int64_t n, float* out, double max_norm, void* stream);
+
 }  // namespace ops
 }  // namespace cutegrad

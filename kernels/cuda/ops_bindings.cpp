@@ -453,6 +453,105 @@ void random_tensor(int kind, uintptr_t out, int dtype, int64_t n, uint64_t seed,
   check_cuda(random_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
+
+// ---- fused optimizers -----------------------------------------------------
+
+using Ptrs = std::vector<uintptr_t>;
+
+// Calls fn(args) for each group of at most kMaxTensorsPerLaunch tensors; returns the total block count.
+template <typename F>
+int64_t for_each_group(const char* op, const Ptrs& params, const Ptrs& grads, const Ptrs& s0, const Ptrs& s1,
+                       const Dims& numels, int param_dtype, int grad_dtype, int64_t chunk, F&& fn) {
+  const size_t n = grads.size();
+  if (numels.size() != n || (!params.empty() && params.size() != n) || (!s0.empty() && s0.size() != n) ||
+      (!s1.empty() && s1.size() != n))
+    fail(op, "the tensor lists differ in length (grads " + std::to_string(n) + ", numels " +
+                 std::to_string(numels.size()) + ", params " + std::to_string(params.size()) + ", states " +
+                 std::to_string(s0.size()) + "/" + std::to_string(s1.size()) + ")");
+  if (chunk <= 0) fail(op, "chunk must be positive");
+  check_float_dtype(op, grad_dtype, "gradients");
+  if (!params.empty() && param_dtype != kF32 && param_dtype != kF16 && param_dtype != kBF16)
+    fail(op, "parameters must be float32, float16 or bfloat16 (dtype code " + std::to_string(param_dtype) + ")");
+  int64_t total_blocks = 0;
+  for (size_t start = 0; start < n; start += kMaxTensorsPerLaunch) {
+    MultiTensorArgs a{};
+    a.chunk = chunk;
+    a.param_dtype = param_dtype;
+    a.grad_dtype = grad_dtype;
+    const size_t end = start + kMaxTensorsPerLaunch < n ? start + kMaxTensorsPerLaunch : n;
+    for (size_t i = start; i < end; ++i) {
+      const int k = a.count++;
+      if (numels[i] < 0) fail(op, "tensor " + std::to_string(i) + " has a negative size");
+      a.numel[k] = numels[i];
+      a.block_start[k + 1] = a.block_start[k] + (numels[i] + chunk - 1) / chunk;
+      if (numels[i] == 0) continue;
+      if (!grads[i]) fail(op, "gradient " + std::to_string(i) + " is a null pointer");
+      a.grad[k] = reinterpret_cast<const void*>(grads[i]);
+      if (!params.empty()) {
+        if (!params[i]) fail(op, "parameter " + std::to_string(i) + " is a null pointer");
+        a.param[k] = reinterpret_cast<void*>(params[i]);
+      }
+      if (!s0.empty()) a.state0[k] = reinterpret_cast<void*>(s0[i]);
+      if (!s1.empty()) {
+        if (!s1[i] || !s0[i]) fail(op, "optimizer state " + std::to_string(i) + " is a null pointer");
+        a.state1[k] = reinterpret_cast<void*>(s1[i]);
+      }
+    }
+    fn(a, total_blocks);
+    total_blocks += a.block_start[a.count];
+  }
+  return total_blocks;
+}
+
+void adamw(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs, const Dims& numels,
+           int param_dtype, int grad_dtype, double lr, double beta1, double beta2, double eps, double weight_decay,
+           double step, uintptr_t step_ptr, uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
+  const char* op = "adamw";
+  if (exp_avgs.size() != grads.size() || exp_avg_sqs.size() != grads.size() || params.size() != grads.size())
+    fail(op, "params, grads, exp_avgs and exp_avg_sqs must have the same length");
+  if (!step_ptr && step < 1) fail(op, "step must be >= 1 (it is the count after this update)");
+  AdamWHyper h{lr, beta1, beta2, eps, weight_decay, step, reinterpret_cast<const float*>(step_ptr),
+               reinterpret_cast<const float*>(grad_scale), maximize ? 1 : 0};
+  for_each_group(op, params, grads, exp_avgs, exp_avg_sqs, numels, param_dtype, grad_dtype, chunk,
+                 [&](const MultiTensorArgs& a, int64_t) { check_cuda(adamw_launch(a, h, reinterpret_cast<void*>(stream)), op); });
+}
+
+// momentum_buffers: empty for plain SGD.
+void sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers, const Dims& numels, int param_dtype,
+         int grad_dtype, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+         bool first_step, uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
+  const char* op = "sgd";
+  if (params.size() != grads.size()) fail(op, "params and grads must have the same length");
+  if (!momentum_buffers.empty()) {
+    for (size_t i = 0; i < momentum_buffers.size(); ++i)
+      if (!momentum_buffers[i] && numels[i]) fail(op, "momentum buffer " + std::to_string(i) + " is a null pointer");
+  } else if (momentum != 0.0) {
+    fail(op, "momentum != 0 needs momentum buffers");
+  }
+  SGDHyper h{lr, momentum, dampening, weight_decay, nesterov ? 1 : 0, first_step ? 1 : 0, maximize ? 1 : 0,
+             reinterpret_cast<const float*>(grad_scale)};
+  for_each_group(op, params, grads, momentum_buffers, Ptrs(), numels, param_dtype, grad_dtype, chunk,
+                 [&](const MultiTensorArgs& a, int64_t) { check_cuda(sgd_launch(a, h, reinterpret_cast<void*>(stream)), op); });
+}
+
+// partial: n_partial fp32 slots (at least one per chunk of every gradient); out: 2 fp32 values.
+void grad_norm(const Ptrs& grads, const Dims& numels, int grad_dtype, uintptr_t partial, int64_t n_partial,
+               uintptr_t out, double max_norm, int64_t chunk, uintptr_t stream) {
+  const char* op = "grad_norm";
+  check_ptr(op, out, "output");
+  check_ptr(op, partial, "partial sums buffer");
+  int64_t needed = 0;
+  for (int64_t n : numels) needed += chunk > 0 && n > 0 ? (n + chunk - 1) / chunk : 0;
+  if (n_partial < needed || n_partial < 1)
+    fail(op, "partial sums buffer has " + std::to_string(n_partial) + " slots, needs " + std::to_string(needed));
+  float* part = reinterpret_cast<float*>(partial);
+  const int64_t used = for_each_group(op, Ptrs(), grads, Ptrs(), Ptrs(), numels, kF32, grad_dtype, chunk,
+                 [&](const MultiTensorArgs& a, int64_t first_block) {
+                   check_cuda(sum_squares_launch(a, part + first_block, reinterpret_cast<void*>(stream)), op);
+                 });
+  check_cuda(norm_finish_launch(part, used, reinterpret_cast<float*>(out), max_norm, reinterpret_cast<void*>(stream)), op);
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace cutegrad
@@ -476,6 +575,9 @@ void register_ops(nb::module_& m) {
         nb::arg("index_dtype"), nb::arg("index_strides"), nb::arg("src"), nb::arg("src_dtype"), nb::arg("src_strides"),
         nb::arg("scalar").none(), nb::arg("dst"), nb::arg("dst_dtype"), nb::arg("dst_strides"), nb::arg("accumulate"),
         nb::arg("stream"), "dst[p with coordinate dim := index[p]] (+)= src[p] or a scalar.");
+  m.def("adamw", &adamw, "Fused multi-tensor AdamW step (pointer lists; see docs/cuda_ops.md).");
+  m.def("sgd", &sgd, "Fused multi-tensor SGD step (momentum, dampening, Nesterov, weight decay).");
+  m.def("grad_norm", &grad_norm, "Global L2 norm of gradients and the clipping coefficient, on the device.");
   m.def("random", &random_tensor, "Philox random tensor (uniform, normal, randint, scaled Bernoulli mask).");
 }
 
