@@ -393,3 +393,36 @@ def test_empty_tensors_match_torch(name):
     t = EMPTY_CASES[name](torch, F)
     assert tuple(c.shape) == tuple(t.shape) and _same_dtype(c, t)
     np.testing.assert_array_equal(_np(c), _np(t))
+
+
+KEYWORD_CALLS = [
+    ("relu", lambda m, F, x: F.relu(input=x)),
+    ("relu_inplace", lambda m, F, x: F.relu(x.clone(), inplace=True)),
+    ("silu_inplace", lambda m, F, x: F.silu(x.clone(), inplace=True)),
+    ("gelu", lambda m, F, x: F.gelu(input=x, approximate="tanh")),
+    ("softmax", lambda m, F, x: F.softmax(input=x, dim=-1)),
+    ("log_softmax", lambda m, F, x: F.log_softmax(x, dim=0, dtype=m.float64)),
+    ("layer_norm", lambda m, F, x: F.layer_norm(input=x, normalized_shape=(4,), eps=1e-3)),
+    ("rms_norm", lambda m, F, x: F.rms_norm(input=x, normalized_shape=[4])),
+    ("linear", lambda m, F, x: F.linear(input=x, weight=x, bias=None)),
+    ("dropout_eval", lambda m, F, x: F.dropout(input=x, p=0.3, training=False)),
+    ("sum", lambda m, F, x: m.sum(input=x, dim=(0, 1), keepdim=True)),
+    ("mean", lambda m, F, x: m.mean(x, dim=-1, keepdim=False)),
+    ("max", lambda m, F, x: m.max(input=x, dim=1, keepdim=True).values),
+    ("var", lambda m, F, x: m.var(x, dim=1, unbiased=False)),
+    ("exp", lambda m, F, x: m.exp(input=x)),
+    ("clamp", lambda m, F, x: m.clamp(input=x, min=-0.5, max=0.5)),
+    ("logsumexp", lambda m, F, x: m.logsumexp(input=x, dim=1)),
+    ("transpose", lambda m, F, x: x.transpose(dim0=0, dim1=1)),
+    ("cat", lambda m, F, x: m.cat(tensors=[x, x], dim=1)),
+    ("where", lambda m, F, x: m.where(condition=x > 0, input=x, other=m.zeros_like(x))),
+]
+
+
+@pytest.mark.parametrize("name", [k[0] for k in KEYWORD_CALLS])
+def test_keyword_argument_names_match_torch(name):
+    fn = dict(KEYWORD_CALLS)[name]
+    x = r(3, 4)
+    c = fn(cg, cg, cg.tensor(x))
+    t = fn(torch, F, torch.from_numpy(x))
+    np.testing.assert_allclose(_np(c), _np(t), rtol=1e-7, atol=1e-10)

@@ -91,8 +91,9 @@ def bmm(a, b):
     return _matmul2(a, b)
 
 
-def linear(x, weight, bias=None):
-    """x @ weight.T + bias (weight: (out_features, in_features))."""
+def linear(input, weight, bias=None):
+    """input @ weight.T + bias (weight: (out_features, in_features))."""
+    x = input
     from .pointwise import add
     if len(weight._shape) != 2:
         raise RuntimeError(f"linear: weight must be 2-D (out_features, in_features), got shape {list(weight._shape)}")

@@ -58,12 +58,12 @@ def _softmax(x, dim, dtype, log, opname):
     return out
 
 
-def softmax(x, dim=None, dtype=None):
-    return _softmax(x, dim, dtype, False, "softmax")
+def softmax(input, dim=None, dtype=None):
+    return _softmax(input, dim, dtype, False, "softmax")
 
 
-def log_softmax(x, dim=None, dtype=None):
-    return _softmax(x, dim, dtype, True, "log_softmax")
+def log_softmax(input, dim=None, dtype=None):
+    return _softmax(input, dim, dtype, True, "log_softmax")
 
 
 def _reduce_loss(loss, reduction, denom=None):
@@ -220,7 +220,8 @@ class LayerNormBackward(Node):
         return tuple(out)
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    x = input
     _float_input(x, "layer_norm")
     shape, nd = _norm_shape(x, normalized_shape, "layer_norm")
     _param_check(weight, shape, "weight", "layer_norm")
@@ -258,7 +259,8 @@ class RMSNormBackward(Node):
         return tuple(out)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None):
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    x = input
     _float_input(x, "rms_norm")
     shape, nd = _norm_shape(x, normalized_shape, "rms_norm")
     _param_check(weight, shape, "weight", "rms_norm")
@@ -294,7 +296,8 @@ def embedding(input, weight, padding_idx=None):
     return S.reshape(out, input._shape + (weight._shape[1],))
 
 
-def dropout(x, p=0.5, training=True, generator=None):
+def dropout(input, p=0.5, training=True, generator=None):
+    x = input
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:

@@ -445,116 +445,123 @@ def _unary(code, x, name):
     return out
 
 
-def neg(x):
-    return _unary(C.NEG, x, "neg")
+def neg(input):
+    return _unary(C.NEG, input, "neg")
 
 
-def exp(x):
-    return _unary(C.EXP, x, "exp")
+def exp(input):
+    return _unary(C.EXP, input, "exp")
 
 
-def log(x):
-    return _unary(C.LOG, x, "log")
+def log(input):
+    return _unary(C.LOG, input, "log")
 
 
-def sqrt(x):
-    return _unary(C.SQRT, x, "sqrt")
+def sqrt(input):
+    return _unary(C.SQRT, input, "sqrt")
 
 
-def rsqrt(x):
-    return _unary(C.RSQRT, x, "rsqrt")
+def rsqrt(input):
+    return _unary(C.RSQRT, input, "rsqrt")
 
 
-def abs(x):
-    return _unary(C.ABS, x, "abs")
+def abs(input):
+    return _unary(C.ABS, input, "abs")
 
 
-def tanh(x):
-    return _unary(C.TANH, x, "tanh")
+def tanh(input):
+    return _unary(C.TANH, input, "tanh")
 
 
-def sigmoid(x):
-    return _unary(C.SIGMOID, x, "sigmoid")
+def sigmoid(input):
+    return _unary(C.SIGMOID, input, "sigmoid")
 
 
-def relu(x):
-    return _unary(C.RELU, x, "relu")
+def relu(input, inplace=False):
+    if inplace:
+        from .inplace import relu_
+        return relu_(input)
+    return _unary(C.RELU, input, "relu")
 
 
-def gelu(x, approximate="none"):
+def gelu(input, approximate="none"):
     if approximate == "none":
-        return _unary(C.GELU, x, "gelu")
+        return _unary(C.GELU, input, "gelu")
     if approximate == "tanh":
-        return _unary(C.GELU_TANH, x, "gelu")
+        return _unary(C.GELU_TANH, input, "gelu")
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
-def silu(x):
-    return _unary(C.SILU, x, "silu")
+def silu(input, inplace=False):
+    out = _unary(C.SILU, input, "silu")
+    if inplace:
+        from .inplace import copy_
+        return copy_(input, out)
+    return out
 
 
-def sign(x):
-    return _unary(C.SIGN, x, "sign")
+def sign(input):
+    return _unary(C.SIGN, input, "sign")
 
 
-def sin(x):
-    return _unary(C.SIN, x, "sin")
+def sin(input):
+    return _unary(C.SIN, input, "sin")
 
 
-def cos(x):
-    return _unary(C.COS, x, "cos")
+def cos(input):
+    return _unary(C.COS, input, "cos")
 
 
-def reciprocal(x):
-    return _unary(C.RECIPROCAL, x, "reciprocal")
+def reciprocal(input):
+    return _unary(C.RECIPROCAL, input, "reciprocal")
 
 
-def square(x):
-    return _unary(C.SQUARE, x, "square")
+def square(input):
+    return _unary(C.SQUARE, input, "square")
 
 
-def erf(x):
-    return _unary(C.ERF, x, "erf")
+def erf(input):
+    return _unary(C.ERF, input, "erf")
 
 
-def log1p(x):
-    return _unary(C.LOG1P, x, "log1p")
+def log1p(input):
+    return _unary(C.LOG1P, input, "log1p")
 
 
-def expm1(x):
-    return _unary(C.EXPM1, x, "expm1")
+def expm1(input):
+    return _unary(C.EXPM1, input, "expm1")
 
 
-def floor(x):
-    return _unary(C.FLOOR, x, "floor")
+def floor(input):
+    return _unary(C.FLOOR, input, "floor")
 
 
-def ceil(x):
-    return _unary(C.CEIL, x, "ceil")
+def ceil(input):
+    return _unary(C.CEIL, input, "ceil")
 
 
-def round(x):
-    return _unary(C.ROUND, x, "round")
+def round(input):
+    return _unary(C.ROUND, input, "round")
 
 
-def trunc(x):
-    return _unary(C.TRUNC, x, "trunc")
+def trunc(input):
+    return _unary(C.TRUNC, input, "trunc")
 
 
-def logical_not(x):
-    return _unary(C.LOGICAL_NOT, x, "logical_not")
+def logical_not(input):
+    return _unary(C.LOGICAL_NOT, input, "logical_not")
 
 
-def isnan(x):
-    return _unary(C.ISNAN, x, "isnan")
+def isnan(input):
+    return _unary(C.ISNAN, input, "isnan")
 
 
-def isinf(x):
-    return _unary(C.ISINF, x, "isinf")
+def isinf(input):
+    return _unary(C.ISINF, input, "isinf")
 
 
-def isfinite(x):
-    return _unary(C.ISFINITE, x, "isfinite")
+def isfinite(input):
+    return _unary(C.ISFINITE, input, "isfinite")
 
 
 # --- where / clamp / masked_fill -------------------------------------------------
@@ -611,7 +618,8 @@ class ClampBackward(Node):
         return (where(keep, g, 0.0),)
 
 
-def clamp(x, min=None, max=None):
+def clamp(input, min=None, max=None):
+    x = input
     if min is None and max is None:
         raise RuntimeError("torch.clamp: At least one of 'min' or 'max' must not be None")
     for v in (min, max):

@@ -60,7 +60,8 @@ def _sum_dtype(x, dtype):
     return dt.int64 if x._dtype.category != dt.FLOAT else x._dtype
 
 
-def sum(x, dim=None, keepdim=False, dtype=None):
+def sum(input, dim=None, keepdim=False, dtype=None):
+    x = input
     if not isinstance(x, Tensor):
         raise TypeError(f"sum(): argument 'input' must be Tensor, not {type(x).__name__}")
     dims = _dims(x, dim)
@@ -72,7 +73,8 @@ def sum(x, dim=None, keepdim=False, dtype=None):
     return out
 
 
-def mean(x, dim=None, keepdim=False, dtype=None):
+def mean(input, dim=None, keepdim=False, dtype=None):
+    x = input
     out_dt = dtype or x._dtype
     if not out_dt.is_floating_point:
         raise RuntimeError(f"mean(): could not infer output dtype. Input dtype must be either a floating point or "
@@ -161,15 +163,18 @@ def minimum_like(x, other):
     return minimum(x, other)
 
 
-def max(x, dim=None, keepdim=False):
+def max(input, dim=None, keepdim=False):
+    x = input
     return _extreme(C.MAX, C.ARGMAX, "max", x, dim, keepdim)
 
 
-def min(x, dim=None, keepdim=False):
+def min(input, dim=None, keepdim=False):
+    x = input
     return _extreme(C.MIN, C.ARGMIN, "min", x, dim, keepdim)
 
 
-def amax(x, dim=None, keepdim=False):
+def amax(input, dim=None, keepdim=False):
+    x = input
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.MAX, x, dims, keepdim, x._dtype)
     if _state.enabled and x._requires_grad:
@@ -180,7 +185,8 @@ def amax(x, dim=None, keepdim=False):
     return out
 
 
-def amin(x, dim=None, keepdim=False):
+def amin(input, dim=None, keepdim=False):
+    x = input
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.MIN, x, dims, keepdim, x._dtype)
     if _state.enabled and x._requires_grad:
@@ -191,29 +197,34 @@ def amin(x, dim=None, keepdim=False):
     return out
 
 
-def argmax(x, dim=None, keepdim=False):
+def argmax(input, dim=None, keepdim=False):
+    x = input
     d = None if dim is None else x._wrap_dim(dim)
     if numel_of(x._shape) == 0:
         raise RuntimeError("argmax(): Expected reduction dim to be specified for input.numel() == 0.")
     return _K_ARG[x._storage.device.backend](C.ARGMAX, x, d, keepdim)
 
 
-def argmin(x, dim=None, keepdim=False):
+def argmin(input, dim=None, keepdim=False):
+    x = input
     d = None if dim is None else x._wrap_dim(dim)
     if numel_of(x._shape) == 0:
         raise RuntimeError("argmin(): Expected reduction dim to be specified for input.numel() == 0.")
     return _K_ARG[x._storage.device.backend](C.ARGMIN, x, d, keepdim)
 
 
-def any(x, dim=None, keepdim=False):
+def any(input, dim=None, keepdim=False):
+    x = input
     return _K_REDUCE[x._storage.device.backend](C.ANY, x, _dims(x, dim), keepdim, dt.bool_)
 
 
-def all(x, dim=None, keepdim=False):
+def all(input, dim=None, keepdim=False):
+    x = input
     return _K_REDUCE[x._storage.device.backend](C.ALL, x, _dims(x, dim), keepdim, dt.bool_)
 
 
-def prod(x, dim=None, keepdim=False, dtype=None):
+def prod(input, dim=None, keepdim=False, dtype=None):
+    x = input
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.PROD, x, dims, keepdim, _sum_dtype(x, dtype))
     if _state.enabled and x._requires_grad:
@@ -270,7 +281,8 @@ def _correction(unbiased, correction):
     return 1 if unbiased in (None, True) else 0
 
 
-def var(x, dim=None, unbiased=None, keepdim=False, correction=None):
+def var(input, dim=None, unbiased=None, keepdim=False, correction=None):
+    x = input
     if not x._dtype.is_floating_point:
         raise RuntimeError(f"var(): input dtype should be floating point, got {x._dtype}")
     dims = _dims(x, dim)
@@ -284,7 +296,8 @@ def var(x, dim=None, unbiased=None, keepdim=False, correction=None):
     return out
 
 
-def std(x, dim=None, unbiased=None, keepdim=False, correction=None):
+def std(input, dim=None, unbiased=None, keepdim=False, correction=None):
+    x = input
     from .pointwise import sqrt
     return sqrt(var(x, dim, unbiased, keepdim, correction))
 
@@ -300,7 +313,8 @@ class LogSumExpBackward(Node):
         return (mul(g, exp(sub(x, o))),)
 
 
-def logsumexp(x, dim, keepdim=False):
+def logsumexp(input, dim, keepdim=False):
+    x = input
     if not x._dtype.is_floating_point:
         x = x.to(dt.get_default_dtype())
     dims = _dims(x, dim)
@@ -313,11 +327,13 @@ def logsumexp(x, dim, keepdim=False):
     return out
 
 
-def var_mean(x, dim=None, unbiased=None, keepdim=False, correction=None):
+def var_mean(input, dim=None, unbiased=None, keepdim=False, correction=None):
+    x = input
     return var(x, dim, unbiased, keepdim, correction), mean(x, dim, keepdim)
 
 
-def std_mean(x, dim=None, unbiased=None, keepdim=False, correction=None):
+def std_mean(input, dim=None, unbiased=None, keepdim=False, correction=None):
+    x = input
     return std(x, dim, unbiased, keepdim, correction), mean(x, dim, keepdim)
 
 
@@ -340,8 +356,9 @@ class NormBackward(Node):
         return (mul(g, where(eq(o, 0), 0.0, grad)),)
 
 
-def norm(x, p="fro", dim=None, keepdim=False, dtype=None):
+def norm(input, p="fro", dim=None, keepdim=False, dtype=None):
     """Vector p-norm over dim (all elements when None): p in {'fro', inf, -inf, 0, real > 0}."""
+    x = input
     from .pointwise import abs, pow, ne
     if dtype is not None:
         x = x.to(dtype)
