@@ -196,7 +196,7 @@ class Tensor:
         hi = n - 1 if n else 0
         if not isinstance(dim, int) or not lo <= dim <= hi:
             raise IndexError(f"Dimension out of range (expected to be in range of [{lo}, {hi}], but got {dim})")
-        return dim + n if dim < 0 else dim
+        return dim + (n or 1) if dim < 0 else dim  # a 0-dim tensor's dim -1 is 0, as in torch
 
     def __len__(self):
         if not self._shape:
