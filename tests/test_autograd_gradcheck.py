@@ -205,3 +205,11 @@ def test_gradcheck_detects_a_wrong_backward():
 def test_gradcheck_rejects_float32_inputs():
     with pytest.raises(ValueError, match="float64"):
         gradcheck(cg.exp, (cg.ones(2, requires_grad=True),))
+
+
+def test_gradcheck_of_non_contiguous_and_0_dim_inputs():
+    base = cg.tensor(R.uniform(-1, 1, (3, 4)), dtype=cg.float64)
+    t = base.t().detach().requires_grad_()  # a non-contiguous leaf
+    assert not t.is_contiguous()
+    assert gradcheck(lambda a: (a * a).sum(0), (t,))
+    assert gradcheck(lambda a: a.exp() * 2, (x(),))

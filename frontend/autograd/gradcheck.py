@@ -16,16 +16,17 @@ def _numerical_jacobian(fn, inputs, i, eps):
     with grad_mode.no_grad():
         base_outs = [o._np.astype(np.float64).copy() for o in _as_tuple(fn(*inputs)) if isinstance(o, Tensor)]
     cols = []
-    flat = arr.reshape(-1)
-    for j in range(flat.size):
-        orig = flat[j]
-        flat[j] = orig + eps
+    # Index the input's own memory (a reshape of a non-contiguous input would
+    # perturb a copy), in row-major order like the analytical rows.
+    for j in np.ndindex(arr.shape):
+        orig = arr[j]
+        arr[j] = orig + eps
         with grad_mode.no_grad():
             plus = [o._np.astype(np.float64).copy() for o in _as_tuple(fn(*inputs)) if isinstance(o, Tensor)]
-        flat[j] = orig - eps
+        arr[j] = orig - eps
         with grad_mode.no_grad():
             minus = [o._np.astype(np.float64).copy() for o in _as_tuple(fn(*inputs)) if isinstance(o, Tensor)]
-        flat[j] = orig
+        arr[j] = orig
         cols.append(np.concatenate([((p - m) / (2 * eps)).reshape(-1) for p, m in zip(plus, minus)]))
     return np.stack(cols, axis=1) if cols else np.zeros((sum(o.size for o in base_outs), 0))
 
