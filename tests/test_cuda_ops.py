@@ -604,6 +604,34 @@ def test_backward_on_cuda_matches_cpu(fn, dtype):
         np.testing.assert_allclose(g, r, rtol=tol, atol=tol * scale)
 
 
+# --- fused cross-entropy (CUDA-only kernels, checked against the composite CPU op) --------
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_fused_cross_entropy_rows(dtype, label_smoothing):
+    from cutegrad.backends.cuda import cross_entropy_rows, cross_entropy_rows_backward
+    F = cutegrad.nn.functional
+    rng = np.random.default_rng(25)
+    for rows, classes in [(1, 1), (5, 7), (33, 1000), (4, 5000), (0, 3)]:
+        logits = rand(rng, (rows, classes), dtype, -8, 8)
+        target = cutegrad.tensor(rng.integers(0, classes, size=rows), dtype=dt.int64)
+        if rows > 2:
+            target[1] = -100  # ignored row
+        g_rows = rng.uniform(-1, 1, size=rows)
+        x64 = logits.to(dt.float64).detach().requires_grad_(True)
+        ref = F.cross_entropy(x64, target, reduction="none", label_smoothing=label_smoothing)
+        (ref * cutegrad.tensor(g_rows, dtype=dt.float64)).sum().backward()
+        loss, lse = cross_entropy_rows(cuda_of(logits), cuda_of(target), -100, label_smoothing)
+        assert loss.dtype is dt.float32 and tuple(loss.shape) == (rows,)
+        assert_close(loss, ref.detach(), dt.float32, scale=10.0)
+        grad = cross_entropy_rows_backward(cuda_of(logits), cuda_of(target), lse,
+                                           cutegrad.tensor(g_rows, dtype=dt.float32, device="cuda"), -100,
+                                           label_smoothing)
+        assert grad.dtype is dtype
+        assert_close(grad, x64.grad if rows else cutegrad.zeros(0, classes, dtype=dt.float64), dtype, scale=1e-2)
+    bad = cross_entropy_rows(cuda_of(rand(rng, (2, 3), dt.float32)), cuda_of(cutegrad.tensor([0, 7])))[0]
+    assert np.isnan(values(bad)[1]) and np.isfinite(values(bad)[0])
+
+
 # --- argument validation --------------------------------------------------------------------
 def test_bad_arguments_raise_before_launch():
     from cutegrad import _C

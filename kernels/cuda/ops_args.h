@@ -218,5 +218,27 @@ int sum_squares_launch(const MultiTensorArgs& args, float* partial, void* stream
 // out[0] = sqrt(sum of partial[0..n)), out[1] = min(1, max_norm / (out[0] + 1e-6)).
 int norm_finish_launch(const float* partial, int64_t n, float* out, double max_norm, void* stream);
 
+// ---- cross-entropy (fused log_softmax + NLL) --------------------------------
+
+// logits contiguous (rows, classes); target int64 (rows).  Forward writes the
+// per-row loss lse - (1 - ls) x[t] - ls * mean(x) (0 for ignored rows) and the
+// row's logsumexp, both fp32.  Backward writes
+//   grad[i, j] = g[i] * (softmax[i, j] - (1 - ls) [j == t] - ls / classes), 0 on ignored rows.
+struct CrossEntropyArgs {
+  const void* logits;
+  int dtype;
+  const int64_t* target;
+  int64_t rows, classes;
+  int64_t ignore_index;
+  double label_smoothing;
+  float* loss;     // forward
+  float* lse;      // forward output, backward input
+  const float* grad_rows;  // backward: upstream gradient per row
+  void* grad_logits;       // backward output (logits dtype)
+};
+
+int cross_entropy_forward_launch(const CrossEntropyArgs& args, void* stream);
+int cross_entropy_backward_launch(const CrossEntropyArgs& args, void* stream);
+
 }  // namespace ops
 }  // namespace cutegrad

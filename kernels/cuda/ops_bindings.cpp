@@ -552,6 +552,57 @@ void grad_norm(const Ptrs& grads, const Dims& numels, int grad_dtype, uintptr_t 
   check_cuda(norm_finish_launch(part, used, reinterpret_cast<float*>(out), max_norm, reinterpret_cast<void*>(stream)), op);
 }
 
+
+// ---- cross-entropy --------------------------------------------------------
+
+CrossEntropyArgs ce_args(const char* op, uintptr_t logits, int dtype, uintptr_t target, int64_t rows, int64_t classes,
+                         int64_t ignore_index, double label_smoothing, uintptr_t lse) {
+  if (dtype != kF32 && dtype != kF16 && dtype != kBF16)
+    fail(op, "logits must be float32, float16 or bfloat16 (dtype code " + std::to_string(dtype) + ")");
+  if (rows < 0 || classes < 1) fail(op, "needs rows >= 0 and classes >= 1, got " + std::to_string(rows) + ", " + std::to_string(classes));
+  if (!(label_smoothing >= 0.0 && label_smoothing <= 1.0))
+    fail(op, "label_smoothing must be in [0, 1], got " + std::to_string(label_smoothing));
+  if (rows) {
+    check_ptr(op, logits, "logits");
+    check_ptr(op, target, "target");
+    check_ptr(op, lse, "lse");
+    if (target % 8) fail(op, "target must be an aligned int64 tensor");
+  }
+  CrossEntropyArgs a{};
+  a.logits = reinterpret_cast<const void*>(logits);
+  a.dtype = dtype;
+  a.target = reinterpret_cast<const int64_t*>(target);
+  a.rows = rows;
+  a.classes = classes;
+  a.ignore_index = ignore_index;
+  a.label_smoothing = label_smoothing;
+  a.lse = reinterpret_cast<float*>(lse);
+  return a;
+}
+
+void cross_entropy(uintptr_t logits, int dtype, uintptr_t target, int64_t rows, int64_t classes, int64_t ignore_index,
+                   double label_smoothing, uintptr_t loss, uintptr_t lse, uintptr_t stream) {
+  const char* op = "cross_entropy";
+  CrossEntropyArgs a = ce_args(op, logits, dtype, target, rows, classes, ignore_index, label_smoothing, lse);
+  if (!rows) return;
+  check_ptr(op, loss, "loss");
+  a.loss = reinterpret_cast<float*>(loss);
+  check_cuda(cross_entropy_forward_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+void cross_entropy_backward(uintptr_t logits, int dtype, uintptr_t target, int64_t rows, int64_t classes,
+                            int64_t ignore_index, double label_smoothing, uintptr_t lse, uintptr_t grad_rows,
+                            uintptr_t grad_logits, uintptr_t stream) {
+  const char* op = "cross_entropy_backward";
+  CrossEntropyArgs a = ce_args(op, logits, dtype, target, rows, classes, ignore_index, label_smoothing, lse);
+  if (!rows) return;
+  check_ptr(op, grad_rows, "grad_rows");
+  check_ptr(op, grad_logits, "grad_logits");
+  a.grad_rows = reinterpret_cast<const float*>(grad_rows);
+  a.grad_logits = reinterpret_cast<void*>(grad_logits);
+  check_cuda(cross_entropy_backward_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace cutegrad
@@ -575,6 +626,8 @@ void register_ops(nb::module_& m) {
         nb::arg("index_dtype"), nb::arg("index_strides"), nb::arg("src"), nb::arg("src_dtype"), nb::arg("src_strides"),
         nb::arg("scalar").none(), nb::arg("dst"), nb::arg("dst_dtype"), nb::arg("dst_strides"), nb::arg("accumulate"),
         nb::arg("stream"), "dst[p with coordinate dim := index[p]] (+)= src[p] or a scalar.");
+  m.def("cross_entropy", &cross_entropy, "Per-row cross-entropy loss and logsumexp of contiguous logits.");
+  m.def("cross_entropy_backward", &cross_entropy_backward, "Gradient of the per-row cross-entropy w.r.t. the logits.");
   m.def("adamw", &adamw, "Fused multi-tensor AdamW step (pointer lists; see docs/cuda_ops.md).");
   m.def("sgd", &sgd, "Fused multi-tensor SGD step (momentum, dampening, Nesterov, weight decay).");
   m.def("grad_norm", &grad_norm, "Global L2 norm of gradients and the clipping coefficient, on the device.");
