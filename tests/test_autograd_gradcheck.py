@@ -213,3 +213,7 @@ def test_gradcheck_of_non_contiguous_and_0_dim_inputs():
     assert not t.is_contiguous()
     assert gradcheck(lambda a: (a * a).sum(0), (t,))
     assert gradcheck(lambda a: a.exp() * 2, (x(),))
+
+
+def test_gradcheck_overlapping_as_strided_windows():
+    assert gradcheck(lambda a: a.as_strided((4, 3), (2, 1), 1) ** 2, (x(10),))

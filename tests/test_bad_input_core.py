@@ -99,6 +99,10 @@ CATALOGUE = [
      "modified by an inplace operation.*version 1; expected version 0"),
     ("grad_unused_input", lambda: cg.autograd.grad((_leaf(1) * 2).sum(), _leaf(1)), RuntimeError,
      "not have been used in the graph"),
+    ("inplace_into_expanded", lambda: cg.zeros(3, 1).expand(3, 4).add_(1.0), RuntimeError,
+     "more than one element of the written-to tensor refers to a single memory location"),
+    ("setitem_into_expanded", lambda: cg.zeros(1).expand(3).__setitem__(cg.tensor([0]), 1.0), RuntimeError,
+     "single memory location"),
     # out-of-range indices
     ("getitem_int", lambda: cg.zeros(2, 3)[:, 3], IndexError, "index 3 is out of bounds for dimension 1 with size 3"),
     ("getitem_negative", lambda: cg.zeros(2, 3)[-3], IndexError, "index -3 is out of bounds"),

@@ -101,8 +101,16 @@ def _rebase(x, result):
     x._requires_grad = True
 
 
+def _check_no_internal_overlap(x, opname):
+    if 0 in x._strides and any(s == 0 and n > 1 for n, s in zip(x._shape, x._strides)):
+        raise RuntimeError(f"{opname}: unsupported operation: more than one element of the written-to tensor "
+                           f"refers to a single memory location (an expanded tensor of shape {list(x._shape)}). "
+                           f"Please clone() the tensor before performing the operation.")
+
+
 def write_(x, result, opname):
     """Store result (broadcastable to x) into x's memory: the in-place core."""
+    _check_no_internal_overlap(x, opname)
     if result._shape != x._shape and broadcast_shapes(x._shape, result._shape) != x._shape:
         raise RuntimeError(f"{opname}: output with shape {list(x._shape)} doesn't match the broadcast "
                            f"shape {list(broadcast_shapes(x._shape, result._shape))}")
@@ -250,6 +258,7 @@ def index_put_(x, indices, values, accumulate=False):
 def _index_put(x, key, value, accumulate=False):
     """index_put_ for a key already normalized and bounds-checked."""
     _check_inplace(x, "index_put_")
+    _check_no_internal_overlap(x, "index_put_")
     track = _state.enabled and (x._requires_grad or (isinstance(value, Tensor) and value._requires_grad))
     if track:
         from .conversion import clone

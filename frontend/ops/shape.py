@@ -269,13 +269,17 @@ class AsStridedBackward(Node):
     __slots__ = ("in_shape", "in_dtype", "shape", "strides", "offset")
 
     def backward(self, g):
-        from .creation import zeros
-        from .inplace import copy_
-        gz = zeros(self.in_shape, dtype=self.in_dtype, device=g._storage.device)
-        region = as_strided(gz, self.shape, self.strides, self.offset)
-        with grad_mode.no_grad():
-            copy_(region, g)
-        return (gz,)
+        # Elements the view reaches more than once (overlapping windows) sum
+        # their gradients: an index_add at each view element's flat position.
+        import numpy as np
+        from .creation import zeros, tensor
+        from .indexing import index_add
+        pos = np.full(self.shape, self.offset, dtype=np.int64)
+        for d, (n, st) in enumerate(zip(self.shape, self.strides)):
+            pos = pos + (np.arange(n, dtype=np.int64) * st).reshape((n,) + (1,) * (len(self.shape) - d - 1))
+        flat = zeros(numel_of(self.in_shape), dtype=g._dtype, device=g._storage.device)
+        idx = tensor(pos.reshape(-1), device=g._storage.device)
+        return (reshape(index_add(flat, 0, idx, reshape(g, (-1,))), self.in_shape),)
 
 
 def as_strided(x, size, stride, storage_offset=0):
