@@ -59,6 +59,8 @@ CASES = {
     "clamp": (lambda a: cg.clamp(a, -0.5, 0.5), lambda: (away_from(8, kinks=(-0.5, 0.5), margin=0.1),)),
     "where": (lambda a, b: cg.where(cg.tensor([True, False, True]), a, b), lambda: (x(2, 3), x(3))),
     "masked_fill": (lambda a: a.masked_fill(cg.tensor([False, True, False]), 2.0), lambda: (x(2, 3),)),
+    "masked_fill_tensor_value": (lambda a, v: a.masked_fill(cg.tensor([[False, True, False], [True, True, False]]), v),
+                                 lambda: (x(2, 3), x())),
     "sum": (lambda a: a.sum((0, 2), keepdim=True), lambda: (x(2, 3, 2),)),
     "sum_all": (lambda a: a.sum(), lambda: (x(2, 3),)),
     "mean": (lambda a: a.mean(-1), lambda: (x(2, 3),)),

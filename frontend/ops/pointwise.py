@@ -644,7 +644,8 @@ def masked_fill(x, mask, value):
         if value._shape:
             raise RuntimeError(f"masked_fill only supports a 0-dimensional value tensor, but got tensor with "
                                f"{len(value._shape)} dimension(s).")
-        value = value.item()
+        if not (value._requires_grad and _state.enabled):  # keep it a tensor only when its gradient is needed
+            value = value.item()
     out = where(mask, value, x)
     if out._dtype is not x._dtype:
         out = out.to(x._dtype)
