@@ -321,6 +321,8 @@ ERROR_CASES = [
     ("bool_sub", lambda m: m.tensor([True]) - m.tensor([False])),
     ("bool_neg", lambda m: -m.tensor([True])),
     ("int_neg_pow", lambda m: m.tensor([2]) ** -1),
+    ("int_floordiv_zero", lambda m: m.tensor([4, 2]) // m.tensor([2, 0])),
+    ("int_remainder_zero", lambda m: m.tensor([4, 2]) % 0),
     ("softmax_int", lambda m: m.softmax(m.tensor([1, 2]), 0)),
     ("where_nonbool", lambda m: m.where(m.tensor([1, 0]), m.zeros(2), m.ones(2))),
     ("masked_fill_nonbool", lambda m: m.zeros(2).masked_fill(m.tensor([1, 0]), 1.0)),

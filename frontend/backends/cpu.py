@@ -191,6 +191,7 @@ _CMP = (C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR)
 # inf - inf and 0 * inf set IEEE flags, and torch does not warn.
 _QUIET_ANY = frozenset((C.MAXIMUM, C.MINIMUM) + _CMP)
 _QUIET_INT = frozenset((C.ADD, C.SUB, C.MUL))
+_INT_DIVISIONS = frozenset((C.FLOORDIV, C.REMAINDER))
 
 
 @register("binary", CPU)
@@ -207,6 +208,8 @@ def binary(code, a, b, compute_dtype, out_dtype):
         y = b._np
     else:
         y = np.asarray(_arg(b)).astype(cd, copy=False)
+    if code in _INT_DIVISIONS and compute_dtype.category != dt.FLOAT and np.any(y == 0):
+        raise RuntimeError("ZeroDivisionError: integer division (// or %) by zero")  # torch CPU's error
     if code in _QUIET_ANY or (code in _QUIET_INT and compute_dtype.category != dt.FLOAT):
         r = _BINARY[code](x, y)
     else:
