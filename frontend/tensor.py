@@ -72,7 +72,7 @@ def make(storage, shape, strides, offset, dtype, base=None):
     t._dtype = dtype
     t._np = _np_view(storage, shape, strides, offset, dtype) if storage.device.backend == CPU else None
     t._requires_grad = False
-    t.grad = None
+    t._grad = None
     t.grad_fn = None
     t._base = base
     t._hooks = None
@@ -95,7 +95,7 @@ def from_numpy_owned(arr, dtype):
     t._dtype = dtype
     t._np = arr
     t._requires_grad = False
-    t.grad = None
+    t._grad = None
     t.grad_fn = None
     t._base = None
     t._hooks = None
@@ -113,7 +113,7 @@ def numel_of(shape):
 
 class Tensor:
     __slots__ = ("_storage", "_shape", "_strides", "_offset", "_dtype", "_np",
-                 "_requires_grad", "grad", "grad_fn", "_base", "_hooks",
+                 "_requires_grad", "_grad", "grad_fn", "_base", "_hooks",
                  "_retains_grad", "_accum", "__weakref__")
 
     __array_priority__ = 1000  # numpy scalars defer to our reflected operators
@@ -225,6 +225,28 @@ class Tensor:
     def requires_grad_(self, flag=True):
         self.requires_grad = flag
         return self
+
+    @property
+    def grad(self):
+        return self._grad
+
+    @grad.setter
+    def grad(self, g):
+        # torch's checks: a mismatched .grad would otherwise surface much later
+        # (broadcast into the next accumulation, or a dtype error in an optimizer)
+        if g is not None:
+            if not isinstance(g, Tensor):
+                raise TypeError(f"assigned grad expected to be a Tensor or None but got {type(g).__name__}")
+            if g._shape != self._shape:
+                raise RuntimeError(f"assigned grad has data of a different size: grad {list(g._shape)}, tensor "
+                                   f"{list(self._shape)}")
+            if g._dtype is not self._dtype:
+                raise RuntimeError(f"assigned grad has data of a different type: grad {g._dtype}, tensor "
+                                   f"{self._dtype}")
+            if g._storage.device != self._storage.device:
+                raise RuntimeError(f"assigned grad has data located on a different device: grad {g.device}, "
+                                   f"tensor {self.device}")
+        self._grad = g
 
     @property
     def is_leaf(self):

@@ -190,3 +190,18 @@ def test_kernel_missing_for_a_device_names_kernel_and_device():
         k.impl[cg.dispatch.CUDA]()
     assert not cg.dispatch.has_impl("test_bad_input_core_probe", cg.dispatch.CPU)
     del cg.dispatch.KERNELS["test_bad_input_core_probe"]
+
+
+def test_assigning_a_mismatched_grad_raises():
+    x = _leaf(3)
+    with pytest.raises(RuntimeError, match="different size"):
+        x.grad = cg.zeros(4, dtype=cg.float64)
+    with pytest.raises(RuntimeError, match="different type"):
+        x.grad = cg.zeros(3)
+    with pytest.raises(TypeError, match="Tensor or None"):
+        x.grad = [0.0, 0.0, 0.0]
+    x.grad = cg.ones(3, dtype=cg.float64)
+    (x * 2).sum().backward()
+    assert x.grad.tolist() == [3.0, 3.0, 3.0]
+    x.grad = None
+    assert x.grad is None
