@@ -119,3 +119,21 @@ def test_import_without_native_kernels_is_lazy():
             "try:\n    g.native()\nexcept RuntimeError as e:\n    assert 'pip install -e .' in str(e); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_build_backend_asks_for_cuda_wheels_only_without_local_nvcc(monkeypatch, tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "kernels"))
+    try:
+        import build_backend
+    finally:
+        sys.path.remove(os.path.join(ROOT, "kernels"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(build_backend.os.path, "exists", lambda p: False)
+    assert build_backend._cuda_requires() == build_backend.CUDA_WHEELS
+    fake_nvcc = tmp_path / "bin" / "nvcc"
+    fake_nvcc.parent.mkdir()
+    fake_nvcc.write_text("")
+    monkeypatch.setattr(build_backend.os.path, "exists", lambda p: p == str(fake_nvcc))
+    assert build_backend._cuda_requires() == []

@@ -15,7 +15,6 @@
 
 #include <cuda_runtime.h>
 
-#include <array>
 #include <mutex>
 #include <optional>
 #include <string>
