@@ -4,7 +4,8 @@ Small operands make the measured time mostly framework overhead (argument
 checks, dispatch, dtype promotion, output Tensor construction) rather than
 arithmetic, which is the cost that decides eager speed on a GPU, where the
 kernel runs asynchronously. Each figure is the median over REPEATS batches of
-the mean time of BATCH back-to-back calls, after a warm-up.
+the mean time of BATCH back-to-back calls, after a warm-up; cutegrad's and
+PyTorch's batches alternate so that a shared machine's load hits both alike.
 
     python -m bench.overhead [--repeats N] [--batch N] [--out DIR]
 
@@ -34,19 +35,26 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def median_us(fn, repeats, batch):
-    for _ in range(batch):  # warm-up: caches, lazy imports, allocator pools
+def _batch_us(fn, batch):
+    t0 = time.perf_counter_ns()
+    for _ in range(batch):
         fn()
-    samples = []
+    return (time.perf_counter_ns() - t0) / batch / 1e3
+
+
+def paired_median_us(fns, repeats, batch):
+    """Median microseconds per call of each fn. Batches of the fns alternate,
+    so load from other processes on a shared machine hits them alike."""
+    for fn in fns:  # warm-up: caches, lazy imports, allocator pools
+        _batch_us(fn, batch)
+    samples = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter_ns()
-        for _ in range(batch):
-            fn()
-        samples.append((time.perf_counter_ns() - t0) / batch / 1e3)
-    return statistics.median(samples)
+        for fn, out in zip(fns, samples):
+            out.append(_batch_us(fn, batch))
+    return [statistics.median(s) for s in samples]
 
 
-def cases(lib, mod, F):
+def cases(mod, F):
     """(name, zero-argument callable) per op, for module `mod` (cutegrad or torch)."""
     rng = np.random.default_rng(0)
 
@@ -87,13 +95,15 @@ def main():
     except ImportError:
         torch = TF = None
 
-    ours = cases("cutegrad", cutegrad, cutegrad)
-    theirs = cases("torch", torch, TF) if torch is not None else [(n, None) for n, _ in ours]
+    ours = cases(cutegrad, cutegrad)
+    theirs = cases(torch, TF) if torch is not None else [(n, None) for n, _ in ours]
     rows = []
     print(f"{'op':<38} {'cutegrad us':>12} {'torch us':>10} {'ratio':>7}")
     for (name, fn), (_, tfn) in zip(ours, theirs):
-        us = median_us(fn, args.repeats, args.batch)
-        base = median_us(tfn, args.repeats, args.batch) if tfn is not None else None
+        if tfn is not None:
+            us, base = paired_median_us([fn, tfn], args.repeats, args.batch)
+        else:
+            (us,), base = paired_median_us([fn], args.repeats, args.batch), None
         ratio = round(base / us, 4) if base else None
         rows.append({"name": name, "unit": "us/op (host, median)", "cutegrad": round(us, 2),
                      "baseline": round(base, 2) if base else None, "baseline_name": "PyTorch CPU eager",

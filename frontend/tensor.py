@@ -22,7 +22,7 @@ Tensor object because metadata never changes after construction.
 import numpy as np
 
 from . import dtypes as _dt
-from .device import device as _device, cpu as _cpu_device, CPU
+from .device import cpu as _cpu_device, CPU
 
 
 class Storage:

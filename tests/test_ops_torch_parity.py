@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import cutegrad as cg
-from core_harness import rand
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

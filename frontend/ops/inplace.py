@@ -7,11 +7,10 @@ history of the view's base with a CopySlices node (PyTorch's design): the
 base's gradient passes through everywhere except the written region, whose
 gradient goes to the value that was written.
 """
-from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor
 from ..autograd import grad_mode
-from ..autograd.engine import Node, attach, edge
+from ..autograd.engine import Node, edge
 from . import pointwise as P
 from .broadcast import broadcast_shapes
 
