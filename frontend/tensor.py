@@ -78,6 +78,7 @@ def make(storage, shape, strides, offset, dtype, base=None):
     t._hooks = None
     t._retains_grad = False
     t._accum = None
+    t._base_fn = None
     return t
 
 
@@ -101,6 +102,7 @@ def from_numpy_owned(arr, dtype):
     t._hooks = None
     t._retains_grad = False
     t._accum = None
+    t._base_fn = None
     return t
 
 
@@ -114,7 +116,7 @@ def numel_of(shape):
 class Tensor:
     __slots__ = ("_storage", "_shape", "_strides", "_offset", "_dtype", "_np",
                  "_requires_grad", "_grad", "grad_fn", "_base", "_hooks",
-                 "_retains_grad", "_accum", "__weakref__")
+                 "_retains_grad", "_accum", "_base_fn", "__weakref__")
 
     __array_priority__ = 1000  # numpy scalars defer to our reflected operators
 

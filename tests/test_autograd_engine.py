@@ -551,3 +551,26 @@ def test_set_grad_enabled_as_a_plain_call_like_torch():
         with cg.set_grad_enabled(True):
             assert cg.is_grad_enabled()
         assert not cg.is_grad_enabled()
+
+
+def test_views_made_before_an_in_place_write_follow_the_new_history():
+    x = leaf([[1.0, 2.0], [3.0, 4.0]])
+    b = (x * 1).t()
+    b[0].mul_(3)  # writes through a sibling view of b's base
+    (b * b).sum().backward()
+    np.testing.assert_allclose(grad_np(x), [[18.0, 4.0], [54.0, 8.0]])
+    x.grad = None
+    base = x * 1
+    row = base[1]
+    base.mul_(2)  # in place on the base itself
+    (row * row).sum().backward()
+    np.testing.assert_allclose(grad_np(x), [[0.0, 0.0], [24.0, 32.0]])
+
+
+def test_write_into_a_view_of_a_non_contiguous_root():
+    w = cg.arange(12.0, dtype=cg.float64).reshape(3, 4)
+    d = w.t().detach()  # a root tensor that is not contiguous
+    v = leaf([1.0, 2.0, 3.0])
+    d[1] = v * v
+    (d * cg.arange(12.0, dtype=cg.float64).reshape(4, 3)).sum().backward()
+    np.testing.assert_allclose(grad_np(v), [2 * 1.0 * 3, 2 * 2.0 * 4, 2 * 3.0 * 5])

@@ -36,6 +36,8 @@ def _ops():
         ("setitem_slice", 2, lambda m, a, b: _setitem(a, b)),
         ("inplace_sigmoid", 1, lambda m, a: _inplace(lambda t: t.sigmoid_(), a)),
         ("masked_fill", 1, lambda m, a: a.masked_fill(a < -0.5, 0.25)),
+        ("stale_sibling_view", 2, lambda m, a, b: _sibling(a, b)),
+        ("stale_view_of_base", 1, lambda m, a: _view_then_base_inplace(a)),
         ("gather_rows", 1, lambda m, a: a[[2, 0, 1]] * 1),
     ]
 
@@ -44,6 +46,20 @@ def _inplace(op, a):
     t = a * 1  # a fresh non-leaf: in-place on it is legal in both frameworks
     op(t)
     return t
+
+
+def _sibling(a, b):
+    t = a * 1
+    v = t.t()  # made before the write below: its history must follow it
+    t[1:, 2].mul_(b[0, 0])
+    return v.t() * 1
+
+
+def _view_then_base_inplace(a):
+    t = a * 1
+    v = t[:, 1:3]
+    t.sigmoid_()
+    return t + v.sum(1, keepdim=True)
 
 
 def _setitem(a, b):

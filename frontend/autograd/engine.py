@@ -130,6 +130,13 @@ def edge(t):
     """The node a gradient for tensor t flows into (None if t needs none)."""
     fn = t.grad_fn
     if fn is not None:
+        base = t._base
+        if base is not None and t._base_fn is not base.grad_fn:
+            # An in-place op rewrote the base's history after this view was
+            # made (through the base or another view): the view's gradient
+            # must now flow into the new history, as torch regenerates it.
+            from ..ops.inplace import refresh_view_history
+            fn = refresh_view_history(t)
         return fn
     if not t._requires_grad:
         return None
@@ -144,6 +151,8 @@ def attach(out, node, inputs):
     node.next_functions = tuple([edge(t) if t is not None else None for t in inputs])
     out.grad_fn = node
     out._requires_grad = True
+    if out._base is not None:
+        out._base_fn = out._base.grad_fn  # the base history this view's node hangs off
     return out
 
 

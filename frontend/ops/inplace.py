@@ -30,18 +30,47 @@ def _check_inplace(x, opname):
 
 
 class CopySlices(Node):
-    __slots__ = ("shape", "strides", "offset")
+    """The base's gradient passes through except where the view was written;
+    the written region's gradient goes to the written value. The region is
+    (shape, strides, offset) relative to a contiguous base, or, for a base
+    that is not contiguous, `positions`: the row-major index in the base of
+    each element of the view."""
+    __slots__ = ("shape", "strides", "offset", "positions")
 
     def backward(self, g):
-        from .shape import as_strided
-        from .conversion import clone
+        from .shape import as_strided, reshape
+        from .conversion import clone, to_device
+        from .creation import zeros
+        from .indexing import index
         gb = clone(g).detach() if not _state.enabled else clone(g)
-        region = as_strided(gb.detach(), self.shape, self.strides, self.offset)
-        g_written = clone(region)
+        zero = zeros((), dtype=g._dtype, device=g._storage.device)
         with grad_mode.no_grad():
-            _K_COPY[region._storage.device.backend](region, P.mul(region, 0))
+            if self.positions is None:
+                region = as_strided(gb.detach(), self.shape, self.strides, self.offset)
+                g_written = clone(region)
+                _K_COPY[region._storage.device.backend](region, zero)
+            else:
+                key = (to_device(self.positions, g._storage.device),)
+                flat = reshape(gb.detach(), (-1,))
+                g_written = reshape(index(flat, key), self.shape)
+                _K_INDEX_PUT[flat._storage.device.backend](flat, key, zero, False)
         gb._storage.version += 1
         return (gb, g_written)
+
+
+def _positions_in(base, x):
+    """int64 tensor: the row-major index in base of each element of view x."""
+    import numpy as np
+    from .creation import tensor
+
+    def storage_offsets(t):
+        off = np.full(t._shape, t._offset, dtype=np.int64)
+        for d, (n, st) in enumerate(zip(t._shape, t._strides)):
+            off = off + (np.arange(n, dtype=np.int64) * st).reshape((n,) + (1,) * (len(t._shape) - d - 1))
+        return off.reshape(-1)
+    b = storage_offsets(base)
+    order = np.argsort(b, kind="stable")
+    return tensor(order[np.searchsorted(b[order], storage_offsets(x))])
 
 
 class OverwrittenBackward(Node):
@@ -87,17 +116,35 @@ def _rebase(x, result):
         x.grad_fn = fn
         x._requires_grad = True
         return
-    if not base.is_contiguous():
-        raise NotImplementedError("in-place write into a view whose base is not contiguous, with autograd, "
-                                  "is not supported; call .contiguous() on the base first")
     node = CopySlices()
     node.shape, node.strides, node.offset = x._shape, x._strides, x._offset - base._offset
+    node.positions = None if base.is_contiguous() else _positions_in(base, x)
     node.next_functions = (edge(base), edge(result))
     base.grad_fn = node
     base._requires_grad = True
-    from .shape import as_strided
-    x.grad_fn = as_strided(base, x._shape, x._strides, x._offset - base._offset).grad_fn
+    x.grad_fn = _view_grad_fn(base, x, node.positions)
+    x._base_fn = base.grad_fn
     x._requires_grad = True
+
+
+def _view_grad_fn(base, x, positions):
+    """A grad_fn taking view x's gradient into base's current history."""
+    with grad_mode.enable_grad():
+        if positions is None:
+            from .shape import as_strided
+            return as_strided(base, x._shape, x._strides, x._offset - base._offset).grad_fn
+        from .shape import reshape
+        from .indexing import index
+        return reshape(index(reshape(base, (-1,)), (positions,)), x._shape).grad_fn
+
+
+def refresh_view_history(x):
+    """Re-derive view x's grad_fn from its base after the base's history was
+    rewritten in place (the engine calls this when it finds x stale)."""
+    base = x._base
+    x.grad_fn = _view_grad_fn(base, x, None if base.is_contiguous() else _positions_in(base, x))
+    x._base_fn = base.grad_fn
+    return x.grad_fn
 
 
 def _check_no_internal_overlap(x, opname):
