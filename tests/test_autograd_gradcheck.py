@@ -115,6 +115,7 @@ CASES = {
     "gather": (lambda a: cg.gather(a, 1, cg.tensor([[0, 0, 2], [1, 2, 2]])), lambda: (x(2, 3),)),
     "index_select": (lambda a: cg.index_select(a, 0, cg.tensor([1, 1, 0])), lambda: (x(2, 3),)),
     "scatter_add": (lambda a, s: cg.scatter_add(a, 0, cg.tensor([[1, 0], [1, 1]]), s), lambda: (x(2, 2), x(2, 2))),
+    "scatter_add_small_index": (lambda a, s: cg.scatter_add(a, 0, cg.tensor([[1, 0]]), s), lambda: (x(2, 3), x(2, 3))),
     "index_add": (lambda a, s: cg.index_add(a, 1, cg.tensor([2, 0, 2]), s), lambda: (x(2, 3), x(2, 3))),
     "adv_index": (lambda a: a[cg.tensor([1, 0, 1]), 1:], lambda: (x(2, 3),)),
     "mask_index": (lambda a: a[cg.tensor([[True, False, True], [False, False, True]])], lambda: (x(2, 3),)),

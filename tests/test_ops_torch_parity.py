@@ -212,6 +212,8 @@ CASES = [
     ("mask_index", lambda m, a: a[a > 0], lambda: [r(4, 5)]),
     ("one_hot", lambda m, i: _fn(m).one_hot(i, 6), lambda: [ints(6, 3, 2)]),
     ("scatter_add", lambda m, a, i, s: m.scatter_add(a, 1, i, s), lambda: [r(3, 4), ints(4, 3, 2), r(3, 2)]),
+    ("scatter_add_small_index", lambda m, a, i, s: a.scatter_add(0, i, s.detach()), lambda: [r(3, 4), ints(3, 2, 3),
+                                                                                   r(4, 5)]),
     ("index_add", lambda m, a, i, s: m.index_add(a, 0, i, s), lambda: [r(4, 3), np.array([1, 1, 0]), r(3, 3)]),
     ("index_add_alpha", lambda m, a, i, s: a.index_add(1, i, s, alpha=-2.5), lambda: [r(3, 4), np.array([3, 0, 3]),
                                                                                      r(3, 3)]),

@@ -188,8 +188,15 @@ def scatter_add(x, dim, index, src):
     _check_index_tensor(index, "scatter_add")
     d = x._wrap_dim(dim)
     if index._shape != src._shape:
-        raise RuntimeError(f"scatter_add: index shape {list(index._shape)} must equal src shape {list(src._shape)} "
-                           f"in cutegrad")
+        # torch's rule: index may be smaller than src everywhere, and than x
+        # outside dim; only src's leading corner of index's shape is added.
+        if not (len(index._shape) == len(src._shape) == len(x._shape)) or \
+                any(i > s for i, s in zip(index._shape, src._shape)) or \
+                any(i > n for k, (i, n) in enumerate(zip(index._shape, x._shape)) if k != d):
+            raise RuntimeError(f"scatter_add: index of shape {list(index._shape)} must have the dimensions of src "
+                               f"{list(src._shape)} and self {list(x._shape)} and be no larger than src, nor than "
+                               f"self outside dimension {d}")
+        src = S.basic_index(src, tuple(slice(0, n) for n in index._shape))
     if index.numel():
         arr = index._host_array()
         if arr.min() < 0 or arr.max() >= x._shape[d]:
