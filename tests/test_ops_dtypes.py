@@ -133,7 +133,7 @@ def test_promote_types_table_matches_torch():
 def test_unary_and_reduction_output_dtypes_match_torch():
     for name in DTYPE_NAMES:
         ct, tt = cg.ones(3, dtype=getattr(cg, name)), torch.ones(3, dtype=getattr(torch, name))
-        for op in ("exp", "sqrt", "sigmoid", "abs", "sum", "prod", "floor"):
+        for op in ("exp", "sqrt", "sigmoid", "abs", "sum", "prod", "floor", "any", "all", "cumsum", "mean", "amax"):
             try:
                 want = getattr(torch, op)(tt).dtype
             except (RuntimeError, TypeError):

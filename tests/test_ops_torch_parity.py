@@ -246,6 +246,7 @@ CASES = [
     ("norm_p1_dim", lambda m, a: m.norm(a, 1, dim=1), lambda: [r(3, 4)]),
     ("norm_p3_keep", lambda m, a: m.norm(a, 3, dim=0, keepdim=True), lambda: [r(3, 4)]),
     ("norm_inf", lambda m, a: m.norm(a, float("inf"), dim=1), lambda: [r(3, 4)]),
+    ("norm_negative_p", lambda m, a: m.norm(a, -2, dim=1), lambda: [r(3, 4, lo=0.5)]),
     ("norm_zero_vector", lambda m, a: a.norm(dim=1), lambda: [np.array([[0.0, 0.0], [3.0, 4.0]])]),
     ("flip", lambda m, a: m.flip(a, (0, 2)), lambda: [r(2, 3, 4)]),
     ("lerp", lambda m, a, b: m.lerp(a, b, 0.3), lambda: [r(3, 4), r(4)]),

@@ -215,12 +215,16 @@ def argmin(input, dim=None, keepdim=False):
 
 def any(input, dim=None, keepdim=False):
     x = input
-    return _K_REDUCE[x._storage.device.backend](C.ANY, x, _dims(x, dim), keepdim, dt.bool_)
+    # uint8 in, uint8 out: torch keeps that legacy rule
+    return _K_REDUCE[x._storage.device.backend](C.ANY, x, _dims(x, dim), keepdim,
+                                                dt.uint8 if x._dtype is dt.uint8 else dt.bool_)
 
 
 def all(input, dim=None, keepdim=False):
     x = input
-    return _K_REDUCE[x._storage.device.backend](C.ALL, x, _dims(x, dim), keepdim, dt.bool_)
+    # uint8 in, uint8 out: torch keeps that legacy rule
+    return _K_REDUCE[x._storage.device.backend](C.ALL, x, _dims(x, dim), keepdim,
+                                                dt.uint8 if x._dtype is dt.uint8 else dt.bool_)
 
 
 def prod(input, dim=None, keepdim=False, dtype=None):
@@ -357,7 +361,8 @@ class NormBackward(Node):
 
 
 def norm(input, p="fro", dim=None, keepdim=False, dtype=None):
-    """Vector p-norm over dim (all elements when None): p in {'fro', inf, -inf, 0, real > 0}."""
+    """Vector p-norm over dim (all elements when None): p is 'fro', inf, -inf, 0 or any other real
+    (sum |x|^p)^(1/p), negative p included, as torch."""
     x = input
     from .pointwise import abs, pow, ne
     if dtype is not None:
@@ -375,8 +380,6 @@ def norm(input, p="fro", dim=None, keepdim=False, dtype=None):
         return amin(abs(x), dim, keepdim)
     if p == 0:
         return sum(ne(x, 0), dim, keepdim, dtype=x._dtype)
-    if p < 0:
-        raise RuntimeError(f"norm(): p must be positive (or 0, inf, -inf), got {p}")
     dims = _dims(x, dim)
     with grad_mode.no_grad():
         out = pow(sum(pow(abs(x), p), dims, keepdim), 1.0 / p)
