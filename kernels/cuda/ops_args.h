@@ -240,5 +240,33 @@ struct CrossEntropyArgs {
 int cross_entropy_forward_launch(const CrossEntropyArgs& args, void* stream);
 int cross_entropy_backward_launch(const CrossEntropyArgs& args, void* stream);
 
+// ---- scan and sort along one dimension (contiguous (outer, n, inner)) -------
+
+// out[o, i, k] = sum over j <= i of x[o, j, k], accumulated in the compute type.
+struct ScanArgs {
+  const void* x;
+  int x_dtype;
+  void* out;
+  int out_dtype;
+  int compute;
+  int64_t outer, n, inner;
+};
+
+int cumsum_launch(const ScanArgs& args, void* stream);
+
+// The first `count` entries of each (o, :, k) line in stable order (NaN largest),
+// ascending or descending: values (x's dtype) and int64 positions, both
+// contiguous (outer, count, inner).
+struct SortArgs {
+  const void* x;
+  int dtype;
+  void* values;
+  int64_t* indices;
+  int64_t outer, n, inner, count;
+  int descending;
+};
+
+int sort_launch(const SortArgs& args, void* stream);
+
 }  // namespace ops
 }  // namespace cutegrad

@@ -603,6 +603,38 @@ void cross_entropy_backward(uintptr_t logits, int dtype, uintptr_t target, int64
   check_cuda(cross_entropy_backward_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
+
+// ---- scan and sort ----------------------------------------------------------
+
+void cumsum(uintptr_t x, int x_dtype, uintptr_t out, int out_dtype, int compute, int64_t outer, int64_t n,
+            int64_t inner, uintptr_t stream) {
+  const char* op = "cumsum";
+  check_dtype(op, x_dtype, "input");
+  check_dtype(op, out_dtype, "output");
+  check_compute(op, compute);
+  if (outer < 0 || n < 0 || inner < 0) fail(op, "negative extent");
+  if (outer * n * inner == 0) return;
+  check_ptr(op, x, "input");
+  check_ptr(op, out, "output");
+  ScanArgs a{reinterpret_cast<const void*>(x), x_dtype, reinterpret_cast<void*>(out), out_dtype, compute, outer, n, inner};
+  check_cuda(cumsum_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+void sort(uintptr_t x, int dtype, uintptr_t values, uintptr_t indices, int64_t outer, int64_t n, int64_t inner,
+          int64_t count, bool descending, uintptr_t stream) {
+  const char* op = "sort";
+  check_dtype(op, dtype, "input");
+  if (outer < 0 || n < 0 || inner < 0) fail(op, "negative extent");
+  if (count < 0 || count > n) fail(op, "count " + std::to_string(count) + " outside [0, " + std::to_string(n) + "]");
+  if (outer * count * inner == 0) return;
+  check_ptr(op, x, "input");
+  check_ptr(op, values, "values");
+  check_ptr(op, indices, "indices");
+  SortArgs a{reinterpret_cast<const void*>(x), dtype, reinterpret_cast<void*>(values),
+             reinterpret_cast<int64_t*>(indices), outer, n, inner, count, descending ? 1 : 0};
+  check_cuda(sort_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
 }  // namespace
 }  // namespace ops
 }  // namespace cutegrad
@@ -628,6 +660,8 @@ void register_ops(nb::module_& m) {
         nb::arg("stream"), "dst[p with coordinate dim := index[p]] (+)= src[p] or a scalar.");
   m.def("cross_entropy", &cross_entropy, "Per-row cross-entropy loss and logsumexp of contiguous logits.");
   m.def("cross_entropy_backward", &cross_entropy_backward, "Gradient of the per-row cross-entropy w.r.t. the logits.");
+  m.def("cumsum", &cumsum, "Inclusive prefix sum along n of a contiguous (outer, n, inner) tensor.");
+  m.def("sort", &sort, "Stable sort / top-count along n of a contiguous (outer, n, inner) tensor (values, indices).");
   m.def("adamw", &adamw, "Fused multi-tensor AdamW step (pointer lists; see docs/cuda_ops.md).");
   m.def("sgd", &sgd, "Fused multi-tensor SGD step (momentum, dampening, Nesterov, weight decay).");
   m.def("grad_norm", &grad_norm, "Global L2 norm of gradients and the clipping coefficient, on the device.");
