@@ -224,17 +224,20 @@ def where(cond, a, b, out_dtype):
     cd = _compute_dtype(out_dtype)
     x = _arg(a)
     y = _arg(b)
-    r = np.where(cond._np, np.asarray(x, dtype=cd), np.asarray(y, dtype=cd))
+    # astype, not asarray(dtype=): a Python int out of the dtype's range wraps
+    # (uint8 and -3 give 253, as in torch) instead of raising OverflowError
+    r = np.where(cond._np, np.asarray(x).astype(cd, copy=False), np.asarray(y).astype(cd, copy=False))
     return _out(r, out_dtype)
 
 
 @register("clamp", CPU)
 def clamp(x, lo, hi, out_dtype):
-    r = _a(x)
-    if lo is not None:
-        r = np.maximum(r, _arg(lo))
+    cd = _compute_dtype(out_dtype)
+    r = _a(x).astype(cd, copy=False)
+    if lo is not None:  # bounds cast (wrapping) to the compute dtype, as in torch
+        r = np.maximum(r, np.asarray(_arg(lo)).astype(cd))
     if hi is not None:
-        r = np.minimum(r, _arg(hi))
+        r = np.minimum(r, np.asarray(_arg(hi)).astype(cd))
     return _out(r, out_dtype)
 
 

@@ -200,9 +200,10 @@ def _binary(code, a, b):
         cdt = out_dt = dt.get_default_dtype()
     else:
         out_dt = cdt
-        if cdt is dt.bool_ and code in (C.SUB,):
-            raise RuntimeError("Subtraction, the `-` operator, with two bool tensors is not supported. "
-                               "Use the `^` or `logical_xor()` operator instead.")
+        if code == C.SUB and (getattr(a, "_dtype", None) is dt.bool_ or getattr(b, "_dtype", None) is dt.bool_ or
+                              a.__class__ is bool or b.__class__ is bool):
+            raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
+                               "If you are trying to invert a mask, use the `~` or `logical_not()` operator instead.")
     out = _K_BINARY[dev.backend](code, a2, b2, cdt, out_dt)
     if needs_grad and _state.enabled:
         node_cls = _NODE.get(code)
