@@ -154,10 +154,12 @@ _UNARY = {
 @register("unary", CPU)
 def unary(code, x, out_dtype):
     a = _a(x)
-    if out_dtype.is_floating_point and a.dtype.kind != "f":
+    if out_dtype.is_floating_point and a.dtype.kind != "f" or x._dtype is dt.bool_ and out_dtype is dt.int64:
         # NumPy would pick float16 for exp(uint8) and float64 for exp(int64);
         # torch computes in the output dtype.
         a = a.astype(_compute_dtype(out_dtype))
+    elif code == C.SIGN and a.dtype.kind == "b":
+        return _out(a.copy(), out_dtype)  # NumPy's sign has no bool loop; sign(True) is True
     r = _quietly(_UNARY[code], a)
     return _out(r, out_dtype)
 

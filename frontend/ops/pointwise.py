@@ -429,6 +429,8 @@ def _unary(code, x, name):
         out_dt = dt.bool_
     elif code in _FLOAT_ONLY and not xd.is_floating_point:
         out_dt = dt.get_default_dtype()
+    elif code == C.SQUARE and xd is dt.bool_:
+        out_dt = dt.int64  # torch's square is pow(x, 2): bool promotes to int64
     else:
         out_dt = xd
         if xd is dt.bool_ and code in (C.NEG,):
