@@ -574,3 +574,29 @@ def test_write_into_a_view_of_a_non_contiguous_root():
     d[1] = v * v
     (d * cg.arange(12.0, dtype=cg.float64).reshape(4, 3)).sum().backward()
     np.testing.assert_allclose(grad_np(v), [2 * 1.0 * 3, 2 * 2.0 * 4, 2 * 3.0 * 5])
+
+
+class SinCos(Function):
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a.sin(), a.cos(), a.argmax()
+
+    @staticmethod
+    def backward(ctx, g_sin, g_cos, g_idx):
+        (a,) = ctx.saved_tensors
+        return g_sin * a.cos() - g_cos * a.sin()
+
+
+def test_custom_function_with_several_outputs():
+    x = leaf([0.5, 1.0])
+    s, c, i = SinCos.apply(x)
+    assert s.requires_grad and c.requires_grad and not i.requires_grad
+    (s * 2 + c * 3 + s).sum().backward()
+    xv = np.array([0.5, 1.0])
+    np.testing.assert_allclose(grad_np(x), 3 * np.cos(xv) - 3 * np.sin(xv), rtol=1e-12)
+    x.grad = None
+    s, c, _ = SinCos.apply(x)
+    s.sum().backward()  # c unused: its gradient arrives as zeros
+    np.testing.assert_allclose(grad_np(x), np.cos(xv), rtol=1e-12)
+    assert cg.autograd.gradcheck(lambda a: SinCos.apply(a)[:2], (leaf([0.3, -0.8]),))

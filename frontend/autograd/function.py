@@ -11,9 +11,37 @@
             return 2 * x * grad
 
     y = Square.apply(x)
+
+forward may return a tuple of Tensors; backward then receives one gradient
+per output (zeros for outputs that took no part in the loss).
 """
 from . import grad_mode
-from .engine import Node, attach
+from .engine import Node, attach, edge
+
+
+class _GradSlots:
+    """The gradients of a multi-output Function's outputs, one slot each. The
+    engine adds what arrives for one node, so per-output contributions meet
+    here before the Function's backward runs once."""
+    __slots__ = ("grads",)
+
+    def __init__(self, grads):
+        self.grads = grads
+
+    def __add__(self, other):
+        return _GradSlots(tuple(a if b is None else b if a is None else a + b
+                                for a, b in zip(self.grads, other.grads)))
+
+
+class _OutputSlot(Node):
+    """grad_fn of output `index` of a multi-output Function: forwards its
+    gradient into that output's slot of the Function's node."""
+    __slots__ = ("index", "count")
+
+    def backward(self, g):
+        grads = [None] * self.count
+        grads[self.index] = g
+        return (_GradSlots(tuple(grads)),)
 
 
 class FunctionCtx(Node):
@@ -26,8 +54,13 @@ class FunctionCtx(Node):
         self._nondiff = set(id(t) for t in tensors)
 
     def backward(self, grad):
-        with grad_mode.set_grad_enabled(grad_mode.state.enabled):
-            grads = self._fn.backward(self, grad)
+        if isinstance(grad, _GradSlots):  # several outputs: unused ones get zeros, as torch materializes them
+            from ..ops import zeros
+            args = [g if g is not None else zeros(shape, dtype=dtype, device=device)
+                    for g, (shape, dtype, device) in zip(grad.grads, self._out_meta)]
+        else:
+            args = [grad]
+        grads = self._fn.backward(self, *args)
         if not isinstance(grads, tuple):
             grads = (grads,)
         if len(grads) != self._n_inputs:
@@ -58,10 +91,25 @@ class Function:
         ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a._requires_grad for a in args)
         with grad_mode.no_grad():
             out = cls.forward(ctx, *args)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"{cls.__name__}.forward must return a single Tensor")
-        if grad_mode.state.enabled and any(ctx.needs_input_grad):
-            if out._base is not None or any(out is a for a in args):
-                out = out.clone() if out._base is None else out.detach().clone()
-            attach(out, ctx, [a for a in args if isinstance(a, Tensor)])
-        return out
+        outs = out if isinstance(out, tuple) else (out,)
+        if not outs or not all(isinstance(o, Tensor) for o in outs):
+            raise TypeError(f"{cls.__name__}.forward must return a Tensor or a tuple of Tensors")
+        if not (grad_mode.state.enabled and any(ctx.needs_input_grad)):
+            return out
+        # Outputs that alias an input or a view get their own memory, so the
+        # recorded history cannot be confused with the input's.
+        outs = tuple(o.clone() if o._base is None and any(o is a for a in args) else
+                     o.detach().clone() if o._base is not None else o for o in outs)
+        inputs = [a for a in args if isinstance(a, Tensor)]
+        if not isinstance(out, tuple):
+            return attach(outs[0], ctx, inputs)
+        nondiff = getattr(ctx, "_nondiff", ())
+        ctx.next_functions = tuple(edge(t) for t in inputs)
+        ctx._out_meta = [(o._shape, o._dtype, o._storage.device) for o in outs]
+        for i, o in enumerate(outs):
+            if o._dtype.is_floating_point and id(o) not in nondiff:
+                slot = _OutputSlot()
+                slot.index, slot.count, slot.next_functions = i, len(outs), (ctx,)
+                o.grad_fn = slot
+                o._requires_grad = True
+        return outs
