@@ -437,6 +437,39 @@ def test_layer_norm_and_rms_norm(dtype):
             check("rms_norm", x, nd, weight, 1e-6, scale=4.0)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_norm_backward_kernels(dtype):
+    """layer_norm_backward / rms_norm_backward (CUDA only) against CPU float64 autograd of the ops."""
+    from cutegrad.backends.cuda import layer_norm_backward, rms_norm_backward
+    F = cutegrad.nn.functional
+    rng = np.random.default_rng(29)
+    for shape, nd in [((4, 7), 1), ((2, 3, 64), 1), ((5, 3, 4), 2), ((3, 1000), 1), ((1, 1), 1), ((300, 33), 1)]:
+        nshape = shape[len(shape) - nd:]
+        x = rand(rng, shape, dtype, -2, 5)
+        w = rand(rng, nshape, dtype, 0.5, 1.5)
+        b = rand(rng, nshape, dtype, -1, 1)
+        dy = rand(rng, shape, dtype, -1, 1)
+        for rms in (False, True):
+            x64, w64, b64 = (t.to(dt.float64).detach().requires_grad_(True) for t in (x, w, b))
+            if rms:
+                y = F.rms_norm(x64, nshape, w64, 1e-6)
+            else:
+                y = F.layer_norm(x64, nshape, w64, b64, 1e-5)
+            (y * dy.to(dt.float64)).sum().backward()
+            if rms:
+                _, rstd = impl("rms_norm", CUDA)(cuda_of(x), nd, cuda_of(w), 1e-6)
+                dx, dw = rms_norm_backward(cuda_of(dy), cuda_of(x), nd, cuda_of(w), rstd)
+                grads = [(dx, x64.grad), (dw, w64.grad)]
+            else:
+                _, mean, rstd = impl("layer_norm", CUDA)(cuda_of(x), nd, cuda_of(w), cuda_of(b), 1e-5)
+                dx, dw, db = layer_norm_backward(cuda_of(dy), cuda_of(x), nd, cuda_of(w), mean, rstd)
+                grads = [(dx, x64.grad), (dw, w64.grad), (db, b64.grad)]
+            rows = math.prod(shape[:len(shape) - nd])
+            for got, ref in grads:
+                assert got.dtype is dtype
+                assert_close(got, ref, dtype, scale=4.0 * max(1, rows) ** 0.5)
+
+
 # --- indexing ---------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16, dt.int64, dt.bool_])
 def test_gather_and_index_select(dtype):

@@ -468,6 +468,46 @@ def rms_norm(x, nd, weight, eps):
     return y, rstd
 
 
+def _norm_backward(dy, x, weight, mean, rstd, nd, want_dweight, want_dbias, rms):
+    dev = x._storage.device
+    stream = _stream(dev.index)
+    x = _contig(x, stream)
+    dy = _contig(dy if dy._dtype is x._dtype else _cast_new(dy, x._dtype, stream), stream)
+    if dy._shape != x._shape:
+        raise ValueError(f"norm backward: dy shape {list(dy._shape)} differs from x shape {list(x._shape)}")
+    shape = x._shape
+    n = numel_of(shape[len(shape) - nd:])
+    rows = numel_of(shape[:len(shape) - nd])
+    pshape = shape[len(shape) - nd:]
+    dx = _empty(shape, x._dtype, dev, stream)
+    wp, wd, _w = _param_ptr(weight, stream)
+    pdt = weight._dtype if weight is not None else x._dtype
+    dweight = _empty(pshape, pdt, dev, stream) if want_dweight else None
+    dbias = _empty(pshape, pdt, dev, stream) if want_dbias else None
+    rstd = _contig(rstd, stream)
+    mean = None if rms else _contig(mean, stream)
+    _lib().norm_backward(_ptr(dy), _ptr(x), x._dtype.index, rows, n, wp, wd, 0 if rms else _ptr(mean), _ptr(rstd),
+                         rstd._dtype.index, _ptr(dx), _ptr(dweight) if dweight is not None else 0, pdt.index,
+                         _ptr(dbias) if dbias is not None else 0, pdt.index, rms, stream)
+    return dx, dweight, dbias
+
+
+@register("layer_norm_backward", CUDA)
+def layer_norm_backward(dy, x, nd, weight, mean, rstd, want_dweight=True, want_dbias=True):
+    """(dx, dweight, dbias) of layer_norm from its saved mean/rstd (CUDA only; two launches).
+
+    dweight/dbias are None when not wanted; they are summed over rows in a fixed order.
+    """
+    return _norm_backward(dy, x, weight, mean, rstd, nd, want_dweight and weight is not None, want_dbias, False)
+
+
+@register("rms_norm_backward", CUDA)
+def rms_norm_backward(dy, x, nd, weight, rstd, want_dweight=True):
+    """(dx, dweight) of rms_norm from its saved rstd (CUDA only)."""
+    dx, dweight, _ = _norm_backward(dy, x, weight, None, rstd, nd, want_dweight and weight is not None, False, True)
+    return dx, dweight
+
+
 # --- indexing ----------------------------------------------------------------------
 def _on(dev, t, stream):
     """t on device dev (index tensors may arrive from the host)."""
@@ -936,4 +976,4 @@ def _ce_inputs(logits, target, stream):
     return _contig(logits, stream), _contig(target, stream)
 
 
-__all__ = ["set_poison_outputs", "cross_entropy_rows", "cross_entropy_rows_backward", "adamw_multi_tensor", "sgd_multi_tensor", "grad_norm_clip"]
+__all__ = ["set_poison_outputs", "layer_norm_backward", "rms_norm_backward", "cross_entropy_rows", "cross_entropy_rows_backward", "adamw_multi_tensor", "sgd_multi_tensor", "grad_norm_clip"]

@@ -11,7 +11,13 @@
 // and bias, read through their own dtypes (fp32 master weights under bf16
 // activations work), and rounds once.
 //
-// AOT specializations: fp32, fp16, bf16, fp64 inputs.
+// Backward: one block per row computes dx from the saved mean/rstd with two
+// block reductions (sum of h and of h * xhat, h = dy * weight); a second
+// kernel sums dweight and dbias over rows with threads along columns
+// (coalesced) and row-lanes combined in shared memory, in a fixed order, so
+// the parameter gradients have the same bits on every run (no atomics).
+//
+// AOT specializations: fp32, fp16, bf16, fp64 inputs (forward, dx, dweight/dbias).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -67,6 +73,79 @@ int launch(const NormArgs& a, cudaStream_t s) {
   return cudaGetLastError();
 }
 
+
+template <typename T>
+__global__ void __launch_bounds__(256) norm_dx_kernel(const NormBackwardArgs a) {
+  using A = typename AccOf<T>::type;
+  __shared__ A scratch[8];
+  const A inv_n = A(1) / static_cast<A>(a.n);
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const T* x = static_cast<const T*>(a.x) + row * a.n;
+    const T* dy = static_cast<const T*>(a.dy) + row * a.n;
+    T* dx = static_cast<T*>(a.dx) + row * a.n;
+    const A mean = a.mean ? load_as<A>(a.mean, a.stat_dtype, row) : A(0);
+    const A rstd = load_as<A>(a.rstd, a.stat_dtype, row);
+    A sh = A(0), shx = A(0);
+    for (int64_t i = threadIdx.x; i < a.n; i += blockDim.x) {
+      A h = widen(dy[i]);
+      if (a.weight) h *= load_as<A>(a.weight, a.weight_dtype, i);
+      sh += h;
+      shx += h * (widen(x[i]) - mean) * rstd;
+    }
+    sh = block_reduce(sh, SumOf(), scratch) * inv_n;
+    shx = block_reduce(shx, SumOf(), scratch) * inv_n;
+    if (a.rms) sh = A(0);
+    for (int64_t i = threadIdx.x; i < a.n; i += blockDim.x) {
+      A h = widen(dy[i]);
+      if (a.weight) h *= load_as<A>(a.weight, a.weight_dtype, i);
+      const A xhat = (widen(x[i]) - mean) * rstd;
+      dx[i] = narrow<T>(rstd * (h - sh - xhat * shx));
+    }
+  }
+}
+
+// Block (32 columns, 8 row-lanes); every column's sums combine in a fixed order.
+template <typename T>
+__global__ void __launch_bounds__(256) norm_dparams_kernel(const NormBackwardArgs a) {
+  using A = typename AccOf<T>::type;
+  __shared__ A sw[8][33];
+  __shared__ A sb[8][33];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  A accw = A(0), accb = A(0);
+  if (c < a.n) {
+    for (int64_t r = threadIdx.y; r < a.rows; r += 8) {
+      const A g = widen(static_cast<const T*>(a.dy)[r * a.n + c]);
+      const A mean = a.mean ? load_as<A>(a.mean, a.stat_dtype, r) : A(0);
+      const A xhat = (widen(static_cast<const T*>(a.x)[r * a.n + c]) - mean) * load_as<A>(a.rstd, a.stat_dtype, r);
+      accw += g * xhat;
+      accb += g;
+    }
+  }
+  sw[threadIdx.y][threadIdx.x] = accw;
+  sb[threadIdx.y][threadIdx.x] = accb;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < a.n) {
+    A w = A(0), b = A(0);
+    for (int k = 0; k < 8; ++k) {
+      w += sw[k][threadIdx.x];
+      b += sb[k][threadIdx.x];
+    }
+    if (a.dweight) store_from<A>(a.dweight, a.dweight_dtype, c, w);
+    if (a.dbias) store_from<A>(a.dbias, a.dbias_dtype, c, b);
+  }
+}
+
+template <typename T>
+int launch_backward(const NormBackwardArgs& a, cudaStream_t s) {
+  int threads = 32;
+  while (threads < 256 && threads < a.n) threads <<= 1;
+  const int64_t cap = int64_t(1) << 20;
+  if (a.rows) norm_dx_kernel<T><<<static_cast<unsigned>(a.rows < cap ? a.rows : cap), threads, 0, s>>>(a);
+  if (a.dweight || a.dbias)
+    norm_dparams_kernel<T><<<static_cast<unsigned>((a.n + 31) / 32), dim3(32, 8), 0, s>>>(a);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 int norm_launch(const NormArgs& a, void* stream) {
@@ -77,6 +156,17 @@ int norm_launch(const NormArgs& a, void* stream) {
     case kF16: return launch<__half>(a, s);
     case kBF16: return launch<__nv_bfloat16>(a, s);
     default: return launch<double>(a, s);
+  }
+}
+
+int norm_backward_launch(const NormBackwardArgs& a, void* stream) {
+  if (a.n == 0) return cudaSuccess;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (a.dtype) {
+    case kF32: return launch_backward<float>(a, s);
+    case kF16: return launch_backward<__half>(a, s);
+    case kBF16: return launch_backward<__nv_bfloat16>(a, s);
+    default: return launch_backward<double>(a, s);
   }
 }
 

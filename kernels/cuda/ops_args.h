@@ -117,6 +117,31 @@ struct NormArgs {
 
 int norm_launch(const NormArgs& args, void* stream);
 
+// Backward of norm_launch from its saved statistics: with xhat = (x - mean) rstd
+// (rms: x rstd) and h = dy * weight,
+//   dx = rstd (h - mean(h) - xhat mean(h xhat))   (rms: rstd (h - xhat mean(h xhat)))
+//   dweight = sum over rows of dy xhat,  dbias = sum over rows of dy.
+// dy, x, dx contiguous (rows, n); dweight/dbias (n) in their own dtypes, null when not wanted.
+struct NormBackwardArgs {
+  const void* dy;
+  const void* x;
+  int dtype;  // of dy, x and dx
+  const void* weight;
+  int weight_dtype;
+  const void* mean;  // null for rms_norm
+  const void* rstd;
+  int stat_dtype;
+  void* dx;
+  void* dweight;
+  int dweight_dtype;
+  void* dbias;
+  int dbias_dtype;
+  int64_t rows, n;
+  int rms;
+};
+
+int norm_backward_launch(const NormBackwardArgs& args, void* stream);
+
 // ---- gather / scatter -----------------------------------------------------
 
 // For every position p of `sizes` (C order): with c = coordinates of p,

@@ -341,6 +341,45 @@ void norm(uintptr_t x, uintptr_t y, int dtype, int64_t rows, int64_t n, uintptr_
   check_cuda(norm_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
+void norm_backward(uintptr_t dy, uintptr_t x, int dtype, int64_t rows, int64_t n, uintptr_t weight, int weight_dtype,
+                   uintptr_t mean, uintptr_t rstd, int stat_dtype, uintptr_t dx, uintptr_t dweight, int dweight_dtype,
+                   uintptr_t dbias, int dbias_dtype, bool rms, uintptr_t stream) {
+  const char* op = rms ? "rms_norm_backward" : "layer_norm_backward";
+  check_float_dtype(op, dtype, "input");
+  check_float_dtype(op, stat_dtype, "statistics");
+  if (weight) check_float_dtype(op, weight_dtype, "weight");
+  if (dweight) check_float_dtype(op, dweight_dtype, "dweight");
+  if (dbias) check_float_dtype(op, dbias_dtype, "dbias");
+  if (rms && (mean || dbias)) fail(op, "rms_norm has no mean and no bias");
+  if (rows < 0 || n < 0) fail(op, "negative extent");
+  if (n == 0) return;
+  if (rows) {
+    check_ptr(op, dy, "dy");
+    check_ptr(op, x, "x");
+    check_ptr(op, dx, "dx");
+    check_ptr(op, rstd, "rstd");
+    if (!rms) check_ptr(op, mean, "mean");
+  }
+  NormBackwardArgs a{};
+  a.dy = reinterpret_cast<const void*>(dy);
+  a.x = reinterpret_cast<const void*>(x);
+  a.dtype = dtype;
+  a.weight = reinterpret_cast<const void*>(weight);
+  a.weight_dtype = weight_dtype;
+  a.mean = reinterpret_cast<const void*>(mean);
+  a.rstd = reinterpret_cast<const void*>(rstd);
+  a.stat_dtype = stat_dtype;
+  a.dx = reinterpret_cast<void*>(dx);
+  a.dweight = reinterpret_cast<void*>(dweight);
+  a.dweight_dtype = dweight_dtype;
+  a.dbias = reinterpret_cast<void*>(dbias);
+  a.dbias_dtype = dbias_dtype;
+  a.rows = rows;
+  a.n = n;
+  a.rms = rms ? 1 : 0;
+  check_cuda(norm_backward_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
 // ---- gather / scatter -----------------------------------------------------
 
 void fill_index_args(const char* op, IndexArgs& a, const Dims& shape, int dim, int64_t dim_size, uintptr_t index,
@@ -653,6 +692,7 @@ void register_ops(nb::module_& m) {
   m.def("reduce", &reduce, "Reduce input over `dims` into a contiguous output (code, compute, ...).");
   m.def("softmax", &softmax, "softmax/log_softmax of a contiguous (outer, n, inner) tensor along n.");
   m.def("norm", &norm, "layer_norm / rms_norm forward of contiguous (rows, n) with per-row statistics.");
+  m.def("norm_backward", &norm_backward, "layer_norm / rms_norm backward (dx, dweight, dbias) from saved statistics.");
   m.def("gather", &gather, "dst[p] = src[p with coordinate dim := index[p]].");
   m.def("scatter", &scatter, nb::arg("shape"), nb::arg("dim"), nb::arg("dim_size"), nb::arg("index"),
         nb::arg("index_dtype"), nb::arg("index_strides"), nb::arg("src"), nb::arg("src_dtype"), nb::arg("src_strides"),
