@@ -1,4 +1,6 @@
 """The Tensor method surface, bound to the ops in one place (PyTorch names)."""
+import types
+
 from . import ops
 from . import dtypes as dt
 from .tensor import Tensor
@@ -29,8 +31,11 @@ _PLAIN = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "
           "addcdiv_", "norm", "flip", "nonzero", "masked_select", "outer", "sort", "argsort", "topk", "cumsum",
           "tril", "triu", "var_mean", "std_mean", "multinomial"]
 
+# Plain functions bind as methods by themselves (x.exp() calls ops.exp(x));
+# a wrapper would cost one more Python frame on every method call.
 for _name in _PLAIN:
-    setattr(Tensor, _name, _method(getattr(ops, _name)))
+    _fn = getattr(ops, _name)
+    setattr(Tensor, _name, _fn if isinstance(_fn, types.FunctionType) else _method(_fn))
 
 Tensor.max = _method(ops.max)
 Tensor.min = _method(ops.min)
