@@ -577,12 +577,25 @@ def scatter_add(base, dim, index, src):
     return _finish_accumulator(out, base._dtype, stream)
 
 
+_DETERMINISTIC_ROWS_MAX = 65536  # the stable rank is O(n^2): beyond this, atomics
+
+
 @register("index_add", CUDA)
 def index_add(base, dim, index, src):
     dev = base._storage.device
     stream = _stream(dev.index)
     index = _on(dev, index, stream)
     out = _accumulator(base, stream)
+    n = numel_of(index._shape)
+    if dim == 0 and out._dtype.is_floating_point and 0 < n <= _DETERMINISTIC_ROWS_MAX and base._shape:
+        # embedding backward: a fixed summation order, the same bits every run
+        idx = _contig(index if index._dtype is dt.int64 else _cast_new(index, dt.int64, stream), stream)
+        s = _contig(src if src._dtype is out._dtype else _cast_new(src, out._dtype, stream), stream)
+        perm = _empty((n,), dt.int64, dev, stream)
+        sorted_idx = _empty((n,), dt.int64, dev, stream)
+        _lib().index_add_rows(_ptr(out), out._dtype.index, _ptr(s), _ptr(idx), n, out._shape[0],
+                              numel_of(out._shape[1:]), _ptr(perm), _ptr(sorted_idx), stream)
+        return _finish_accumulator(out, base._dtype, stream)
     istride = index._strides[0] if index._shape else 0
     istr = tuple(istride if d == dim else 0 for d in range(len(src._shape)))
     _lib().scatter(src._shape, dim, out._shape[dim], _ptr(index), index._dtype.index, istr, _ptr(src),

@@ -15,8 +15,14 @@
 // int64), so the summation order of duplicate indices is not fixed; half
 // types accumulate in an fp32 copy made by the frontend, rounding once.
 //
+// index_add along dim 0 with a 1-D index (the embedding backward) has a
+// deterministic path: a stable rank of the index (one thread per entry
+// counting the entries before it, O(n^2) total, many blocks), then one thread
+// per (run of equal indices, column) adding its run in index order with a
+// single write per destination element.
+//
 // AOT specializations: gather by element size (1, 2, 4, 8 bytes); scatter
-// with a double or int64 compute type.
+// with a double or int64 compute type; rank; run sums in fp32 and fp64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -101,6 +107,35 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const IndexArgs a) {
   }
 }
 
+
+__global__ void __launch_bounds__(kThreads) stable_rank_kernel(const IndexAddRowsArgs a) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t v = a.index[i];
+    int64_t rank = 0;
+    for (int64_t j = 0; j < a.n; ++j) {
+      const int64_t w = a.index[j];
+      rank += (w < v) || (w == v && j < i);
+    }
+    a.perm[rank] = i;
+    a.sorted[rank] = v;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) run_sum_kernel(const IndexAddRowsArgs a) {
+  const int64_t total = a.n * a.cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t r = e / a.cols, c = e % a.cols;
+    const int64_t v = a.sorted[r];
+    if ((r > 0 && a.sorted[r - 1] == v) || v < 0 || v >= a.rows) continue;  // not the start of a run
+    T acc = T(0);
+    for (int64_t q = r; q < a.n && a.sorted[q] == v; ++q) acc += static_cast<const T*>(a.src)[a.perm[q] * a.cols + c];
+    static_cast<T*>(a.dst)[v * a.cols + c] += acc;
+  }
+}
+
 unsigned grid_for(int64_t n) {
   int64_t blocks = (n + kThreads - 1) / kThreads;
   const int64_t cap = int64_t(1) << 20;
@@ -136,6 +171,15 @@ int scatter_launch(const IndexArgs& a, void* stream) {
   const bool is_float = a.dst_dtype == kF16 || a.dst_dtype == kBF16 || a.dst_dtype == kF32 || a.dst_dtype == kF64;
   if (is_float) scatter_kernel<double><<<grid_for(a.numel), kThreads, 0, s>>>(a);
   else scatter_kernel<int64_t><<<grid_for(a.numel), kThreads, 0, s>>>(a);
+  return cudaGetLastError();
+}
+
+int index_add_rows_launch(const IndexAddRowsArgs& a, void* stream) {
+  if (a.n == 0 || a.cols == 0) return cudaSuccess;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  stable_rank_kernel<<<grid_for(a.n), kThreads, 0, s>>>(a);
+  if (a.dtype == kF64) run_sum_kernel<double><<<grid_for(a.n * a.cols), kThreads, 0, s>>>(a);
+  else run_sum_kernel<float><<<grid_for(a.n * a.cols), kThreads, 0, s>>>(a);
   return cudaGetLastError();
 }
 

@@ -172,6 +172,23 @@ struct IndexArgs {
 int gather_launch(const IndexArgs& args, void* stream);
 int scatter_launch(const IndexArgs& args, void* stream);
 
+// Deterministic index_add along the first dimension (the embedding backward):
+// dst (rows, cols) contiguous += src (n, cols) contiguous at rows index[0..n).
+// The index is stably ranked (perm/sorted: n int64 scratch each), then one
+// thread per (run of equal indices, column) sums its run in index order and
+// adds once, so results do not depend on scheduling.
+struct IndexAddRowsArgs {
+  void* dst;
+  int dtype;  // dst and src: kF32 or kF64
+  const void* src;
+  const int64_t* index;
+  int64_t n, rows, cols;
+  int64_t* perm;
+  int64_t* sorted;
+};
+
+int index_add_rows_launch(const IndexAddRowsArgs& args, void* stream);
+
 // ---- random (counter-based Philox4x32-10) ---------------------------------
 
 enum RandomKind : int { kUniform = 0, kNormal = 1, kRandint = 2, kBernoulliScaled = 3 };

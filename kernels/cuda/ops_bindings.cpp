@@ -462,6 +462,24 @@ void scatter(const Dims& shape, int dim, int64_t dim_size, uintptr_t index, int 
   check_cuda(scatter_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
+void index_add_rows(uintptr_t dst, int dtype, uintptr_t src, uintptr_t index, int64_t n, int64_t rows, int64_t cols,
+                    uintptr_t perm, uintptr_t sorted, uintptr_t stream) {
+  const char* op = "index_add_rows";
+  if (dtype != kF32 && dtype != kF64) fail(op, "dst/src must be float32 or float64 (dtype code " + std::to_string(dtype) + ")");
+  if (n < 0 || rows < 0 || cols < 0) fail(op, "negative extent");
+  if (n == 0 || cols == 0) return;
+  check_ptr(op, dst, "dst");
+  check_ptr(op, src, "src");
+  check_ptr(op, index, "index");
+  check_ptr(op, perm, "perm scratch");
+  check_ptr(op, sorted, "sorted scratch");
+  if ((index | perm | sorted) % 8) fail(op, "index and scratch buffers must be aligned int64 arrays");
+  IndexAddRowsArgs a{reinterpret_cast<void*>(dst), dtype, reinterpret_cast<const void*>(src),
+                     reinterpret_cast<const int64_t*>(index), n, rows, cols, reinterpret_cast<int64_t*>(perm),
+                     reinterpret_cast<int64_t*>(sorted)};
+  check_cuda(index_add_rows_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
 // ---- random ---------------------------------------------------------------
 
 void random_tensor(int kind, uintptr_t out, int dtype, int64_t n, uint64_t seed, uintptr_t seed_ptr, uint64_t offset,
@@ -705,6 +723,7 @@ void register_ops(nb::module_& m) {
   m.def("adamw", &adamw, "Fused multi-tensor AdamW step (pointer lists; see docs/cuda_ops.md).");
   m.def("sgd", &sgd, "Fused multi-tensor SGD step (momentum, dampening, Nesterov, weight decay).");
   m.def("grad_norm", &grad_norm, "Global L2 norm of gradients and the clipping coefficient, on the device.");
+  m.def("index_add_rows", &index_add_rows, "Deterministic dst[index[i], :] += src[i, :] (stable rank + run sums).");
   m.def("random", &random_tensor, "Philox random tensor (uniform, normal, randint, scaled Bernoulli mask).");
 }
 
