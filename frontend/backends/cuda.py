@@ -234,15 +234,35 @@ def _device_of(*vals):
 
 @register("binary", CUDA)
 def binary(code, a, b, compute_dtype, out_dtype):
-    dev = _device_of(a, b)
-    shape = _shape_of(a, b)
+    # The frontend turns 0-dim CPU tensors into Python numbers, so a Tensor
+    # operand here is on this device; the same-shape case skips broadcasting.
+    if isinstance(a, Tensor):
+        dev = a._storage.device
+        pa = a._storage.data.ptr + a._offset * a._dtype.itemsize
+        da, va = a._dtype.index, None
+        if isinstance(b, Tensor):
+            pb = b._storage.data.ptr + b._offset * b._dtype.itemsize
+            db, vb = b._dtype.index, None
+            shape = a._shape
+            if shape == b._shape:
+                sa, sb = a._strides, b._strides
+            else:
+                shape = broadcast_shapes(shape, b._shape)
+                sa, sb = _bstrides(a, shape), _bstrides(b, shape)
+        else:
+            shape, sa = a._shape, a._strides
+            pb, db, sb, vb = 0, _SCALAR, _NO_STRIDES, b
+    else:
+        dev = b._storage.device
+        shape, sb = b._shape, b._strides
+        pb = b._storage.data.ptr + b._offset * b._dtype.itemsize
+        db, vb = b._dtype.index, None
+        pa, da, sa, va = 0, _SCALAR, _NO_STRIDES, a
     stream = _stream(dev.index)
     out = _empty(shape, out_dtype, dev, stream)
-    pa, da, sa, va = _operand(a, shape)
-    pb, db, sb, vb = _operand(b, shape)
-    _lib().elementwise(_BINARY, code, _COMPUTE[compute_dtype.index], shape, _ptr(out), out_dtype.index,
-                       out._strides, pa, da, sa, va, pb, db, sb, vb, 0, _ABSENT, _NO_STRIDES, None, None, None,
-                       stream)
+    (_native or _lib()).elementwise(_BINARY, code, _COMPUTE[compute_dtype.index], shape, _ptr(out),
+                                    out_dtype.index, out._strides, pa, da, sa, va, pb, db, sb, vb,
+                                    0, _ABSENT, _NO_STRIDES, None, None, None, stream)
     return out
 
 
