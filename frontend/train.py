@@ -25,6 +25,7 @@ Evaluation is deterministic (fixed held-out examples, fixed validation
 windows, no dropout), so re-evaluating a checkpoint on the same device and
 dtype reproduces the metric written at the end of training.
 """
+import hashlib
 import json
 import math
 import os
@@ -231,12 +232,11 @@ class ImageWorkload:
         return batch_size
 
     def train_batches(self, batch_size, seed):
-        from .data import DataLoader, collate_numpy
-        loader = DataLoader(self.train_set, batch_size, shuffle=True, drop_last=True, seed=seed,
-                            collate_fn=collate_numpy if not hasattr(self.train_set, "get_batch") else None)
+        from .data import DataLoader
+        loader = DataLoader(self.train_set, batch_size, shuffle=True, drop_last=True, seed=seed)
         while True:
             for images, labels in loader:
-                yield _as_numpy(images), _as_numpy(labels)
+                yield images.numpy(), labels.numpy()
 
     def evaluate(self, model, device, dtype):
         n = min(self.preset.eval_examples, len(self.test_set))
@@ -256,17 +256,18 @@ class TextWorkload:
     metric = "val_loss"
 
     def __init__(self, preset, data=None, tokenizer_file=None, corpus_meta=None):
-        from .data import BPETokenizer, CharTokenizer, TextDataset, embedded_corpus, resolve_corpus, split_tokens
+        from .data import BPETokenizer, CharTokenizer, TextDataset, cache_dir, resolve_corpus, split_tokens
         self.preset = preset
         seq = preset.model.block_size
         if corpus_meta is not None:
-            text = embedded_corpus() if corpus_meta["corpus"] == "embedded" else Path(
-                corpus_meta["corpus_source"]).read_text(encoding="utf-8")
+            text = _reload_corpus(corpus_meta)
             name, source = corpus_meta["corpus"], corpus_meta["corpus_source"]
             self.corpus_description = f"corpus: {name} ({source})"
         else:
             corpus = resolve_corpus(data, log=lambda m: None)
             text, name, source = corpus.text, corpus.name, corpus.source
+            if name == "tinyshakespeare" and not Path(source).is_file():
+                source = str(cache_dir() / "tinyshakespeare.txt")  # downloaded: record where it was cached
             self.corpus_description = corpus.description
         if tokenizer_file is not None:
             cls = BPETokenizer if preset.tokenizer == "bpe" else CharTokenizer
@@ -280,7 +281,8 @@ class TextWorkload:
         self.val_set = TextDataset(val_tokens, seq)
         self.description = (f"{self.corpus_description}; {preset.tokenizer} tokenizer, vocab "
                             f"{self.tokenizer.vocab_size}; {len(train_tokens):,} train / {len(val_tokens):,} val tokens")
-        self.data_meta = {"corpus": name, "corpus_source": source, "tokenizer": preset.tokenizer}
+        self.data_meta = {"corpus": name, "corpus_source": source, "tokenizer": preset.tokenizer,
+                          "corpus_sha256": _sha256(text)}
 
     def items_per_batch(self, batch_size):
         return batch_size * self.preset.model.block_size
@@ -305,8 +307,24 @@ class TextWorkload:
                 "val_windows": int(len(starts))}
 
 
-def _as_numpy(x):
-    return x if isinstance(x, np.ndarray) else x.numpy()
+def _sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _reload_corpus(meta):
+    """The text a checkpoint was trained on, checked against the hash recorded at training time."""
+    from .data import embedded_corpus
+    if meta["corpus"] == "embedded":
+        text = embedded_corpus()
+    else:
+        path = Path(meta["corpus_source"])
+        if not path.is_file():
+            raise FileNotFoundError(f"the corpus this checkpoint was trained on is gone: {path}")
+        text = path.read_text(encoding="utf-8")
+    if _sha256(text) != meta["corpus_sha256"]:
+        raise ValueError(f"the corpus at {meta['corpus_source']} changed since training (sha256 differs); "
+                         f"its validation split would not be the one the checkpoint was scored on")
+    return text
 
 
 WORKLOADS = {"reverse": ReverseWorkload, "vit": ImageWorkload, "minigpt": TextWorkload, "gpt2-small": TextWorkload}

@@ -156,6 +156,9 @@ def test_text_data_flag_trains_on_that_file(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "minigpt", "--checkpoint", str(out / "model.safetensors")]) == 0
     assert json.loads(capsys.readouterr().out)["value"] == metrics["eval"]["value"]
+    corpus.write_text("a different text " * 200)
+    assert main(["eval", "minigpt", "--checkpoint", str(out / "model.safetensors")]) == 2
+    assert "changed since training" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):

@@ -4,7 +4,10 @@
 `CPU_PRESETS[name]` is what `cutegrad train` runs on a CPU: the same
 workload scaled down (model size, batch, steps) so it finishes in minutes on
 two cores. The reverse workload keeps its model and task exactly and only
-trains for fewer steps.
+trains with a smaller batch for fewer steps: the plateau escape takes about
+the same number of steps at batch 32 as at 64 (180-300 in PyTorch runs of
+four seeds), and the final decay settles the noisier batch-32 solution
+(all four seeds >= 0.996 exact-sequence accuracy at step 450).
 
 SGD for reverse uses momentum 0.9: DESIGN.md fixes the learning rate (0.1)
 but not the momentum, and plain SGD at lr 0.1 needs several times more steps
@@ -99,8 +102,8 @@ PRESETS = {
 
 CPU_PRESETS = {
     "reverse": replace(
-        PRESETS["reverse"], steps=400, warmup_steps=10, eval_examples=1000,
-        note="CPU: the full reverse model and task, 400 steps instead of 1000"),
+        PRESETS["reverse"], batch_size=32, steps=450, warmup_steps=10,
+        note="CPU: the full reverse model and task, batch 32 and 450 steps (full: batch 64, 1000 steps)"),
     "vit": replace(
         PRESETS["vit"],
         model=replace(PRESETS["vit"].model, dim=128, depth=4, n_heads=4, n_cls_tokens=4),
