@@ -225,13 +225,6 @@ def _shape_of(*vals):
     return tuple(broadcast_shapes(*shapes))
 
 
-def _device_of(*vals):
-    for v in vals:
-        if _is_cuda(v):
-            return v._storage.device
-    raise RuntimeError("CUDA kernel called without a CUDA tensor operand")
-
-
 @register("binary", CUDA)
 def binary(code, a, b, compute_dtype, out_dtype):
     # The frontend turns 0-dim CPU tensors into Python numbers, so a Tensor
