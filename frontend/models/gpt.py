@@ -70,9 +70,3 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x))
-
-    def num_parameters(self, exclude_embeddings=False):
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.pos_emb.weight.numel()
-        return n
