@@ -107,8 +107,8 @@ CPU_PRESETS = {
     "vit": replace(
         PRESETS["vit"],
         model=replace(PRESETS["vit"].model, dim=128, depth=4, n_heads=4, n_cls_tokens=4),
-        batch_size=64, steps=300, warmup_steps=20, eval_examples=1000,
-        note="CPU: dim 128, depth 4, 4 heads, 4 class tokens, batch 64, 300 steps "
+        batch_size=32, steps=300, warmup_steps=20, eval_examples=1000,
+        note="CPU: dim 128, depth 4, 4 heads, 4 class tokens, batch 32, 300 steps "
              "(full: dim 256, depth 6, 8 heads, 16 class tokens, batch 256, 5000 steps)"),
     "minigpt": replace(
         PRESETS["minigpt"],
