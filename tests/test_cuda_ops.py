@@ -635,14 +635,25 @@ def test_backward_on_cuda_matches_cpu(fn, dtype):
     x0 = rng.uniform(-1, 1, size=(4, 6))
     w0 = rng.uniform(-1, 1, size=(6, 6))
     b0 = rng.uniform(-1, 1, size=(6,))
+    # the float64 reference starts from the inputs as the GPU sees them (rounded to dtype):
+    # a row of small variance amplifies input rounding far beyond the dtype's tolerance
+    x0, w0, b0 = (v.astype(dtype.np).astype(np.float64) for v in (x0, w0, b0))
     results = {}
-    for device, dty in (("cpu", dt.float64), ("cuda", dtype)):
+    # float32 is checked against float64; a 16-bit run against the CPU backend
+    # in the same dtype (same rounding points), since the losses here
+    # (normalisation followed by saturating functions) amplify 16-bit rounding
+    # of intermediates far beyond any fixed tolerance against float64.
+    ref_dtype = dt.float64 if dtype is dt.float32 else dtype
+    for device, dty in (("cpu", ref_dtype), ("cuda", dtype)):
         x, w, b = (cutegrad.tensor(v, dtype=dty, device=device, requires_grad=True) for v in (x0, w0, b0))
         loss = fn(x, w, b)
         loss.backward()
         results[device] = [loss] + [t.grad for t in (x, w, b)]
     tol = 1e-4 if dtype is dt.float32 else 5e-2
     for got, ref in zip(results["cuda"], results["cpu"]):
+        if ref is None:  # an argument the loss does not use gets no gradient on either device
+            assert got is None
+            continue
         g, r = values(got), values(ref)
         scale = max(1.0, float(np.abs(r).max()))
         np.testing.assert_allclose(g, r, rtol=tol, atol=tol * scale)

@@ -36,6 +36,7 @@ from ..device import CUDA
 from ..dispatch import register
 from ..tensor import Storage, contiguous_strides, from_numpy_owned, make, numel_of
 from . import copies
+from . import driver as _drv
 from .capture_guard import _check_not_capturing
 from .pinned import PinnedBuffer
 from .streams import current_stream
@@ -88,6 +89,9 @@ def _new(shape, dtype, device):
     """A contiguous CUDA tensor of uninitialised memory, and the stream it was taken on."""
     shape = tuple(shape)
     idx = device.index
+    # The allocator pushes and pops the context around its driver calls; the
+    # copies and fills that follow need the device's context current.
+    _drv.activate(idx)
     s = current_stream(idx)
     nbytes = numel_of(shape) * dtype.itemsize
     alloc = _get_allocator(idx)

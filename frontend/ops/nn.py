@@ -18,6 +18,15 @@ _K_SOFTMAX = kernel("softmax").impl
 _K_LAYER_NORM = kernel("layer_norm").impl
 _K_RMS_NORM = kernel("rms_norm").impl
 _K_DROPOUT_MASK = kernel("bernoulli_scaled").impl
+# Fused norm backwards where a backend has them (CUDA); the composite in ops
+# below serves the other backends and create_graph.
+_K_LN_BWD = kernel("layer_norm_backward").impl
+_K_RMS_BWD = kernel("rms_norm_backward").impl
+_HALF = (dt.float16, dt.bfloat16)
+
+
+def _f32(t):
+    return t.to(dt.float32) if t is not None else None
 _state = grad_mode.state
 
 
@@ -196,10 +205,17 @@ def _param_check(p, shape, what, opname):
 
 
 class LayerNormBackward(Node):
-    __slots__ = ("nd", "has_w", "has_b", "eps")
+    __slots__ = ("nd", "has_w", "has_b", "eps", "dtypes")
 
     def backward(self, g):
         x, w, mean, rstd = self.saved_tensors
+        fused = _K_LN_BWD[x._storage.device.backend]
+        if not _state.enabled and not getattr(fused, "missing", False):
+            dx, dw, db = fused(g, x, self.nd, w, mean, rstd, self.has_w, self.has_b)
+            return (dx,) + ((dw,) if self.has_w else ()) + ((db,) if self.has_b else ())
+        half = x._dtype in _HALF
+        if half:  # the composite cancels badly in 16-bit: compute it in float32
+            g, x, w = _f32(g), _f32(x), _f32(w)
         axes = tuple(range(len(x._shape) - self.nd, len(x._shape)))
         batch_axes = tuple(range(len(x._shape) - self.nd))
         if _state.enabled:
@@ -217,7 +233,7 @@ class LayerNormBackward(Node):
             out.append(R.sum(P.mul(g, xhat), batch_axes) if batch_axes else P.mul(g, xhat))
         if self.has_b:
             out.append(R.sum(g, batch_axes) if batch_axes else g)
-        return tuple(out)
+        return tuple(out) if not half else tuple(t.to(d) for t, d in zip(out, self.dtypes))
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -231,6 +247,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if _state.enabled and any(t._requires_grad for t in ins):
         node = LayerNormBackward()
         node.nd, node.has_w, node.has_b, node.eps = nd, weight is not None, bias is not None, eps
+        node.dtypes = tuple(t._dtype for t in ins)
         node.save(x, weight, mean, rstd)
         attach(y, node, ins)
     return y
@@ -241,10 +258,17 @@ _FINFO_EPS = {dt.float16: 2.0 ** -10, dt.bfloat16: 2.0 ** -7, dt.float32: 2.0 **
 
 
 class RMSNormBackward(Node):
-    __slots__ = ("nd", "has_w", "eps")
+    __slots__ = ("nd", "has_w", "eps", "dtypes")
 
     def backward(self, g):
         x, w, rstd = self.saved_tensors
+        fused = _K_RMS_BWD[x._storage.device.backend]
+        if not _state.enabled and not getattr(fused, "missing", False):
+            dx, dw = fused(g, x, self.nd, w, rstd, self.has_w)
+            return (dx,) + ((dw,) if self.has_w else ())
+        half = x._dtype in _HALF
+        if half:  # the composite cancels badly in 16-bit: compute it in float32
+            g, x, w = _f32(g), _f32(x), _f32(w)
         axes = tuple(range(len(x._shape) - self.nd, len(x._shape)))
         batch_axes = tuple(range(len(x._shape) - self.nd))
         if _state.enabled:  # create_graph: rstd depends on x (see LayerNormBackward)
@@ -256,7 +280,7 @@ class RMSNormBackward(Node):
         out = [dx]
         if self.has_w:
             out.append(R.sum(P.mul(g, xhat), batch_axes) if batch_axes else P.mul(g, xhat))
-        return tuple(out)
+        return tuple(out) if not half else tuple(t.to(d) for t, d in zip(out, self.dtypes))
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -271,6 +295,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if _state.enabled and any(t._requires_grad for t in ins):
         node = RMSNormBackward()
         node.nd, node.has_w, node.eps = nd, weight is not None, eps
+        node.dtypes = tuple(t._dtype for t in ins)
         node.save(x, weight, rstd)
         attach(y, node, ins)
     return y
