@@ -7,6 +7,19 @@ from ..tensor import Tensor
 from ..autograd import grad_mode
 from .parameter import Parameter, Buffer
 
+def zero_grads(params, set_to_none=True):
+    """Drop (default) or zero the .grad of each tensor in params: the one
+    rule shared by Module.zero_grad and Optimizer.zero_grad."""
+    for p in params:
+        if p.grad is None:
+            continue
+        if set_to_none:
+            p.grad = None
+        else:
+            p.grad = p.grad.detach()
+            p.grad.zero_()
+
+
 _IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 
@@ -237,14 +250,7 @@ class Module:
         return self
 
     def zero_grad(self, set_to_none=True):
-        for p in self.parameters():
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                p.grad = p.grad.detach()
-                p.grad.zero_()
+        zero_grads(self.parameters(), set_to_none)
 
     def _apply(self, fn):
         """Replace every parameter/buffer's data with fn(tensor), keeping the

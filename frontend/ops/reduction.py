@@ -173,28 +173,24 @@ def min(input, dim=None, keepdim=False):
     return _extreme(C.MIN, C.ARGMIN, "min", x, dim, keepdim)
 
 
-def amax(input, dim=None, keepdim=False):
-    x = input
+def _extreme_values(code, x, dim, keepdim):
+    """amax/amin: values over dims, ties sharing the gradient evenly."""
     dims = _dims(x, dim)
-    out = _K_REDUCE[x._storage.device.backend](C.MAX, x, dims, keepdim, x._dtype)
+    out = _K_REDUCE[x._storage.device.backend](code, x, dims, keepdim, x._dtype)
     if _state.enabled and x._requires_grad:
         node = MaxBackward()
         node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
         node.save_with_output(out, x)
         attach(out, node, (x,))
     return out
+
+
+def amax(input, dim=None, keepdim=False):
+    return _extreme_values(C.MAX, input, dim, keepdim)
 
 
 def amin(input, dim=None, keepdim=False):
-    x = input
-    dims = _dims(x, dim)
-    out = _K_REDUCE[x._storage.device.backend](C.MIN, x, dims, keepdim, x._dtype)
-    if _state.enabled and x._requires_grad:
-        node = MaxBackward()
-        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
-        node.save_with_output(out, x)
-        attach(out, node, (x,))
-    return out
+    return _extreme_values(C.MIN, input, dim, keepdim)
 
 
 def argmax(input, dim=None, keepdim=False):

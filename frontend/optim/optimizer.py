@@ -4,6 +4,7 @@ import copy
 
 from ..tensor import Tensor
 from ..autograd import grad_mode
+from ..nn.module import zero_grads
 
 
 class _Required:
@@ -52,15 +53,7 @@ class Optimizer:
         self.param_groups.append(group)
 
     def zero_grad(self, set_to_none=True):
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad = p.grad.detach()
-                    p.grad.zero_()
+        zero_grads((p for g in self.param_groups for p in g["params"]), set_to_none)
 
     def step(self, closure=None):
         loss = None
