@@ -4,6 +4,8 @@ It is also the float64 reference the GPU kernels are tested against, so it
 favours exactness over speed: float16/bfloat16 inputs are computed in float32
 and rounded once at the end, as the CUDA kernels do.
 """
+import math
+
 import numpy as np
 
 from .. import dtypes as dt
@@ -15,6 +17,11 @@ from ..ops.special import erf, erf_np_gelu_tanh
 from ..random import cpu_generator
 
 _HALF = (dt.float16, dt.bfloat16)
+# Python floats, not NumPy scalars: a float64 NumPy scalar would promote a
+# float32 array to float64 (NEP 50).
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 _F32 = np.dtype(np.float32)
 
 
@@ -130,7 +137,7 @@ def _quietly(fn, *args):
 
 
 def _gelu(x):
-    return 0.5 * x * (1.0 + erf(x * np.sqrt(0.5)))
+    return 0.5 * x * (1.0 + erf(x * _SQRT_HALF))
 
 
 def _sigmoid(x):
@@ -248,12 +255,12 @@ def act_backward(code, grad, x):
     """d act(x)/dx * grad for activations whose derivative needs x."""
     g, v = _a(grad), _a(x)
     if code == C.GELU:
-        cdf = 0.5 * (1.0 + erf(v * np.sqrt(0.5)))
-        pdf = np.exp(-0.5 * v * v) / np.sqrt(2.0 * np.pi)
+        cdf = 0.5 * (1.0 + erf(v * _SQRT_HALF))
+        pdf = np.exp(-0.5 * v * v) * _INV_SQRT_2PI
         r = g * (cdf + v * pdf)
     elif code == C.GELU_TANH:
-        k = np.sqrt(2.0 / np.pi)
-        inner = k * (v + 0.044715 * v ** 3)
+        k = _SQRT_2_OVER_PI
+        inner = k * (v + 0.044715 * (v * v * v))
         th = np.tanh(inner)
         r = g * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k * (1.0 + 3 * 0.044715 * v * v))
     elif code == C.SILU:
@@ -327,7 +334,12 @@ def logsumexp(x, dims, keepdim):
 # --- linear algebra --------------------------------------------------------------
 @register("matmul", CPU)
 def matmul(a, b, out_dtype):
-    return _out(np.matmul(_a(a), _a(b)), out_dtype)
+    x, y = _a(a), _a(b)
+    if x.ndim > 2 and y.ndim == 2:
+        # One (batch*m, k) @ (k, n) GEMM: NumPy would run one small GEMM per
+        # batch row, which collapses when BLAS threads share busy cores.
+        return _out(np.matmul(x.reshape(-1, x.shape[-1]), y).reshape(x.shape[:-1] + (y.shape[1],)), out_dtype)
+    return _out(np.matmul(x, y), out_dtype)
 
 
 # --- normalisation and softmax ----------------------------------------------------
