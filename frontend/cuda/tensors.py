@@ -47,6 +47,10 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 def _get_allocator(index):
     from cutegrad.allocator import get_allocator
+    # The allocator pushes and pops the context around its own driver calls;
+    # the copies and fills done on what it returns need the device's context
+    # current on this thread.
+    _drv.activate(index)
     return get_allocator(index)
 
 
@@ -89,9 +93,6 @@ def _new(shape, dtype, device):
     """A contiguous CUDA tensor of uninitialised memory, and the stream it was taken on."""
     shape = tuple(shape)
     idx = device.index
-    # The allocator pushes and pops the context around its driver calls; the
-    # copies and fills that follow need the device's context current.
-    _drv.activate(idx)
     s = current_stream(idx)
     nbytes = numel_of(shape) * dtype.itemsize
     alloc = _get_allocator(idx)
