@@ -146,6 +146,16 @@ def _check_index_tensor(index, opname):
                            f"{getattr(index, '_dtype', type(index).__name__)}")
 
 
+def _check_index_bounds(index, size, dim, opname):
+    """Every entry of index must lie in [0, size) before a kernel reads with it."""
+    if index.numel():
+        arr = index._host_array()
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= size:
+            raise IndexError(f"{opname}(): index {hi if hi >= size else lo} is out of bounds for dimension {dim} "
+                             f"with size {size}")
+
+
 def gather(x, dim, index):
     _check_index_tensor(index, "gather")
     d = x._wrap_dim(dim)
@@ -156,11 +166,7 @@ def gather(x, dim, index):
         if i != d and a > b:
             raise RuntimeError(f"Size does not match at dimension {i} expected index {list(index._shape)} to be "
                                f"smaller than self {list(x._shape)} apart from dimension {d}")
-    if index.numel():
-        arr = index._host_array()
-        if arr.min() < 0 or arr.max() >= x._shape[d]:
-            raise IndexError(f"gather(): index {int(arr.max() if arr.max() >= x._shape[d] else arr.min())} is out "
-                             f"of bounds for dimension {d} with size {x._shape[d]}")
+    _check_index_bounds(index, x._shape[d], d, "gather")
     out = _K_GATHER[x._storage.device.backend](x, d, index)
     if _state.enabled and x._requires_grad:
         node = GatherBackward()
@@ -197,10 +203,7 @@ def scatter_add(x, dim, index, src):
                                f"{list(src._shape)} and self {list(x._shape)} and be no larger than src, nor than "
                                f"self outside dimension {d}")
         src = S.basic_index(src, tuple(slice(0, n) for n in index._shape))
-    if index.numel():
-        arr = index._host_array()
-        if arr.min() < 0 or arr.max() >= x._shape[d]:
-            raise IndexError(f"scatter_add(): index out of bounds for dimension {d} with size {x._shape[d]}")
+    _check_index_bounds(index, x._shape[d], d, "scatter_add")
     out = _K_SCATTER_ADD[x._storage.device.backend](x, d, index, src)
     if _state.enabled and (x._requires_grad or src._requires_grad):
         node = ScatterAddBackward()
@@ -224,11 +227,7 @@ def index_select(x, dim, index):
     if len(index._shape) > 1:
         raise IndexError("index_select(): Index is supposed to be a vector")
     d = x._wrap_dim(dim)
-    if index.numel():
-        arr = index._host_array()
-        if arr.min() < 0 or arr.max() >= x._shape[d]:
-            raise IndexError(f"index_select(): index {int(arr.max() if arr.max() >= x._shape[d] else arr.min())} "
-                             f"is out of bounds for dimension {d} with size {x._shape[d]}")
+    _check_index_bounds(index, x._shape[d], d, "index_select")
     out = _K_INDEX_SELECT[x._storage.device.backend](x, d, index)
     if _state.enabled and x._requires_grad:
         node = IndexSelectBackward()
@@ -263,11 +262,7 @@ def index_add(x, dim, index, source, alpha=1):
     if source._shape[d:d + 1] != (n,) or len(source._shape) != len(x._shape):
         raise RuntimeError(f"index_add(): source of shape {list(source._shape)} must match self of shape "
                            f"{list(x._shape)} except in dimension {d}, where it must have the index's length {n}")
-    if index.numel():
-        arr = index._host_array()
-        if arr.min() < 0 or arr.max() >= x._shape[d]:
-            raise IndexError(f"index_add(): index {int(arr.max() if arr.max() >= x._shape[d] else arr.min())} is "
-                             f"out of bounds for dimension {d} with size {x._shape[d]}")
+    _check_index_bounds(index, x._shape[d], d, "index_add")
     out = _K_INDEX_ADD[x._storage.device.backend](x, d, index, source)
     if _state.enabled and (x._requires_grad or source._requires_grad):
         node = IndexAddBackward()
