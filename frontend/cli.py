@@ -26,8 +26,12 @@ def _parser():
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     t.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="parameter and activation dtype; the loss is always computed in float32")
+    t.add_argument("--dtype", choices=("fp32", "bf16", "float32", "bfloat16"), default="fp32",
+                   help="fp32, or bf16: bfloat16 autocast with float32 master weights (float32/bfloat16 are "
+                        "aliases); the loss is always computed in float32")
+    t.add_argument("--graphs", action="store_true",
+                   help="CUDA only: capture the whole training step in a CUDA graph after one eager warm-up "
+                        "step and replay it for every later batch")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     t.add_argument("--data", default=None,
                    help="minigpt/gpt2-small: a text file (default: tiny Shakespeare when found, else the embedded "
@@ -55,7 +59,7 @@ def main(argv=None):
                 args.workload, device=args.device, steps=args.steps, batch_size=args.batch_size, dtype=args.dtype,
                 seed=args.seed, data=args.data, out=args.out or f"runs/{args.workload}", lr=args.lr,
                 preset=args.preset, tokenizer=args.tokenizer, eval_examples=args.eval_examples,
-                progress=not args.no_progress)
+                progress=not args.no_progress, graphs=args.graphs)
             ev = metrics["eval"]
             print(f"{args.workload}: {ev['metric']} {ev['value']:.4f} after {metrics['steps']} steps "
                   f"({metrics['wall_time_s']:.1f} s on {metrics['device']})")

@@ -25,6 +25,7 @@ Evaluation is deterministic (fixed held-out examples, fixed validation
 windows, no dropout), so re-evaluating a checkpoint on the same device and
 dtype reproduces the metric written at the end of training.
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ import numpy as np
 
 from . import __version__, nn, ops, optim
 from .autograd import no_grad
-from .dtypes import bfloat16, float16, float32
+from .dtypes import bfloat16, float32
 from .models import CPU_PRESETS, PRESETS, GPTConfig, OptimizerConfig, Preset, ViTConfig, build_model
 from .random import manual_seed
 
@@ -46,7 +47,11 @@ CHECKPOINT_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "loss.png"
 TOKENIZER_NAME = "tokenizer.json"
-DTYPES = {"float32": float32, "bfloat16": bfloat16, "float16": float16}
+# --dtype: fp32 trains in float32; bf16 keeps float32 master weights and runs the
+# matmuls in bfloat16 under cutegrad.autocast, as PyTorch's mixed precision does
+# (pure bf16 weights lose small AdamW updates to rounding).
+PRECISIONS = ("fp32", "bf16")
+PRECISION_ALIASES = {"float32": "fp32", "bfloat16": "bf16"}
 # Held-out reversal sequences and validation windows come from this seed, never
 # from --seed, so every run of a workload is scored on the same examples.
 EVAL_SEED = 1234
@@ -75,6 +80,22 @@ def pick_device(requested=None):
     if requested != "cpu" and not requested.startswith("cuda"):
         raise ValueError(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {requested!r}")
     return requested
+
+
+def resolve_precision(dtype):
+    """'fp32' or 'bf16' from --dtype (the long names float32/bfloat16 are accepted too)."""
+    name = PRECISION_ALIASES.get(dtype, dtype)
+    if name not in PRECISIONS:
+        raise ValueError(f"--dtype must be one of {', '.join(PRECISIONS)} (or float32/bfloat16), got {dtype!r}")
+    return name
+
+
+def mixed_precision(device, precision):
+    """The autocast region a forward pass runs in: bf16 autocast, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    from .autocast import autocast
+    return autocast(device.split(":")[0], dtype=bfloat16)
 
 
 def resolve_preset(workload, device, size=None, steps=None, batch_size=None, lr=None, tokenizer=None,
@@ -379,13 +400,43 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True, file=sys.stderr)
 
 
-def train(workload, device=None, steps=None, batch_size=None, dtype="float32", seed=0, data=None, out="runs/run",
-          lr=None, preset=None, tokenizer=None, eval_examples=None, progress=True, log_every=10):
-    """Train one workload and write the checkpoint, metrics and plot into `out`; returns the metrics dict."""
+def make_step(model, optimizer, clip_grad_norm, amp):
+    """One training step as a function of the batch: zero the grads, forward under `amp`,
+    backward, clip, update. It returns the detached loss and never reads a value on the
+    host, so `cutegrad.graphs.graphed` can capture it whole."""
+    params = list(model.parameters())
+
+    def step(inputs, targets):
+        optimizer.zero_grad(set_to_none=True)
+        with amp:
+            loss = loss_fn(model, inputs, targets)
+        loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        optimizer.step()
+        return loss.detach()
+    return step
+
+
+def _device_lrs(optimizer, device):
+    """Learning rates as one-element device tensors: a captured optimizer step reads them from
+    device memory, so the scheduler's in-place updates between replays take effect."""
+    for g in optimizer.param_groups:
+        g["lr"] = ops.full((1,), float(g["lr"]), dtype=float32, device=device)
+
+
+def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed=0, data=None, out="runs/run",
+          lr=None, preset=None, tokenizer=None, eval_examples=None, progress=True, log_every=10, graphs=False):
+    """Train one workload and write the checkpoint, metrics and plot into `out`; returns the metrics dict.
+
+    graphs=True captures the whole step (forward, backward, clipping, optimizer, grad zeroing) once
+    with `cutegrad.graphs.graphed` after one eager warm-up step, and replays it for every later batch.
+    """
     t_start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    precision = resolve_precision(dtype)
     device = pick_device(device)
+    if graphs and not device.startswith("cuda"):
+        raise ValueError(f"--graphs captures CUDA graphs and needs a CUDA device, got --device {device}")
     preset = resolve_preset(workload, device, preset, steps, batch_size, lr, tokenizer, eval_examples)
     if preset.note:
         _say(f"cutegrad train {workload}: scaled-down preset for {device} ({preset.note}); "
@@ -397,12 +448,16 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="float32", s
     preset = fit_vocab(preset, work)
     work.preset = preset
     _say(f"cutegrad train {workload}: {work.description}")
-    model = build_model(preset.model).to(device, DTYPES[dtype])
+    model = build_model(preset.model).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     _say(f"cutegrad train {workload}: {n_params:,} parameters, batch {preset.batch_size}, {preset.steps} steps, "
-         f"{preset.optimizer.name} lr {preset.optimizer.lr}, {device}, {dtype}")
+         f"{preset.optimizer.name} lr {preset.optimizer.lr}, {device}, {precision}"
+         f"{', whole step in a CUDA graph' if graphs else ''}")
     opt = build_optimizer(model, preset.optimizer)
     sched = build_scheduler(opt, preset)
+    if graphs:
+        _device_lrs(opt, device)
+    step_fn = make_step(model, opt, preset.clip_grad_norm, mixed_precision(device, precision))
     batches = work.train_batches(preset.batch_size, seed)
     items = work.items_per_batch(preset.batch_size)
 
@@ -411,14 +466,18 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="float32", s
     model.train()
     t_train = time.perf_counter()
     t_window, n_window, rate = t_train, 0, 0.0
+    replay = None
     for step in range(1, preset.steps + 1):
-        inputs, targets = _batch_to(next(batches), device, DTYPES[dtype])
-        loss = loss_fn(model, inputs, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if preset.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), preset.clip_grad_norm)
-        opt.step()
+        inputs, targets = _batch_to(next(batches), device, float32)
+        if not graphs:
+            loss = step_fn(inputs, targets)
+        elif replay is None:
+            from .graphs import graphed
+            replay = graphed(step_fn, (inputs, targets), warmup=1)
+            loss = replay.warmup_outputs
+        else:
+            # The static output is overwritten by the next replay: keep a copy.
+            loss = replay(inputs, targets).clone()
         sched.step()
         losses.add(loss)
         n_window += 1
@@ -437,13 +496,15 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="float32", s
     train_time = time.perf_counter() - t_train
     if bar is not None:
         bar.close()
+    if replay is not None:
+        replay.reset()
 
     model.eval()
-    with no_grad():
-        result = work.evaluate(model, device, DTYPES[dtype])
+    with no_grad(), mixed_precision(device, precision):
+        result = work.evaluate(model, device, float32)
     _say(f"cutegrad train {workload}: {work.metric} = {result[work.metric]:.4f}")
 
-    meta = checkpoint_metadata(preset, work, dtype, seed)
+    meta = checkpoint_metadata(preset, work, precision, seed)
     if isinstance(work, TextWorkload):
         work.tokenizer.save(out / TOKENIZER_NAME)
     from .io import save
@@ -451,7 +512,8 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="float32", s
     metrics = {
         "workload": workload,
         "device": device,
-        "dtype": dtype,
+        "dtype": precision,
+        "graphs": graphs,
         "seed": seed,
         "preset": preset.to_dict(),
         "data": work.description,
@@ -549,7 +611,7 @@ def load_checkpoint(path, device="cpu"):
     preset = _preset_from(json.loads(meta["preset"]))
     model = build_model(preset.model)
     model.load_state_dict(load(path))
-    return model.to(device, DTYPES[meta["dtype"]]), preset, meta
+    return model.to(device), preset, meta
 
 
 def evaluate_checkpoint(checkpoint, workload=None, device=None):
@@ -572,8 +634,8 @@ def evaluate_checkpoint(checkpoint, workload=None, device=None):
             raise FileNotFoundError(f"{tok}: the tokenizer written next to the checkpoint is missing")
         work = TextWorkload(preset, tokenizer_file=tok, corpus_meta=data_meta)
     model.eval()
-    with no_grad():
-        result = work.evaluate(model, device, DTYPES[meta["dtype"]])
+    with no_grad(), mixed_precision(device, resolve_precision(meta["dtype"])):
+        result = work.evaluate(model, device, float32)
     return {"workload": preset.workload, "metric": work.metric, "value": result[work.metric], **result}
 
 

@@ -13,6 +13,9 @@ loss, say). `graphed`:
    recipe does;
 3. captures one call of `fn` into a CUDAGraph (private pool, or `pool`).
 
+The outputs of the last warm-up call are kept as `GraphedStep.warmup_outputs`
+(a training loop records the warm-up step's loss from there).
+
 The returned `GraphedStep` is called with new inputs of the same shapes,
 dtypes and devices: it copies them into the static inputs (on the current
 stream), replays the graph and returns the static outputs, which the next call
@@ -30,10 +33,11 @@ def _describe(t):
 class GraphedStep:
     """A captured step: call it with inputs like the sample inputs."""
 
-    def __init__(self, cuda_graph, static_inputs, static_outputs):
+    def __init__(self, cuda_graph, static_inputs, static_outputs, warmup_outputs=None):
         self.graph = cuda_graph
         self.static_inputs = static_inputs
         self.static_outputs = static_outputs
+        self.warmup_outputs = warmup_outputs
 
     def __call__(self, *inputs):
         static = self.static_inputs
@@ -87,9 +91,9 @@ def graphed(fn, sample_inputs, *, warmup=3, pool=None):
     side.wait_stream(cur)
     with side:
         for _ in range(warmup):
-            fn(*static)
+            warm = fn(*static)
     cur.wait_stream(side)
     g = CUDAGraph()
     with graph(g, pool=pool, stream=side):
         outputs = fn(*static)
-    return GraphedStep(g, static, outputs)
+    return GraphedStep(g, static, outputs, warm)

@@ -180,3 +180,12 @@ def test_eval_rejects_a_file_not_written_by_train(tmp_path, capsys):
     cutegrad.io.save({"w": cutegrad.zeros(2)}, tmp_path / "other.safetensors")
     assert main(["eval", "reverse", "--checkpoint", str(tmp_path / "other.safetensors")]) == 2
     assert "not a cutegrad training checkpoint" in capsys.readouterr().err
+
+
+def test_graphs_need_cuda_and_dtype_is_checked(tmp_path, capsys):
+    assert main(["train", "reverse", "--device", "cpu", "--graphs", "--out", str(tmp_path / "g")]) == 2
+    assert "--graphs captures CUDA graphs and needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--dtype must be one of fp32, bf16"):
+        T.train("reverse", device="cpu", dtype="float16", out=tmp_path / "d")
+    with pytest.raises(SystemExit):
+        main(["train", "reverse", "--dtype", "fp16"])
