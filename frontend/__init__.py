@@ -18,6 +18,7 @@ from .random import manual_seed, seed, initial_seed, Generator
 from . import ops
 from .ops import *  # noqa: F401,F403  (the op namespace is the public API, as in torch)
 from .ops import sum, max, min, abs, all, any, pow, round  # names shadowing builtins, explicitly
+from .autocast import autocast, is_autocast_enabled, get_autocast_dtype, set_autocast_dtype, clear_autocast_cache
 from .backends import cpu as _cpu_backend  # registers the CPU kernels
 from . import cuda  # CUDA runtime and CUDA tensor storage; imports no driver until first use
 from .backends import cuda as _cuda_backend  # registers the CUDA kernels; touches neither the driver nor _C

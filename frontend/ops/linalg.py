@@ -4,6 +4,7 @@ from ..dispatch import kernel
 from ..tensor import Tensor
 from ..autograd import grad_mode
 from ..autograd.engine import Node, attach
+from ..autocast import gate as _AC, lower as _lower
 from .broadcast import broadcast_shapes, sum_to
 from .shape import unsqueeze, squeeze, transpose
 
@@ -53,6 +54,8 @@ def _matmul2(a, b):
 
 
 def matmul(a, b):
+    if _AC.armed:
+        a, b = _lower(a, b)
     _check(a, b, "matmul")
     if len(a._shape) >= 2 and len(b._shape) >= 2:
         return _matmul2(a, b)
@@ -75,6 +78,8 @@ def matmul(a, b):
 
 
 def mm(a, b):
+    if _AC.armed:
+        a, b = _lower(a, b)
     _check(a, b, "mm")
     if len(a._shape) != 2 or len(b._shape) != 2:
         raise RuntimeError(f"mm: expected 2D tensors, got {len(a._shape)}D and {len(b._shape)}D")
@@ -82,6 +87,8 @@ def mm(a, b):
 
 
 def bmm(a, b):
+    if _AC.armed:
+        a, b = _lower(a, b)
     _check(a, b, "bmm")
     if len(a._shape) != 3 or len(b._shape) != 3:
         raise RuntimeError(f"batch1 must be a 3D tensor and batch2 must be a 3D tensor, got {len(a._shape)}D and "
@@ -93,6 +100,8 @@ def bmm(a, b):
 
 def linear(input, weight, bias=None):
     """input @ weight.T + bias (weight: (out_features, in_features))."""
+    if _AC.armed:
+        input, weight, bias = _lower(input, weight, bias)
     x = input
     from .pointwise import add
     if len(weight._shape) != 2:

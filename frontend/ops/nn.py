@@ -9,6 +9,8 @@ from ..dispatch import kernel
 from ..tensor import Tensor, numel_of
 from ..autograd import grad_mode
 from ..autograd.engine import Node, attach
+from ..autocast import gate as _AC, fp32 as _ac_fp32, lower as _ac_lower, wants_fp32 as _ac_wants_fp32, \
+    call_excluded as _ac_call_excluded
 from . import pointwise as P
 from . import reduction as R
 from . import shape as S
@@ -48,6 +50,8 @@ class SoftmaxBackward(Node):
 
 
 def _softmax(x, dim, dtype, log, opname):
+    if _AC.armed and dtype is None:
+        (x,) = _ac_fp32(x)
     if dtype is not None:
         x = x.to(dtype)
     _float_input(x, opname)
@@ -95,6 +99,8 @@ def _class_dim_last(x):
 
 
 def nll_loss(input, target, weight=None, ignore_index=-100, reduction="mean"):
+    if _AC.armed:
+        input, target, weight = _ac_fp32(input, target, weight)
     return _nll(input, target, weight, ignore_index, reduction, 0.0, logp_given=True)
 
 
@@ -102,10 +108,14 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     _float_input(input, "cross_entropy")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    return _nll(input, target, weight, ignore_index, reduction, label_smoothing, logp_given=False)
+    # Under autocast the loss is float32 (an fp32-list op). The fused kernel
+    # reads 16-bit logits and accumulates in float32 itself, so only the
+    # composite path pays for an upcast copy of the logits.
+    autocast_fp32 = bool(_AC.armed) and _ac_wants_fp32(input)
+    return _nll(input, target, weight, ignore_index, reduction, label_smoothing, False, autocast_fp32)
 
 
-def _nll(input, target, weight, ignore_index, reduction, eps, logp_given):
+def _nll(input, target, weight, ignore_index, reduction, eps, logp_given, autocast_fp32=False):
     opname = "nll_loss" if logp_given else "cross_entropy"
     if not isinstance(target, Tensor):
         raise TypeError(f"{opname}(): argument 'target' must be Tensor, not {type(target).__name__}")
@@ -117,12 +127,14 @@ def _nll(input, target, weight, ignore_index, reduction, eps, logp_given):
     if weight is not None and weight._shape != (n_classes,):
         raise RuntimeError(f"{opname}: weight tensor should be defined either for all {n_classes} classes or no "
                            f"classes but got weight tensor of shape: {list(weight._shape)}")
-    logits = _class_dim_last(input)
-    logp = logits if logp_given else log_softmax(logits, 1)
     if target._dtype.is_floating_point:
         if target._shape != input._shape:
             raise RuntimeError(f"{opname}: probability targets must have the input's shape {list(input._shape)}, "
                                f"got {list(target._shape)}")
+        if autocast_fp32:
+            input, target, weight = _ac_fp32(input, target, weight)
+        logits = _class_dim_last(input)
+        logp = logits if logp_given else log_softmax(logits, 1)
         probs = _class_dim_last(target)
         if eps:
             probs = P.add(P.mul(probs, 1.0 - eps), eps / n_classes)
@@ -140,12 +152,18 @@ def _nll(input, target, weight, ignore_index, reduction, eps, logp_given):
     if target._shape != expected:
         raise RuntimeError(f"{opname}: expected target of shape {list(expected)} for input of shape "
                            f"{list(input._shape)}, got {list(target._shape)}")
+    if (not logp_given and weight is None and n_classes and input._dtype in _CE_FUSED_DTYPES
+            and target._dtype is not dt.bool_
+            and not getattr(_K_CE_ROWS[input._storage.device.backend], "missing", False)):
+        return _fused_cross_entropy(input, target, ignore_index, reduction, eps,
+                                    dt.float32 if autocast_fp32 else input._dtype)
+    if autocast_fp32:
+        input, weight = _ac_fp32(input, weight)
+    logits = _class_dim_last(input)
+    logp = logits if logp_given else log_softmax(logits, 1)
     t = S.reshape(target, (-1,))
     valid = P.ne(t, ignore_index)
-    tv = t._host_array()
-    bad = tv[(tv != ignore_index) & ((tv < 0) | (tv >= n_classes))]
-    if bad.size:
-        raise IndexError(f"{opname}: Target {int(bad[0])} is out of bounds for {n_classes} classes.")
+    _check_targets(t, ignore_index, n_classes, opname)
     safe_t = P.where(valid, t, 0)
     picked = S.reshape(_gather_rows(logp, safe_t), (-1,))
     validf = valid.to(logp._dtype)
@@ -162,6 +180,93 @@ def _nll(input, target, weight, ignore_index, reduction, eps, logp_given):
     if reduction == "mean":
         return P.div(R.sum(loss), R.sum(w_t))
     return _reduce_loss(loss, reduction)
+
+
+def _check_targets(t, ignore_index, n_classes, opname):
+    tv = t._host_array()
+    bad = tv[(tv != ignore_index) & ((tv < 0) | (tv >= n_classes))]
+    if bad.size:
+        raise IndexError(f"{opname}: Target {int(bad[0])} is out of bounds for {n_classes} classes.")
+
+
+# Fused cross-entropy where a backend has the row kernels (CUDA): one forward
+# launch writes each row's loss and logsumexp, one backward launch writes the
+# logits' gradient; no (rows, classes) log-probability tensor is stored.
+_K_CE_ROWS = kernel("cross_entropy_rows").impl
+_K_CE_ROWS_BWD = kernel("cross_entropy_rows_backward").impl
+_CE_FUSED_DTYPES = (dt.float32, dt.bfloat16, dt.float16)
+
+
+class CrossEntropyBackward(Node):
+    __slots__ = ("ignore_index", "eps", "reduction", "count")
+
+    def backward(self, g):
+        x, t, lse = self.saved_tensors
+        x2 = _class_dim_last(x)
+        rows = x2._shape[0]
+        g = g.to(dt.float32)  # the row weights go to the kernel in float32 (1/count would round in 16 bits)
+        if self.reduction == "none":
+            g_rows = S.reshape(g, (rows,))
+        else:
+            if self.reduction == "mean":
+                g = P.div(g, self.count)
+            g_rows = S.expand(S.reshape(g, (1,)), (rows,))
+        if not _state.enabled:
+            dx2 = _K_CE_ROWS_BWD[x._storage.device.backend](x2, t, lse, g_rows, self.ignore_index, self.eps)
+        else:  # create_graph: the kernel is not differentiable; the same formula in ops is
+            dx2 = _cross_entropy_rows_grad(x2, t, g_rows, self.ignore_index, self.eps)
+        return (_rows_to_input_shape(dx2, x._shape),)
+
+
+def _cross_entropy_rows_grad(x2, t, g_rows, ignore_index, eps):
+    """g_rows[i] * (softmax(x2[i]) - (1 - eps) onehot(t[i]) - eps / classes), 0 on ignored rows."""
+    from .creation import arange
+    n_classes = x2._shape[1]
+    xf = x2.to(dt.float32) if x2._dtype in _HALF else x2
+    hit = P.eq(S.unsqueeze(t, 1), S.unsqueeze(arange(n_classes, device=x2._storage.device), 0))
+    d = P.sub(P.sub(softmax(xf, 1), P.mul(hit.to(xf._dtype), 1.0 - eps)), eps / n_classes)
+    w = P.mul(g_rows.to(xf._dtype), P.ne(t, ignore_index).to(xf._dtype))
+    return P.mul(d, S.unsqueeze(w, 1)).to(x2._dtype)
+
+
+def _rows_to_input_shape(d2, shape):
+    """Inverse of _class_dim_last: (rows, C) back to (C,), (N, C) or (N, C, d1, ...)."""
+    if len(shape) == 1:
+        return S.reshape(d2, shape)
+    if len(shape) == 2:
+        return d2
+    return S.movedim(S.reshape(d2, (shape[0],) + shape[2:] + (shape[1],)), -1, 1)
+
+
+def _fused_cross_entropy(input, target, ignore_index, reduction, eps, out_dtype):
+    if target._storage.device is not input._storage.device:
+        raise RuntimeError(f"cross_entropy: Expected all tensors to be on the same device, but found at least two "
+                           f"devices, {input.device} and {target.device}!")
+    t = S.reshape(target, (-1,))
+    if t._storage.device.type == "cpu":
+        _check_targets(t, ignore_index, input._shape[0] if len(input._shape) == 1 else input._shape[1],
+                       "cross_entropy")
+    # On a device the targets are not read back (that would be a host sync per
+    # step, and illegal under graph capture): an out-of-range target makes
+    # the kernel write NaN for its row, so the loss is NaN.
+    x2 = _class_dim_last(input.detach())
+    loss_rows, lse = _K_CE_ROWS[input._storage.device.backend](x2, t, ignore_index, eps)
+    count = None
+    if reduction == "none":
+        out = S.reshape(loss_rows, _per_item_shape(input))
+    elif reduction == "sum":
+        out = R.sum(loss_rows)
+    else:  # torch's mean: over the targets that are not ignored (NaN when all are)
+        count = R.sum(P.ne(t, ignore_index))
+        out = P.div(R.sum(loss_rows), count)
+    if out._dtype is not out_dtype:
+        out = out.to(out_dtype)
+    if _state.enabled and input._requires_grad:
+        node = CrossEntropyBackward()
+        node.ignore_index, node.eps, node.reduction, node.count = ignore_index, eps, reduction, count
+        node.save(input, t, lse)
+        attach(out, node, (input,))
+    return out
 
 
 def _per_item_shape(input):
@@ -181,6 +286,8 @@ def _index_rows(weight, t):
 
 
 def mse_loss(input, target, reduction="mean"):
+    if _AC.armed:
+        input, target = _ac_fp32(input, target)
     if input._shape != target._shape:
         from .broadcast import broadcast_shapes
         broadcast_shapes(input._shape, target._shape)
@@ -237,6 +344,8 @@ class LayerNormBackward(Node):
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    if _AC.armed:
+        input, weight, bias = _ac_fp32(input, weight, bias)
     x = input
     _float_input(x, "layer_norm")
     shape, nd = _norm_shape(x, normalized_shape, "layer_norm")
@@ -337,6 +446,15 @@ def dropout(input, p=0.5, training=True, generator=None):
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  generator=None):
     """softmax(q k^T * scale + mask) v over the last two dims."""
+    if _AC.armed and isinstance(query, Tensor):
+        # a lower-precision op: cast once, then run the whole body (its
+        # softmax included) in that dtype, as torch's autocast does
+        query, key, value, attn_mask = _ac_lower(query, key, value, attn_mask)
+        return _ac_call_excluded(query, _sdpa, query, key, value, attn_mask, dropout_p, is_causal, scale, generator)
+    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, generator)
+
+
+def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, generator):
     for name, t in (("query", query), ("key", key), ("value", value)):
         _float_input(t, "scaled_dot_product_attention")
         if len(t._shape) < 2:
