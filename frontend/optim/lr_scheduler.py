@@ -1,8 +1,17 @@
 """Learning-rate schedules: LambdaLR, LinearLR, CosineAnnealingLR,
 SequentialLR, and WarmupCosineLR (linear warmup then cosine decay, the
 schedule the reference workloads use). Closed-form schedules: lr at step t
-depends on t only, so resuming from a state_dict is exact."""
+depends on t only, so resuming from a state_dict is exact.
+
+A tensor lr (a one-element CUDA tensor the fused optimizer kernels read on the
+device) is updated in place with fill_, as torch's schedulers do, so a CUDA
+graph that captured the optimizer step reads the new lr on its next replay.
+step() must therefore run outside the capture (between replays). Base lrs are
+kept as Python floats.
+"""
 import math
+
+from ..tensor import Tensor
 
 
 class LRScheduler:
@@ -10,8 +19,8 @@ class LRScheduler:
         self.optimizer = optimizer
         if last_epoch == -1:
             for g in optimizer.param_groups:
-                g.setdefault("initial_lr", g["lr"])
-        self.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+                g.setdefault("initial_lr", _as_float(g["lr"]))
+        self.base_lrs = [_as_float(g["initial_lr"]) for g in optimizer.param_groups]
         self.last_epoch = last_epoch
         self.step()
 
@@ -25,7 +34,10 @@ class LRScheduler:
         self.last_epoch += 1
         lrs = self.get_lr()
         for g, lr in zip(self.optimizer.param_groups, lrs):
-            g["lr"] = lr
+            if isinstance(g["lr"], Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
         self._last_lr = lrs
 
     def get_last_lr(self):
@@ -106,3 +118,7 @@ class WarmupCosineLR(LRScheduler):
         progress = min(1.0, (t - self.warmup_steps) / span)
         ratio = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return base_lr * ratio
+
+
+def _as_float(lr):
+    return float(lr) if isinstance(lr, Tensor) else lr

@@ -1,10 +1,15 @@
 """Optimizer base: parameter groups, per-parameter state, state_dict in
-PyTorch's layout (parameters referred to by their index across groups)."""
+PyTorch's layout (parameters referred to by their index across groups).
+
+A group's lr may be a one-element tensor (a float32 CUDA tensor for the fused
+kernels to read on the device): schedules and load_state_dict then write it in
+place, so a CUDA graph that captured the step keeps reading the same memory."""
 import copy
 
 from ..tensor import Tensor
 from ..autograd import grad_mode
 from ..nn.module import zero_grads
+from .fused import check_fused_at_construction
 
 
 class _Required:
@@ -50,7 +55,12 @@ class Optimizer:
             if v is required and k not in group:
                 raise ValueError(f"parameter group didn't specify a value of required optimization parameter {k}")
             group.setdefault(k, v)
+        check_fused_at_construction(type(self).__name__, [group], self._fused_option_blocker)
         self.param_groups.append(group)
+
+    def _fused_option_blocker(self, group):
+        """Why the group's options rule out the fused kernels (None: they do not)."""
+        return None
 
     def zero_grad(self, set_to_none=True):
         zero_grads((p for g in self.param_groups for p in g["params"]), set_to_none)
@@ -72,7 +82,8 @@ class Optimizer:
         index = {}
         groups = []
         for g in self.param_groups:
-            packed = {k: v for k, v in g.items() if k != "params"}
+            # Tensor values (a tensor lr) are snapshots: a schedule fills the live one in place.
+            packed = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in g.items() if k != "params"}
             ids = []
             for p in g["params"]:
                 index.setdefault(id(p), len(index))
@@ -96,12 +107,16 @@ class Optimizer:
         self.state = {}
         for idx, s in state_dict["state"].items():
             p = params[int(idx)]
-            self.state[p] = {k: (v.to(p.device).clone() if isinstance(v, Tensor) else copy.deepcopy(v))
+            self.state[p] = {k: (_state_tensor(k, v, p) if isinstance(v, Tensor) else copy.deepcopy(v))
                              for k, v in s.items()}
         for saved, own in zip(groups, self.param_groups):
             for k, v in saved.items():
-                if k != "params":
-                    own[k] = v
+                if k == "params":
+                    continue
+                if isinstance(own.get(k), Tensor):
+                    own[k].fill_(float(v))
+                else:
+                    own[k] = v.clone() if isinstance(v, Tensor) else v
 
     def __repr__(self):
         lines = [type(self).__name__ + " ("]
@@ -111,3 +126,29 @@ class Optimizer:
                 if k != "params":
                     lines.append(f"    {k}: {g[k]}")
         return "\n".join(lines) + "\n)"
+
+
+def _state_tensor(key, v, p):
+    """A loaded state tensor on p's device; moments take p's dtype (as torch casts them), the step stays."""
+    v = v.to(p.device)
+    if key != "step" and v.is_floating_point() and p.is_floating_point() and v.dtype is not p.dtype:
+        v = v.to(p.dtype)
+    return v.clone()
+
+
+def lr_value(lr):
+    """The group's lr as a Python float for the composite path (a tensor lr is read on the host)."""
+    return float(lr) if isinstance(lr, Tensor) else lr
+
+
+def check_lr(lr):
+    """A float >= 0, or a one-element tensor holding one (torch accepts a tensor lr too)."""
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise ValueError(f"Tensor lr must be a floating-point tensor of one element, got {lr.dtype} of shape "
+                             f"{list(lr.shape)}")
+        value = float(lr)
+    else:
+        value = lr
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid learning rate: {value}")

@@ -1,28 +1,64 @@
 """SGD with momentum, dampening, Nesterov and (coupled) weight decay,
-following torch.optim.SGD's update order exactly."""
+following torch.optim.SGD's update order exactly.
+
+Two paths (see fused.py for when each is taken): the fused multi-tensor CUDA
+kernel, one launch per 48 parameters of a (device, dtype, has a momentum
+buffer yet) bucket -- parameters without a buffer get an uninitialised one
+that the kernel fills with the first step's direction, as torch's first step
+clones it; and the composite path (tensor ops per parameter), the CPU path.
+"""
 from .. import ops
-from .optimizer import Optimizer, required
+from .fused import buckets, check_fused_option, use_fused
+from .optimizer import Optimizer, check_lr, lr_value, required
 
 
 class SGD(Optimizer):
     def __init__(self, params, lr=required, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 maximize=False):
-        if lr is not required and lr < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
+                 maximize=False, fused=None):
+        if lr is not required:
+            check_lr(lr)
         if momentum < 0.0:
             raise ValueError(f"Invalid momentum value: {momentum}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_fused_option(fused)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize, fused=fused))
 
     def _update_group(self, group):
-        lr, mom, damp, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        if use_fused(type(self).__name__, group, params):
+            self._fused_update(group, params)
+        else:
+            self._composite_update(group, params)
+
+    def _has_buffer(self, p):
+        return self.state.get(p, {}).get("momentum_buffer") is not None
+
+    def _fused_update(self, group, params):
+        from ..backends.cuda import sgd_multi_tensor
+        mom = group["momentum"]
+        for (_, pdt, _, had_buffer), ps in buckets(params, self._has_buffer if mom else lambda p: False).items():
+            bufs = None
+            if mom:
+                bufs = []
+                for p in ps:
+                    state = self.state.setdefault(p, {})
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = ops.empty_like(p)
+                    elif buf.dtype is not pdt:
+                        buf = state["momentum_buffer"] = buf.to(pdt)
+                    bufs.append(buf)
+            sgd_multi_tensor(ps, [p.grad for p in ps], bufs, group["lr"], mom, group["dampening"],
+                             group["weight_decay"], group["nesterov"], first_step=bool(mom) and not had_buffer,
+                             maximize=group["maximize"])
+
+    def _composite_update(self, group, params):
+        lr, mom, damp, wd = lr_value(group["lr"]), group["momentum"], group["dampening"], group["weight_decay"]
+        for p in params:
             d_p = ops.neg(p.grad) if group["maximize"] else p.grad
             if wd:
                 d_p = ops.add(d_p, p, alpha=wd)

@@ -225,34 +225,46 @@ struct MultiTensorArgs {
   int64_t block_start[kMaxTensorsPerLaunch + 1];
   void* param[kMaxTensorsPerLaunch];
   const void* grad[kMaxTensorsPerLaunch];
-  void* state0[kMaxTensorsPerLaunch];  // AdamW exp_avg, SGD momentum buffer (null: no momentum)
-  void* state1[kMaxTensorsPerLaunch];  // AdamW exp_avg_sq
+  void* state0[kMaxTensorsPerLaunch];  // Adam exp_avg, SGD momentum buffer (null: no momentum)
+  void* state1[kMaxTensorsPerLaunch];  // Adam exp_avg_sq
+  float* step[kMaxTensorsPerLaunch];   // Adam: each tensor's fp32 step counter on the device (null: the host step)
   int param_dtype, grad_dtype;
 };
 
-// AdamW (torch.optim.AdamW's order): p *= 1 - lr*wd; m += (g - m)(1 - b1);
-// v = b2 v + (1 - b2) g^2; p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
-// t is *step_ptr when step_ptr is set (a device counter, for graph capture), else step.
+// Adam / AdamW (torch.optim's order): AdamW: p *= 1 - lr*wd; Adam: g += wd p;
+// m += (g - m)(1 - b1); v = b2 v + (1 - b2) g^2;
+// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+// t is *step[tensor] when the launch carries device step counters (graph
+// capture: the replay reads the current count), else the host step.
+// lr is *lr_ptr when set (a device scalar a schedule updates between replays).
 // Every gradient is first multiplied by *grad_scale when grad_scale is set
 // (the clipping coefficient from grad_norm_launch) and negated when maximize.
 struct AdamWHyper {
   double lr, beta1, beta2, eps, weight_decay;
   double step;
-  const float* step_ptr;
+  const float* lr_ptr;
   const float* grad_scale;
   int maximize;
+  int decoupled;  // 1: AdamW's decay of the parameter, 0: Adam's weight decay added to the gradient
 };
 
 // SGD (torch.optim.SGD): g += wd p; buf = first ? g : momentum buf + (1 - dampening) g;
-// g = nesterov ? g + momentum buf : buf; p -= lr g.
+// g = nesterov ? g + momentum buf : buf; p -= lr g.  lr is *lr_ptr when set.
 struct SGDHyper {
   double lr, momentum, dampening, weight_decay;
   int nesterov, first_step, maximize;
+  const float* lr_ptr;
   const float* grad_scale;
 };
 
 int adamw_launch(const MultiTensorArgs& args, const AdamWHyper& h, void* stream);
 int sgd_launch(const MultiTensorArgs& args, const SGDHyper& h, void* stream);
+// *step[t] += 1 for every tensor of the launch that has a counter: launched
+// before adamw_launch on the same stream, so every block of the update reads
+// the incremented count (no block can race with the increment).
+int step_increment_launch(const MultiTensorArgs& args, void* stream);
+// param[t][i] *= *scale for every tensor of the launch (in the params' dtype, math in fp32).
+int scale_launch(const MultiTensorArgs& args, const float* scale, void* stream);
 
 // Squared L2 norm of every gradient of the launch, one partial per block into
 // partial[block] (no atomics: a fixed summation order).

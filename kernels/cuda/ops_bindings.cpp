@@ -516,15 +516,18 @@ void random_tensor(int kind, uintptr_t out, int dtype, int64_t n, uint64_t seed,
 using Ptrs = std::vector<uintptr_t>;
 
 // Calls fn(args) for each group of at most kMaxTensorsPerLaunch tensors; returns the total block count.
+// steps: empty, or one device fp32 step counter per tensor.
 template <typename F>
 int64_t for_each_group(const char* op, const Ptrs& params, const Ptrs& grads, const Ptrs& s0, const Ptrs& s1,
-                       const Dims& numels, int param_dtype, int grad_dtype, int64_t chunk, F&& fn) {
+                       const Ptrs& steps, const Dims& numels, int param_dtype, int grad_dtype, int64_t chunk,
+                       F&& fn) {
   const size_t n = grads.size();
   if (numels.size() != n || (!params.empty() && params.size() != n) || (!s0.empty() && s0.size() != n) ||
-      (!s1.empty() && s1.size() != n))
+      (!s1.empty() && s1.size() != n) || (!steps.empty() && steps.size() != n))
     fail(op, "the tensor lists differ in length (grads " + std::to_string(n) + ", numels " +
                  std::to_string(numels.size()) + ", params " + std::to_string(params.size()) + ", states " +
-                 std::to_string(s0.size()) + "/" + std::to_string(s1.size()) + ")");
+                 std::to_string(s0.size()) + "/" + std::to_string(s1.size()) + ", steps " +
+                 std::to_string(steps.size()) + ")");
   if (chunk <= 0) fail(op, "chunk must be positive");
   check_float_dtype(op, grad_dtype, "gradients");
   if (!params.empty() && param_dtype != kF32 && param_dtype != kF16 && param_dtype != kBF16)
@@ -541,6 +544,11 @@ int64_t for_each_group(const char* op, const Ptrs& params, const Ptrs& grads, co
       if (numels[i] < 0) fail(op, "tensor " + std::to_string(i) + " has a negative size");
       a.numel[k] = numels[i];
       a.block_start[k + 1] = a.block_start[k] + (numels[i] + chunk - 1) / chunk;
+      if (!steps.empty()) {
+        // An empty tensor still takes a step (torch counts it too), so its counter is set before the skip.
+        if (!steps[i]) fail(op, "step counter " + std::to_string(i) + " is a null pointer");
+        a.step[k] = reinterpret_cast<float*>(steps[i]);
+      }
       if (numels[i] == 0) continue;
       if (!grads[i]) fail(op, "gradient " + std::to_string(i) + " is a null pointer");
       a.grad[k] = reinterpret_cast<const void*>(grads[i]);
@@ -560,35 +568,58 @@ int64_t for_each_group(const char* op, const Ptrs& params, const Ptrs& grads, co
   return total_blocks;
 }
 
+// steps: empty (use `step`, the count after this update, for every tensor) or
+// one device fp32 counter per tensor; increment_step: add 1 to each counter
+// (a launch before the update) so the update reads the count after this step.
+// lr_ptr: 0, or a device fp32 scalar read instead of lr.
 void adamw(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs, const Dims& numels,
-           int param_dtype, int grad_dtype, double lr, double beta1, double beta2, double eps, double weight_decay,
-           double step, uintptr_t step_ptr, uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
+           int param_dtype, int grad_dtype, double lr, uintptr_t lr_ptr, double beta1, double beta2, double eps,
+           double weight_decay, bool decoupled, double step, const Ptrs& steps, bool increment_step,
+           uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
   const char* op = "adamw";
   if (exp_avgs.size() != grads.size() || exp_avg_sqs.size() != grads.size() || params.size() != grads.size())
     fail(op, "params, grads, exp_avgs and exp_avg_sqs must have the same length");
-  if (!step_ptr && step < 1) fail(op, "step must be >= 1 (it is the count after this update)");
-  AdamWHyper h{lr, beta1, beta2, eps, weight_decay, step, reinterpret_cast<const float*>(step_ptr),
-               reinterpret_cast<const float*>(grad_scale), maximize ? 1 : 0};
-  for_each_group(op, params, grads, exp_avgs, exp_avg_sqs, numels, param_dtype, grad_dtype, chunk,
-                 [&](const MultiTensorArgs& a, int64_t) { check_cuda(adamw_launch(a, h, reinterpret_cast<void*>(stream)), op); });
+  if (steps.empty() && step < 1) fail(op, "step must be >= 1 (it is the count after this update)");
+  if (steps.empty() && increment_step) fail(op, "increment_step needs device step counters");
+  AdamWHyper h{lr, beta1, beta2, eps, weight_decay, step, reinterpret_cast<const float*>(lr_ptr),
+               reinterpret_cast<const float*>(grad_scale), maximize ? 1 : 0, decoupled ? 1 : 0};
+  void* s = reinterpret_cast<void*>(stream);
+  for_each_group(op, params, grads, exp_avgs, exp_avg_sqs, steps, numels, param_dtype, grad_dtype, chunk,
+                 [&](const MultiTensorArgs& a, int64_t) {
+                   if (increment_step) check_cuda(step_increment_launch(a, s), op);
+                   check_cuda(adamw_launch(a, h, s), op);
+                 });
 }
 
-// momentum_buffers: empty for plain SGD.
+// momentum_buffers: empty for plain SGD.  lr_ptr: 0, or a device fp32 scalar read instead of lr.
 void sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers, const Dims& numels, int param_dtype,
-         int grad_dtype, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
-         bool first_step, uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
+         int grad_dtype, double lr, uintptr_t lr_ptr, double momentum, double dampening, double weight_decay,
+         bool nesterov, bool first_step, uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
   const char* op = "sgd";
   if (params.size() != grads.size()) fail(op, "params and grads must have the same length");
   if (!momentum_buffers.empty()) {
+    if (momentum_buffers.size() != grads.size()) fail(op, "momentum_buffers and grads must have the same length");
     for (size_t i = 0; i < momentum_buffers.size(); ++i)
       if (!momentum_buffers[i] && numels[i]) fail(op, "momentum buffer " + std::to_string(i) + " is a null pointer");
   } else if (momentum != 0.0) {
     fail(op, "momentum != 0 needs momentum buffers");
   }
   SGDHyper h{lr, momentum, dampening, weight_decay, nesterov ? 1 : 0, first_step ? 1 : 0, maximize ? 1 : 0,
-             reinterpret_cast<const float*>(grad_scale)};
-  for_each_group(op, params, grads, momentum_buffers, Ptrs(), numels, param_dtype, grad_dtype, chunk,
+             reinterpret_cast<const float*>(lr_ptr), reinterpret_cast<const float*>(grad_scale)};
+  for_each_group(op, params, grads, momentum_buffers, Ptrs(), Ptrs(), numels, param_dtype, grad_dtype, chunk,
                  [&](const MultiTensorArgs& a, int64_t) { check_cuda(sgd_launch(a, h, reinterpret_cast<void*>(stream)), op); });
+}
+
+// Every tensor (all of one dtype) multiplied in place by the device fp32 scalar at scale.
+void multi_tensor_scale(const Ptrs& tensors, const Dims& numels, int dtype, uintptr_t scale, int64_t chunk,
+                        uintptr_t stream) {
+  const char* op = "multi_tensor_scale";
+  check_ptr(op, scale, "scale");
+  const float* sp = reinterpret_cast<const float*>(scale);
+  for_each_group(op, tensors, tensors, Ptrs(), Ptrs(), Ptrs(), numels, dtype, dtype, chunk,
+                 [&](const MultiTensorArgs& a, int64_t) {
+                   check_cuda(scale_launch(a, sp, reinterpret_cast<void*>(stream)), op);
+                 });
 }
 
 // partial: n_partial fp32 slots (at least one per chunk of every gradient); out: 2 fp32 values.
@@ -602,7 +633,7 @@ void grad_norm(const Ptrs& grads, const Dims& numels, int grad_dtype, uintptr_t 
   if (n_partial < needed || n_partial < 1)
     fail(op, "partial sums buffer has " + std::to_string(n_partial) + " slots, needs " + std::to_string(needed));
   float* part = reinterpret_cast<float*>(partial);
-  const int64_t used = for_each_group(op, Ptrs(), grads, Ptrs(), Ptrs(), numels, kF32, grad_dtype, chunk,
+  const int64_t used = for_each_group(op, Ptrs(), grads, Ptrs(), Ptrs(), Ptrs(), numels, kF32, grad_dtype, chunk,
                  [&](const MultiTensorArgs& a, int64_t first_block) {
                    check_cuda(sum_squares_launch(a, part + first_block, reinterpret_cast<void*>(stream)), op);
                  });
@@ -720,9 +751,10 @@ void register_ops(nb::module_& m) {
   m.def("cross_entropy_backward", &cross_entropy_backward, "Gradient of the per-row cross-entropy w.r.t. the logits.");
   m.def("cumsum", &cumsum, "Inclusive prefix sum along n of a contiguous (outer, n, inner) tensor.");
   m.def("sort", &sort, "Stable sort / top-count along n of a contiguous (outer, n, inner) tensor (values, indices).");
-  m.def("adamw", &adamw, "Fused multi-tensor AdamW step (pointer lists; see docs/cuda_ops.md).");
+  m.def("adamw", &adamw, "Fused multi-tensor Adam/AdamW step (pointer lists; see docs/cuda_ops.md).");
   m.def("sgd", &sgd, "Fused multi-tensor SGD step (momentum, dampening, Nesterov, weight decay).");
   m.def("grad_norm", &grad_norm, "Global L2 norm of gradients and the clipping coefficient, on the device.");
+  m.def("multi_tensor_scale", &multi_tensor_scale, "Scale every tensor of a list in place by a device fp32 scalar.");
   m.def("index_add_rows", &index_add_rows, "Deterministic dst[index[i], :] += src[i, :] (stable rank + run sums).");
   m.def("random", &random_tensor, "Philox random tensor (uniform, normal, randint, scaled Bernoulli mask).");
 }
