@@ -204,7 +204,8 @@ class CrossEntropyBackward(Node):
         x, t, lse = self.saved_tensors
         x2 = _class_dim_last(x)
         rows = x2._shape[0]
-        g = g.to(dt.float32)  # the row weights go to the kernel in float32 (1/count would round in 16 bits)
+        if g._dtype in _HALF:  # the row weights go to the kernel in float32 (1/count would round in 16 bits)
+            g = g.to(dt.float32)
         if self.reduction == "none":
             g_rows = S.reshape(g, (rows,))
         else:
