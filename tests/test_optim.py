@@ -354,3 +354,29 @@ def test_clip_grad_norm_fused_path_glue(monkeypatch):
         assert tuple(total.shape) == () and total.item() == pytest.approx(ttotal.item(), rel=1e-5)
         for p, tp in zip(ps, tps):
             np.testing.assert_allclose(p.grad.numpy(), tp.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_kernel_bindings_reject_bad_arguments_before_launch():
+    """The native argument checks run before any CUDA call, so they are testable without a GPU
+    (the pointers below are never dereferenced)."""
+    try:
+        from cutegrad import _C
+    except ImportError as exc:
+        pytest.skip(f"cutegrad._C is not built: {exc}")
+    f32 = cg.float32.index
+    with pytest.raises(ValueError, match="multi_tensor_scale: scale is a null pointer"):
+        _C.multi_tensor_scale([0x1000], [4], f32, 0, 8192, 0)
+    with pytest.raises(ValueError, match="adamw: increment_step needs device step counters"):
+        _C.adamw([0x1000], [0x2000], [0x3000], [0x4000], [4], f32, f32, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True,
+                 1.0, [], True, 0, False, 8192, 0)
+    with pytest.raises(ValueError, match="adamw: the tensor lists differ in length .*steps 2"):
+        _C.adamw([0x1000], [0x2000], [0x3000], [0x4000], [4], f32, f32, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True,
+                 0.0, [0x5000, 0x6000], True, 0, False, 8192, 0)
+    with pytest.raises(ValueError, match="adamw: step counter 0 is a null pointer"):
+        _C.adamw([0x1000], [0x2000], [0x3000], [0x4000], [4], f32, f32, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True,
+                 0.0, [0], True, 0, False, 8192, 0)
+    with pytest.raises(ValueError, match="sgd: momentum_buffers and grads must have the same length"):
+        _C.sgd([0x1000], [0x2000], [0x3000, 0x4000], [4], f32, f32, 0.1, 0, 0.9, 0.0, 0.0, False, False, 0, False,
+               8192, 0)
+    with pytest.raises(ValueError, match="multi_tensor_scale: parameters must be float32, float16 or bfloat16"):
+        _C.multi_tensor_scale([0x1000], [4], cg.float64.index, 0x2000, 8192, 0)
