@@ -41,6 +41,7 @@ FP32_OPS = ("softmax", "log_softmax", "layer_norm", "cross_entropy", "nll_loss",
 _BACKEND_OF_TYPE = {"cpu": CPU, "cuda": CUDA}
 _DEFAULT_DTYPE = {CPU: dt.bfloat16, CUDA: dt.float16}  # torch's defaults per device type
 _LOW = (dt.float16, dt.bfloat16)
+_LOWERABLE = (dt.float16, dt.bfloat16, dt.float32)  # torch: floating, not float64
 
 
 class _Gate:
@@ -158,15 +159,6 @@ def clear_autocast_cache():
     state.cache.clear()
 
 
-def _active_dtype(ts):
-    """(autocast dtype, backend) for the device of the first tensor among ts, or (None, None)."""
-    for t in ts:
-        if isinstance(t, Tensor):
-            backend = t._storage.device.backend
-            return state.dtypes[backend], backend
-    return None, None
-
-
 def _cast_cached(t, dtype):
     # torch caches casts of leaf float32 tensors that require grad (parameters);
     # only while grad mode is on, so a cached copy always carries its autograd edge
@@ -186,21 +178,38 @@ def _cast_cached(t, dtype):
 
 def lower(*ts):
     """ts for a lower-precision op: floating tensors (not float64) on an autocast device cast to its dtype."""
-    dtype, backend = _active_dtype(ts)
+    for t in ts:
+        if isinstance(t, Tensor):
+            backend = t._storage.device.backend
+            break
+    else:
+        return ts
+    dtype = state.dtypes[backend]
     if dtype is None:
         return ts
-    return tuple(_cast_cached(t, dtype) if isinstance(t, Tensor) and t._dtype is not dtype
-                 and t._dtype.is_floating_point and t._dtype is not dt.float64
-                 and t._storage.device.backend == backend else t for t in ts)
+    out = list(ts)
+    for i, t in enumerate(ts):
+        if isinstance(t, Tensor) and t._dtype is not dtype and t._dtype in _LOWERABLE \
+                and t._storage.device.backend == backend:
+            out[i] = _cast_cached(t, dtype)
+    return out
 
 
 def fp32(*ts):
     """ts for a float32 op: float16/bfloat16 tensors on an autocast device cast to float32."""
-    dtype, backend = _active_dtype(ts)
-    if dtype is None:
+    for t in ts:
+        if isinstance(t, Tensor):
+            backend = t._storage.device.backend
+            break
+    else:
         return ts
-    return tuple(to_dtype(t, dt.float32) if isinstance(t, Tensor) and t._dtype in _LOW
-                 and t._storage.device.backend == backend else t for t in ts)
+    if state.dtypes[backend] is None:
+        return ts
+    out = list(ts)
+    for i, t in enumerate(ts):
+        if isinstance(t, Tensor) and t._dtype in _LOW and t._storage.device.backend == backend:
+            out[i] = to_dtype(t, dt.float32)
+    return out
 
 
 def wants_fp32(t):
