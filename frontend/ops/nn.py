@@ -153,9 +153,8 @@ def _nll(input, target, weight, ignore_index, reduction, eps, logp_given, autoca
         raise RuntimeError(f"{opname}: expected target of shape {list(expected)} for input of shape "
                            f"{list(input._shape)}, got {list(target._shape)}")
     if (not logp_given and weight is None and n_classes and input._dtype in _CE_FUSED_DTYPES
-            and target._dtype is not dt.bool_
             and not getattr(_K_CE_ROWS[input._storage.device.backend], "missing", False)):
-        return _fused_cross_entropy(input, target, ignore_index, reduction, eps,
+        return _fused_cross_entropy(input, target, n_classes, ignore_index, reduction, eps,
                                     dt.float32 if autocast_fp32 else input._dtype)
     if autocast_fp32:
         input, weight = _ac_fp32(input, weight)
@@ -239,14 +238,13 @@ def _rows_to_input_shape(d2, shape):
     return S.movedim(S.reshape(d2, (shape[0],) + shape[2:] + (shape[1],)), -1, 1)
 
 
-def _fused_cross_entropy(input, target, ignore_index, reduction, eps, out_dtype):
+def _fused_cross_entropy(input, target, n_classes, ignore_index, reduction, eps, out_dtype):
     if target._storage.device is not input._storage.device:
         raise RuntimeError(f"cross_entropy: Expected all tensors to be on the same device, but found at least two "
                            f"devices, {input.device} and {target.device}!")
     t = S.reshape(target, (-1,))
     if t._storage.device.type == "cpu":
-        _check_targets(t, ignore_index, input._shape[0] if len(input._shape) == 1 else input._shape[1],
-                       "cross_entropy")
+        _check_targets(t, ignore_index, n_classes, "cross_entropy")
     # On a device the targets are not read back (that would be a host sync per
     # step, and illegal under graph capture): an out-of-range target makes
     # the kernel write NaN for its row, so the loss is NaN.
