@@ -186,6 +186,24 @@ def test_gradients_reach_fp32_leaves_and_equal_the_explicit_casts():
         np.testing.assert_array_equal(got, ref)
 
 
+def test_backward_inside_the_region_gives_the_same_gradients():
+    rng = np.random.default_rng(9)
+    inits = [rng.uniform(-1, 1, size=s) for s in [(6, 10), (12, 10), (12,), (5, 12), (5,), (12,)]]
+    target = cutegrad.tensor(rng.integers(0, 5, size=6))
+    grads = []
+    for inside in (False, True):
+        ts = [cutegrad.tensor(v, dtype=dt.float32, requires_grad=True) for v in inits]
+        with cutegrad.autocast("cpu"):
+            loss = _model(*ts, target)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append([vals(t.grad) for t in ts])
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_gradients_match_torch_cpu_autocast():
     """linear and cross_entropy are on torch's CPU lists too, so loss and gradients agree with torch."""
     rng = np.random.default_rng(8)
