@@ -108,6 +108,7 @@ MODES = {
 PAIRS = (("cutegrad-eager-fp32", "torch-eager-fp32"), ("cutegrad-eager-bf16", "torch-eager-bf16"),
          ("cutegrad-graphed-bf16", "torch-cudagraph-bf16"))
 N_BATCHES = 4  # distinct batches uploaded once per workload and cycled through
+MIN_STEPS = 30
 SEED = 0
 LAUNCH_APIS = frozenset({
     "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cudaGraphLaunch",
@@ -151,6 +152,10 @@ def parse_args(argv=None):
     p.add_argument("--host-steps", type=int, default=10, help="steps timed one by one on an idle device")
     p.add_argument("--alloc-steps", type=int, default=5, help="steps with cutegrad's allocator instrumented")
     p.add_argument("--budget-s", type=float, default=450.0, help="no mode starts after this many seconds")
+    p.add_argument("--mode-cap-s", type=float, default=20.0,
+                   help="a mode whose --steps would take longer times fewer steps (never fewer than 30)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the workloads and modes of an existing e2e-<gpu>.json that this run does not measure")
     p.add_argument("--batch-size", action="append", default=[], metavar="WORKLOAD=N",
                    help="override a workload's batch size (recorded in the results)")
     p.add_argument("--out", default=RESULTS, help="folder for e2e-<gpu>.json/.md/.png")
@@ -168,6 +173,8 @@ def parse_args(argv=None):
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if not args.budget_s > 0:
         p.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if not args.mode_cap_s > 0:
+        p.error(f"--mode-cap-s must be > 0, got {args.mode_cap_s}")
     return args
 
 
@@ -449,27 +456,38 @@ def clock_cost_ns(n=20000):
     return round(statistics.median(samples), 1)
 
 
+def timed_steps(args, seconds_per_step):
+    """--steps, or fewer where they would take longer than --mode-cap-s: never fewer than
+    min(30, --steps), the least a median here is published from."""
+    if seconds_per_step * args.steps <= args.mode_cap_s:
+        return args.steps
+    return max(min(MIN_STEPS, args.steps), int(args.mode_cap_s / seconds_per_step))
+
+
 def measure(torch, session, framework, args, sync):
     """All measurements of one ready session; see the module docstring."""
     i = 0
+    sync()
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         session.step(i)
         i += 1
     sync()
+    steps = timed_steps(args, (time.perf_counter() - t0) / max(args.warmup, 1))
 
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     events[0].record()
     t0 = time.perf_counter()
     loss = None
-    for k in range(args.steps):
+    for k in range(steps):
         loss = session.step(i)
         i += 1
         events[k + 1].record()
     events[-1].synchronize()
     wall = time.perf_counter() - t0
     sync()
-    step_ms = [events[k].elapsed_time(events[k + 1]) for k in range(args.steps)]
-    out = {"ms_per_step": summary(step_ms), "wall_ms_mean": round(wall * 1e3 / args.steps, 4),
+    step_ms = [events[k].elapsed_time(events[k + 1]) for k in range(steps)]
+    out = {"ms_per_step": summary(step_ms), "wall_ms_mean": round(wall * 1e3 / steps, 4),
            "loss": session.loss_value(loss)}
 
     host = []
@@ -547,14 +565,15 @@ def run_mode(torch, mode, preset, cpu_model, weights, batches, args):
 
 
 def _release(torch):
+    """Give cached device memory back to the driver between modes, so each mode has the GPU to itself."""
     gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
     try:
         import cutegrad
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         cutegrad.cuda.synchronize()
         cutegrad.cuda.empty_cache()
-    except Exception:  # a poisoned context after a failed mode: the next mode will record its own error
+    except Exception:  # a context broken by a failed mode: the next mode records its own error
         pass
 
 
@@ -578,7 +597,9 @@ def device_info(torch):
     }
 
 
-def run(args):
+def run(args, save=None):
+    """Measure everything args ask for; `save(result)` is called after every mode, so a run cut
+    short still leaves its results so far."""
     import torch
 
     import cutegrad
@@ -595,7 +616,8 @@ def run(args):
               "command": "python -m bench.e2e " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
               "settings": {"steps": args.steps, "warmup": args.warmup, "profile_steps": args.profile_steps,
                            "host_steps": args.host_steps, "alloc_steps": args.alloc_steps,
-                           "budget_s": args.budget_s, "batch_overrides": args.batch_size,
+                           "budget_s": args.budget_s, "mode_cap_s": args.mode_cap_s,
+                           "batch_overrides": args.batch_size,
                            "lr": "constant at the preset's peak", "tf32": False,
                            "allocator_clock_ns_per_call": clock_cost_ns()},
               "modes": {m: dict(zip(("framework", "execution", "precision"), MODES[m])) for m in args.modes},
@@ -634,6 +656,9 @@ def run(args):
                 print(f"          error: {r['error']}", file=sys.stderr)
             entry["modes"][mode] = r
             _release(torch)
+            if save is not None:
+                result["total_s"] = round(time.perf_counter() - t_start, 1)
+                save(result)
         del cpu_model, weights, batches
         _release(torch)
     result["total_s"] = round(time.perf_counter() - t_start, 1)
@@ -697,8 +722,8 @@ def _cell(entry, key="ms_per_step"):
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        return f"{v:.1f}" if key in _COUNTS or abs(v) >= 100 else f"{v:.3f}"
-    return str(v)
+        v = f"{v:.1f}" if key in _COUNTS or abs(v) >= 100 else f"{v:.3f}"
+    return f"{v}*" if "from_run" in entry else str(v)
 
 
 def render_markdown(result):
@@ -751,6 +776,9 @@ def render_markdown(result):
         params = f"{params:,} parameters" if isinstance(params, int) else "parameters unknown"
         note = f"; {w['batch_note']}" if w.get("batch_note") else ""
         lines.append(f"- {name}: batch {w.get('batch_size')}, {params}; data: {w.get('data', '?')}{note}")
+    if result.get("merged_runs"):
+        runs = "; ".join(f"`{r.get('command')}` ({r.get('date')})" for r in result["merged_runs"])
+        lines += ["", f"\\* measured by an earlier run merged into this file (`--merge`): {runs}."]
     if problems:
         lines += ["", "## Errors and skipped modes", ""] + problems
     return "\n".join(lines) + "\n"
@@ -815,6 +843,37 @@ def render(json_path):
     return written
 
 
+def merge(result, previous):
+    """result plus the workloads and modes of `previous` that result lacks (each marked with its run)."""
+    merged = copy.deepcopy(result)
+    origin = {"date": previous.get("date"), "command": previous.get("command")}
+    for name, w in previous.get("workloads", {}).items():
+        mine = merged["workloads"].setdefault(name, {k: v for k, v in w.items() if k != "modes"} | {"modes": {}})
+        for mode, entry in w.get("modes", {}).items():
+            if mode not in mine["modes"]:
+                mine["modes"][mode] = {**entry, "from_run": entry.get("from_run", origin)}
+    for mode, info in previous.get("modes", {}).items():
+        merged.setdefault("modes", {}).setdefault(mode, info)
+    order = list(MODES)
+    merged["modes"] = dict(sorted(merged["modes"].items(),
+                                  key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    merged["merged_runs"] = previous.get("merged_runs", []) + [origin]
+    merged["rows"] = comparison_rows(merged)
+    return merged
+
+
+def write_results(result, out, merge_with=None):
+    """Write the JSON (merged with `merge_with`, a previous result, if given); returns its path."""
+    os.makedirs(out, exist_ok=True)
+    path = result_paths(out, result["device"])[0]
+    data = merge(result, merge_with) if merge_with is not None else {**result, "rows": comparison_rows(result)}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
 def main(argv=None):
     args = parse_args(argv)
     args.argv = argv
@@ -822,11 +881,19 @@ def main(argv=None):
         for p in render(args.render):
             print(f"wrote {p}")
         return 0
-    result = run(args)
-    os.makedirs(args.out, exist_ok=True)
-    json_path = result_paths(args.out, result["device"])[0]
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1)
+    previous = {}
+
+    def save(result):
+        if args.merge and "loaded" not in previous:
+            path = result_paths(args.out, result["device"])[0]
+            previous["loaded"] = None
+            if os.path.exists(path):
+                with open(path) as f:
+                    previous["loaded"] = json.load(f)
+        return write_results(result, args.out, previous.get("loaded"))
+
+    result = run(args, save)
+    json_path = save(result)
     print(f"wrote {json_path}")
     for p in render(json_path):
         print(f"wrote {p}")

@@ -59,6 +59,14 @@ def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_slow_modes_time_fewer_steps_but_never_fewer_than_thirty():
+    a = e2e.parse_args(["--steps", "50", "--mode-cap-s", "20"])
+    assert e2e.timed_steps(a, 0.1) == 50  # 5 s
+    assert e2e.timed_steps(a, 0.5) == 40  # 25 s at 50 steps: 40 fit in 20 s
+    assert e2e.timed_steps(a, 3.0) == 30
+    assert e2e.timed_steps(e2e.parse_args(["--steps", "5", "--mode-cap-s", "1"]), 3.0) == 5  # a smoke run
+
+
 def test_mode_names_start_with_their_framework():
     for mode, (framework, execution, precision) in e2e.MODES.items():
         assert e2e.framework_of(mode) == framework and mode == f"{framework}-{execution}-{precision}"
@@ -292,6 +300,25 @@ def test_render_writes_table_and_chart_from_json_alone(tmp_path, capsys):
     else:
         png = (tmp_path / "e2e-nvidia-h200.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_merge_keeps_what_this_run_did_not_measure(tmp_path):
+    old = synthetic_result()
+    new = synthetic_result()
+    del new["workloads"]["gpt2-small"]
+    new["workloads"]["reverse"]["modes"] = {"torch-compile-bf16": _mode(0.7, alloc=None)}
+    new["date"], new["command"] = "2026-11-22T08:00:00+00:00", "python -m bench.e2e --modes torch-compile-bf16"
+    path = e2e.write_results(new, str(tmp_path), merge_with=old)
+    merged = json.loads(Path(path).read_text())
+    rev = merged["workloads"]["reverse"]["modes"]
+    assert rev["torch-compile-bf16"]["ms_per_step"]["median"] == 0.7 and "from_run" not in rev["torch-compile-bf16"]
+    assert rev["cutegrad-graphed-bf16"]["from_run"] == {"date": old["date"], "command": old["command"]}
+    assert merged["workloads"]["gpt2-small"]["modes"]["cutegrad-eager-bf16"]["from_run"]["date"] == old["date"]
+    assert merged["merged_runs"] == [{"date": old["date"], "command": old["command"]}]
+    best = next(r for r in merged["rows"] if r["name"].startswith("reverse: best"))
+    assert best["baseline_name"] == "torch-compile-bf16" and best["ratio"] == round(0.7 / 0.8, 4)
+    md = Path(e2e.render(path)[0]).read_text()
+    assert "| reverse | 3.000* |" in md and "| 0.700 |" in md and "earlier run merged" in md
 
 
 def test_result_paths_name_the_gpu(tmp_path):
