@@ -374,6 +374,7 @@ def _gpu_skip_reason():
 
 @pytest.mark.gpu
 def test_model_step_matches_torch_autocast_on_gpu():
+    """Three SGD steps of a small classifier, forward under autocast(cuda, bf16), from the same weights."""
     reason = _gpu_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -386,27 +387,38 @@ def test_model_step_matches_torch_autocast_on_gpu():
     target0 = rng.integers(0, n_cls, size=n)
     target0[3] = -100
 
-    def step(lib, P, x, target, autocast, linear, gelu, layer_norm, ce):
-        with autocast:
-            h = gelu(linear(x, P["w1"], P["b1"]))
-            h = layer_norm(h, (d_hid,), P["g"], P["beta"])
-            logits = linear(h, P["w2"], P["b2"])
-            loss = ce(logits, target, label_smoothing=0.1)
-        loss.backward()
-        return loss, logits
+    def steps(P, x, target, autocast, no_grad, linear, gelu, layer_norm, ce):
+        losses, grads = [], []
+        for _ in range(3):
+            with autocast:
+                h = gelu(linear(x, P["w1"], P["b1"]))
+                h = layer_norm(h, (d_hid,), P["g"], P["beta"])
+                logits = linear(h, P["w2"], P["b2"])
+                loss = ce(logits, target, label_smoothing=0.1)
+            loss.backward()
+            losses.append(loss)
+            grads.append({k: p.grad for k, p in P.items()})
+            with no_grad():
+                for p in P.values():
+                    p.sub_(p.grad * 0.5)
+                    p.grad = None
+        return losses, grads, logits
 
     cp = {k: cutegrad.tensor(v, dtype=dt.float32, device="cuda", requires_grad=True) for k, v in inits.items()}
-    closs, clogits = step(cutegrad, cp, cutegrad.tensor(x0, dtype=dt.float32, device="cuda"),
-                          cutegrad.tensor(target0, device="cuda"), cutegrad.autocast("cuda", dtype=dt.bfloat16),
-                          F.linear, F.gelu, F.layer_norm, F.cross_entropy)
+    closses, cgrads, clogits = steps(
+        cp, cutegrad.tensor(x0, dtype=dt.float32, device="cuda"), cutegrad.tensor(target0, device="cuda"),
+        cutegrad.autocast("cuda", dtype=dt.bfloat16), cutegrad.no_grad, F.linear, F.gelu, F.layer_norm,
+        F.cross_entropy)
     tp = {k: torch.tensor(v, dtype=torch.float32, device="cuda", requires_grad=True) for k, v in inits.items()}
-    tloss, tlogits = step(torch, tp, torch.tensor(x0, dtype=torch.float32, device="cuda"),
-                          torch.tensor(target0, device="cuda"), torch.autocast("cuda", dtype=torch.bfloat16),
-                          TF.linear, TF.gelu, TF.layer_norm, TF.cross_entropy)
+    tlosses, tgrads, tlogits = steps(
+        tp, torch.tensor(x0, dtype=torch.float32, device="cuda"), torch.tensor(target0, device="cuda"),
+        torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad, TF.linear, TF.gelu, TF.layer_norm,
+        TF.cross_entropy)
     assert clogits.dtype is dt.bfloat16 and tlogits.dtype == torch.bfloat16
-    assert same_dtype(closs, tloss)
-    np.testing.assert_allclose(vals(closs), vals(tloss), rtol=2e-2)
-    for k in inits:
-        assert cp[k].grad.dtype is dt.float32
-        r = vals(tp[k].grad)
-        np.testing.assert_allclose(vals(cp[k].grad), r, atol=5e-2 * np.abs(r).max(), err_msg=k)
+    for step, (cl, tl, cg, tg) in enumerate(zip(closses, tlosses, cgrads, tgrads)):
+        assert same_dtype(cl, tl)
+        np.testing.assert_allclose(vals(cl), vals(tl), rtol=2e-2, err_msg=f"step {step}")
+        for k in inits:
+            assert cg[k].dtype is dt.float32
+            r = vals(tg[k])
+            np.testing.assert_allclose(vals(cg[k]), r, atol=5e-2 * np.abs(r).max(), err_msg=f"step {step} {k}")
