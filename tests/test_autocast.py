@@ -400,7 +400,7 @@ def test_model_step_matches_torch_autocast_on_gpu():
             grads.append({k: p.grad for k, p in P.items()})
             with no_grad():
                 for p in P.values():
-                    p.sub_(p.grad * 0.5)
+                    p.sub_(p.grad * 0.2)
                     p.grad = None
         return losses, grads, logits
 
