@@ -332,6 +332,20 @@ def test_parameter_casts_are_cached_within_a_region():
     np.testing.assert_array_equal(vals(lin.bias.grad), vals(ref.bias.grad))
 
 
+def test_cached_casts_serve_several_backward_passes():
+    """Gradient accumulation inside one region: each backward frees its graph, the cached cast stays usable."""
+    lin = cutegrad.nn.Linear(4, 3)
+    x = cutegrad.randn(2, 4)
+    with cutegrad.autocast("cpu"):
+        for _ in range(3):
+            lin(x).sum().backward()
+    accumulated = vals(lin.weight.grad)
+    lin.weight.grad = None
+    with cutegrad.autocast("cpu"):
+        lin(x).sum().backward()
+    np.testing.assert_array_equal(accumulated, 3 * vals(lin.weight.grad))
+
+
 def test_cache_sees_in_place_updates_and_skips_no_grad():
     w = cutegrad.randn(3, 4, requires_grad=True)
     x = cutegrad.randn(2, 4)
