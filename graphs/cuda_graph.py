@@ -21,6 +21,11 @@ stream, the allocator and this CUDAGraph are usable again.
 
 Random numbers: the capture collects one `GraphRngState` per generator used,
 and `replay` writes each one's seed and base offset before launching (rng.py).
+Those 16-byte buffers come from `_RngSlots`, a per-device slab outside every
+memory pool, never from the graph's pool: the writes happen before the launch,
+so a buffer must not share memory with anything the graph itself writes, and a
+pool block taken mid-capture may be one that earlier captured kernels use as
+scratch (the graph would then overwrite its own seed and offset).
 """
 import threading
 
@@ -49,6 +54,46 @@ def graph_pool_handle(device=None):
     return _allocator(current_device() if device is None else device).new_pool_id()
 
 
+class _RngSlots:
+    """16-byte (seed, base offset) buffers for captured graphs, carved from slabs
+    allocated outside any capture and never freed (a slab is 64 KiB)."""
+
+    SLOT, PER_SLAB, SPARE = 16, 4096, 8
+
+    def __init__(self, device):
+        self.device = device
+        self.free = []
+        self.slabs = []  # allocator Blocks, live for the process
+
+    def ensure_spare(self, stream_handle):
+        """Called before a capture begins, when taking memory from the allocator is still legal."""
+        if len(self.free) < self.SPARE:
+            slab = _allocator(self.device).malloc(self.SLOT * self.PER_SLAB, stream_handle)
+            self.slabs.append(slab)
+            self.free.extend(slab.ptr + self.SLOT * i for i in range(self.PER_SLAB - 1, -1, -1))
+
+    def take(self):
+        if not self.free:
+            raise RuntimeError(f"a capture on cuda:{self.device} draws from more random generators than "
+                               f"the {self.SPARE} reserved for it; use fewer generators in one graph")
+        return self.free.pop()
+
+    def give(self, ptr):
+        self.free.append(ptr)
+
+
+_rng_slots = {}
+_rng_slots_lock = threading.Lock()
+
+
+def _slots(device):
+    slots = _rng_slots.get(device)
+    if slots is None:
+        with _rng_slots_lock:
+            slots = _rng_slots.setdefault(device, _RngSlots(device))
+    return slots
+
+
 class _Capture:
     """The state of one capture underway, as capture_guard sees it."""
 
@@ -62,16 +107,14 @@ class _Capture:
         self.stream_handle = stream.handle
         self.pool_id = pool_id
         self.rng = {}  # Generator -> GraphRngState
-        self.rng_blocks = []  # their device buffers, allocator Blocks from the pool
+        self.rng_blocks = []  # their buffers: _RngSlots addresses, kept by the graph
 
     def rng_state(self, generator):
         st = self.rng.get(generator)
         if st is None:
-            # Allocated on the capturing stream, hence from the graph's pool, and
-            # kept by the graph: the captured kernels hold its address.
-            block = _allocator(self.device).malloc(16, self.stream_handle)
-            self.rng_blocks.append(block)
-            st = self.rng[generator] = GraphRngState(generator, block.ptr)
+            ptr = _slots(self.device).take()
+            self.rng_blocks.append(ptr)
+            st = self.rng[generator] = GraphRngState(generator, ptr)
         return st
 
     def abort(self, reason):
@@ -113,6 +156,7 @@ class CUDAGraph:
         if capture_guard.capture_of_stream(s.device, s.handle) is not None:
             raise RuntimeError(f"capture_begin: {s!r} is already being captured")
         alloc = _allocator(s.device)
+        _slots(s.device).ensure_spare(s.handle)
         pool_id = alloc.new_pool_id() if pool is None else pool
         alloc.begin_allocate_to_pool(pool_id, s.handle)
         cap = _Capture(self, s, pool_id)
@@ -182,10 +226,9 @@ class CUDAGraph:
         self._discarded = reason
 
     def _release_capture_resources(self, cap):
-        alloc = _allocator(cap.device)
-        for block in cap.rng_blocks:
-            alloc.free(block)
-        alloc.release_pool(cap.pool_id)
+        for ptr in cap.rng_blocks:
+            _slots(cap.device).give(ptr)
+        _allocator(cap.device).release_pool(cap.pool_id)
         self._pool_id = None
 
     # ------------------------------------------------------------------ replay
@@ -224,10 +267,9 @@ class CUDAGraph:
             _drv.call("cuGraphDestroy", self._graph)
             self._graph = None
         if self._pool_id is not None:
-            alloc = _allocator(self._device)
-            for block in self._rng_blocks:
-                alloc.free(block)
-            alloc.release_pool(self._pool_id)
+            for ptr in self._rng_blocks:
+                _slots(self._device).give(ptr)
+            _allocator(self._device).release_pool(self._pool_id)
             self._pool_id = None
         self._rng = self._rng_blocks = ()
         self._last_stream = None
