@@ -1,6 +1,6 @@
 """CUDA tensors on a real GPU: creation by memset, host<->device and
-device<->device copies, DLPack with PyTorch without copies (same pointer, both
-directions, stream-ordered), record_stream, OOM through the allocator, and
+device<->device copies, DLPack with PyTorch and CuPy without copies (same
+pointer, both directions, stream-ordered), record_stream, OOM through the allocator, and
 tensor copies captured into a graph and replayed 1,000 times."""
 import numpy as np
 import pytest
@@ -115,6 +115,30 @@ def test_dlpack_with_torch_shares_memory_both_ways():
         u = cutegrad.full((1 << 22,), 3.0, device="cuda")
         tu = torch.from_dlpack(u)
     assert float(tu.sum()) == 3.0 * (1 << 22)
+
+
+def test_dlpack_with_cupy_shares_memory_both_ways():
+    cp = pytest.importorskip("cupy")
+    t = cutegrad.tensor(np.arange(15, dtype=np.float32).reshape(3, 5), device="cuda")
+    c = cp.from_dlpack(t)
+    assert c.data.ptr == t.data_ptr() and c.shape == (3, 5) and c.dtype == np.float32
+    c *= 3  # on CuPy's current stream (the legacy default stream), which cutegrad's reads follow
+    cp.cuda.Device().synchronize()
+    np.testing.assert_array_equal(t.cpu().numpy(), np.arange(15, dtype=np.float32).reshape(3, 5) * 3)
+
+    src = cp.arange(24, dtype=cp.int64).reshape(4, 6)[:, ::2]   # strided: element strides (6, 2)
+    back = cutegrad.from_dlpack(src)
+    assert back.data_ptr() == src.data.ptr and tuple(back.shape) == (4, 3) and back.stride() == (6, 2)
+    np.testing.assert_array_equal(back.cpu().numpy(), cp.asnumpy(src))
+    back.add_(100)  # cutegrad writes, CuPy sees it
+    cutegrad.cuda.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(src), np.arange(24).reshape(4, 6)[:, ::2] + 100)
+    # Export on a side stream: CuPy's stream waits for cutegrad's work before reading.
+    s = cuda.Stream()
+    with s:
+        u = cutegrad.full((1 << 22,), 2.0, device="cuda")
+        cu = cp.from_dlpack(u)
+    assert float(cu.sum()) == 2.0 * (1 << 22)
 
 
 def test_record_stream_holds_the_block_until_the_other_stream_is_done():
