@@ -33,8 +33,8 @@ def pair(rng, shape, dtype=dt.float32, requires_grad=False):
 
 def vals(x):
     if isinstance(x, cutegrad.Tensor):
-        return x.detach().to(dt.float64).numpy()
-    return x.detach().to(torch.float64).numpy()
+        return x.detach().cpu().to(dt.float64).numpy()
+    return x.detach().cpu().to(torch.float64).numpy()
 
 
 def same_dtype(c, t):
