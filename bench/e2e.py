@@ -259,7 +259,10 @@ def workload_batches(name, preset, n, seed=SEED):
                     f"procedural {cfg.image_size}x{cfg.image_size}x{cfg.in_channels} images "
                     "(cutegrad.data.SyntheticImages)")
         corpus = D.resolve_corpus(download=False, log=lambda m: None)
-        tok = D.BPETokenizer.train_cached(corpus.text, 4096)
+        try:
+            tok = D.BPETokenizer.train_cached(corpus.text, 4096)
+        except OSError:  # an unwritable cache folder: train without keeping the result
+            tok = D.BPETokenizer.train(corpus.text, 4096)
         tokens = np.asarray(tok.encode(corpus.text), dtype=np.int64)
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"BPE vocabulary {tok.vocab_size} exceeds the model's {cfg.vocab_size}")
@@ -606,6 +609,10 @@ def run(args, save=None):
     from bench.torch_models import cutegrad_weights
     from cutegrad import train as T
 
+    if not (torch.cuda.is_available() and cutegrad.cuda.is_available()):
+        raise SystemExit("bench.e2e measures on a CUDA GPU: torch.cuda.is_available() is "
+                         f"{torch.cuda.is_available()}, cutegrad.cuda.is_available() is {cutegrad.cuda.is_available()} "
+                         "(--render JSON works without one)")
     torch.cuda.init()
     torch.empty(1, device="cuda")  # PyTorch creates the primary context; cutegrad shares it
     torch.backends.cuda.matmul.allow_tf32 = False

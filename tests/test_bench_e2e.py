@@ -67,6 +67,16 @@ def test_slow_modes_time_fewer_steps_but_never_fewer_than_thirty():
     assert e2e.timed_steps(e2e.parse_args(["--steps", "5", "--mode-cap-s", "1"]), 3.0) == 5  # a smoke run
 
 
+def test_without_a_gpu_the_measurement_says_so(tmp_path):
+    torch = pytest.importorskip("torch")
+    import cutegrad
+    if torch.cuda.is_available() and cutegrad.cuda.is_available():
+        pytest.skip("a GPU is here: this would run the benchmark")
+    with pytest.raises(SystemExit, match="measures on a CUDA GPU"):
+        e2e.main(["--workloads", "reverse", "--steps", "5", "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mode_names_start_with_their_framework():
     for mode, (framework, execution, precision) in e2e.MODES.items():
         assert e2e.framework_of(mode) == framework and mode == f"{framework}-{execution}-{precision}"
