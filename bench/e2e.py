@@ -70,7 +70,10 @@ Measurements per (workload, mode):
 
 Each (workload, mode) runs in its own try/except: an error is recorded in the
 JSON as a string and the run goes on. `--budget-s` bounds the whole run:
-a mode that would start after it is recorded as skipped.
+a mode that would start after it is recorded as skipped; within a workload the
+modes run in RUN_ORDER, the telling comparisons (bf16 graphed and eager) first.
+A mode whose steps are slow (from its warm-up) times fewer steps, down to 30
+(`--mode-cap-s`), and fewer side steps (host, profiler, allocator), down to 1.
 
 Output: bench/results/e2e-<gpu>.json (DESIGN.md's schema: device, driver,
 versions, date, command, rows; the full per-mode data under "workloads"),
@@ -104,6 +107,10 @@ MODES = {
     "torch-compile-bf16": ("torch", "compile", "bf16"),
     "torch-cudagraph-bf16": ("torch", "cudagraph", "bf16"),
 }
+# The order modes run in: the comparisons that matter most first, so a run that meets --budget-s
+# loses the least telling ones (tables keep the MODES order).
+RUN_ORDER = ("cutegrad-graphed-bf16", "torch-cudagraph-bf16", "cutegrad-eager-bf16", "torch-eager-bf16",
+             "torch-compile-bf16", "cutegrad-eager-fp32", "torch-eager-fp32", "cutegrad-graphed-fp32")
 # Pairs compared in the results' "rows" (cutegrad mode, PyTorch mode), besides best against best.
 PAIRS = (("cutegrad-eager-fp32", "torch-eager-fp32"), ("cutegrad-eager-bf16", "torch-eager-bf16"),
          ("cutegrad-graphed-bf16", "torch-cudagraph-bf16"))
@@ -467,6 +474,12 @@ def timed_steps(args, seconds_per_step):
     return max(min(MIN_STEPS, args.steps), int(args.mode_cap_s / seconds_per_step))
 
 
+def side_steps(requested, args, seconds_per_step):
+    """Steps for one of the side measurements (host time, profile, allocator): as requested, or
+    as many as fit in a quarter of --mode-cap-s, at least 1."""
+    return min(requested, max(1, int(args.mode_cap_s / 4 / max(seconds_per_step, 1e-9))))
+
+
 def measure(torch, session, framework, args, sync):
     """All measurements of one ready session; see the module docstring."""
     i = 0
@@ -476,7 +489,10 @@ def measure(torch, session, framework, args, sync):
         session.step(i)
         i += 1
     sync()
-    steps = timed_steps(args, (time.perf_counter() - t0) / max(args.warmup, 1))
+    per_step = (time.perf_counter() - t0) / max(args.warmup, 1)
+    steps = timed_steps(args, per_step)
+    host_steps, profile_steps, alloc_steps = (side_steps(n, args, per_step) for n in
+                                              (args.host_steps, args.profile_steps, args.alloc_steps))
 
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     events[0].record()
@@ -494,7 +510,7 @@ def measure(torch, session, framework, args, sync):
            "loss": session.loss_value(loss)}
 
     host = []
-    for _ in range(args.host_steps):
+    for _ in range(host_steps):
         sync()
         t = time.perf_counter_ns()
         session.step(i)
@@ -507,7 +523,7 @@ def measure(torch, session, framework, args, sync):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         with record_function(WINDOW):
-            for _ in range(args.profile_steps):
+            for _ in range(profile_steps):
                 session.step(i)
                 i += 1
             sync()
@@ -515,28 +531,29 @@ def measure(torch, session, framework, args, sync):
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            out.update(kernel_stats(json.load(f), args.profile_steps))
+            out.update(kernel_stats(json.load(f), profile_steps))
 
     if framework == "cutegrad":
         from cutegrad.allocator import get_allocator
         with AllocatorClock(get_allocator(torch.cuda.current_device())) as clock:
-            for _ in range(args.alloc_steps):
+            for _ in range(alloc_steps):
                 session.step(i)
                 i += 1
             sync()
-        out["allocator_ms_per_step"] = round(clock.ns / 1e6 / args.alloc_steps, 4)
-        out["allocs_per_step"] = round(clock.mallocs / args.alloc_steps, 2)
-        out["frees_per_step"] = round(clock.frees / args.alloc_steps, 2)
+        out["allocator_steps"] = alloc_steps
+        out["allocator_ms_per_step"] = round(clock.ns / 1e6 / alloc_steps, 4)
+        out["allocs_per_step"] = round(clock.mallocs / alloc_steps, 2)
+        out["frees_per_step"] = round(clock.frees / alloc_steps, 2)
         out["allocator_note"] = "perf_counter_ns around cutegrad's CachingAllocator.malloc/free"
     else:
         before = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
-        for _ in range(args.alloc_steps):
+        for _ in range(alloc_steps):
             session.step(i)
             i += 1
         sync()
         after = torch.cuda.memory_stats().get("allocation.all.allocated", 0)
         out["allocator_ms_per_step"] = None
-        out["allocs_per_step"] = round((after - before) / args.alloc_steps, 2)
+        out["allocs_per_step"] = round((after - before) / alloc_steps, 2)
         out["allocator_note"] = ("n/a: PyTorch's CUDA caching allocator is C++ and exposes no timing; "
                                  "allocs_per_step from torch.cuda.memory_stats()")
     out["steps_run"] = i
@@ -647,7 +664,7 @@ def run(args, save=None):
         except Exception as e:
             entry["error"] = f"setup: {type(e).__name__}: {e}"
             continue
-        for mode in args.modes:
+        for mode in sorted(args.modes, key=RUN_ORDER.index):
             elapsed = time.perf_counter() - t_start
             if elapsed > args.budget_s:
                 entry["modes"][mode] = {"skipped": f"time budget: {elapsed:.0f} s > --budget-s {args.budget_s:.0f}"}

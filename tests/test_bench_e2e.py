@@ -77,6 +77,19 @@ def test_without_a_gpu_the_measurement_says_so(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_side_measurements_shrink_for_slow_steps():
+    a = e2e.parse_args(["--mode-cap-s", "20"])
+    assert e2e.side_steps(10, a, 0.01) == 10
+    assert e2e.side_steps(10, a, 1.0) == 5  # a quarter of 20 s
+    assert e2e.side_steps(3, a, 30.0) == 1
+
+
+def test_every_mode_runs_in_a_set_order():
+    assert sorted(e2e.RUN_ORDER) == sorted(e2e.MODES)
+    for a, b in e2e.PAIRS:
+        assert a in e2e.MODES and b in e2e.MODES
+
+
 def test_mode_names_start_with_their_framework():
     for mode, (framework, execution, precision) in e2e.MODES.items():
         assert e2e.framework_of(mode) == framework and mode == f"{framework}-{execution}-{precision}"
