@@ -723,10 +723,10 @@ def comparison_rows(result):
     return rows
 
 
-def result_paths(out, device):
+def result_path(out, device):
+    """out/e2e-<gpu>.json, the GPU named as bench.allocator names it (nvidia-h200, ...)."""
     from bench.allocator import gpu_slug
-    base = os.path.join(out, f"e2e-{gpu_slug(device)}")
-    return base + ".json", base + ".md", base + ".png"
+    return os.path.join(out, f"e2e-{gpu_slug(device)}.json")
 
 
 _COUNTS = ("kernels_per_step", "launch_calls_per_step", "allocs_per_step")
@@ -889,7 +889,7 @@ def merge(result, previous):
 def write_results(result, out, merge_with=None):
     """Write the JSON (merged with `merge_with`, a previous result, if given); returns its path."""
     os.makedirs(out, exist_ok=True)
-    path = result_paths(out, result["device"])[0]
+    path = result_path(out, result["device"])
     data = merge(result, merge_with) if merge_with is not None else {**result, "rows": comparison_rows(result)}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -909,7 +909,7 @@ def main(argv=None):
 
     def save(result):
         if args.merge and "loaded" not in previous:
-            path = result_paths(args.out, result["device"])[0]
+            path = result_path(args.out, result["device"])
             previous["loaded"] = None
             if os.path.exists(path):
                 with open(path) as f:

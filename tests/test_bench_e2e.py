@@ -317,7 +317,7 @@ def test_render_writes_table_and_chart_from_json_alone(tmp_path, capsys):
     assert "| reverse | torch-eager-fp32 | 4.000 | 2.000 | 100 | 100 | 1.000 | n/a | 40.0 | 2.5000 |" in md
     assert "| reverse | cutegrad-graphed-bf16 | 0.800 | 0.400 | 100 | 100 | 1.000 | 0.200 | 40.0 | 2.5000 |" in md
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (only whether it is there matters)
     except ImportError:
         assert not (tmp_path / "e2e-nvidia-h200.png").exists()
     else:
@@ -344,6 +344,6 @@ def test_merge_keeps_what_this_run_did_not_measure(tmp_path):
     assert "| reverse | 3.000* |" in md and "| 0.700 |" in md and "earlier run merged" in md
 
 
-def test_result_paths_name_the_gpu(tmp_path):
-    j, m, p = e2e.result_paths(str(tmp_path), "NVIDIA H200")
-    assert j.endswith("e2e-nvidia-h200.json") and m.endswith(".md") and p.endswith(".png")
+def test_result_path_names_the_gpu(tmp_path):
+    assert e2e.result_path(str(tmp_path), "NVIDIA H200") == str(tmp_path / "e2e-nvidia-h200.json")
+    assert e2e.result_path("r", "NVIDIA H100 80GB HBM3").endswith("e2e-nvidia-h100-80gb-hbm3.json")
