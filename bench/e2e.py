@@ -338,7 +338,8 @@ def cutegrad_session(cpu_model, preset, batches, execution, precision, warmup_gr
             state["graph"].reset()
         state.clear()
 
-    notes = "cutegrad.train.make_step" + (f"; graphed(step, warmup={warmup_graph})" if execution == "graphed" else "")
+    notes = (f"cutegrad.train.make_step; {type(opt).__name__} (fused multi-tensor kernel where eligible)" +
+             (f"; graphed(step, warmup={warmup_graph})" if execution == "graphed" else ""))
     return Session(step, loss_value, close, first, notes)
 
 
