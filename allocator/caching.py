@@ -26,9 +26,15 @@ Design (after PyTorch's CUDACachingAllocator; see docs/allocator.md):
 Hot path: with no capture underway and no outstanding events, ``free`` files a
 block under its exact size without coalescing it (state QUICK) and ``malloc``
 first looks there: an alloc+free pair of a size in use is then a few dict and
-list operations. Any request that misses coalesces all such blocks first, so
-best fit, splitting and releasing always see the fully coalesced state, the
-same as coalescing at every free would give.
+list operations. A request that misses takes best fit over the coalesced free
+lists and the deferred blocks together (a deferred block that fits better is
+coalesced alone and best fit runs again); only when nothing fits are all
+deferred blocks coalesced and best fit retried, before a new segment is taken
+from the driver. So best fit sees every free block, the allocator never grows
+while coalescing could have served the request, and releasing always sees
+the fully coalesced state. (Coalescing on every miss
+was measured on an H200: a training step misses often, the flush then emptied
+the fast lists, and about 70% of allocations took the slow path.)
 """
 
 from __future__ import annotations
@@ -517,14 +523,39 @@ class CachingAllocator:
         del fl.blocks[key]
         return block
 
+    def _quick_better_fit(self, pool, stream, size, candidate):
+        """The smallest deferred (QUICK) block of `stream` in `pool` that fits `size` and is
+        smaller than best fit's `candidate`, taken off its fast list; None if there is none."""
+        sizes = pool.quick.get(stream)
+        if not sizes:
+            return None
+        limit = candidate.size if candidate is not None else None
+        best = None
+        for s, blocks in sizes.items():
+            if blocks and s >= size and (limit is None or s < limit) and (best is None or s < best):
+                best = s
+        if best is None:
+            return None
+        self._n_quick -= 1
+        return sizes[best].pop()
+
     def _malloc_general(self, nbytes, stream):
-        if self._n_quick:
-            self._flush_quick()
         if not self._captures and (self._events or self._deferred):
             self._process_events()
         size = self.round_size(nbytes)
         pool = self._pool_for(size, stream)
         block = self._get_free_block(pool, stream, size)
+        if self._n_quick:
+            quick = self._quick_better_fit(pool, stream, size, block)
+            if quick is not None:
+                # Coalesce just that block and let best fit choose again.
+                if block is not None:
+                    pool.free[stream].add(block)
+                self._insert_free(quick)
+                block = self._get_free_block(pool, stream, size)
+            if block is None:
+                self._flush_quick()
+                block = self._get_free_block(pool, stream, size)
         if block is None:
             block = self._alloc_new_segment(pool, stream, size, nbytes)
         return self._take(block, pool, stream, size, nbytes)
