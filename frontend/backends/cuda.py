@@ -7,12 +7,17 @@ spec: half types compute in fp32 and round once) and overrides `copy_` for
 device-to-device copies so casts, broadcasts and strided destinations run
 on the GPU instead of through the host.
 
+Index kernels (gather, index_select, scatter_add, index_add, one_hot) get
+the device's error record (cutegrad.cuda.index_errors): an out-of-range
+index is skipped on the device and raised as IndexError at the host's next
+wait for the device, so no index tensor is read back before a launch.
+
 Each kernel allocates its output from the caching allocator on the device's
 current stream and calls one `cutegrad._C` entry point with raw pointers,
 shapes and strides (kernels/cuda/ops_bindings.cpp validates them and launches
 on that stream). Nothing here synchronises, except what needs values on the
-host: advanced indexing keys (index/index_put_), as the frontend's bounds
-check already does, and randperm.
+host: advanced indexing keys (index/index_put_, whose element offsets are
+computed and bounds-checked on the host), and randperm.
 
 Importing this module touches neither the driver nor `cutegrad._C`; both are
 reached on the first CUDA op. The design of the kernels is in docs/cuda_ops.md.
@@ -28,6 +33,7 @@ from ..ops.broadcast import broadcast_shapes
 from ..cuda import tensors as _cuda_tensors  # registers empty/full/from_numpy/to_device/copy_ for CUDA
 from ..cuda import streams as _streams
 from ..cuda import driver as _driver
+from ..cuda import index_errors as _index_errors
 
 # compute types and kernel families of kernels/cuda/ops_args.h
 _F32, _F64, _I64 = 0, 1, 2
@@ -541,7 +547,8 @@ def gather(x, dim, index):
     else:
         shape, istr, xstr, ostr, d = index._shape, index._strides, x._strides, out._strides, dim
     _lib().gather(shape, d, (x._shape or (1,))[d], _ptr(index), index._dtype.index, istr, _ptr(x),
-                  x._dtype.index, xstr, _ptr(out), x._dtype.index, ostr, stream)
+                  x._dtype.index, xstr, _ptr(out), x._dtype.index, ostr, stream,
+                  _index_errors.record_pointer(dev.index), _index_errors.GATHER, d)
     return out
 
 
@@ -557,7 +564,8 @@ def index_select(x, dim, index):
     istride = index._strides[0] if index._shape else 0
     istr = tuple(istride if d == dim else 0 for d in range(len(it_shape)))
     _lib().gather(it_shape, dim, x._shape[dim], _ptr(index), index._dtype.index, istr, _ptr(x), x._dtype.index,
-                  x._strides, _ptr(out), x._dtype.index, contiguous_strides(it_shape), stream)
+                  x._strides, _ptr(out), x._dtype.index, contiguous_strides(it_shape), stream,
+                  _index_errors.record_pointer(dev.index), _index_errors.INDEX_SELECT, dim)
     return out
 
 
@@ -579,14 +587,15 @@ def scatter_add(base, dim, index, src):
     stream = _stream(dev.index)
     index = _on(dev, index, stream)
     out = _accumulator(base, stream)
+    err = _index_errors.record_pointer(dev.index)
     if index._shape:
         _lib().scatter(index._shape, dim, out._shape[dim], _ptr(index), index._dtype.index, index._strides,
                        _ptr(src), src._dtype.index, src._strides[:len(index._shape)], None, _ptr(out),
-                       out._dtype.index, out._strides, True, stream)
+                       out._dtype.index, out._strides, True, stream, err, _index_errors.SCATTER_ADD, dim)
     else:
         _lib().scatter((1,), 0, (out._shape or (1,))[0], _ptr(index), index._dtype.index, (0,), _ptr(src),
                        src._dtype.index, (0,), None, _ptr(out), out._dtype.index, (out._strides or (1,))[:1], True,
-                       stream)
+                       stream, err, _index_errors.SCATTER_ADD, 0)
     return _finish_accumulator(out, base._dtype, stream)
 
 
@@ -599,6 +608,7 @@ def index_add(base, dim, index, src):
     stream = _stream(dev.index)
     index = _on(dev, index, stream)
     out = _accumulator(base, stream)
+    err = _index_errors.record_pointer(dev.index)
     n = numel_of(index._shape)
     if dim == 0 and out._dtype.is_floating_point and 0 < n <= _DETERMINISTIC_ROWS_MAX and base._shape:
         # embedding backward: a fixed summation order, the same bits every run
@@ -607,12 +617,14 @@ def index_add(base, dim, index, src):
         perm = _empty((n,), dt.int64, dev, stream)
         sorted_idx = _empty((n,), dt.int64, dev, stream)
         _lib().index_add_rows(_ptr(out), out._dtype.index, _ptr(s), _ptr(idx), n, out._shape[0],
-                              numel_of(out._shape[1:]), _ptr(perm), _ptr(sorted_idx), stream)
+                              numel_of(out._shape[1:]), _ptr(perm), _ptr(sorted_idx), stream, err,
+                              _index_errors.INDEX_ADD)
         return _finish_accumulator(out, base._dtype, stream)
     istride = index._strides[0] if index._shape else 0
     istr = tuple(istride if d == dim else 0 for d in range(len(src._shape)))
     _lib().scatter(src._shape, dim, out._shape[dim], _ptr(index), index._dtype.index, istr, _ptr(src),
-                   src._dtype.index, src._strides, None, _ptr(out), out._dtype.index, out._strides, True, stream)
+                   src._dtype.index, src._strides, None, _ptr(out), out._dtype.index, out._strides, True, stream,
+                   err, _index_errors.INDEX_ADD, dim)
     return _finish_accumulator(out, base._dtype, stream)
 
 
@@ -716,7 +728,8 @@ def one_hot(index, num_classes):
         _fill(out, 0, stream)
         _lib().scatter(index._shape + (1,), len(index._shape), num_classes, _ptr(index), index._dtype.index,
                        index._strides + (0,), 0, _SCALAR, _NO_STRIDES, 1, _ptr(out), dt.int64.index, out._strides,
-                       False, stream)
+                       False, stream, _index_errors.record_pointer(dev.index), _index_errors.ONE_HOT,
+                       len(index._shape))
     return out
 
 

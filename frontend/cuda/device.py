@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass
 
 from . import driver as _drv
+from . import index_errors as _index_errors
 from .capture_guard import _check_not_capturing
 
 _tls = threading.local()
@@ -90,11 +91,16 @@ class device:
 
 
 def synchronize(dev=None):
-    """Wait on the host until all work on `dev` (default: current device) is done."""
+    """Wait on the host until all work on `dev` (default: current device) is done.
+
+    Raises the IndexError a kernel recorded on the device since the last check
+    (see index_errors).
+    """
     _check_not_capturing("cutegrad.cuda.synchronize()")
     idx = device_index(dev)
     _drv.activate(idx)
     _drv.call("cuCtxSynchronize")
+    _index_errors.raise_pending(idx)
 
 
 @dataclass(frozen=True)

@@ -210,6 +210,9 @@ def activate(index):
     if getattr(_tls, "ctx_device", None) != index:
         call("cuCtxSetCurrent", primary_context(index))
         _tls.ctx_device = index
+        from . import index_errors  # a device's error record exists from its first use, never made mid-capture
+        if index not in index_errors._records:
+            index_errors._allocate(index)
 
 
 def forget_active_context():

@@ -6,6 +6,7 @@ stream it is recorded on, so an Event() can be made before knowing the device
 timing is opt-in.
 """
 from . import driver as _drv
+from . import index_errors as _index_errors
 from .capture_guard import _check_not_capturing
 
 
@@ -73,10 +74,15 @@ class Event:
         raise _drv.error("cuEventQuery", status)
 
     def synchronize(self):
-        """Wait on the host until the work before the last record has completed."""
+        """Wait on the host until the work before the last record has completed.
+
+        Raises the IndexError a kernel recorded on the event's device since the
+        last check (see index_errors).
+        """
         _check_not_capturing("Event.synchronize()")
         if self._cu is not None:
             _drv.call("cuEventSynchronize", self._cu)
+            _index_errors.raise_pending(self.device)
 
     def elapsed_time(self, end):
         """Milliseconds between this event's record and `end`'s; waits for both."""

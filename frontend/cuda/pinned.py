@@ -56,8 +56,9 @@ def empty_pinned_cache():
         entries = [e for lst in _free.values() for e in lst]
         _free.clear()
     for ptr, event in entries:
-        if event is not None:
-            event.synchronize()
+        if event is not None and event._cu is not None:
+            # the raw wait: an index error pending on the device must not stop the freeing
+            _drv.call("cuEventSynchronize", event._cu)
         _drv.call("cuMemFreeHost", ptr)
 
 

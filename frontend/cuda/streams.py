@@ -13,6 +13,7 @@ thread-local storage, so one Stream object can be entered in several threads.
 import threading
 
 from . import driver as _drv
+from . import index_errors as _index_errors
 from .capture_guard import _check_not_capturing
 from .device import _make_current, current_device, device_index
 
@@ -88,9 +89,14 @@ class Stream:
         raise _drv.error("cuStreamQuery", status)
 
     def synchronize(self):
-        """Wait on the host until all work queued on this stream has completed."""
+        """Wait on the host until all work queued on this stream has completed.
+
+        Raises the IndexError a kernel recorded on this stream's device since
+        the last check (see index_errors).
+        """
         _check_not_capturing("Stream.synchronize()", self.device, self.handle)
         _drv.call("cuStreamSynchronize", self._cu)
+        _index_errors.raise_pending(self.device)
 
     def __enter__(self):
         stack = getattr(_tls, "stack", None)

@@ -146,9 +146,18 @@ def _check_index_tensor(index, opname):
                            f"{getattr(index, '_dtype', type(index).__name__)}")
 
 
-def _check_index_bounds(index, size, dim, opname):
-    """Every entry of index must lie in [0, size) before a kernel reads with it."""
-    if index.numel():
+def _deferred_on_device(x, index):
+    """True when the kernel checks the index itself (CUDA): an out-of-range entry
+    is skipped and raised as IndexError at the host's next wait for the device
+    (cutegrad.cuda.index_errors). Reading the index back here would be a host
+    sync per op and impossible under graph capture."""
+    return index._storage.device.type == "cuda" and x._storage.device.type == "cuda"
+
+
+def _check_index_bounds(x, index, size, dim, opname):
+    """Every entry of index must lie in [0, size) before a kernel reads with it (host tensors;
+    device tensors are checked by the kernel, see _deferred_on_device)."""
+    if index.numel() and not _deferred_on_device(x, index):
         arr = index._host_array()
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= size:
@@ -166,7 +175,7 @@ def gather(x, dim, index):
         if i != d and a > b:
             raise RuntimeError(f"Size does not match at dimension {i} expected index {list(index._shape)} to be "
                                f"smaller than self {list(x._shape)} apart from dimension {d}")
-    _check_index_bounds(index, x._shape[d], d, "gather")
+    _check_index_bounds(x, index, x._shape[d], d, "gather")
     out = _K_GATHER[x._storage.device.backend](x, d, index)
     if _state.enabled and x._requires_grad:
         node = GatherBackward()
@@ -203,7 +212,7 @@ def scatter_add(x, dim, index, src):
                                f"{list(src._shape)} and self {list(x._shape)} and be no larger than src, nor than "
                                f"self outside dimension {d}")
         src = S.basic_index(src, tuple(slice(0, n) for n in index._shape))
-    _check_index_bounds(index, x._shape[d], d, "scatter_add")
+    _check_index_bounds(x, index, x._shape[d], d, "scatter_add")
     out = _K_SCATTER_ADD[x._storage.device.backend](x, d, index, src)
     if _state.enabled and (x._requires_grad or src._requires_grad):
         node = ScatterAddBackward()
@@ -227,7 +236,7 @@ def index_select(x, dim, index):
     if len(index._shape) > 1:
         raise IndexError("index_select(): Index is supposed to be a vector")
     d = x._wrap_dim(dim)
-    _check_index_bounds(index, x._shape[d], d, "index_select")
+    _check_index_bounds(x, index, x._shape[d], d, "index_select")
     out = _K_INDEX_SELECT[x._storage.device.backend](x, d, index)
     if _state.enabled and x._requires_grad:
         node = IndexSelectBackward()
@@ -262,7 +271,7 @@ def index_add(x, dim, index, source, alpha=1):
     if source._shape[d:d + 1] != (n,) or len(source._shape) != len(x._shape):
         raise RuntimeError(f"index_add(): source of shape {list(source._shape)} must match self of shape "
                            f"{list(x._shape)} except in dimension {d}, where it must have the index's length {n}")
-    _check_index_bounds(index, x._shape[d], d, "index_add")
+    _check_index_bounds(x, index, x._shape[d], d, "index_add")
     out = _K_INDEX_ADD[x._storage.device.backend](x, d, index, source)
     if _state.enabled and (x._requires_grad or source._requires_grad):
         node = IndexAddBackward()
@@ -275,6 +284,12 @@ def index_add(x, dim, index, source, alpha=1):
 def one_hot(tensor, num_classes=-1):
     if tensor._dtype is not dt.int64:
         raise RuntimeError(f"one_hot is only applicable to index tensor of type LongTensor, got {tensor._dtype}")
+    if num_classes != -1 and tensor._storage.device.type == "cuda":
+        # no host read: the kernel skips a class value outside [0, num_classes) and
+        # records it; it is raised at the host's next wait (see _deferred_on_device)
+        if num_classes < 0:
+            raise RuntimeError(f"one_hot: num_classes must be -1 or non-negative, got {num_classes}")
+        return _K_ONE_HOT[tensor._storage.device.backend](tensor, num_classes)
     arr = tensor._host_array()
     if arr.size and arr.min() < 0:
         raise RuntimeError("one_hot: Class values must be non-negative.")

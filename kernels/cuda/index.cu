@@ -9,8 +9,14 @@
 // `dim` the source (gather) or destination (scatter) coordinate is the index
 // value.  Advanced indexing arrives as a 1-D gather/scatter over the storage
 // with precomputed element offsets.  Index values outside [0, dim_size) are
-// skipped (gather writes 0): the frontend validates indices before launch,
-// so this only keeps a bad index from touching memory it does not own.
+// skipped (gather writes 0), so a bad index never touches memory it does not
+// own, and recorded in the device's IndexErrorRecord (pinned host memory
+// mapped into the device; the first bad index wins by atomicCAS on its flag).
+// The frontend does not read index tensors back to check them: that would be
+// a host sync per op and impossible under graph capture. The host raises the
+// recorded error at its next wait for the device (frontend/cuda/index_errors.py).
+// Advanced-indexing offsets are computed and checked on the host and launch
+// without a record.
 // Scatter with accumulate uses atomics (fp32, fp64, fp16, bf16, int32,
 // int64), so the summation order of duplicate indices is not fixed; half
 // types accumulate in an fp32 copy made by the frontend, rounding once.
@@ -58,6 +64,19 @@ __device__ __forceinline__ Offsets offsets_of(const IndexArgs& a, int64_t p) {
   return o;
 }
 
+// Cold path: reached only by an out-of-range index. The plain read first keeps
+// a launch full of bad indices from hammering the mapped flag with atomics.
+__device__ __noinline__ void report_bad_index(IndexErrorRecord* r, int op, int dim, int64_t idx, int64_t size) {
+  if (r == nullptr || *static_cast<volatile int*>(&r->flag) != 0) return;
+  if (atomicCAS(&r->flag, 0, -1) != 0) return;
+  r->op = op;
+  r->dim = dim;
+  r->index = idx;
+  r->size = size;
+  __threadfence_system();
+  atomicExch(&r->flag, 1);
+}
+
 template <typename E>
 __global__ void __launch_bounds__(kThreads) gather_kernel(const IndexArgs a) {
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < a.numel;
@@ -68,6 +87,8 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(const IndexArgs a) {
     if (idx >= 0 && idx < a.dim_size) {
       const int64_t src = o.src + (idx - o.coord_dim) * a.src_strides[a.dim];
       v = static_cast<const E*>(a.src)[src];
+    } else {
+      report_bad_index(a.error, a.error_op, a.error_dim, idx, a.dim_size);
     }
     static_cast<E*>(a.dst)[o.dst] = v;
   }
@@ -94,7 +115,10 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const IndexArgs a) {
        p += static_cast<int64_t>(gridDim.x) * kThreads) {
     const Offsets o = offsets_of(a, p);
     const int64_t idx = load_as<int64_t>(a.index, a.index_dtype, o.index);
-    if (idx < 0 || idx >= a.dim_size) continue;
+    if (idx < 0 || idx >= a.dim_size) {
+      report_bad_index(a.error, a.error_op, a.error_dim, idx, a.dim_size);
+      continue;
+    }
     const int64_t dst = o.dst + (idx - o.coord_dim) * a.dst_strides[a.dim];
     C v;
     if (a.src_is_scalar) {
@@ -129,7 +153,11 @@ __global__ void __launch_bounds__(kThreads) run_sum_kernel(const IndexAddRowsArg
        e += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t r = e / a.cols, c = e % a.cols;
     const int64_t v = a.sorted[r];
-    if ((r > 0 && a.sorted[r - 1] == v) || v < 0 || v >= a.rows) continue;  // not the start of a run
+    if (r > 0 && a.sorted[r - 1] == v) continue;  // not the start of a run
+    if (v < 0 || v >= a.rows) {
+      if (c == 0) report_bad_index(a.error, a.error_op, 0, v, a.rows);
+      continue;
+    }
     T acc = T(0);
     for (int64_t q = r; q < a.n && a.sorted[q] == v; ++q) acc += static_cast<const T*>(a.src)[a.perm[q] * a.cols + c];
     static_cast<T*>(a.dst)[v * a.cols + c] += acc;

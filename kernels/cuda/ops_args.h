@@ -144,6 +144,22 @@ int norm_backward_launch(const NormBackwardArgs& args, void* stream);
 
 // ---- gather / scatter -----------------------------------------------------
 
+// The deferred bounds error of a device (frontend/cuda/index_errors.py):
+// page-locked host memory mapped into the device, at one address for the
+// whole process, so captured graphs write to it on every replay. flag 0 means
+// no error; the first thread to find an index outside [0, size) claims it
+// (0 -> -1 by atomicCAS), writes the details, then publishes flag 1. The host
+// reads and clears it when it waits for the device anyway. Layout is shared
+// with the Python ctypes mirror: keep the two in step.
+struct IndexErrorRecord {
+  int flag;
+  int op;   // 1 gather, 2 index_select, 3 scatter_add, 4 index_add, 5 one_hot
+  int dim;  // the dimension reported in the message
+  int reserved;
+  int64_t index;
+  int64_t size;
+};
+
 // For every position p of `sizes` (C order): with c = coordinates of p,
 //   gather:  out[p contiguous] = src[sum_d c_d * src_strides_d, with c_dim
 //            replaced by index[c . index_strides]]
@@ -152,7 +168,7 @@ struct IndexArgs {
   int ndim;
   int64_t sizes[kMaxDims];
   int dim;
-  int64_t dim_size;  // extent of dst/src along dim: index values outside [0, dim_size) are skipped
+  int64_t dim_size;  // extent of dst/src along dim: index values outside [0, dim_size) are skipped (and reported)
   const void* index;
   int index_dtype;
   int64_t index_strides[kMaxDims];
@@ -167,6 +183,8 @@ struct IndexArgs {
   int64_t scalar_i;
   int accumulate;  // scatter: add instead of assign
   int64_t numel;
+  IndexErrorRecord* error;  // null: skip bad indices silently (keys checked on the host)
+  int error_op, error_dim;
 };
 
 int gather_launch(const IndexArgs& args, void* stream);
@@ -185,6 +203,8 @@ struct IndexAddRowsArgs {
   int64_t n, rows, cols;
   int64_t* perm;
   int64_t* sorted;
+  IndexErrorRecord* error;  // may be null
+  int error_op;
 };
 
 int index_add_rows_launch(const IndexAddRowsArgs& args, void* stream);

@@ -407,11 +407,20 @@ void fill_index_args(const char* op, IndexArgs& a, const Dims& shape, int dim, i
   if (a.numel) check_ptr(op, index, "index");
 }
 
+// error: the device pointer of an IndexErrorRecord, or 0 to skip bad indices unreported.
+void set_error_record(IndexArgs& a, uintptr_t error, int error_op, int error_dim) {
+  if (error % alignof(IndexErrorRecord)) fail("index error record", "pointer is misaligned");
+  a.error = reinterpret_cast<IndexErrorRecord*>(error);
+  a.error_op = error_op;
+  a.error_dim = error_dim;
+}
+
 void gather(const Dims& shape, int dim, int64_t dim_size, uintptr_t index, int index_dtype, const Dims& index_strides,
             uintptr_t src, int src_dtype, const Dims& src_strides, uintptr_t dst, int dst_dtype, const Dims& dst_strides,
-            uintptr_t stream) {
+            uintptr_t stream, uintptr_t error, int error_op, int error_dim) {
   const char* op = "gather";
   IndexArgs a{};
+  set_error_record(a, error, error_op, error_dim);
   check_dtype(op, src_dtype, "source");
   check_dtype(op, dst_dtype, "destination");
   if (src_dtype != dst_dtype) fail(op, "source and destination dtypes differ");
@@ -431,9 +440,11 @@ void gather(const Dims& shape, int dim, int64_t dim_size, uintptr_t index, int i
 // src_dtype -2: `scalar` is written (or added) at every position.
 void scatter(const Dims& shape, int dim, int64_t dim_size, uintptr_t index, int index_dtype, const Dims& index_strides,
              uintptr_t src, int src_dtype, const Dims& src_strides, nb::handle scalar, uintptr_t dst, int dst_dtype,
-             const Dims& dst_strides, bool accumulate, uintptr_t stream) {
+             const Dims& dst_strides, bool accumulate, uintptr_t stream, uintptr_t error, int error_op,
+             int error_dim) {
   const char* op = accumulate ? "scatter_add" : "scatter";
   IndexArgs a{};
+  set_error_record(a, error, error_op, error_dim);
   check_dtype(op, dst_dtype, "destination");
   if (accumulate && !(dst_dtype == kF32 || dst_dtype == kF64 || dst_dtype == kF16 || dst_dtype == kBF16 ||
                       dst_dtype == kI32 || dst_dtype == kI64))
@@ -463,7 +474,7 @@ void scatter(const Dims& shape, int dim, int64_t dim_size, uintptr_t index, int 
 }
 
 void index_add_rows(uintptr_t dst, int dtype, uintptr_t src, uintptr_t index, int64_t n, int64_t rows, int64_t cols,
-                    uintptr_t perm, uintptr_t sorted, uintptr_t stream) {
+                    uintptr_t perm, uintptr_t sorted, uintptr_t stream, uintptr_t error, int error_op) {
   const char* op = "index_add_rows";
   if (dtype != kF32 && dtype != kF64) fail(op, "dst/src must be float32 or float64 (dtype code " + std::to_string(dtype) + ")");
   if (n < 0 || rows < 0 || cols < 0) fail(op, "negative extent");
@@ -474,9 +485,10 @@ void index_add_rows(uintptr_t dst, int dtype, uintptr_t src, uintptr_t index, in
   check_ptr(op, perm, "perm scratch");
   check_ptr(op, sorted, "sorted scratch");
   if ((index | perm | sorted) % 8) fail(op, "index and scratch buffers must be aligned int64 arrays");
+  if (error % alignof(IndexErrorRecord)) fail(op, "index error record pointer is misaligned");
   IndexAddRowsArgs a{reinterpret_cast<void*>(dst), dtype, reinterpret_cast<const void*>(src),
                      reinterpret_cast<const int64_t*>(index), n, rows, cols, reinterpret_cast<int64_t*>(perm),
-                     reinterpret_cast<int64_t*>(sorted)};
+                     reinterpret_cast<int64_t*>(sorted), reinterpret_cast<IndexErrorRecord*>(error), error_op};
   check_cuda(index_add_rows_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
@@ -742,11 +754,16 @@ void register_ops(nb::module_& m) {
   m.def("softmax", &softmax, "softmax/log_softmax of a contiguous (outer, n, inner) tensor along n.");
   m.def("norm", &norm, "layer_norm / rms_norm forward of contiguous (rows, n) with per-row statistics.");
   m.def("norm_backward", &norm_backward, "layer_norm / rms_norm backward (dx, dweight, dbias) from saved statistics.");
-  m.def("gather", &gather, "dst[p] = src[p with coordinate dim := index[p]].");
+  m.def("gather", &gather, nb::arg("shape"), nb::arg("dim"), nb::arg("dim_size"), nb::arg("index"),
+        nb::arg("index_dtype"), nb::arg("index_strides"), nb::arg("src"), nb::arg("src_dtype"), nb::arg("src_strides"),
+        nb::arg("dst"), nb::arg("dst_dtype"), nb::arg("dst_strides"), nb::arg("stream"), nb::arg("error") = 0,
+        nb::arg("error_op") = 0, nb::arg("error_dim") = 0,
+        "dst[p] = src[p with coordinate dim := index[p]]; bad indices are skipped and recorded at `error`.");
   m.def("scatter", &scatter, nb::arg("shape"), nb::arg("dim"), nb::arg("dim_size"), nb::arg("index"),
         nb::arg("index_dtype"), nb::arg("index_strides"), nb::arg("src"), nb::arg("src_dtype"), nb::arg("src_strides"),
         nb::arg("scalar").none(), nb::arg("dst"), nb::arg("dst_dtype"), nb::arg("dst_strides"), nb::arg("accumulate"),
-        nb::arg("stream"), "dst[p with coordinate dim := index[p]] (+)= src[p] or a scalar.");
+        nb::arg("stream"), nb::arg("error") = 0, nb::arg("error_op") = 0, nb::arg("error_dim") = 0,
+        "dst[p with coordinate dim := index[p]] (+)= src[p] or a scalar; bad indices are skipped and recorded.");
   m.def("cross_entropy", &cross_entropy, "Per-row cross-entropy loss and logsumexp of contiguous logits.");
   m.def("cross_entropy_backward", &cross_entropy_backward, "Gradient of the per-row cross-entropy w.r.t. the logits.");
   m.def("cumsum", &cumsum, "Inclusive prefix sum along n of a contiguous (outer, n, inner) tensor.");
@@ -755,7 +772,10 @@ void register_ops(nb::module_& m) {
   m.def("sgd", &sgd, "Fused multi-tensor SGD step (momentum, dampening, Nesterov, weight decay).");
   m.def("grad_norm", &grad_norm, "Global L2 norm of gradients and the clipping coefficient, on the device.");
   m.def("multi_tensor_scale", &multi_tensor_scale, "Scale every tensor of a list in place by a device fp32 scalar.");
-  m.def("index_add_rows", &index_add_rows, "Deterministic dst[index[i], :] += src[i, :] (stable rank + run sums).");
+  m.def("index_add_rows", &index_add_rows, nb::arg("dst"), nb::arg("dtype"), nb::arg("src"), nb::arg("index"),
+        nb::arg("n"), nb::arg("rows"), nb::arg("cols"), nb::arg("perm"), nb::arg("sorted"), nb::arg("stream"),
+        nb::arg("error") = 0, nb::arg("error_op") = 0,
+        "Deterministic dst[index[i], :] += src[i, :] (stable rank + run sums); bad rows are recorded.");
   m.def("random", &random_tensor, "Philox random tensor (uniform, normal, randint, scaled Bernoulli mask).");
 }
 
