@@ -18,7 +18,8 @@ cleared and IndexError is raised, worded like the CPU backend's eager error.
 The device, the allocator and later work are unaffected: the bad index was
 skipped, not followed. See docs/cuda.md.
 
-The layout mirrors `IndexErrorRecord` in kernels/cuda/ops_args.h.
+The layout mirrors `IndexErrorRecord` in kernels/cuda/ops_args.h; kernels
+write it through `report_bad_index` (kernels/cuda/index_errors.h).
 """
 import ctypes
 import threading
@@ -26,9 +27,9 @@ import threading
 from . import driver as _drv
 
 # error_op codes of the kernels; 0 is unused so an unset record is all zeros.
-GATHER, INDEX_SELECT, SCATTER_ADD, INDEX_ADD, ONE_HOT = 1, 2, 3, 4, 5
+GATHER, INDEX_SELECT, SCATTER_ADD, INDEX_ADD, ONE_HOT, CROSS_ENTROPY = 1, 2, 3, 4, 5, 6
 _OP_NAMES = {GATHER: "gather", INDEX_SELECT: "index_select", SCATTER_ADD: "scatter_add",
-             INDEX_ADD: "index_add", ONE_HOT: "one_hot"}
+             INDEX_ADD: "index_add", ONE_HOT: "one_hot", CROSS_ENTROPY: "cross_entropy"}
 
 
 class _Record(ctypes.Structure):

@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "dtype_access.h"
+#include "index_errors.h"
 #include "ops_args.h"
 
 namespace cutegrad {
@@ -62,19 +63,6 @@ __device__ __forceinline__ Offsets offsets_of(const IndexArgs& a, int64_t p) {
     o.dst += c * a.dst_strides[d];
   }
   return o;
-}
-
-// Cold path: reached only by an out-of-range index. The plain read first keeps
-// a launch full of bad indices from hammering the mapped flag with atomics.
-__device__ __noinline__ void report_bad_index(IndexErrorRecord* r, int op, int dim, int64_t idx, int64_t size) {
-  if (r == nullptr || *static_cast<volatile int*>(&r->flag) != 0) return;
-  if (atomicCAS(&r->flag, 0, -1) != 0) return;
-  r->op = op;
-  r->dim = dim;
-  r->index = idx;
-  r->size = size;
-  __threadfence_system();
-  atomicExch(&r->flag, 1);
 }
 
 template <typename E>

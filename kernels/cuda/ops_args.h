@@ -81,7 +81,34 @@ struct ReduceArgs {
   int64_t n_reduce;
   double correction;  // var: divide by max(n - correction, 0)
   int inner;          // reduced dims are the fastest in memory: lanes walk r
+  void* workspace;    // per-chunk partials of a two-stage reduction (may be null)
+  int64_t workspace_bytes;
 };
+
+// Two-stage reductions (reduce.cu, norms.cu): when the outputs alone give too
+// few blocks, the reduced extent is cut into `split` chunks, each chunk's
+// partial goes to a workspace the frontend allocates, and a second launch
+// combines the partials in a fixed order (deterministic, no atomics).  `tiles`
+// is the number of blocks without splitting, `min_chunk` the fewest reduced
+// elements a chunk may have, `acc_bytes` the workspace bytes per output and
+// chunk.  The split only ever shrinks to fit the workspace, so a smaller (or
+// absent) workspace is slower, never wrong.  frontend/backends/cuda.py sizes
+// the workspace from an upper bound of this function; keep the two in step.
+constexpr int64_t kSplitTargetBlocks = 1024;
+constexpr int64_t kSplitMax = 1024;
+
+inline int64_t reduce_split(int64_t tiles, int64_t n_out, int64_t n_reduce, int64_t min_chunk, int64_t acc_bytes,
+                            int64_t workspace_bytes) {
+  if (n_out <= 0 || tiles >= kSplitTargetBlocks / 2 || n_reduce < 2 * min_chunk) return 1;
+  int64_t split = (kSplitTargetBlocks + tiles - 1) / tiles;
+  if (split > n_reduce / min_chunk) split = n_reduce / min_chunk;
+  if (split > kSplitMax) split = kSplitMax;
+  const int64_t fit = workspace_bytes / (n_out * acc_bytes);
+  if (split > fit) split = fit;
+  if (split < 2) return 1;
+  const int64_t chunk = (n_reduce + split - 1) / split;
+  return (n_reduce + chunk - 1) / chunk;  // no empty chunk
+}
 
 int reduce_launch(const ReduceArgs& args, void* stream);
 
@@ -138,6 +165,8 @@ struct NormBackwardArgs {
   int dbias_dtype;
   int64_t rows, n;
   int rms;
+  void* workspace;  // per-chunk dweight/dbias partials (see reduce_split; may be null)
+  int64_t workspace_bytes;
 };
 
 int norm_backward_launch(const NormBackwardArgs& args, void* stream);
@@ -148,12 +177,13 @@ int norm_backward_launch(const NormBackwardArgs& args, void* stream);
 // page-locked host memory mapped into the device, at one address for the
 // whole process, so captured graphs write to it on every replay. flag 0 means
 // no error; the first thread to find an index outside [0, size) claims it
+// (report_bad_index in index_errors.h)
 // (0 -> -1 by atomicCAS), writes the details, then publishes flag 1. The host
 // reads and clears it when it waits for the device anyway. Layout is shared
 // with the Python ctypes mirror: keep the two in step.
 struct IndexErrorRecord {
   int flag;
-  int op;   // 1 gather, 2 index_select, 3 scatter_add, 4 index_add, 5 one_hot
+  int op;   // 1 gather, 2 index_select, 3 scatter_add, 4 index_add, 5 one_hot, 6 cross_entropy
   int dim;  // the dimension reported in the message
   int reserved;
   int64_t index;
