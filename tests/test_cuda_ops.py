@@ -762,3 +762,102 @@ def test_every_compute_kernel_is_registered_and_tested():
     referenced = set(re.findall(r'(?:impl|check)\("(\w+)"', pathlib.Path(__file__).read_text()))
     untested = cpu_kernels - STORAGE_KERNELS - referenced
     assert not untested, f"kernels without a CUDA test here: {sorted(untested)}"
+
+
+# --- strided copies: packed (raw words, 16-byte packs) and tiled-transpose kernels ---------------
+# (extent, permutation) pairs: the permutations that move the innermost dimension go through the
+# transpose kernel when both unit-stride extents are >= 8; the others keep the innermost dimension
+# and move raw words or W-byte packs (inner extents 32/64 allow 16-byte packs for every dtype).
+PERMUTES = [
+    ((3, 17, 33), (0, 2, 1)), ((1, 65, 127), (2, 1, 0)), ((17, 3, 8), (1, 0, 2)), ((127, 65), (1, 0)),
+    ((2, 3, 17, 33), (0, 2, 1, 3)), ((2, 33, 3, 65), (0, 3, 1, 2)), ((4, 6, 10, 32), (0, 2, 1, 3)),
+    ((3, 9, 8, 64), (2, 0, 1, 3)), ((33, 2, 65, 3), (3, 1, 2, 0)),
+    ((2, 3, 1, 17, 33), (3, 0, 2, 4, 1)), ((2, 5, 3, 4, 8), (2, 0, 3, 1, 4)), ((3, 17, 2, 9, 16), (4, 3, 2, 1, 0)),
+    ((3, 17, 2, 9, 16), (0, 2, 4, 1, 3)), ((2, 3, 1, 17, 33), (4, 1, 0, 3, 2)),
+]
+
+
+def _copy_source(rng, shape, dtype):
+    lo, hi = (0, 100) if dtype in (dt.uint8, dt.bool_) else (-100, 100)
+    return rand(rng, shape, dtype, lo, hi)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape,perm", PERMUTES, ids=["x".join(map(str, s)) + "-p" + "".join(map(str, p))
+                                                      for s, p in PERMUTES])
+def test_contiguous_of_permutes(shape, perm, dtype):
+    rng = np.random.default_rng(len(shape) * 1000 + sum(shape))
+    x = _copy_source(rng, shape, dtype)
+    got = impl("contiguous", CUDA)(cuda_of(x).permute(*perm))
+    assert got.is_contiguous() and got.dtype is dtype
+    np.testing.assert_array_equal(values(got), np.transpose(values(x), perm))
+
+
+SLICED_VIEWS = [
+    ("step", lambda t: t[:, ::2]),
+    ("step-permute", lambda t: t[:, ::2].permute(2, 0, 1)),
+    ("offset-inner", lambda t: t[..., 1:]),  # inner extent 63 and a pointer off the 16-byte grid
+    ("offset-transpose", lambda t: t[1:, :, 3:].transpose(1, 2)),
+    ("step-inner", lambda t: t[..., ::3]),  # no unit stride on the source side
+    ("narrow-rows", lambda t: t[:, 2:9, :32]),  # unit inner stride, 16-byte packs, gaps between rows
+]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("name,view", SLICED_VIEWS, ids=[n for n, _ in SLICED_VIEWS])
+def test_contiguous_of_sliced_views(name, view, dtype):
+    rng = np.random.default_rng(len(name))
+    x = _copy_source(rng, (5, 17, 64), dtype)
+    got = impl("contiguous", CUDA)(view(cuda_of(x)))
+    expect = impl("contiguous", CPU)(view(x))
+    assert got.is_contiguous() and tuple(got.shape) == tuple(expect.shape)
+    np.testing.assert_array_equal(values(got), values(expect))
+
+
+@pytest.mark.parametrize("src", ALL_DTYPES)
+def test_cast_of_permuted_and_sliced_views(src):
+    rng = np.random.default_rng(12)
+    x = _copy_source(rng, (3, 33, 40), src)
+    views = [lambda t: t.permute(0, 2, 1), lambda t: t.permute(1, 0, 2), lambda t: t[:, ::2, 1:]]
+    for dst in ALL_DTYPES:
+        for v in views:
+            got = impl("cast", CUDA)(v(cuda_of(x)), dst)
+            expect = impl("cast", CPU)(v(x), dst)
+            assert got.dtype is dst and got.is_contiguous()
+            np.testing.assert_array_equal(values(got), values(expect))
+
+
+@pytest.mark.parametrize("dtype", [dt.float32, dt.bfloat16, dt.float16, dt.float64, dt.int64, dt.uint8])
+def test_copy_into_poisoned_strided_destinations(dtype):
+    """copy_ into transposed and sliced destinations; untouched elements keep the poison."""
+    rng = np.random.default_rng(13)
+    poison = float("nan") if dtype.is_floating_point else 7
+    for shape, perm in [((3, 33, 65), (0, 2, 1)), ((2, 17, 9, 32), (0, 2, 1, 3)), ((65, 127), (1, 0))]:
+        src = _copy_source(rng, tuple(shape[p] for p in perm), dtype)
+        for src_dtype in (dtype, dt.float32):
+            base = cutegrad.full(shape, poison, dtype=dtype, device="cuda")
+            impl("copy_", CUDA)(base.permute(*perm), cuda_of(src.to(src_dtype)))
+            expect = np.transpose(values(src.to(src_dtype).to(dtype)), np.argsort(perm))
+            np.testing.assert_array_equal(values(base), expect)
+    # every other column of a wider buffer: the gaps must stay poisoned
+    base = cutegrad.full((9, 66), poison, dtype=dtype, device="cuda")
+    src = _copy_source(rng, (33, 9), dtype)
+    impl("copy_", CUDA)(base[:, ::2], cuda_of(src).t())
+    got = values(base)
+    np.testing.assert_array_equal(got[:, ::2], values(src).T)
+    if dtype.is_floating_point:
+        assert np.isnan(got[:, 1::2]).all()
+    else:
+        assert (got[:, 1::2] == poison).all()
+
+
+def test_large_permutes_cover_grid_stride_and_every_tile():
+    """Attention-sized copies: (B, T, H, D) -> (B, H, T, D) and a big 2-D transpose, fp32 and bf16."""
+    rng = np.random.default_rng(14)
+    for dtype in (dt.float32, dt.bfloat16):
+        x = rand(rng, (64, 80, 8, 32), dtype)
+        got = impl("contiguous", CUDA)(cuda_of(x).permute(0, 2, 1, 3))
+        np.testing.assert_array_equal(values(got), np.transpose(values(x), (0, 2, 1, 3)))
+        y = rand(rng, (1031, 769), dtype)
+        got = impl("contiguous", CUDA)(cuda_of(y).t())
+        np.testing.assert_array_equal(values(got), values(y).T)

@@ -385,3 +385,73 @@ def test_split_k_option_is_validated(C):
 def test_extension_holds_every_specialization(C):
     built = {s["name"] for s in C.gemm_specializations()}
     assert built == {s.name for s in SPECS}
+
+
+# ---- the tiled SIMT kernel (fp32 GEMMs, narrow outputs, anything TMA cannot take) -----------
+SIMT_EXTENTS = [1, 7, 33, 129, 1000]
+SIMT_SHAPES = list(itertools.product(SIMT_EXTENTS, SIMT_EXTENTS, SIMT_EXTENTS))
+
+
+@pytest.mark.parametrize("mnk", SIMT_SHAPES, ids=["x".join(map(str, s)) for s in SIMT_SHAPES])
+@pytest.mark.gpu
+@needs_gpu
+def test_simt_fp32_every_extent(C, dev, mnk):
+    """Each (M, N, K) with every operand major in turn (cycled per shape) and compact odd strides."""
+    m, n, k = mnk
+    index = SIMT_SHAPES.index(mnk)
+    a_major, b_major = LAYOUTS[index % len(LAYOUTS)]
+    rng = np.random.default_rng(index)
+    name, err = run_gemm(dev, C, rng, batch=1, m=m, n=n, k=k, dtype="fp32", out_dtype="fp32", a_major=a_major,
+                         b_major=b_major, align=1, path="simt", split_k=1)
+    assert name == "simt"
+    assert err < TOLERANCE["fp32"], f"relative error {err:.2e}"
+
+
+# (batch, M, N, K): narrow N (128x32 tiles), few tiles (64x64), enough tiles for 128x128 tiles.
+SIMT_CONFIG_SHAPES = [(1, 1000, 36, 129), (3, 129, 10, 33), (2, 200, 200, 129), (3, 1000, 1000, 129), (5, 7, 33, 1000)]
+
+
+@pytest.mark.parametrize("shape", SIMT_CONFIG_SHAPES, ids=["x".join(map(str, s)) for s in SIMT_CONFIG_SHAPES])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["a%s-b%s" % l for l in LAYOUTS])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+@pytest.mark.gpu
+@needs_gpu
+def test_simt_batched_every_layout(C, dev, shape, layout, dtype):
+    batch, m, n, k = shape
+    rng = np.random.default_rng(m * 31 + n * 7 + k + batch)
+    name, err = run_gemm(dev, C, rng, batch=batch, m=m, n=n, k=k, dtype=dtype, out_dtype=dtype, a_major=layout[0],
+                         b_major=layout[1], align=1, path="simt", split_k=1)
+    assert name == "simt"
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+
+
+SIMT_EPILOGUE_CASES = list(itertools.product(["none", "bias", "gelu", "bias_gelu", "gelu_bwd"], [False, True],
+                                             [(1, 1000, 36, 129), (2, 200, 200, 33), (3, 1000, 1000, 65)]))
+
+
+@pytest.mark.parametrize("epilogue,accumulate,shape", SIMT_EPILOGUE_CASES,
+                         ids=["-".join([e, "acc" if a else "set", "x".join(map(str, s))])
+                              for e, a, s in SIMT_EPILOGUE_CASES])
+@pytest.mark.parametrize("dtype,out_dtype", [("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32")])
+@pytest.mark.gpu
+@needs_gpu
+def test_simt_epilogues(C, dev, epilogue, accumulate, shape, dtype, out_dtype):
+    batch, m, n, k = shape
+    rng = np.random.default_rng(len(epilogue) * 13 + accumulate + n)
+    name, err = run_gemm(dev, C, rng, batch=batch, m=m, n=n, k=k, dtype=dtype, out_dtype=out_dtype, a_major="k",
+                         b_major="k", epilogue=epilogue, accumulate=accumulate, align=1, path="simt", split_k=1)
+    assert name == "simt"
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("m", [1, 7, 129, 1000])
+@pytest.mark.parametrize("n", [10, 36])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["a%s-b%s" % l for l in LAYOUTS])
+@pytest.mark.gpu
+@needs_gpu
+def test_bf16_narrow_n_auto_path(C, dev, m, n, layout):
+    """Classifier-head GEMMs as the frontend issues them (path auto, split-K heuristic on)."""
+    rng = np.random.default_rng(m + n)
+    name, err = run_gemm(dev, C, rng, batch=1, m=m, n=n, k=256, dtype="bf16", out_dtype="bf16", a_major=layout[0],
+                         b_major=layout[1])
+    assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"

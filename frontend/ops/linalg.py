@@ -6,7 +6,7 @@ from ..autograd import grad_mode
 from ..autograd.engine import Node, attach
 from ..autocast import gate as _AC, lower as _lower
 from .broadcast import broadcast_shapes, sum_to
-from .shape import unsqueeze, squeeze, transpose
+from .shape import unsqueeze, squeeze, transpose, reshape
 
 _K_MATMUL = kernel("matmul").impl
 _state = grad_mode.state
@@ -21,8 +21,27 @@ class MatmulBackward(Node):
         if self.next_functions[0] is not None:
             ga = sum_to(_matmul2(g, transpose(b, -1, -2)), self.a_shape)
         if self.next_functions[1] is not None:
-            gb = sum_to(_matmul2(transpose(a, -1, -2), g), self.b_shape)
+            if len(self.b_shape) == 2:
+                gb = _shared_b_grad(a, b, g)
+            else:
+                gb = sum_to(_matmul2(transpose(a, -1, -2), g), self.b_shape)
         return (ga, gb)
+
+
+def _shared_b_grad(a, b, g):
+    """Gradient of a 2-D b shared by every batch entry of a (a linear layer's weight).
+
+    The batch folds into K: one (k, P) @ (P, n) GEMM over all P rows, instead
+    of a batched product of P/m slices summed afterwards (P/m times more
+    output written and reduced).  When b is a column-major view (the
+    transposed weight of `linear`), the product is formed as (g^T a)^T so the
+    gradient reaching the weight is contiguous and needs no transposed copy.
+    """
+    a2 = reshape(a, -1, a._shape[-1])
+    g2 = reshape(g, -1, g._shape[-1])
+    if b._strides[0] == 1 and b._strides[1] != 1 and b._shape[0] > 1 and b._shape[1] > 1:
+        return transpose(_matmul2(transpose(g2, 0, 1), a2), 0, 1)
+    return _matmul2(transpose(a2, 0, 1), g2)
 
 
 def _check(a, b, opname):

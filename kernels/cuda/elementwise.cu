@@ -16,13 +16,37 @@
 // The op is chosen by a (family, code) switch inside the loop; it is uniform
 // over the launch, so it is a predictable branch, not divergence.
 //
+// Copies of a tensor (family copy with a tensor source: contiguous(),
+// reshape of permuted views, casts, copy_) that the vectorized kernel cannot
+// take have kernels of their own, chosen on the coalesced dimensions:
+//  * transpose: the destination's unit-stride dimension p differs from the
+//    source's unit-stride dimension q (a transpose-like permute) and both
+//    extents are >= 8.  A 256-thread block moves 32x32 tiles of the (q, p)
+//    plane through shared memory (rows padded to 33 words against bank
+//    conflicts): lanes read along q and write along p, so both sides are
+//    coalesced.  The remaining dimensions and the tile coordinates come from
+//    one linear tile index per block (grid-stride over tiles, so no grid-y/z
+//    limit applies).
+//  * packed: everything else.  With one dtype on both sides the element bits
+//    are moved as raw words; when the innermost dimension is unit-stride on
+//    both sides, pointers, the inner extent and every other stride allow it,
+//    W-byte packs (W up to 16) replace elements, so a permute that keeps the
+//    innermost dimension moves 16 bytes per thread.  Casts move one element
+//    per thread through the compute type.
+// Both use 32-bit index and offset arithmetic when the element count and the
+// offset span of both sides fit in int32.
+//
 // AOT specializations: strided kernel for compute fp32 / fp64 / int64, each
-// with 32- and 64-bit indexing; vectorized kernel for fp32, fp16 and bf16.
+// with 32- and 64-bit indexing; vectorized kernel for fp32, fp16 and bf16;
+// packed copy for raw 1/2/4/8/16-byte words and casts through fp32 / fp64 /
+// int64, transpose for raw 1/2/4/8-byte words and the same casts, each with
+// 32- and 64-bit indexing.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dtype_access.h"
 #include "ops_args.h"
@@ -333,12 +357,244 @@ void launch_strided(const ElementwiseArgs& a, cudaStream_t s) {
   else strided_kernel<C, uint64_t><<<grid_for(a.numel), kThreads, 0, s>>>(a);
 }
 
+// ---- copies ----------------------------------------------------------------
+
+struct CopyArgs {
+  const void* in;
+  void* out;
+  int in_dtype, out_dtype;
+  int ndim;
+  int p, q;  // transpose: destination's and source's unit-stride dimensions
+  int64_t numel;  // packed: number of packs; transpose: number of tiles
+  int64_t tiles_p, tiles_q;
+  int64_t sizes[kMaxDims];
+  int64_t in_strides[kMaxDims];
+  int64_t out_strides[kMaxDims];
+};
+
+// Raw word moves for copies within one dtype (bit-exact, no conversion).
+template <typename T> struct RawMove {
+  using Value = T;
+  // Sub-word values are widened in shared memory so transposed reads hit distinct banks.
+  using Shared = typename std::conditional<(sizeof(T) < 4), uint32_t, T>::type;
+  __device__ __forceinline__ static T load(const void* p, int, int64_t off) { return static_cast<const T*>(p)[off]; }
+  __device__ __forceinline__ static void store(void* p, int, int64_t off, T v) { static_cast<T*>(p)[off] = v; }
+};
+
+// Casts: load any dtype into the compute type, round once on store.
+template <typename C> struct CastMove {
+  using Value = C;
+  using Shared = C;
+  __device__ __forceinline__ static C load(const void* p, int dtype, int64_t off) { return load_as<C>(p, dtype, off); }
+  __device__ __forceinline__ static void store(void* p, int dtype, int64_t off, C v) { store_from<C>(p, dtype, off, v); }
+};
+
+// kNarrow: unsigned 32-bit coordinates and signed 32-bit offsets.
+template <bool kNarrow> struct IndexTypes {
+  using I = uint32_t;
+  using O = int32_t;
+};
+template <> struct IndexTypes<false> {
+  using I = uint64_t;
+  using O = int64_t;
+};
+
+template <typename Move, bool kNarrow>
+__global__ void __launch_bounds__(kThreads) packed_copy_kernel(const CopyArgs a) {
+  using I = typename IndexTypes<kNarrow>::I;
+  using O = typename IndexTypes<kNarrow>::O;
+  const I n = static_cast<I>(a.numel);
+  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += static_cast<I>(gridDim.x) * kThreads) {
+    I rem = i;
+    O off_in = 0, off_out = 0;
+    for (int d = a.ndim - 1; d >= 0; --d) {
+      const I size = static_cast<I>(a.sizes[d]);
+      const O c = static_cast<O>(rem % size);
+      rem /= size;
+      off_in += c * static_cast<O>(a.in_strides[d]);
+      off_out += c * static_cast<O>(a.out_strides[d]);
+    }
+    Move::store(a.out, a.out_dtype, off_out, Move::load(a.in, a.in_dtype, off_in));
+  }
+}
+
+constexpr int kTile = 32;
+constexpr int kTileRows = kThreads / kTile;
+
+template <typename Move, bool kNarrow>
+__global__ void __launch_bounds__(kThreads) transpose_copy_kernel(const CopyArgs a) {
+  using I = typename IndexTypes<kNarrow>::I;
+  using O = typename IndexTypes<kNarrow>::O;
+  using S = typename Move::Shared;
+  __shared__ S tile[kTile][kTile + 1];
+  const int lane = threadIdx.x % kTile, row = threadIdx.x / kTile;
+  const I ext_p = static_cast<I>(a.sizes[a.p]), ext_q = static_cast<I>(a.sizes[a.q]);
+  const O in_p = static_cast<O>(a.in_strides[a.p]), in_q = static_cast<O>(a.in_strides[a.q]);
+  const O out_p = static_cast<O>(a.out_strides[a.p]), out_q = static_cast<O>(a.out_strides[a.q]);
+  const I tiles_q = static_cast<I>(a.tiles_q), tiles_p = static_cast<I>(a.tiles_p);
+  const I n_tiles = static_cast<I>(a.numel);
+  for (I t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+    I rem = t;
+    const I q0 = (rem % tiles_q) * kTile;
+    rem /= tiles_q;
+    const I p0 = (rem % tiles_p) * kTile;
+    rem /= tiles_p;
+    O base_in = 0, base_out = 0;
+    for (int d = a.ndim - 1; d >= 0; --d) {
+      if (d == a.p || d == a.q) continue;
+      const I size = static_cast<I>(a.sizes[d]);
+      const O c = static_cast<O>(rem % size);
+      rem /= size;
+      base_in += c * static_cast<O>(a.in_strides[d]);
+      base_out += c * static_cast<O>(a.out_strides[d]);
+    }
+    // Read: lanes walk the source's unit-stride dimension q.
+    const I iq_read = q0 + lane;
+    for (int j = row; j < kTile; j += kTileRows) {
+      const I ip = p0 + j;
+      if (ip < ext_p && iq_read < ext_q)
+        tile[j][lane] = static_cast<S>(Move::load(a.in, a.in_dtype, base_in + static_cast<O>(iq_read) * in_q +
+                                                                        static_cast<O>(ip) * in_p));
+    }
+    __syncthreads();
+    // Write: lanes walk the destination's unit-stride dimension p.
+    const I ip_write = p0 + lane;
+    for (int j = row; j < kTile; j += kTileRows) {
+      const I iq = q0 + j;
+      if (ip_write < ext_p && iq < ext_q)
+        Move::store(a.out, a.out_dtype, base_out + static_cast<O>(iq) * out_q + static_cast<O>(ip_write) * out_p,
+                    static_cast<typename Move::Value>(tile[lane][j]));
+    }
+    __syncthreads();
+  }
+}
+
+int dtype_size(int dtype) {
+  switch (dtype) {
+    case kBool: case kU8: case kI8: return 1;
+    case kI16: case kF16: case kBF16: return 2;
+    case kI32: case kF32: return 4;
+    default: return 8;
+  }
+}
+
+// Largest |offset| either side can reach, in elements; decides 32-bit offsets.
+int64_t offset_span(const CopyArgs& c, const int64_t* strides) {
+  int64_t span = 0;
+  for (int d = 0; d < c.ndim; ++d) span += (c.sizes[d] - 1) * (strides[d] < 0 ? -strides[d] : strides[d]);
+  return span;
+}
+
+bool fits_narrow(const CopyArgs& c) {
+  const int64_t lim = (int64_t(1) << 31) - 1;
+  return c.numel < lim && offset_span(c, c.in_strides) < lim && offset_span(c, c.out_strides) < lim;
+}
+
+enum CopyKernel { kPacked, kTransposed };
+
+template <CopyKernel K, typename Move>
+void launch_copy(const CopyArgs& c, unsigned grid, cudaStream_t s) {
+  const bool narrow = fits_narrow(c);
+  if constexpr (K == kPacked) {
+    if (narrow) packed_copy_kernel<Move, true><<<grid, kThreads, 0, s>>>(c);
+    else packed_copy_kernel<Move, false><<<grid, kThreads, 0, s>>>(c);
+  } else {
+    if (narrow) transpose_copy_kernel<Move, true><<<grid, kThreads, 0, s>>>(c);
+    else transpose_copy_kernel<Move, false><<<grid, kThreads, 0, s>>>(c);
+  }
+}
+
+template <CopyKernel K>
+void launch_cast(const CopyArgs& c, int compute, unsigned grid, cudaStream_t s) {
+  if (compute == kComputeF32) launch_copy<K, CastMove<float>>(c, grid, s);
+  else if (compute == kComputeF64) launch_copy<K, CastMove<double>>(c, grid, s);
+  else launch_copy<K, CastMove<int64_t>>(c, grid, s);
+}
+
+void copy_launch(const ElementwiseArgs& a, cudaStream_t s) {
+  CopyArgs c{};
+  c.in = a.in[0].data;
+  c.out = a.out;
+  c.in_dtype = a.in[0].dtype;
+  c.out_dtype = a.out_dtype;
+  c.ndim = a.ndim;
+  for (int d = 0; d < a.ndim; ++d) {
+    c.sizes[d] = a.sizes[d];
+    c.in_strides[d] = a.in[0].strides[d];
+    c.out_strides[d] = a.out_strides[d];
+  }
+  const bool same = c.in_dtype == c.out_dtype;
+  const int es = dtype_size(c.out_dtype);
+
+  // Transpose-like: unit strides on different dimensions of the two sides.
+  int p = -1, q = -1;
+  for (int d = 0; d < c.ndim; ++d) {
+    if (c.out_strides[d] == 1) p = d;
+    if (c.in_strides[d] == 1) q = d;
+  }
+  if (p >= 0 && q >= 0 && p != q && c.in_strides[p] != 1 && c.sizes[p] >= 8 && c.sizes[q] >= 8) {
+    c.p = p;
+    c.q = q;
+    c.tiles_p = (c.sizes[p] + kTile - 1) / kTile;
+    c.tiles_q = (c.sizes[q] + kTile - 1) / kTile;
+    c.numel = c.tiles_p * c.tiles_q * (a.numel / (c.sizes[p] * c.sizes[q]));
+    const int64_t cap = int64_t(1) << 20;
+    const unsigned grid = static_cast<unsigned>(c.numel < cap ? c.numel : cap);
+    if (!same) launch_cast<kTransposed>(c, a.compute, grid, s);
+    else if (es == 1) launch_copy<kTransposed, RawMove<uint8_t>>(c, grid, s);
+    else if (es == 2) launch_copy<kTransposed, RawMove<uint16_t>>(c, grid, s);
+    else if (es == 4) launch_copy<kTransposed, RawMove<uint32_t>>(c, grid, s);
+    else launch_copy<kTransposed, RawMove<uint64_t>>(c, grid, s);
+    return;
+  }
+
+  c.numel = a.numel;
+  if (!same) {
+    launch_cast<kPacked>(c, a.compute, grid_for(c.numel), s);
+    return;
+  }
+  // Widest pack W (bytes) that every pointer, stride and the inner extent allow.
+  int w = es;
+  const int last = c.ndim - 1;  // -1: a single element, every extent was 1
+  if (last >= 0 && c.in_strides[last] == 1 && c.out_strides[last] == 1) {
+    for (int cand = 16; cand > es; cand /= 2) {
+      const int64_t per = cand / es;  // elements per pack
+      bool ok = reinterpret_cast<uintptr_t>(c.in) % cand == 0 && reinterpret_cast<uintptr_t>(c.out) % cand == 0 &&
+                c.sizes[last] % per == 0;
+      for (int d = 0; ok && d < last; ++d) ok = c.in_strides[d] % per == 0 && c.out_strides[d] % per == 0;
+      if (ok) {
+        w = cand;
+        break;
+      }
+    }
+  }
+  if (w > es) {
+    const int64_t per = w / es;
+    c.sizes[last] /= per;
+    for (int d = 0; d < last; ++d) {
+      c.in_strides[d] /= per;
+      c.out_strides[d] /= per;
+    }
+    c.numel = a.numel / per;
+  }
+  const unsigned grid = grid_for(c.numel);
+  switch (w) {
+    case 1: launch_copy<kPacked, RawMove<uint8_t>>(c, grid, s); break;
+    case 2: launch_copy<kPacked, RawMove<uint16_t>>(c, grid, s); break;
+    case 4: launch_copy<kPacked, RawMove<uint32_t>>(c, grid, s); break;
+    case 8: launch_copy<kPacked, RawMove<uint64_t>>(c, grid, s); break;
+    default: launch_copy<kPacked, RawMove<uint4>>(c, grid, s); break;
+  }
+}
+
 }  // namespace
 
 int elementwise_launch(const ElementwiseArgs& a, void* stream) {
   if (a.numel == 0) return cudaSuccess;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (vectorizable(a)) {
+  if (a.family == kCopy && !a.in[0].is_scalar && !vectorizable(a)) {
+    copy_launch(a, s);
+  } else if (vectorizable(a)) {
     const int vec = a.out_dtype == kF32 ? 4 : 8;
     const unsigned grid = grid_for((a.numel + vec - 1) / vec);
     if (a.out_dtype == kF32) vectorized_kernel<float><<<grid, kThreads, 0, s>>>(a);

@@ -1,14 +1,35 @@
 // SIMT GEMM fallback: correct for every shape, stride and dtype the CuTeDSL
 // kernels cannot take (extents below a tile, strides or pointers that break
 // TMA's 16-byte rule, GPUs other than sm_90, fp32 inputs, epilogue and
-// accumulate combinations without an AOT specialization).
+// accumulate combinations without an AOT specialization).  It is also the
+// fp32 GEMM (there is no tf32 path) and the bf16 GEMM of narrow outputs
+// (N = 10 or 36 classes), so it is a tiled SGEMM rather than a reference loop.
 //
-// Design: 64x64 output tile per 256-thread block, each thread a 4x4 register
-// block; A and B K-slices of 16 staged through shared memory as fp32 (so the
-// arithmetic is fp32 FMA for every input dtype).  Loads use the general
-// strides and are bounds-checked, so nothing needs padding.  The epilogue is
-// the same as the tensor-core kernel's: (+ D) (+ bias[n]) (GELU-tanh) or
-// (* gelu'(pre-activation)).  Speed is not the goal here.
+// Design: a 256-thread block computes a BM x BN tile of D; each thread owns a
+// TM x TN register tile made of 4x4 blocks spaced BM/(TM/4) rows and
+// BN/(TN/4) columns apart, so its shared-memory reads are float4 loads that
+// the 16 threads of a half-warp take from consecutive addresses (no bank
+// conflicts).  A and B are staged as fp32 (every input dtype converts on
+// load, the arithmetic is fp32 FMA) in two shared-memory buffers of BK
+// k-slices: while the block computes on one, each thread already holds its
+// share of the next slice in registers and stores it into the other buffer,
+// so there is one __syncthreads per slice.  Global loads follow whichever of
+// the operand's strides is 1 (k-major or m/n-major) so that neighbouring
+// threads read neighbouring addresses; every load and store is predicated, so
+// any M, N, K (odd, below a tile) and any strides work without padding.
+// Shared rows are padded by 4 floats against bank conflicts on the
+// k-major stores while keeping float4 alignment.
+// Grid: x over N tiles, y over M tiles, z over the batch; y and z loop, so
+// more than 65535 M tiles or batch entries are fine.
+// Epilogue as the tensor-core kernel's: (+ D) (+ bias[n]) (GELU-tanh) or
+// (* gelu'(pre-activation)).
+//
+// Tile configurations (chosen per call in launch_for_input):
+//   128x128x8, 8x8 per thread   large outputs
+//   64x64x16,  4x4 per thread   outputs with too few 128x128 tiles to fill the GPU
+//   128x32x16, 4x4 per thread   narrow N (<= 48: classifier heads)
+// AOT specializations: each configuration for inputs bf16 / fp16 / fp32 and
+// outputs bf16 / fp16 / fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,8 +39,8 @@
 namespace cutegrad {
 namespace {
 
-constexpr int kTile = 64;
-constexpr int kSlice = 16;
+constexpr int kThreads = 256;
+constexpr int kPad = 4;
 constexpr float kGeluK0 = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float kGeluK1 = 0.044715f;
 
@@ -34,76 +55,163 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-template <typename TIn, typename TOut>
-__global__ void __launch_bounds__(256) gemm_simt_kernel(GemmArgs g) {
-  __shared__ float sA[kSlice][kTile + 1];
-  __shared__ float sB[kSlice][kTile + 1];
-  const TIn* A = static_cast<const TIn*>(g.a) + blockIdx.z * g.a_sl;
-  const TIn* B = static_cast<const TIn*>(g.b) + blockIdx.z * g.b_sl;
-  TOut* D = static_cast<TOut*>(g.d) + blockIdx.z * g.d_sl;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  float acc[4][4] = {};
+// One operand's (rows x BK) slice, rows being M for A and N for B: element
+// (r, k) sits at base[r * s_r + k * s_k].  Thread t holds elements
+// e = t + i * kThreads of the slice; when s_k == 1 consecutive e walk k,
+// otherwise they walk r.
+template <typename TIn, int ROWS, int BK>
+struct SliceLoader {
+  static constexpr int kPer = ROWS * BK / kThreads;
+  static_assert(ROWS * BK % kThreads == 0, "slice must split evenly over the block");
+  float v[kPer];
 
-  for (int64_t k0 = 0; k0 < g.k; k0 += kSlice) {
-    for (int i = threadIdx.x; i < kSlice * kTile; i += 256) {
-      int kk = i / kTile, rr = i % kTile;
-      int64_t m = m0 + rr, n = n0 + rr, k = k0 + kk;
-      sA[kk][rr] = (m < g.m && k < g.k) ? to_f32(A[m * g.a_sm + k * g.a_sk]) : 0.f;
-      sB[kk][rr] = (n < g.n && k < g.k) ? to_f32(B[k * g.b_sk + n * g.b_sn]) : 0.f;
+  __device__ __forceinline__ void load(const TIn* base, int64_t r0, int64_t rows, int64_t s_r, int64_t k0,
+                                       int64_t k_ext, int64_t s_k, bool k_fast) {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int r = k_fast ? e / BK : e % ROWS;
+      const int k = k_fast ? e % BK : e / ROWS;
+      const int64_t gr = r0 + r, gk = k0 + k;
+      v[i] = (gr < rows && gk < k_ext) ? to_f32(base[gr * s_r + gk * s_k]) : 0.f;
     }
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kSlice; ++kk) {
-      float a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = sA[kk][ty + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = sB[kk][tx + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-    }
-    __syncthreads();
   }
 
+  __device__ __forceinline__ void store(float (*smem)[ROWS + kPad], bool k_fast) const {
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = threadIdx.x + i * kThreads;
+      const int r = k_fast ? e / BK : e % ROWS;
+      const int k = k_fast ? e % BK : e / ROWS;
+      smem[k][r] = v[i];
+    }
+  }
+};
+
+// Two blocks per SM fit the 4x4 configurations in 128 registers without
+// spilling; the 8x8 one needs more than 128 and runs one block per SM.
+template <typename TIn, typename TOut, int BM, int BN, int BK, int TM, int TN>
+__global__ void __launch_bounds__(kThreads, (TM * TN > 16 ? 1 : 2)) gemm_simt_kernel(GemmArgs g) {
+  static_assert((BM / TM) * (BN / TN) == kThreads, "one register tile per thread");
+  static_assert(TM % 4 == 0 && TN % 4 == 0, "register tiles are made of 4x4 blocks");
+  constexpr int kThreadsN = BN / TN;
+  constexpr int kGroupsM = TM / 4, kGroupsN = TN / 4;
+  constexpr int kGroupStrideM = BM / kGroupsM, kGroupStrideN = BN / kGroupsN;
+  __shared__ __align__(16) float sA[2][BK][BM + kPad];
+  __shared__ __align__(16) float sB[2][BK][BN + kPad];
+
+  const int tn = threadIdx.x % kThreadsN, tm = threadIdx.x / kThreadsN;
+  const bool a_k_fast = g.a_sk == 1 && g.a_sm != 1;
+  const bool b_k_fast = g.b_sk == 1 && g.b_sn != 1;
+  const int64_t m_tiles = (g.m + BM - 1) / BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const TOut* bias = static_cast<const TOut*>(g.bias);
-  const TOut* aux = g.aux ? static_cast<const TOut*>(g.aux) + blockIdx.z * g.aux_sl : nullptr;
   const bool add_bias = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
   const bool gelu = g.epilogue == Epilogue::gelu || g.epilogue == Epilogue::bias_gelu;
   const bool gelu_bwd = g.epilogue == Epilogue::gelu_bwd;
+
+  for (int64_t l = blockIdx.z; l < g.batch; l += gridDim.z) {
+    const TIn* A = static_cast<const TIn*>(g.a) + l * g.a_sl;
+    const TIn* B = static_cast<const TIn*>(g.b) + l * g.b_sl;
+    TOut* D = static_cast<TOut*>(g.d) + l * g.d_sl;
+    const TOut* aux = g.aux ? static_cast<const TOut*>(g.aux) + l * g.aux_sl : nullptr;
+    for (int64_t mt = blockIdx.y; mt < m_tiles; mt += gridDim.y) {
+      const int64_t m0 = mt * BM;
+      float acc[TM][TN];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int64_t m = m0 + ty + 16 * i;
-    if (m >= g.m) continue;
+      for (int i = 0; i < TM; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      int64_t n = n0 + tx + 16 * j;
-      if (n >= g.n) continue;
-      float v = acc[i][j];
-      if (g.accumulate) v += to_f32(D[m * g.d_sm + n]);
-      if (add_bias) v += to_f32(bias[n]);
-      if (gelu) v = 0.5f * v * (1.f + tanhf(kGeluK0 * (v + kGeluK1 * v * v * v)));
-      if (gelu_bwd) {
-        float x = to_f32(aux[m * g.aux_sm + n]);
-        float t = tanhf(kGeluK0 * (x + kGeluK1 * x * x * x));
-        v *= 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kGeluK0 * (1.f + 3.f * kGeluK1 * x * x);
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.f;
+
+      SliceLoader<TIn, BM, BK> la;
+      SliceLoader<TIn, BN, BK> lb;
+      la.load(A, m0, g.m, g.a_sm, 0, g.k, g.a_sk, a_k_fast);
+      lb.load(B, n0, g.n, g.b_sn, 0, g.k, g.b_sk, b_k_fast);
+      la.store(sA[0], a_k_fast);
+      lb.store(sB[0], b_k_fast);
+      __syncthreads();
+      int buf = 0;
+      for (int64_t k0 = 0; k0 < g.k; k0 += BK) {
+        const bool has_next = k0 + BK < g.k;
+        if (has_next) {
+          la.load(A, m0, g.m, g.a_sm, k0 + BK, g.k, g.a_sk, a_k_fast);
+          lb.load(B, n0, g.n, g.b_sn, k0 + BK, g.k, g.b_sk, b_k_fast);
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+          float a[TM], b[TN];
+#pragma unroll
+          for (int gi = 0; gi < kGroupsM; ++gi) {
+            const float4 v = *reinterpret_cast<const float4*>(&sA[buf][kk][gi * kGroupStrideM + tm * 4]);
+            a[gi * 4 + 0] = v.x; a[gi * 4 + 1] = v.y; a[gi * 4 + 2] = v.z; a[gi * 4 + 3] = v.w;
+          }
+#pragma unroll
+          for (int gj = 0; gj < kGroupsN; ++gj) {
+            const float4 v = *reinterpret_cast<const float4*>(&sB[buf][kk][gj * kGroupStrideN + tn * 4]);
+            b[gj * 4 + 0] = v.x; b[gj * 4 + 1] = v.y; b[gj * 4 + 2] = v.z; b[gj * 4 + 3] = v.w;
+          }
+#pragma unroll
+          for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        if (has_next) {
+          // The other buffer was last read before the previous barrier, so it is free.
+          la.store(sA[buf ^ 1], a_k_fast);
+          lb.store(sB[buf ^ 1], b_k_fast);
+        }
+        __syncthreads();
+        buf ^= 1;
       }
-      D[m * g.d_sm + n] = from_f32<TOut>(v);
+
+#pragma unroll
+      for (int i = 0; i < TM; ++i) {
+        const int64_t m = m0 + (i / 4) * kGroupStrideM + tm * 4 + i % 4;
+        if (m >= g.m) continue;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+          const int64_t n = n0 + (j / 4) * kGroupStrideN + tn * 4 + j % 4;
+          if (n >= g.n) continue;
+          float v = acc[i][j];
+          if (g.accumulate) v += to_f32(D[m * g.d_sm + n]);
+          if (add_bias) v += to_f32(bias[n]);
+          if (gelu) v = 0.5f * v * (1.f + tanhf(kGeluK0 * (v + kGeluK1 * v * v * v)));
+          if (gelu_bwd) {
+            const float x = to_f32(aux[m * g.aux_sm + n]);
+            const float t = tanhf(kGeluK0 * (x + kGeluK1 * x * x * x));
+            v *= 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kGeluK0 * (1.f + 3.f * kGeluK1 * x * x);
+          }
+          D[m * g.d_sm + n] = from_f32<TOut>(v);
+        }
+      }
     }
   }
 }
 
+unsigned clamp_grid(int64_t v, int64_t cap) { return static_cast<unsigned>(v < 1 ? 1 : (v < cap ? v : cap)); }
+
+template <typename TIn, typename TOut, int BM, int BN, int BK, int TM, int TN>
+void launch_tile(const GemmArgs& g, cudaStream_t stream) {
+  dim3 grid(clamp_grid((g.n + BN - 1) / BN, 0x7fffffff), clamp_grid((g.m + BM - 1) / BM, 65535),
+            clamp_grid(g.batch, 65535));
+  gemm_simt_kernel<TIn, TOut, BM, BN, BK, TM, TN><<<grid, kThreads, 0, stream>>>(g);
+}
+
+template <typename TIn, typename TOut>
+void launch_for_output(const GemmArgs& g, cudaStream_t stream) {
+  const int64_t sms = g.max_ctas > 0 ? g.max_ctas : 132;
+  const int64_t big_tiles = ((g.m + 127) / 128) * ((g.n + 127) / 128) * g.batch;
+  if (g.n <= 48) launch_tile<TIn, TOut, 128, 32, 16, 4, 4>(g, stream);
+  else if (big_tiles >= sms) launch_tile<TIn, TOut, 128, 128, 8, 8, 8>(g, stream);
+  else launch_tile<TIn, TOut, 64, 64, 16, 4, 4>(g, stream);
+}
+
 template <typename TIn>
 cudaError_t launch_for_input(const GemmArgs& g, cudaStream_t stream) {
-  dim3 grid(static_cast<unsigned>((g.n + kTile - 1) / kTile), static_cast<unsigned>((g.m + kTile - 1) / kTile),
-            static_cast<unsigned>(g.batch));
   switch (g.out_dtype) {
-    case DType::bf16: gemm_simt_kernel<TIn, __nv_bfloat16><<<grid, 256, 0, stream>>>(g); break;
-    case DType::fp16: gemm_simt_kernel<TIn, __half><<<grid, 256, 0, stream>>>(g); break;
-    case DType::fp32: gemm_simt_kernel<TIn, float><<<grid, 256, 0, stream>>>(g); break;
+    case DType::bf16: launch_for_output<TIn, __nv_bfloat16>(g, stream); break;
+    case DType::fp16: launch_for_output<TIn, __half>(g, stream); break;
+    case DType::fp32: launch_for_output<TIn, float>(g, stream); break;
   }
   return cudaGetLastError();
 }
@@ -111,6 +219,7 @@ cudaError_t launch_for_input(const GemmArgs& g, cudaStream_t stream) {
 }  // namespace
 
 int gemm_fallback_launch(const GemmArgs& g, void* stream) {
+  if (g.m == 0 || g.n == 0 || g.batch == 0) return cudaSuccess;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (g.in_dtype) {
     case DType::bf16: return launch_for_input<__nv_bfloat16>(g, s);
