@@ -31,8 +31,9 @@
 //    are moved as raw words; when the innermost dimension is unit-stride on
 //    both sides, pointers, the inner extent and every other stride allow it,
 //    W-byte packs (W up to 16) replace elements, so a permute that keeps the
-//    innermost dimension moves 16 bytes per thread.  Casts move one element
-//    per thread through the compute type.
+//    innermost dimension moves 16 bytes per load.  Casts move elements
+//    through the compute type.  Each thread issues 4 independent loads
+//    before its stores, to keep enough bytes in flight per SM.
 // Both use 32-bit index and offset arithmetic when the element count and the
 // offset span of both sides fit in int32.
 //
@@ -312,8 +313,10 @@ __global__ void __launch_bounds__(kThreads) vectorized_kernel(const ElementwiseA
   for (int k = 0; k < 3; ++k) s[k] = static_cast<float>(a.in[k].scalar_f);
   for (int64_t v = first; v < n_vec; v += stride) {
     Pack in[3], out;
-    for (int k = 0; k < a.nin; ++k)
-      if (!a.in[k].is_scalar) in[k] = static_cast<const Pack*>(a.in[k].data)[v];
+    // Fully unrolled so in[] is indexed by constants and stays in registers.
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+      if (k < a.nin && !a.in[k].is_scalar) in[k] = static_cast<const Pack*>(a.in[k].data)[v];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       float x = a.in[0].is_scalar ? s[0] : widen(in[0].v[j]);
@@ -399,22 +402,43 @@ template <> struct IndexTypes<false> {
   using O = int64_t;
 };
 
+// Each thread keeps kCopyUnroll independent loads in flight before storing:
+// one 4-byte element per thread is far too little traffic per SM to cover
+// HBM latency (casts and sub-16-byte words need it most).
+constexpr int kCopyUnroll = 4;
+
 template <typename Move, bool kNarrow>
 __global__ void __launch_bounds__(kThreads) packed_copy_kernel(const CopyArgs a) {
   using I = typename IndexTypes<kNarrow>::I;
   using O = typename IndexTypes<kNarrow>::O;
+  using V = typename Move::Value;
   const I n = static_cast<I>(a.numel);
-  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += static_cast<I>(gridDim.x) * kThreads) {
-    I rem = i;
-    O off_in = 0, off_out = 0;
-    for (int d = a.ndim - 1; d >= 0; --d) {
-      const I size = static_cast<I>(a.sizes[d]);
-      const O c = static_cast<O>(rem % size);
-      rem /= size;
-      off_in += c * static_cast<O>(a.in_strides[d]);
-      off_out += c * static_cast<O>(a.out_strides[d]);
+  const I chunk = static_cast<I>(kThreads) * kCopyUnroll;
+  for (I first = static_cast<I>(blockIdx.x) * chunk + threadIdx.x; first < n;
+       first += static_cast<I>(gridDim.x) * chunk) {
+    V v[kCopyUnroll];
+    O off_out[kCopyUnroll];
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      const I i = first + static_cast<I>(u) * kThreads;
+      if (i >= n) break;
+      I rem = i;
+      O off_in = 0, off_o = 0;
+      for (int d = a.ndim - 1; d >= 0; --d) {
+        const I size = static_cast<I>(a.sizes[d]);
+        const O c = static_cast<O>(rem % size);
+        rem /= size;
+        off_in += c * static_cast<O>(a.in_strides[d]);
+        off_o += c * static_cast<O>(a.out_strides[d]);
+      }
+      off_out[u] = off_o;
+      v[u] = Move::load(a.in, a.in_dtype, off_in);
     }
-    Move::store(a.out, a.out_dtype, off_out, Move::load(a.in, a.in_dtype, off_in));
+#pragma unroll
+    for (int u = 0; u < kCopyUnroll; ++u) {
+      if (first + static_cast<I>(u) * kThreads >= n) break;
+      Move::store(a.out, a.out_dtype, off_out[u], v[u]);
+    }
   }
 }
 
@@ -450,7 +474,9 @@ __global__ void __launch_bounds__(kThreads) transpose_copy_kernel(const CopyArgs
     }
     // Read: lanes walk the source's unit-stride dimension q.
     const I iq_read = q0 + lane;
-    for (int j = row; j < kTile; j += kTileRows) {
+#pragma unroll
+    for (int r = 0; r < kTile / kTileRows; ++r) {
+      const int j = row + r * kTileRows;
       const I ip = p0 + j;
       if (ip < ext_p && iq_read < ext_q)
         tile[j][lane] = static_cast<S>(Move::load(a.in, a.in_dtype, base_in + static_cast<O>(iq_read) * in_q +
@@ -459,7 +485,9 @@ __global__ void __launch_bounds__(kThreads) transpose_copy_kernel(const CopyArgs
     __syncthreads();
     // Write: lanes walk the destination's unit-stride dimension p.
     const I ip_write = p0 + lane;
-    for (int j = row; j < kTile; j += kTileRows) {
+#pragma unroll
+    for (int r = 0; r < kTile / kTileRows; ++r) {
+      const int j = row + r * kTileRows;
       const I iq = q0 + j;
       if (ip_write < ext_p && iq < ext_q)
         Move::store(a.out, a.out_dtype, base_out + static_cast<O>(iq) * out_q + static_cast<O>(ip_write) * out_p,
@@ -550,7 +578,7 @@ void copy_launch(const ElementwiseArgs& a, cudaStream_t s) {
 
   c.numel = a.numel;
   if (!same) {
-    launch_cast<kPacked>(c, a.compute, grid_for(c.numel), s);
+    launch_cast<kPacked>(c, a.compute, grid_for((c.numel + kCopyUnroll - 1) / kCopyUnroll), s);
     return;
   }
   // Widest pack W (bytes) that every pointer, stride and the inner extent allow.
@@ -577,7 +605,7 @@ void copy_launch(const ElementwiseArgs& a, cudaStream_t s) {
     }
     c.numel = a.numel / per;
   }
-  const unsigned grid = grid_for(c.numel);
+  const unsigned grid = grid_for((c.numel + kCopyUnroll - 1) / kCopyUnroll);
   switch (w) {
     case 1: launch_copy<kPacked, RawMove<uint8_t>>(c, grid, s); break;
     case 2: launch_copy<kPacked, RawMove<uint16_t>>(c, grid, s); break;
