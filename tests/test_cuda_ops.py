@@ -386,6 +386,120 @@ def test_logsumexp(dtype):
     check("logsumexp", x, (1,), False)
 
 
+# Two-stage paths (per-chunk partials in a workspace, then a combining launch):
+# column sums of tall (R, C) inputs, reductions over leading dims of 3-d
+# inputs and full reductions; small cases take the one-launch path.
+COLUMN_CASES = [(r, c) for r in (1, 3, 1000, 20481) for c in (1, 7, 256, 3071) if r * c <= 6_000_000]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_reduce_columns_of_tall_inputs(dtype):
+    rng = np.random.default_rng(40)
+    for r, c in COLUMN_CASES:
+        x = rand(rng, (r, c), dtype)
+        for code in (C.SUM, C.MEAN, C.MAX, C.MIN):
+            scale = {C.SUM: 3.0 * r, C.MEAN: 3.0}.get(code)
+            check("reduce", code, x, (0,), False, dtype, scale=scale)
+        check("reduce", C.SUM, x, (0,), True, dt.float32, scale=3.0 * r)
+        check("argreduce", C.ARGMAX, x, 0, False)
+        check("argreduce", C.ARGMIN, x, 0, True)
+        if r > 1:
+            check("var", x, (0,), 1, False, scale=1.0)
+        check("logsumexp", x, (0,), False, scale=1.0)
+
+
+def test_reduce_columns_of_float64_and_integers():
+    rng = np.random.default_rng(41)
+    for r, c in [(20481, 7), (1000, 256), (3, 3071)]:
+        x = rand(rng, (r, c), dt.float64)
+        check("reduce", C.SUM, x, (0,), False, dt.float64, scale=3.0 * r)
+        check("var", x, (0,), 0, False, scale=1.0)
+        check("argreduce", C.ARGMAX, x, 0, False)
+        xi = rand(rng, (r, c), dt.int32, -5, 5)
+        check("reduce", C.SUM, xi, (0,), False, dt.int64)
+        check("reduce", C.MAX, xi, (0,), False, dt.int32)
+        check("argreduce", C.ARGMIN, xi, 0, False)  # many ties: the first index wins
+        xb = rand(rng, (r, c), dt.bool_)
+        check("reduce", C.ANY, xb, (0,), False, dt.bool_)
+        check("reduce", C.ALL, xb, (0,), False, dt.bool_)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_reduce_leading_dims_of_3d(dtype):
+    rng = np.random.default_rng(42)
+    for shape in [(3, 1000, 7), (8, 2049, 7), (20, 1024, 256), (1, 20481, 3), (64, 80, 33)]:
+        x = rand(rng, shape, dtype)
+        for dims in [(0,), (0, 1), (1,)]:
+            n = math.prod(shape[d] for d in dims)
+            check("reduce", C.SUM, x, dims, False, dt.float32, scale=3.0 * n)
+            check("reduce", C.MEAN, x, dims, False, dtype, scale=3.0)
+            check("reduce", C.MAX, x, dims, False, dtype)
+        check("argreduce", C.ARGMAX, x, 1, False)
+        check("var", x, (0, 1), 0, False, scale=1.0)
+        check("logsumexp", x, (1,), False, scale=1.0)
+        # the same reductions over a transposed (non-contiguous) view
+        xt = x.transpose(0, 2)
+        check("reduce", C.SUM, xt, (1, 2), False, dt.float32, scale=3.0 * shape[0] * shape[1])
+
+
+@pytest.mark.parametrize("n", [1, 2, 129, 1000, 65537, 1_000_003, 10_000_000])
+def test_full_reductions(n):
+    rng = np.random.default_rng(43)
+    dtypes = [dt.float32] if n == 10_000_000 else FLOATS + [dt.float64]
+    for dtype in dtypes:
+        x = rand(rng, (n,), dtype)
+        check("reduce", C.SUM, x, (0,), False, dt.float32 if dtype is not dt.float64 else dtype, scale=3.0 * n)
+        check("reduce", C.MEAN, x, (0,), False, dtype, scale=3.0)
+        check("reduce", C.MAX, x, (0,), False, dtype)
+        check("reduce", C.MIN, x, (0,), True, dtype)
+        check("argreduce", C.ARGMAX, x, None, False)
+        check("argreduce", C.ARGMIN, x, None, False)
+        if n > 1:
+            check("var", x, (0,), 1, False, scale=1.0)
+        check("logsumexp", x, (0,), False, scale=1.0)
+    x2 = rand(rng, (n // 7 + 1, 7), dt.float32)  # 2-d, all dims
+    check("reduce", C.SUM, x2, (0, 1), False, dt.float32, scale=3.0 * x2.numel())
+    check("reduce", C.SUM, x2.t(), (0, 1), False, dt.float32, scale=3.0 * x2.numel())
+    if n <= 1_000_003:
+        xi = rand(rng, (n,), dt.int64, -3, 3)
+        check("reduce", C.SUM, xi, (0,), False, dt.int64)
+        check("argreduce", C.ARGMAX, xi, None, False)  # ties everywhere: the first index
+        xb = rand(rng, (n,), dt.bool_)
+        check("reduce", C.ANY, xb, (0,), False, dt.bool_)
+        check("reduce", C.ALL, xb, (0,), False, dt.bool_)
+
+
+def test_argmax_ties_and_nan_in_long_reductions_take_the_first_index():
+    n = 1_000_003
+    vals = np.zeros(n)
+    vals[[5000, 700_000, 999_999]] = 2.0  # the maximum three times, in different chunks
+    vals[[123, 800_000]] = -2.0
+    x = cutegrad.tensor(vals, dtype=dt.float32)
+    assert values(impl("argreduce", CUDA)(C.ARGMAX, cuda_of(x), None, False)) == 5000
+    assert values(impl("argreduce", CUDA)(C.ARGMIN, cuda_of(x), None, False)) == 123
+    vals[[600_000, 900_000]] = np.nan
+    x = cutegrad.tensor(vals, dtype=dt.float32)
+    assert values(impl("argreduce", CUDA)(C.ARGMAX, cuda_of(x), None, False)) == 600_000
+    assert np.isnan(values(impl("reduce", CUDA)(C.MAX, cuda_of(x), (0,), False, dt.float32)))
+    assert np.isnan(values(impl("reduce", CUDA)(C.SUM, cuda_of(x), (0,), False, dt.float32)))
+    col = np.zeros((20481, 5))
+    col[[17, 9000, 20480], 2] = 1.0
+    col[10_000, 4] = np.nan
+    xc = cutegrad.tensor(col, dtype=dt.bfloat16)
+    got = values(impl("argreduce", CUDA)(C.ARGMAX, cuda_of(xc), 0, False))
+    np.testing.assert_array_equal(got, [0, 0, 17, 0, 10_000])
+
+
+def test_two_stage_reductions_are_deterministic():
+    rng = np.random.default_rng(44)
+    x = cuda_of(rand(rng, (20481, 256), dt.float32))
+    first = values(impl("reduce", CUDA)(C.SUM, x, (0,), False, dt.float32))
+    for _ in range(3):
+        np.testing.assert_array_equal(values(impl("reduce", CUDA)(C.SUM, x, (0,), False, dt.float32)), first)
+    full = values(impl("reduce", CUDA)(C.SUM, x, (0, 1), False, dt.float32))
+    np.testing.assert_array_equal(values(impl("reduce", CUDA)(C.SUM, x, (0, 1), False, dt.float32)), full)
+
+
 # --- matmul ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_matmul(dtype):
@@ -464,6 +578,38 @@ def test_norm_backward_kernels(dtype):
             for got, ref in grads:
                 assert got.dtype is dtype
                 assert_close(got, ref, dtype, scale=4.0 * max(1, rows) ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_norm_backward_parameter_gradients_of_many_rows(dtype):
+    """dweight/dbias of tall inputs take the two-stage column sum; float64 autograd on the CPU as reference."""
+    from cutegrad.backends.cuda import layer_norm_backward, rms_norm_backward
+    F = cutegrad.nn.functional
+    rng = np.random.default_rng(45)
+    for rows, n in [(1, 3071), (3, 7), (1000, 256), (1000, 3071), (20481, 1), (20481, 7), (20481, 256)]:
+        x = rand(rng, (rows, n), dtype, -2, 5)
+        w32 = rand(rng, (n,), dt.float32, 0.5, 1.5)  # fp32 master weights, as under autocast
+        b32 = rand(rng, (n,), dt.float32, -1, 1)
+        dy = rand(rng, (rows, n), dtype, -1, 1)
+        x64, w64, b64 = (t.to(dt.float64).detach().requires_grad_(True) for t in (x, w32, b32))
+        (F.layer_norm(x64, (n,), w64, b64, 1e-5) * dy.to(dt.float64)).sum().backward()
+        _, mean, rstd = impl("layer_norm", CUDA)(cuda_of(x), 1, cuda_of(w32), cuda_of(b32), 1e-5)
+        dx, dw, db = layer_norm_backward(cuda_of(dy), cuda_of(x), 1, cuda_of(w32), mean, rstd)
+        assert dw.dtype is dt.float32 and db.dtype is dt.float32
+        tol = 4.0 * rows ** 0.5
+        assert_close(dx, x64.grad, dtype, scale=tol)
+        assert_close(dw, w64.grad, dt.float32 if dtype is dt.float32 else dtype, scale=tol)
+        assert_close(db, b64.grad, dt.float32 if dtype is dt.float32 else dtype, scale=tol)
+        _, db_only = layer_norm_backward(cuda_of(dy), cuda_of(x), 1, None, mean, rstd)[1:]
+        assert_close(db_only, b64.grad, dt.float32 if dtype is dt.float32 else dtype, scale=tol)
+        x64, w64 = (t.to(dt.float64).detach().requires_grad_(True) for t in (x, w32))
+        (F.rms_norm(x64, (n,), w64, 1e-6) * dy.to(dt.float64)).sum().backward()
+        _, rstd = impl("rms_norm", CUDA)(cuda_of(x), 1, cuda_of(w32), 1e-6)
+        dx, dw = rms_norm_backward(cuda_of(dy), cuda_of(x), 1, cuda_of(w32), rstd)
+        assert_close(dx, x64.grad, dtype, scale=tol)
+        assert_close(dw, w64.grad, dt.float32 if dtype is dt.float32 else dtype, scale=tol)
+        again = rms_norm_backward(cuda_of(dy), cuda_of(x), 1, cuda_of(w32), rstd)[1]
+        np.testing.assert_array_equal(values(again), values(dw))  # fixed summation order
 
 
 # --- indexing ---------------------------------------------------------------------------
@@ -746,7 +892,11 @@ def test_bad_arguments_raise_before_launch():
     with pytest.raises(ValueError, match="null pointer"):
         _C.elementwise(5, 0, 0, (3,), 1, 8, (1,), 0, 8, (1,), None, 0, -1, (), None, 0, -1, (), None, None, None, 0)
     with pytest.raises(ValueError, match="empty reduction"):
-        _C.reduce(202, 0, 1, 8, (3, 0), (0, 1), [1], 1, 8, 0.0, 0)
+        _C.reduce(202, 0, 1, 8, (3, 0), (0, 1), [1], 1, 8, 0.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="workspace is a null pointer"):
+        _C.reduce(200, 0, 1, 8, (3, 4), (4, 1), [0], 1, 8, 0.0, 0, 64, 0)
+    with pytest.raises(ValueError, match="negative workspace"):
+        _C.norm_backward(1, 1, 8, 3, 4, 0, 8, 1, 1, 8, 1, 1, 8, 1, 8, False, 0, -8, 0)
     with pytest.raises(ValueError, match="index must be an integer"):
         _C.gather((2,), 0, 2, 1, 8, (1,), 1, 8, (1,), 1, 8, (1,), 0)
     with pytest.raises(ValueError, match="multiple of 4"):

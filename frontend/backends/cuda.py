@@ -313,9 +313,29 @@ def _reduce_into(code, compute, x, dims, keepdim, out_dtype, correction=0.0):
     else:
         shape = tuple(n for d, n in enumerate(x._shape) if d not in dset)
     out = _empty(shape, out_dtype, dev, stream)
+    n_out = numel_of(shape)
+    ws_bytes = _split_workspace_bytes(n_out, numel_of(x._shape) // n_out if n_out else 0, _REDUCE_ACC_BYTES)
+    ws = _empty((ws_bytes,), dt.uint8, dev, stream) if ws_bytes else None
     _lib().reduce(code, compute, _ptr(x), x._dtype.index, x._shape, x._strides, list(dims), _ptr(out),
-                  out_dtype.index, float(correction), stream)
+                  out_dtype.index, float(correction), _ptr(ws) if ws is not None else 0, ws_bytes, stream)
     return out
+
+
+# Upper bound of the workspace of a two-stage reduction (reduce_split in
+# kernels/cuda/ops_args.h): split <= min(1024, ceil(1024 / tiles), n_reduce /
+# 64) with tiles >= ceil(n_out / 32), and no split once tiles >= 512.  A
+# smaller workspace only makes the kernel split less, so the bound may be loose.
+_REDUCE_ACC_BYTES = 24  # the largest partial: Welford (n, mean, m2) in fp64
+_SPLIT_TARGET_BLOCKS = 1024
+_SPLIT_MIN_CHUNK = 64
+
+
+def _split_workspace_bytes(n_out, n_reduce, acc_bytes):
+    if n_out == 0 or n_out >= 32 * (_SPLIT_TARGET_BLOCKS // 2) or n_reduce < 2 * _SPLIT_MIN_CHUNK:
+        return 0
+    tiles = -(-n_out // 32)
+    split = min(_SPLIT_TARGET_BLOCKS, -(-_SPLIT_TARGET_BLOCKS // tiles), n_reduce // _SPLIT_MIN_CHUNK)
+    return n_out * split * acc_bytes if split >= 2 else 0
 
 
 def _norm_dims(x, dims):
@@ -505,9 +525,13 @@ def _norm_backward(dy, x, weight, mean, rstd, nd, want_dweight, want_dbias, rms)
     dbias = _empty(pshape, pdt, dev, stream) if want_dbias else None
     rstd = _contig(rstd, stream)
     mean = None if rms else _contig(mean, stream)
+    # dweight and dbias partials in the accumulation type (fp64 for fp64 inputs)
+    ws_bytes = _split_workspace_bytes(n, rows, 16) if (want_dweight or want_dbias) else 0
+    ws = _empty((ws_bytes,), dt.uint8, dev, stream) if ws_bytes else None
     _lib().norm_backward(_ptr(dy), _ptr(x), x._dtype.index, rows, n, wp, wd, 0 if rms else _ptr(mean), _ptr(rstd),
                          rstd._dtype.index, _ptr(dx), _ptr(dweight) if dweight is not None else 0, pdt.index,
-                         _ptr(dbias) if dbias is not None else 0, pdt.index, rms, stream)
+                         _ptr(dbias) if dbias is not None else 0, pdt.index, rms,
+                         _ptr(ws) if ws is not None else 0, ws_bytes, stream)
     return dx, dweight, dbias
 
 

@@ -240,8 +240,14 @@ void elementwise(int family, int code, int compute, const Dims& shape, uintptr_t
 
 // ---- reductions -----------------------------------------------------------
 
+void check_workspace(const char* op, uintptr_t workspace, int64_t workspace_bytes) {
+  if (workspace_bytes < 0) fail(op, "negative workspace size " + std::to_string(workspace_bytes));
+  if (workspace_bytes > 0 && workspace == 0) fail(op, "workspace is a null pointer but its size is nonzero");
+}
+
 void reduce(int code, int compute, uintptr_t x, int x_dtype, const Dims& shape, const Dims& strides,
-            const std::vector<int>& dims, uintptr_t out, int out_dtype, double correction, uintptr_t stream) {
+            const std::vector<int>& dims, uintptr_t out, int out_dtype, double correction, uintptr_t workspace,
+            int64_t workspace_bytes, uintptr_t stream) {
   const char* op = "reduce";
   const bool known = (code >= kSum && code <= kArgMin) || code == kVar || code == kLogSumExp;
   if (!known) fail(op, "unknown reduction code " + std::to_string(code));
@@ -272,6 +278,9 @@ void reduce(int code, int compute, uintptr_t x, int x_dtype, const Dims& shape, 
   a.code = code;
   a.compute = compute;
   a.correction = correction;
+  check_workspace(op, workspace, workspace_bytes);
+  a.workspace = reinterpret_cast<void*>(workspace);
+  a.workspace_bytes = workspace_bytes;
   a.n_out = numel_of(op, kept_shape);
   a.n_reduce = numel_of(op, red_shape);
   if (a.n_out == 0) return;
@@ -343,7 +352,8 @@ void norm(uintptr_t x, uintptr_t y, int dtype, int64_t rows, int64_t n, uintptr_
 
 void norm_backward(uintptr_t dy, uintptr_t x, int dtype, int64_t rows, int64_t n, uintptr_t weight, int weight_dtype,
                    uintptr_t mean, uintptr_t rstd, int stat_dtype, uintptr_t dx, uintptr_t dweight, int dweight_dtype,
-                   uintptr_t dbias, int dbias_dtype, bool rms, uintptr_t stream) {
+                   uintptr_t dbias, int dbias_dtype, bool rms, uintptr_t workspace, int64_t workspace_bytes,
+                   uintptr_t stream) {
   const char* op = rms ? "rms_norm_backward" : "layer_norm_backward";
   check_float_dtype(op, dtype, "input");
   check_float_dtype(op, stat_dtype, "statistics");
@@ -352,6 +362,7 @@ void norm_backward(uintptr_t dy, uintptr_t x, int dtype, int64_t rows, int64_t n
   if (dbias) check_float_dtype(op, dbias_dtype, "dbias");
   if (rms && (mean || dbias)) fail(op, "rms_norm has no mean and no bias");
   if (rows < 0 || n < 0) fail(op, "negative extent");
+  check_workspace(op, workspace, workspace_bytes);
   if (n == 0) return;
   if (rows) {
     check_ptr(op, dy, "dy");
@@ -377,6 +388,8 @@ void norm_backward(uintptr_t dy, uintptr_t x, int dtype, int64_t rows, int64_t n
   a.rows = rows;
   a.n = n;
   a.rms = rms ? 1 : 0;
+  a.workspace = reinterpret_cast<void*>(workspace);
+  a.workspace_bytes = workspace_bytes;
   check_cuda(norm_backward_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
