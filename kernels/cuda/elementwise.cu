@@ -12,7 +12,8 @@
 //  * strided: any strides, any dtype per operand.  A linear index is split
 //    into coordinates (32-bit division when the extent allows) and dotted
 //    with each operand's strides; loads and stores go through a runtime dtype
-//    switch into the compute type.
+//    switch into the compute type.  Each thread loads 4 elements (a block
+//    stride apart, so warps stay coalesced) before computing and storing.
 // The op is chosen by a (family, code) switch inside the loop; it is uniform
 // over the launch, so it is a predictable branch, not divergence.
 //
@@ -270,34 +271,60 @@ template <typename C> __device__ __forceinline__ C scalar_of(const Operand& op) 
   else return static_cast<C>(op.scalar_i);
 }
 
+// Elements per thread per iteration of the strided kernel: all loads are
+// issued before the first store, so each thread has several independent
+// memory requests in flight (one 2-4 byte element per thread leaves HBM
+// latency-bound).
+constexpr int kStridedUnroll = 4;
+
 template <typename C, typename I>
 __global__ void __launch_bounds__(kThreads) strided_kernel(const ElementwiseArgs a) {
   const I n = static_cast<I>(a.numel);
-  for (I i = static_cast<I>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += static_cast<I>(gridDim.x) * kThreads) {
+  const I chunk = static_cast<I>(kThreads) * kStridedUnroll;
+  for (I first = static_cast<I>(blockIdx.x) * chunk + threadIdx.x; first < n;
+       first += static_cast<I>(gridDim.x) * chunk) {
     if (a.family == kArange) {
-      if constexpr (std::is_floating_point<C>::value) {
-        store_from<double>(a.out, a.out_dtype, i * a.out_strides[0], a.p0 + static_cast<double>(i) * a.p1);
-      } else {
-        store_from<int64_t>(a.out, a.out_dtype, i * a.out_strides[0], a.i0 + static_cast<int64_t>(i) * a.i1);
+#pragma unroll
+      for (int u = 0; u < kStridedUnroll; ++u) {
+        const I i = first + static_cast<I>(u) * kThreads;
+        if (i >= n) break;
+        if constexpr (std::is_floating_point<C>::value) {
+          store_from<double>(a.out, a.out_dtype, i * a.out_strides[0], a.p0 + static_cast<double>(i) * a.p1);
+        } else {
+          store_from<int64_t>(a.out, a.out_dtype, i * a.out_strides[0], a.i0 + static_cast<int64_t>(i) * a.i1);
+        }
       }
       continue;
     }
-    int64_t off_out = 0, off0 = 0, off1 = 0, off2 = 0;
-    I rem = i;
-    for (int d = a.ndim - 1; d >= 0; --d) {
-      const I size = static_cast<I>(a.sizes[d]);
-      const I c = rem % size;
-      rem /= size;
-      off_out += static_cast<int64_t>(c) * a.out_strides[d];
-      off0 += static_cast<int64_t>(c) * a.in[0].strides[d];
-      off1 += static_cast<int64_t>(c) * a.in[1].strides[d];
-      off2 += static_cast<int64_t>(c) * a.in[2].strides[d];
+    C x[kStridedUnroll], y[kStridedUnroll], z[kStridedUnroll];
+    int64_t off_out[kStridedUnroll];
+#pragma unroll
+    for (int u = 0; u < kStridedUnroll; ++u) {
+      const I i = first + static_cast<I>(u) * kThreads;
+      if (i >= n) break;
+      int64_t off_o = 0, off0 = 0, off1 = 0, off2 = 0;
+      I rem = i;
+      for (int d = a.ndim - 1; d >= 0; --d) {
+        const I size = static_cast<I>(a.sizes[d]);
+        const I c = rem % size;
+        rem /= size;
+        off_o += static_cast<int64_t>(c) * a.out_strides[d];
+        off0 += static_cast<int64_t>(c) * a.in[0].strides[d];
+        off1 += static_cast<int64_t>(c) * a.in[1].strides[d];
+        off2 += static_cast<int64_t>(c) * a.in[2].strides[d];
+      }
+      off_out[u] = off_o;
+      x[u] = a.in[0].is_scalar ? scalar_of<C>(a.in[0]) : load_as<C>(a.in[0].data, a.in[0].dtype, off0);
+      y[u] = C(0);
+      z[u] = C(0);
+      if (a.nin > 1) y[u] = a.in[1].is_scalar ? scalar_of<C>(a.in[1]) : load_as<C>(a.in[1].data, a.in[1].dtype, off1);
+      if (a.nin > 2) z[u] = a.in[2].is_scalar ? scalar_of<C>(a.in[2]) : load_as<C>(a.in[2].data, a.in[2].dtype, off2);
     }
-    C x = a.in[0].is_scalar ? scalar_of<C>(a.in[0]) : load_as<C>(a.in[0].data, a.in[0].dtype, off0);
-    C y = C(0), z = C(0);
-    if (a.nin > 1) y = a.in[1].is_scalar ? scalar_of<C>(a.in[1]) : load_as<C>(a.in[1].data, a.in[1].dtype, off1);
-    if (a.nin > 2) z = a.in[2].is_scalar ? scalar_of<C>(a.in[2]) : load_as<C>(a.in[2].data, a.in[2].dtype, off2);
-    store_from<C>(a.out, a.out_dtype, off_out, apply<C>(a, x, y, z));
+#pragma unroll
+    for (int u = 0; u < kStridedUnroll; ++u) {
+      if (first + static_cast<I>(u) * kThreads >= n) break;
+      store_from<C>(a.out, a.out_dtype, off_out[u], apply<C>(a, x[u], y[u], z[u]));
+    }
   }
 }
 
@@ -356,8 +383,9 @@ unsigned grid_for(int64_t work) {
 
 template <typename C>
 void launch_strided(const ElementwiseArgs& a, cudaStream_t s) {
-  if (a.numel < (int64_t(1) << 31)) strided_kernel<C, uint32_t><<<grid_for(a.numel), kThreads, 0, s>>>(a);
-  else strided_kernel<C, uint64_t><<<grid_for(a.numel), kThreads, 0, s>>>(a);
+  const unsigned grid = grid_for((a.numel + kStridedUnroll - 1) / kStridedUnroll);
+  if (a.numel < (int64_t(1) << 31)) strided_kernel<C, uint32_t><<<grid, kThreads, 0, s>>>(a);
+  else strided_kernel<C, uint64_t><<<grid, kThreads, 0, s>>>(a);
 }
 
 // ---- copies ----------------------------------------------------------------
