@@ -1,4 +1,6 @@
 """matmul (batched, broadcast), bmm, linear."""
+import math
+
 from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor
@@ -37,8 +39,9 @@ def _shared_b_grad(a, b, g):
     transposed weight of `linear`), the product is formed as (g^T a)^T so the
     gradient reaching the weight is contiguous and needs no transposed copy.
     """
-    a2 = reshape(a, -1, a._shape[-1])
-    g2 = reshape(g, -1, g._shape[-1])
+    rows = math.prod(a._shape[:-1])  # explicit: -1 cannot be inferred when K or N is 0
+    a2 = reshape(a, rows, a._shape[-1])
+    g2 = reshape(g, rows, g._shape[-1])
     if b._strides[0] == 1 and b._strides[1] != 1 and b._shape[0] > 1 and b._shape[1] > 1:
         return transpose(_matmul2(transpose(g2, 0, 1), a2), 0, 1)
     return _matmul2(transpose(a2, 0, 1), g2)
