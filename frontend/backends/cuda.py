@@ -314,7 +314,11 @@ def _reduce_into(code, compute, x, dims, keepdim, out_dtype, correction=0.0):
         shape = tuple(n for d, n in enumerate(x._shape) if d not in dset)
     out = _empty(shape, out_dtype, dev, stream)
     n_out = numel_of(shape)
-    ws_bytes = _split_workspace_bytes(n_out, numel_of(x._shape) // n_out if n_out else 0, _REDUCE_ACC_BYTES)
+    n_reduce = numel_of(x._shape) // n_out if n_out else 0
+    # Reducing the unit-stride last dim runs in inner mode, where one block
+    # holds at most 8 outputs (reduce.cu): rows enough for 512 blocks never split.
+    rows_fill_grid = dims and dims[-1] == len(x._shape) - 1 and x._strides[-1] == 1 and n_out >= 8 * 512
+    ws_bytes = 0 if rows_fill_grid else _split_workspace_bytes(n_out, n_reduce, _REDUCE_ACC_BYTES)
     ws = _empty((ws_bytes,), dt.uint8, dev, stream) if ws_bytes else None
     _lib().reduce(code, compute, _ptr(x), x._dtype.index, x._shape, x._strides, list(dims), _ptr(out),
                   out_dtype.index, float(correction), _ptr(ws) if ws is not None else 0, ws_bytes, stream)
