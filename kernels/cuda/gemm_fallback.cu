@@ -58,33 +58,39 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // One operand's (rows x BK) slice, rows being M for A and N for B: element
 // (r, k) sits at base[r * s_r + k * s_k].  Thread t holds elements
 // e = t + i * kThreads of the slice; when s_k == 1 consecutive e walk k,
-// otherwise they walk r.
+// otherwise they walk r.  Since ROWS and BK divide kThreads, a thread's
+// elements share one k (k-fast) or one r (r-fast) and step evenly in the
+// other, so one pointer and one stride address all of them.
 template <typename TIn, int ROWS, int BK>
 struct SliceLoader {
   static constexpr int kPer = ROWS * BK / kThreads;
-  static_assert(ROWS * BK % kThreads == 0, "slice must split evenly over the block");
+  static_assert(ROWS * BK % kThreads == 0 && kThreads % ROWS == 0 && kThreads % BK == 0,
+                "slice must split evenly over the block");
   float v[kPer];
 
   __device__ __forceinline__ void load(const TIn* base, int64_t r0, int64_t rows, int64_t s_r, int64_t k0,
                                        int64_t k_ext, int64_t s_k, bool k_fast) {
+    const int r_first = k_fast ? threadIdx.x / BK : threadIdx.x % ROWS;
+    const int k_first = k_fast ? threadIdx.x % BK : threadIdx.x / ROWS;
+    const int r_step = k_fast ? kThreads / BK : 0;
+    const int k_step = k_fast ? 0 : kThreads / ROWS;
+    const int64_t gr0 = r0 + r_first, gk0 = k0 + k_first;
+    const TIn* p = base + gr0 * s_r + gk0 * s_k;
+    const int64_t step = r_step * s_r + k_step * s_k;
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      const int r = k_fast ? e / BK : e % ROWS;
-      const int k = k_fast ? e % BK : e / ROWS;
-      const int64_t gr = r0 + r, gk = k0 + k;
-      v[i] = (gr < rows && gk < k_ext) ? to_f32(base[gr * s_r + gk * s_k]) : 0.f;
+      const bool inside = gr0 + i * r_step < rows && gk0 + i * k_step < k_ext;
+      v[i] = inside ? to_f32(p[i * step]) : 0.f;
     }
   }
 
   __device__ __forceinline__ void store(float (*smem)[ROWS + kPad], bool k_fast) const {
+    const int r_first = k_fast ? threadIdx.x / BK : threadIdx.x % ROWS;
+    const int k_first = k_fast ? threadIdx.x % BK : threadIdx.x / ROWS;
+    const int r_step = k_fast ? kThreads / BK : 0;
+    const int k_step = k_fast ? 0 : kThreads / ROWS;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int e = threadIdx.x + i * kThreads;
-      const int r = k_fast ? e / BK : e % ROWS;
-      const int k = k_fast ? e % BK : e / ROWS;
-      smem[k][r] = v[i];
-    }
+    for (int i = 0; i < kPer; ++i) smem[k_first + i * k_step][r_first + i * r_step] = v[i];
   }
 };
 
