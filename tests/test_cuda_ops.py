@@ -1011,3 +1011,26 @@ def test_large_permutes_cover_grid_stride_and_every_tile():
         y = rand(rng, (1031, 769), dtype)
         got = impl("contiguous", CUDA)(cuda_of(y).t())
         np.testing.assert_array_equal(values(got), values(y).T)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_row_broadcast_operands(dtype):
+    """(..., N) op (N,) as a bias add issues it: the vectorized kernel's row-broadcast path when N is a
+    multiple of 16 bytes, the strided kernel when it is not or the row is off the 16-byte grid."""
+    rng = np.random.default_rng(15)
+    for shape in [(1, 8), (3, 16), (65, 24), (7, 33), (5, 768), (2, 3, 64), (4, 12)]:
+        n = shape[-1]
+        a = rand(rng, shape, dtype)
+        b = rand(rng, (n,), dtype)
+        check("binary", C.ADD, a, b, dtype, dtype, scale=1.0)
+        check("binary", C.MUL, b, a, dtype, dtype)
+        check("where", rand(rng, shape, dt.bool_), a, b, dtype)
+        # a row one element into a buffer: not 16-byte aligned
+        wide = rand(rng, (n + 1,), dtype)
+        got = impl("binary", CUDA)(C.ADD, cuda_of(a), cuda_of(wide)[1:], dtype, dtype)
+        ref = impl("binary", CPU)(C.ADD, f64(a), f64(wide)[1:], dt.float64, dt.float64)
+        assert_close(got, ref, dtype, scale=1.0)
+        # broadcast copy into a poisoned destination
+        dst = cutegrad.full(shape, float("nan"), dtype=dtype, device="cuda")
+        impl("copy_", CUDA)(dst, cuda_of(b))
+        np.testing.assert_array_equal(values(dst), np.broadcast_to(values(b), shape))

@@ -8,7 +8,9 @@
 //  * vectorized: every tensor operand is contiguous, of the output's dtype
 //    (fp32, fp16 or bf16) and 16-byte aligned.  Each thread moves 16 bytes
 //    per operand with one vector load/store; the ragged tail (< one vector)
-//    is done element by element by the first threads.
+//    is done element by element by the first threads.  Also 2-d launches
+//    whose rows are a multiple of 16 bytes where an operand repeats one row
+//    (a bias add): that operand's pack index is taken modulo the row.
 //  * strided: any strides, any dtype per operand.  A linear index is split
 //    into coordinates (32-bit division when the extent allows) and dotted
 //    with each operand's strides; loads and stores go through a runtime dtype
@@ -337,13 +339,25 @@ __global__ void __launch_bounds__(kThreads) vectorized_kernel(const ElementwiseA
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   float s[3];
-  for (int k = 0; k < 3; ++k) s[k] = static_cast<float>(a.in[k].scalar_f);
+  bool row_bcast[3];
+  // 2-d launches: operands with row stride 0 (a bias) repeat one row of row_len elements.
+  const int64_t row_len = a.ndim == 2 ? a.sizes[1] : n;
+  const int64_t row_packs = row_len / kVec;
+  const bool narrow_mod = n_vec < (int64_t(1) << 32);
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    s[k] = static_cast<float>(a.in[k].scalar_f);
+    row_bcast[k] = a.ndim == 2 && a.in[k].strides[0] == 0;
+  }
   for (int64_t v = first; v < n_vec; v += stride) {
     Pack in[3], out;
+    const int64_t col = a.ndim != 2 ? v
+                        : (narrow_mod ? static_cast<int64_t>(static_cast<uint32_t>(v) % static_cast<uint32_t>(row_packs))
+                                      : v % row_packs);
     // Fully unrolled so in[] is indexed by constants and stays in registers.
 #pragma unroll
     for (int k = 0; k < 3; ++k)
-      if (k < a.nin && !a.in[k].is_scalar) in[k] = static_cast<const Pack*>(a.in[k].data)[v];
+      if (k < a.nin && !a.in[k].is_scalar) in[k] = static_cast<const Pack*>(a.in[k].data)[row_bcast[k] ? col : v];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       float x = a.in[0].is_scalar ? s[0] : widen(in[0].v[j]);
@@ -353,6 +367,7 @@ __global__ void __launch_bounds__(kThreads) vectorized_kernel(const ElementwiseA
     }
     static_cast<Pack*>(a.out)[v] = out;
   }
+  // Only 1-d launches have a tail: 2-d ones have row_len % kVec == 0.
   const int64_t tail = n_vec * kVec + first;
   if (tail < n) {
     float x = a.in[0].is_scalar ? s[0] : widen(static_cast<const T*>(a.in[0].data)[tail]);
@@ -365,11 +380,18 @@ __global__ void __launch_bounds__(kThreads) vectorized_kernel(const ElementwiseA
 bool vectorizable(const ElementwiseArgs& a) {
   if (a.family == kArange || a.compute != kComputeF32) return false;
   if (a.out_dtype != kF32 && a.out_dtype != kF16 && a.out_dtype != kBF16) return false;
-  if (a.ndim != 1 || a.out_strides[0] != 1 || reinterpret_cast<uintptr_t>(a.out) % 16) return false;
+  // 1-d contiguous, or 2-d rows (contiguous output, rows a multiple of 16
+  // bytes) where some operands broadcast one row along the other dimension.
+  if (a.ndim < 1 || a.ndim > 2) return false;
+  const int last = a.ndim - 1;
+  const int64_t vec = a.out_dtype == kF32 ? 4 : 8;
+  if (a.out_strides[last] != 1 || reinterpret_cast<uintptr_t>(a.out) % 16) return false;
+  if (a.ndim == 2 && (a.out_strides[0] != a.sizes[1] || a.sizes[1] % vec != 0)) return false;
   for (int k = 0; k < a.nin; ++k) {
     const Operand& op = a.in[k];
     if (op.is_scalar) continue;
-    if (op.dtype != a.out_dtype || op.strides[0] != 1 || reinterpret_cast<uintptr_t>(op.data) % 16) return false;
+    if (op.dtype != a.out_dtype || op.strides[last] != 1 || reinterpret_cast<uintptr_t>(op.data) % 16) return false;
+    if (a.ndim == 2 && op.strides[0] != a.sizes[1] && op.strides[0] != 0) return false;
   }
   return true;
 }
