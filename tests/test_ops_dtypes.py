@@ -161,3 +161,13 @@ def test_unary_ops_on_every_dtype_match_torch(name):
         assert got.dtype.name == str(want.dtype).replace("torch.", ""), op
         np.testing.assert_allclose(got.to(cg.float64).numpy(), want.to(torch.float64).numpy(), rtol=1e-2, atol=1e-2,
                                    equal_nan=True, err_msg=op)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_float64_to_16_bit_rounds_through_float32_as_torch(dtype):
+    # Just above a float32-exact tie: rounding once goes up, through float32 (torch) goes to even.
+    x = [1 + 2.0 ** -11 + 2.0 ** -40, 1 + 2.0 ** -8 + 2.0 ** -30, -97.75 - 2.0 ** -35]
+    got = cg.tensor(x, dtype=cg.float64).to(getattr(cg, dtype)).double().tolist()
+    torch = pytest.importorskip("torch")
+    expect = torch.tensor(x, dtype=torch.float64).to(getattr(torch, dtype)).double().tolist()
+    assert got == expect

@@ -87,7 +87,11 @@ def copy_(dst, src):
 
 @register("cast", CPU)
 def cast(x, dtype):
-    return from_numpy_owned(x._np.astype(dtype.np), dtype)
+    a = x._np
+    if a.dtype == np.float64 and dtype is dt.float16:
+        # Through float32, rounding twice, as PyTorch does (NumPy rounds once).
+        a = a.astype(np.float32)
+    return from_numpy_owned(a.astype(dtype.np), dtype)
 
 
 @register("contiguous", CPU)

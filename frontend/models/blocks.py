@@ -28,10 +28,11 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         hs = C // self.n_heads
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.reshape(B, T, self.n_heads, hs).transpose(1, 2)
-        k = k.reshape(B, T, self.n_heads, hs).transpose(1, 2)
-        v = v.reshape(B, T, self.n_heads, hs).transpose(1, 2)
+        # One copy to (3, B, heads, T, hs) makes q, k and v batched-contiguous, so the
+        # attention GEMMs read them in place; per-head views of the fused projection
+        # have no single batch stride and would each be copied before every GEMM.
+        qkv = self.qkv(x).reshape(B, T, 3, self.n_heads, hs).permute(2, 0, 3, 1, 4).contiguous()
+        q, k, v = qkv[0], qkv[1], qkv[2]
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=self.causal)
         y = y.transpose(1, 2).reshape(B, T, C)

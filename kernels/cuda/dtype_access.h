@@ -56,14 +56,10 @@ __device__ __forceinline__ void store_from(void* base, int dtype, int64_t off, C
     case kI16: static_cast<int16_t*>(base)[off] = to_int<int16_t>(v); break;
     case kI32: static_cast<int32_t*>(base)[off] = to_int<int32_t>(v); break;
     case kI64: static_cast<int64_t*>(base)[off] = static_cast<int64_t>(v); break;
-    case kF16:
-      if constexpr (std::is_same<C, double>::value) static_cast<__half*>(base)[off] = __double2half(v);
-      else static_cast<__half*>(base)[off] = __float2half_rn(static_cast<float>(v));
-      break;
-    case kBF16:
-      if constexpr (std::is_same<C, double>::value) static_cast<__nv_bfloat16*>(base)[off] = __double2bfloat16(v);
-      else static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(static_cast<float>(v));
-      break;
+    // Doubles reach the 16-bit types through float, rounding twice, as PyTorch
+    // (and ml_dtypes for bfloat16) do, so the three agree bit for bit.
+    case kF16: static_cast<__half*>(base)[off] = __float2half_rn(static_cast<float>(v)); break;
+    case kBF16: static_cast<__nv_bfloat16*>(base)[off] = __float2bfloat16_rn(static_cast<float>(v)); break;
     case kF32: static_cast<float*>(base)[off] = static_cast<float>(v); break;
     default: static_cast<double*>(base)[off] = static_cast<double>(v); break;
   }
