@@ -330,11 +330,15 @@ def test_fused_create_graph_on_gpu_matches_cpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
-def test_fused_out_of_range_target_gives_nan_without_a_sync():
+def test_fused_out_of_range_target_raises_at_the_next_sync():
     x = cutegrad.randn(3, 4).to("cuda")
-    loss = F.cross_entropy(x, cutegrad.tensor([0, 9, 1], device="cuda"), reduction="none")
-    got = vals(loss)
+    loss = F.cross_entropy(x, cutegrad.tensor([0, 9, 1], device="cuda"), reduction="none")  # no sync here
+    with pytest.raises(IndexError, match=r"index 9 is out of bounds for dimension 1 with size 4 \(cross_entropy"):
+        cutegrad.cuda.synchronize()
+    got = vals(loss)  # the record was cleared: the process and the loss stay usable
     assert np.isnan(got[1]) and np.isfinite(got[[0, 2]]).all()
+    ok = F.cross_entropy(x, cutegrad.tensor([0, 3, 1], device="cuda"))
+    assert np.isfinite(vals(ok))
 
 
 @pytest.mark.gpu

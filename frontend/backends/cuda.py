@@ -1058,7 +1058,8 @@ def cross_entropy_rows(logits, target, ignore_index=-100, label_smoothing=0.0):
     loss = _empty((rows,), dt.float32, dev, stream)
     lse = _empty((rows,), dt.float32, dev, stream)
     _lib().cross_entropy(_ptr(logits), logits._dtype.index, _ptr(target), rows, classes, int(ignore_index),
-                         float(label_smoothing), _ptr(loss), _ptr(lse), stream)
+                         float(label_smoothing), _ptr(loss), _ptr(lse), stream,
+                         _index_errors.record_pointer(dev.index))
     return loss, lse
 
 

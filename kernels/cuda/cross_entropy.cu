@@ -11,7 +11,9 @@
 // the backward and no (rows, classes) probability tensor is ever stored.
 // Ignored rows get loss 0 and gradient 0; the mean over the rows that count
 // is the caller's (one reduction).  A target outside [0, classes) on a row
-// that is not ignored gives NaN, which the caller can detect without a sync.
+// that is not ignored gives a NaN loss and is reported to the device's index
+// error record (index_errors.h), so the host raises IndexError at its next
+// wait without a sync here.
 //
 // AOT specializations: logits fp32, fp16, bf16.
 #include <cuda_bf16.h>
@@ -20,11 +22,14 @@
 
 #include "block_reduce.h"
 #include "dtype_access.h"
+#include "index_errors.h"
 #include "ops_args.h"
 
 namespace cutegrad {
 namespace ops {
 namespace {
+
+constexpr int kCrossEntropyOp = 6;  // frontend/cuda/index_errors.py: CROSS_ENTROPY
 
 template <typename T>
 __global__ void __launch_bounds__(256) ce_forward_kernel(const CrossEntropyArgs a) {
@@ -51,6 +56,7 @@ __global__ void __launch_bounds__(256) ce_forward_kernel(const CrossEntropyArgs 
         a.loss[row] = 0.0f;
       } else if (t < 0 || t >= a.classes) {
         a.loss[row] = __int_as_float(0x7fc00000);
+        report_bad_index(a.error, kCrossEntropyOp, 1, t, a.classes);
       } else {
         const float ls = static_cast<float>(a.label_smoothing);
         a.loss[row] = lse - (1.0f - ls) * widen(x[t]) - ls * (sx / static_cast<float>(a.classes));

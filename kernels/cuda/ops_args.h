@@ -339,6 +339,7 @@ struct CrossEntropyArgs {
   float* lse;      // forward output, backward input
   const float* grad_rows;  // backward: upstream gradient per row
   void* grad_logits;       // backward output (logits dtype)
+  IndexErrorRecord* error;  // forward: where a target outside [0, classes) is reported (may be null)
 };
 
 int cross_entropy_forward_launch(const CrossEntropyArgs& args, void* stream);

@@ -694,12 +694,13 @@ CrossEntropyArgs ce_args(const char* op, uintptr_t logits, int dtype, uintptr_t 
 }
 
 void cross_entropy(uintptr_t logits, int dtype, uintptr_t target, int64_t rows, int64_t classes, int64_t ignore_index,
-                   double label_smoothing, uintptr_t loss, uintptr_t lse, uintptr_t stream) {
+                   double label_smoothing, uintptr_t loss, uintptr_t lse, uintptr_t stream, uintptr_t error) {
   const char* op = "cross_entropy";
   CrossEntropyArgs a = ce_args(op, logits, dtype, target, rows, classes, ignore_index, label_smoothing, lse);
   if (!rows) return;
   check_ptr(op, loss, "loss");
   a.loss = reinterpret_cast<float*>(loss);
+  a.error = reinterpret_cast<IndexErrorRecord*>(error);
   check_cuda(cross_entropy_forward_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
@@ -777,7 +778,10 @@ void register_ops(nb::module_& m) {
         nb::arg("scalar").none(), nb::arg("dst"), nb::arg("dst_dtype"), nb::arg("dst_strides"), nb::arg("accumulate"),
         nb::arg("stream"), nb::arg("error") = 0, nb::arg("error_op") = 0, nb::arg("error_dim") = 0,
         "dst[p with coordinate dim := index[p]] (+)= src[p] or a scalar; bad indices are skipped and recorded.");
-  m.def("cross_entropy", &cross_entropy, "Per-row cross-entropy loss and logsumexp of contiguous logits.");
+  m.def("cross_entropy", &cross_entropy, nb::arg("logits"), nb::arg("dtype"), nb::arg("target"), nb::arg("rows"),
+        nb::arg("classes"), nb::arg("ignore_index"), nb::arg("label_smoothing"), nb::arg("loss"), nb::arg("lse"),
+        nb::arg("stream"), nb::arg("error") = 0,
+        "Per-row cross-entropy loss and logsumexp of contiguous logits; bad targets are recorded at `error`.");
   m.def("cross_entropy_backward", &cross_entropy_backward, "Gradient of the per-row cross-entropy w.r.t. the logits.");
   m.def("cumsum", &cumsum, "Inclusive prefix sum along n of a contiguous (outer, n, inner) tensor.");
   m.def("sort", &sort, "Stable sort / top-count along n of a contiguous (outer, n, inner) tensor (values, indices).");
