@@ -18,14 +18,8 @@ cutegrad time, above 1 means cutegrad is faster).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import re
 import statistics
-import subprocess
-import sys
 import time
 
 SIZES = [(512, "512 B"), (4096, "4 KiB"), (1 << 20, "1 MiB"), (16 << 20, "16 MiB")]
@@ -63,9 +57,6 @@ def torch_loop(torch, nbytes):
     return run
 
 
-def gpu_slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,9 +65,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import torch
-    from cuda.bindings import driver as cu
 
-    import cutegrad
+    from bench.results_file import gpu_result, write_result
     from cutegrad.allocator import get_allocator
 
     torch.cuda.init()
@@ -94,32 +84,7 @@ def main(argv=None):
         print(f"{label:>7}: cutegrad {ours:.3f} us   torch {theirs:.3f} us   ratio {theirs / ours:.2f}")
     alloc.check_invariants()
 
-    device = torch.cuda.get_device_name(0)
-    api = cu.cuDriverGetVersion()[1]
-    driver = f"CUDA driver API {api // 1000}.{api % 1000 // 10}"
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, timeout=30)
-        if smi.returncode == 0 and smi.stdout.strip():
-            driver = f"{smi.stdout.strip()} ({driver})"
-    except (OSError, subprocess.TimeoutExpired):
-        pass  # the API version alone still identifies the driver generation
-    result = {
-        "device": device,
-        "driver": driver,
-        "versions": {"cutegrad": getattr(cutegrad, "__version__", "unknown"),
-                     "python": platform.python_version(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.allocator " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"allocator-{gpu_slug(device)}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"wrote {path}")
+    write_result(gpu_result("allocator", torch, rows, argv), args.out, "allocator")
 
 
 if __name__ == "__main__":

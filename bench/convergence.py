@@ -89,8 +89,7 @@ def main(argv=None):
 
     import cutegrad
     from cutegrad import train as T
-    from bench.allocator import gpu_slug
-    from bench.gemm import cutegrad_version, driver_version
+    from bench.results_file import cutegrad_version, driver_version, gpu_slug
     from bench.torch_models import cutegrad_weights
 
     torch.empty(1, device="cuda")  # PyTorch creates the primary context cutegrad shares

@@ -16,12 +16,8 @@ time / cutegrad time, above 1 means cutegrad is faster).
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import sys
 
 COPY_CASES = [
     # (name, shape, view as a function of (tensor, library), cast to bf16)
@@ -61,8 +57,7 @@ def main(argv=None):
     import torch
 
     import cutegrad
-    from bench.allocator import gpu_slug
-    from bench.gemm import driver_version
+    from bench.results_file import gpu_result, write_result
 
     torch.empty(1, device="cuda")  # PyTorch creates the primary context cutegrad shares
     torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 SGEMM against an fp32 SGEMM
@@ -120,22 +115,7 @@ def main(argv=None):
         theirs = time_ms(lambda: torch.matmul(a_t, b_t), event, iters, args.reps)
         record(f"fp32 GEMM {m}x{n}x{k} (SIMT vs cuBLAS, tf32 off)", ours, theirs, flops=2.0 * m * n * k)
 
-    device = torch.cuda.get_device_name(0)
-    result = {
-        "device": device,
-        "driver": driver_version(),
-        "versions": {"cutegrad": getattr(cutegrad, "__version__", "unknown"), "python": platform.python_version(),
-                     "torch": torch.__version__, "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.copies " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"copies-{gpu_slug(device)}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"wrote {path}")
+    write_result(gpu_result("copies", torch, rows, argv), args.out, "copies")
 
 
 if __name__ == "__main__":

@@ -609,7 +609,7 @@ def preset_for(name, args):
 
 
 def device_info(torch):
-    from bench.gemm import cutegrad_version, driver_version
+    from bench.results_file import cutegrad_version, driver_version
     return {
         "device": torch.cuda.get_device_name(0),
         "driver": driver_version(),
@@ -726,7 +726,7 @@ def comparison_rows(result):
 
 def result_path(out, device):
     """out/e2e-<gpu>.json, the GPU named as bench.allocator names it (nvidia-h200, ...)."""
-    from bench.allocator import gpu_slug
+    from bench.results_file import gpu_slug
     return os.path.join(out, f"e2e-{gpu_slug(device)}.json")
 
 

@@ -17,14 +17,14 @@ torch is the baseline (and the allocator here) only; cutegrad never needs it.
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
+
+from bench.results_file import cutegrad_version, driver_version
 
 # (workload, tokens per step, [(linear name, in features, out features)])
 WORKLOADS = [
@@ -85,29 +85,8 @@ def time_ms(torch, fn, sets, reps):
     return statistics.median(samples)
 
 
-def driver_version():
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=True).stdout
-        return out.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        from cuda.bindings import runtime as cudart
-
-        _, drv = cudart.cudaDriverGetVersion()
-        return f"CUDA driver API {drv // 1000}.{drv % 1000 // 10}"
-
-
-def cutegrad_version():
-    try:
-        return importlib.metadata.version("cutegrad")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not pip-installed
-        import tomllib
-
-        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml"), "rb") as f:
-            return tomllib.load(f)["project"]["version"] + "+source"
-
-
-def gpu_slug(name):
+def gemm_gpu_slug(name):
+    """The short device name of the GEMM results files (gemm-h100.json, gemm-h200.json)."""
     words = [w for w in name.lower().replace("nvidia", "").split() if w]
     return words[0] if words else "gpu"
 
@@ -211,7 +190,7 @@ def main():
     workload = [r["ratio"] for r in rows if r["workload"]]
     geo = math.exp(sum(map(math.log, workload)) / len(workload)) if workload else float("nan")
     os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"gemm-{gpu_slug(device)}")
+    base = os.path.join(args.out, f"gemm-{gemm_gpu_slug(device)}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=1)
     with open(base + ".md", "w") as f:

@@ -87,7 +87,7 @@ def cases(mod, F, device="cpu"):
 
 
 def versions(torch, device):
-    from bench.gemm import cutegrad_version
+    from bench.results_file import cutegrad_version
     cuda = torch.version.cuda if torch is not None and device == "cuda" else None
     return {"cutegrad": cutegrad_version(), "python": platform.python_version(),
             "torch": torch.__version__ if torch is not None else None, "cuda": cuda}
@@ -132,8 +132,7 @@ def main():
         print(f"{name:<38} {us:12.2f} {base if base else float('nan'):10.2f} {ratio if ratio else float('nan'):7.3f}"
               f"   (min {us_min:.2f} / {base_min if base_min else float('nan'):.2f})", flush=True)
 
-    from bench.gemm import driver_version
-    from bench.allocator import gpu_slug
+    from bench.results_file import driver_version, gpu_slug
     device = torch.cuda.get_device_name(0) if gpu else cpu_model()
     result = {
         "device": device,

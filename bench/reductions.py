@@ -22,13 +22,8 @@ cutegrad time, above 1 means cutegrad is faster).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 
@@ -36,9 +31,6 @@ L2_DEFEAT_BYTES = 160 << 20
 BATCHES = 7
 SLEEP_CYCLES_PER_LAUNCH = 200_000  # ~100 us of stream hold per queued launch: more than a launch's host time
 
-
-def gpu_slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def copies_for(nbytes):
@@ -71,16 +63,6 @@ def time_us(torch, fn, sets, reps):
     return statistics.median(samples)
 
 
-def driver_version():
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, timeout=30)
-        if smi.returncode == 0 and smi.stdout.strip():
-            return smi.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return "unknown"
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -92,6 +74,7 @@ def main(argv=None):
     import torch
 
     import cutegrad
+    from bench.results_file import gpu_result, write_result
     from cutegrad import dtypes as dt
     from cutegrad.device import CUDA
     from cutegrad.dispatch import kernel
@@ -174,22 +157,7 @@ def main(argv=None):
             theirs = time_us(torch, torch_fn, sets, args.reps)
             add(f"layer_norm backward {rows_}x{n} {dname}", ours, theirs, "aten.native_layer_norm_backward")
 
-    device = torch.cuda.get_device_name(0)
-    result = {
-        "device": device,
-        "driver": driver_version(),
-        "versions": {"cutegrad": getattr(cutegrad, "__version__", "unknown"), "python": platform.python_version(),
-                     "torch": torch.__version__, "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.reductions " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": rows,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"reductions-{gpu_slug(device)}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"wrote {path}")
+    write_result(gpu_result("reductions", torch, rows, argv), args.out, "reductions")
 
 
 if __name__ == "__main__":
