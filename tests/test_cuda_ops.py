@@ -1034,3 +1034,198 @@ def test_row_broadcast_operands(dtype):
         dst = cutegrad.full(shape, float("nan"), dtype=dtype, device="cuda")
         impl("copy_", CUDA)(dst, cuda_of(b))
         np.testing.assert_array_equal(values(dst), np.broadcast_to(values(b), shape))
+
+
+# --- causal softmax and the fused softmax backward (attention) ---------------------------
+CAUSAL_LS = [(1, 1), (3, 5), (5, 3), (17, 17), (128, 128), (1024, 1024)]
+
+
+def _torch_cuda():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA for the reference")
+    return torch
+
+
+def _torch_of(torch, t, dtype):
+    return torch.tensor(values(t), device="cuda").to(getattr(torch, dtype.name))
+
+
+def _causal_keep(L, S):
+    """The composite's mask in _sdpa: _tril(ones((L, S))) keeps column j of query row i where j <= i."""
+    return np.tril(np.ones((L, S), dtype=bool))
+
+
+# half the spacing of each dtype's subnormals: the absolute error of one rounding near 0
+SUBNORMAL_HALF_STEP = {dt.float32: 2.0 ** -150, dt.bfloat16: 2.0 ** -134, dt.float16: 2.0 ** -25}
+
+
+def _assert_within(got, ref, bound, what):
+    err = np.abs(values(got) - ref) if isinstance(got, cutegrad.Tensor) else np.abs(got - ref)
+    assert np.all(np.isfinite(err)), f"{what}: non-finite values"
+    assert np.all(err <= bound), f"{what}: max error {err.max()}, max excess {(err - bound).max()}"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("L,S", CAUSAL_LS)
+def test_softmax_causal(dtype, L, S):
+    """softmax_causal (CUDA only) against the CPU softmax in float64 of the masked_fill composite, and torch."""
+    rng = np.random.default_rng(31)
+    x = rand(rng, (2, 3, L, S), dtype, -10, 10)
+    keep = _causal_keep(L, S)
+    masked = np.where(keep, values(x), -np.inf)
+    ref = values(impl("softmax", CPU)(cutegrad.tensor(masked, dtype=dt.float64), 3, False))
+    got = impl("softmax_causal", CUDA)(cuda_of(x))
+    assert got.dtype is dtype and tuple(got.shape) == (2, 3, L, S)
+    g = values(got)
+    np.testing.assert_array_equal(g[..., ~keep], 0.0)  # exactly 0, not merely small
+    # as test_softmax: exp(x - max) carries the rounding of x - max
+    _assert_within(g, ref, TOL[dtype] * (np.abs(ref) + 1e-2), "against float64")
+    torch = _torch_cuda()
+    tx = _torch_of(torch, x, dtype)
+    tkeep = torch.tensor(keep, device="cuda")
+    tref = torch.softmax(tx.masked_fill(~tkeep, float("-inf")), -1).double().cpu().numpy()
+    _assert_within(g, tref, 2 * TOL[dtype] * (np.abs(ref) + 1e-2), "against torch")
+
+
+def test_softmax_causal_non_contiguous_and_bad_input():
+    rng = np.random.default_rng(32)
+    x = rand(rng, (2, 9, 7), dt.float32, -5, 5)
+    xt = cuda_of(x).transpose(1, 2)  # (2, 7, 9): a non-contiguous view
+    keep = _causal_keep(7, 9)
+    masked = np.where(keep, np.transpose(values(x), (0, 2, 1)), -np.inf)
+    ref = values(impl("softmax", CPU)(cutegrad.tensor(masked, dtype=dt.float64), 2, False))
+    _assert_within(impl("softmax_causal", CUDA)(xt), ref, TOL[dt.float32] * (np.abs(ref) + 1e-2), "view")
+    with pytest.raises(RuntimeError, match="softmax_causal"):
+        impl("softmax_causal", CUDA)(cuda_of(rand(rng, (5,), dt.float32)))
+
+
+def _softmax_grad_ref(y, dy, dim, log):
+    """float64 dx of softmax/log_softmax from the (rounded) output y and dy, and an error bound per element
+    of one rounding of each operation in the accumulation dtype."""
+    if log:
+        s = dy.sum(dim, keepdims=True)
+        return dy - np.exp(y) * s, np.abs(dy) + np.exp(y) * np.abs(dy).sum(dim, keepdims=True)
+    s = (dy * y).sum(dim, keepdims=True)
+    return y * (dy - s), np.abs(y) * (np.abs(dy) + np.abs(dy * y).sum(dim, keepdims=True))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_backward_kernel(dtype, log):
+    """softmax_backward (CUDA only) against float64 on the same rounded y and dy, and against torch's
+    _softmax_backward_data / _log_softmax_backward_data on the same GPU."""
+    rng = np.random.default_rng(33)
+    cases = [((2, 3, L, S), 3) for L, S in CAUSAL_LS] + [((7,), 0), ((3, 5), 0), ((2, 3, 4), 1), ((4, 1000), 1),
+                                                          ((2, 5000), 1), ((0, 3), 1), ((5, 1), 0)]
+    checked = []
+    for shape, dim in cases:
+        x = rand(rng, shape, dtype, -6, 6)
+        y = impl("softmax", CPU)(x, dim, log)  # rounded to dtype, as the forward saves it
+        dy = rand(rng, shape, dtype, -3, 3)
+        got = impl("softmax_backward", CUDA)(cuda_of(y), cuda_of(dy), dim, log)
+        assert got.dtype is dtype and tuple(got.shape) == shape
+        ref, mag = _softmax_grad_ref(values(y), values(dy), dim, log)
+        bound = TOL[dtype] * (np.abs(ref) + mag) + SUBNORMAL_HALF_STEP[dtype]
+        _assert_within(got, ref, bound, f"{shape} dim {dim} against float64")
+        checked.append((shape, dim, y, dy, got, bound))
+    torch = _torch_cuda()
+    for shape, dim, y, dy, got, bound in checked:
+        ty, tdy = _torch_of(torch, y, dtype), _torch_of(torch, dy, dtype)
+        tdata = torch._log_softmax_backward_data if log else torch._softmax_backward_data
+        tref = tdata(tdy, ty, dim, ty.dtype).double().cpu().numpy()
+        _assert_within(got, tref, 2 * bound, f"{shape} dim {dim} against torch")
+
+
+def test_softmax_backward_kernel_views_and_bad_input():
+    rng = np.random.default_rng(34)
+    y = impl("softmax", CPU)(rand(rng, (6, 5), dt.float32), 1, False)
+    dy = rand(rng, (5, 6), dt.float32)
+    # dy as a transposed view, y contiguous; dy in another dtype than y is cast to y's
+    got = impl("softmax_backward", CUDA)(cuda_of(y), cuda_of(dy).t(), 1, False)
+    ref, mag = _softmax_grad_ref(values(y), values(dy).T, 1, False)
+    _assert_within(got, ref, TOL[dt.float32] * (np.abs(ref) + mag), "view")
+    got = impl("softmax_backward", CUDA)(cuda_of(y), cuda_of(dy).t().to(dt.bfloat16), 1, False)
+    assert got.dtype is dt.float32
+    with pytest.raises(RuntimeError, match="softmax_backward: grad_output of shape"):
+        impl("softmax_backward", CUDA)(cuda_of(y), cuda_of(dy), 1, False)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_autograd_uses_fused_backward(dtype, log):
+    """cutegrad.softmax/log_softmax backward on CUDA (the fused kernel) against the CPU composite in float64;
+    with create_graph the composite runs on CUDA and agrees."""
+    rng = np.random.default_rng(35)
+    fn = cutegrad.log_softmax if log else cutegrad.softmax
+    for shape, dim in [((4, 33), 1), ((3, 17, 5), 1), ((2, 1024), -1)]:
+        x = rand(rng, shape, dtype, -4, 4)
+        g = rand(rng, shape, dtype, -2, 2)
+        xc = cuda_of(x).requires_grad_()
+        fn(xc, dim).backward(cuda_of(g))
+        x64 = f64(x).requires_grad_()
+        fn(x64, dim).backward(f64(g))
+        y = values(fn(x64, dim))
+        ref, mag = _softmax_grad_ref(y, values(g), dim % len(shape), log)
+        if log:  # y = log p is rounded relative to |y|, exp(y) then carries |y| times that error
+            mag = mag * (1.0 + np.abs(y))
+        # y itself is rounded to dtype on the GPU, and the create_graph composite rounds after each op
+        bound = 4 * (TOL[dtype] * (np.abs(ref) + mag) + SUBNORMAL_HALF_STEP[dtype])
+        _assert_within(xc.grad, values(x64.grad), bound, f"{shape} dim {dim}")
+        xg = cuda_of(x).requires_grad_()
+        (d,) = cutegrad.autograd.grad(fn(xg, dim), xg, cuda_of(g), create_graph=True)
+        _assert_within(d.detach(), values(x64.grad), bound, "create_graph")
+
+
+SDPA_CASES = [(1, 1, 1, 1, 32), (2, 3, 5, 9, 32), (2, 3, 9, 5, 64), (2, 3, 17, 17, 64), (1, 4, 128, 128, 128),
+              (1, 2, 1024, 1024, 64)]
+SDPA_TOL = {dt.float32: 2e-5, dt.bfloat16: 3e-2, dt.float16: 5e-3}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("B,H,L,S,D", SDPA_CASES)
+def test_sdpa_causal_forward_backward(dtype, B, H, L, S, D):
+    """scaled_dot_product_attention(is_causal=True) on CUDA (q scaled before the GEMM, causal softmax kernel,
+    fused softmax backward) against the CPU composite in float64 and torch on the same GPU: relative error
+    in norm of the output and of dq, dk, dv."""
+    F = cutegrad.nn.functional
+    rng = np.random.default_rng(36)
+    q, k, v = (rand(rng, (B, H, n, D), dtype, -1, 1) for n in (L, S, S))
+    g = rand(rng, (B, H, L, D), dtype, -1, 1)
+    dev = [cuda_of(t).requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*dev, is_causal=True)
+    assert out.dtype is dtype
+    out.backward(cuda_of(g))
+    ref_in = [f64(t).requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, is_causal=True)
+    ref.backward(f64(g))
+
+    def rel(a, b):
+        a, b = values(a), values(b)
+        assert np.all(np.isfinite(a))
+        return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+    tol = SDPA_TOL[dtype]
+    for name, a, b in [("out", out, ref)] + [(f"d{n}", t.grad, r.grad) for n, t, r in zip("qkv", dev, ref_in)]:
+        assert rel(a, b) <= tol, (name, rel(a, b))
+    torch = _torch_cuda()
+    tin = [_torch_of(torch, t, dtype).requires_grad_() for t in (q, k, v)]
+    tout = torch.nn.functional.scaled_dot_product_attention(*tin, is_causal=True)
+    tout.backward(_torch_of(torch, g, dtype))
+    for name, a, t in [("out", out, tout)] + [(f"d{n}", c.grad, tt.grad) for n, c, tt in zip("qkv", dev, tin)]:
+        tv = t.detach().double().cpu().numpy()
+        # fp32: torch's fused attention may accumulate in another order or precision than ours
+        assert np.linalg.norm(values(a) - tv) / max(np.linalg.norm(tv), 1e-30) <= max(2 * tol, 1e-4), name
+
+
+def test_sdpa_causal_under_autocast_runs_in_bf16():
+    """Under bf16 autocast the causal kernel runs in bf16 as the composite did; the result matches float64."""
+    F = cutegrad.nn.functional
+    rng = np.random.default_rng(37)
+    q, k, v = (rand(rng, (2, 2, 33, 32), dt.float32, -1, 1) for _ in range(3))
+    with cutegrad.autocast("cuda", dtype=dt.bfloat16):
+        out = F.scaled_dot_product_attention(cuda_of(q), cuda_of(k), cuda_of(v), is_causal=True)
+    assert out.dtype is dt.bfloat16
+    ref = F.scaled_dot_product_attention(*(f64(t) for t in (q, k, v)), is_causal=True)
+    err = np.linalg.norm(values(out) - values(ref)) / np.linalg.norm(values(ref))
+    assert err <= SDPA_TOL[dt.bfloat16], err

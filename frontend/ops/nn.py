@@ -17,6 +17,10 @@ from . import shape as S
 from .linalg import matmul
 
 _K_SOFTMAX = kernel("softmax").impl
+# Where a backend has them (CUDA): softmax with the causal mask applied in the
+# kernel (attention builds no mask tensor) and the fused softmax backward.
+_K_SOFTMAX_CAUSAL = kernel("softmax_causal").impl
+_K_SOFTMAX_BWD = kernel("softmax_backward").impl
 _K_LAYER_NORM = kernel("layer_norm").impl
 _K_RMS_NORM = kernel("rms_norm").impl
 _K_DROPOUT_MASK = kernel("bernoulli_scaled").impl
@@ -44,6 +48,10 @@ class SoftmaxBackward(Node):
 
     def backward(self, g):
         (y,) = self.saved_tensors
+        fused = _K_SOFTMAX_BWD[y._storage.device.backend]
+        if not _state.enabled and not getattr(fused, "missing", False):
+            return (fused(y, g, self.dim, self.log),)
+        # the composite: other backends, and create_graph (the kernel is not differentiable)
         if self.log:
             return (P.sub(g, P.mul(P.exp(y), R.sum(g, self.dim, keepdim=True))),)
         return (P.mul(y, P.sub(g, R.sum(P.mul(g, y), self.dim, keepdim=True))),)
@@ -468,8 +476,12 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, generator):
         raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
     L, Sk = query._shape[-2], key._shape[-2]
     s = scale if scale is not None else 1.0 / math.sqrt(query._shape[-1])
-    scores = P.mul(matmul(query, S.transpose(key, -2, -1)), s)
-    if is_causal:
+    # scale q rather than the (L, Sk) scores: the same math on a tensor Sk/hs times smaller
+    scores = matmul(P.mul(query, s), S.transpose(key, -2, -1))
+    fused_causal = is_causal and not getattr(_K_SOFTMAX_CAUSAL[scores._storage.device.backend], "missing", False)
+    if fused_causal:
+        attn = _softmax_causal(scores)
+    elif is_causal:
         from .creation import ones
         causal = _tril(ones((L, Sk), dtype=dt.bool_, device=query._storage.device))
         scores = P.masked_fill(scores, P.logical_not(causal), float("-inf"))
@@ -479,10 +491,23 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, generator):
                 if _broadcasts_into(attn_mask._shape, scores._shape) else _bad_mask(attn_mask, scores)
         else:
             scores = P.add(scores, attn_mask)
-    attn = softmax(scores, -1)
+    if not fused_causal:
+        attn = softmax(scores, -1)
     if dropout_p > 0.0:
         attn = dropout(attn, dropout_p, True, generator)
     return matmul(attn, value)
+
+
+def _softmax_causal(scores):
+    """softmax over the last dim with the top-left aligned causal mask of (L, Sk) applied in the kernel;
+    its gradient is softmax's (the masked probabilities are exactly 0, so they pass no gradient)."""
+    out = _K_SOFTMAX_CAUSAL[scores._storage.device.backend](scores)
+    if _state.enabled and scores._requires_grad:
+        node = SoftmaxBackward()
+        node.dim, node.log = len(scores._shape) - 1, False
+        node.save_with_output(out)
+        attach(out, node, (scores,))
+    return out
 
 
 def _broadcasts_into(mask_shape, shape):

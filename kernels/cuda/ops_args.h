@@ -115,15 +115,31 @@ int reduce_launch(const ReduceArgs& args, void* stream);
 // ---- softmax and norms (contiguous rows) ----------------------------------
 
 // x, y contiguous, viewed as (outer, n, inner); softmax along n.
+// causal_rows = L > 0 (inner == 1 only): row r keeps columns j <= r mod L,
+// the rest are -inf (written 0 / -inf); 0 = no mask.
 struct SoftmaxArgs {
   const void* x;
   void* y;
   int dtype;
   int64_t outer, n, inner;
   int log;
+  int64_t causal_rows;
 };
 
 int softmax_launch(const SoftmaxArgs& args, void* stream);
+
+// y (the forward's output), dy, dx contiguous, one dtype, viewed as (outer, n, inner):
+// dx = y * (dy - sum_n(dy * y)), or dy - exp(y) * sum_n(dy) for log_softmax.
+struct SoftmaxBackwardArgs {
+  const void* y;
+  const void* dy;
+  void* dx;
+  int dtype;
+  int64_t outer, n, inner;
+  int log;
+};
+
+int softmax_backward_launch(const SoftmaxBackwardArgs& args, void* stream);
 
 // x, y contiguous (rows, n); weight/bias contiguous (n) or null; mean/rstd (rows).
 struct NormArgs {

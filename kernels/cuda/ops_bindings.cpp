@@ -305,15 +305,36 @@ void check_float_dtype(const char* op, int dtype, const char* what) {
                  std::to_string(dtype) + ")");
 }
 
-void softmax(uintptr_t x, uintptr_t y, int dtype, int64_t outer, int64_t n, int64_t inner, bool log, uintptr_t stream) {
+void softmax(uintptr_t x, uintptr_t y, int dtype, int64_t outer, int64_t n, int64_t inner, bool log,
+             int64_t causal_rows, uintptr_t stream) {
   const char* op = log ? "log_softmax" : "softmax";
   check_float_dtype(op, dtype, "input");
   if (outer < 0 || n < 0 || inner < 0) fail(op, "negative extent");
+  if (causal_rows < 0) fail(op, "negative causal row count");
+  if (causal_rows > 0 && inner != 1) fail(op, "the causal mask applies along the last dimension only");
+  if (causal_rows > 0 && outer % causal_rows != 0)
+    fail(op, "row count " + std::to_string(outer) + " is not a multiple of the causal query length " +
+                 std::to_string(causal_rows));
   if (outer * n * inner == 0) return;
   check_ptr(op, x, "input");
   check_ptr(op, y, "output");
-  SoftmaxArgs a{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), dtype, outer, n, inner, log ? 1 : 0};
+  SoftmaxArgs a{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y), dtype, outer, n, inner, log ? 1 : 0,
+                causal_rows};
   check_cuda(softmax_launch(a, reinterpret_cast<void*>(stream)), op);
+}
+
+void softmax_backward(uintptr_t y, uintptr_t dy, uintptr_t dx, int dtype, int64_t outer, int64_t n, int64_t inner,
+                      bool log, uintptr_t stream) {
+  const char* op = log ? "log_softmax_backward" : "softmax_backward";
+  check_float_dtype(op, dtype, "output");
+  if (outer < 0 || n < 0 || inner < 0) fail(op, "negative extent");
+  if (outer * n * inner == 0) return;
+  check_ptr(op, y, "output");
+  check_ptr(op, dy, "grad_output");
+  check_ptr(op, dx, "grad_input");
+  SoftmaxBackwardArgs a{reinterpret_cast<const void*>(y), reinterpret_cast<const void*>(dy),
+                        reinterpret_cast<void*>(dx), dtype, outer, n, inner, log ? 1 : 0};
+  check_cuda(softmax_backward_launch(a, reinterpret_cast<void*>(stream)), op);
 }
 
 void norm(uintptr_t x, uintptr_t y, int dtype, int64_t rows, int64_t n, uintptr_t weight, int weight_dtype,
@@ -765,7 +786,11 @@ void register_ops(nb::module_& m) {
         "out = f(x, y, z) elementwise with broadcasting strides (family, code, compute, shape, out, out_dtype, "
         "out_strides, then ptr, dtype, strides, scalar for each input, lo, hi, stream).");
   m.def("reduce", &reduce, "Reduce input over `dims` into a contiguous output (code, compute, ...).");
-  m.def("softmax", &softmax, "softmax/log_softmax of a contiguous (outer, n, inner) tensor along n.");
+  m.def("softmax", &softmax,
+        "softmax/log_softmax of a contiguous (outer, n, inner) tensor along n; causal_rows = L > 0 masks "
+        "columns j > (row mod L) of the last dim.");
+  m.def("softmax_backward", &softmax_backward,
+        "softmax/log_softmax backward from the saved output y and dy, contiguous (outer, n, inner), along n.");
   m.def("norm", &norm, "layer_norm / rms_norm forward of contiguous (rows, n) with per-row statistics.");
   m.def("norm_backward", &norm_backward, "layer_norm / rms_norm backward (dx, dweight, dbias) from saved statistics.");
   m.def("gather", &gather, nb::arg("shape"), nb::arg("dim"), nb::arg("dim_size"), nb::arg("index"),
