@@ -876,6 +876,8 @@ def test_fused_cross_entropy_rows(dtype, label_smoothing):
         assert grad.dtype is dtype
         assert_close(grad, x64.grad if rows else cutegrad.zeros(0, classes, dtype=dt.float64), dtype, scale=1e-2)
     bad = cross_entropy_rows(cuda_of(rand(rng, (2, 3), dt.float32)), cuda_of(cutegrad.tensor([0, 7])))[0]
+    with pytest.raises(IndexError, match="index 7 is out of bounds for dimension 1 with size 3"):
+        cutegrad.cuda.synchronize()
     assert np.isnan(values(bad)[1]) and np.isfinite(values(bad)[0])
 
 
@@ -1214,8 +1216,11 @@ def test_sdpa_causal_forward_backward(dtype, B, H, L, S, D):
     tout.backward(_torch_of(torch, g, dtype))
     for name, a, t in [("out", out, tout)] + [(f"d{n}", c.grad, tt.grad) for n, c, tt in zip("qkv", dev, tin)]:
         tv = t.detach().double().cpu().numpy()
-        # fp32: torch's fused attention may accumulate in another order or precision than ours
-        assert np.linalg.norm(values(a) - tv) / max(np.linalg.norm(tv), 1e-30) <= max(2 * tol, 1e-4), name
+        # fp32: torch's fused attention may accumulate in another order or precision than ours.
+        # The floor on the scale: with one key, dq is exactly 0 (softmax of one score is constant);
+        # ours is 0 and torch's is rounding noise of ~1e-7.
+        scale = max(np.linalg.norm(tv), 1e-3 * np.sqrt(tv.size))
+        assert np.linalg.norm(values(a) - tv) / scale <= max(2 * tol, 1e-4), name
 
 
 def test_sdpa_causal_under_autocast_runs_in_bf16():
