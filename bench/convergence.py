@@ -13,17 +13,14 @@ it is scored on the same validation windows. Only the dropout masks differ
 of one training recipe, not one computation: the issue's criterion is that
 they agree within 2%.
 
-Writes bench/results/convergence-minigpt-<gpu>.json with both validation
-losses, their relative difference, loss curves (every 50 steps) and wall times.
+Writes bench/results/convergence-minigpt-<gpu>.json (bench/results_file.py's
+schema; the row holds both validation losses and their relative difference)
+with loss curves (every 50 steps) and wall times.
 Needs tiny Shakespeare where cutegrad.data finds it ($CUTEGRAD_DATA).
 """
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 
@@ -89,7 +86,7 @@ def main(argv=None):
 
     import cutegrad
     from cutegrad import train as T
-    from bench.results_file import cutegrad_version, driver_version, gpu_slug
+    from bench.results_file import gpu_result, write_result
     from bench.torch_models import cutegrad_weights
 
     torch.empty(1, device="cuda")  # PyTorch creates the primary context cutegrad shares
@@ -107,34 +104,18 @@ def main(argv=None):
 
     cg_val = ours["eval"]["value"]
     rel = abs(cg_val - th_val) / th_val
-    device = torch.cuda.get_device_name(0)
-    result = {
-        "device": device,
-        "driver": driver_version(),
-        "versions": {"cutegrad": cutegrad_version(), "python": platform.python_version(),
-                     "torch": torch.__version__, "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.convergence " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "workload": "minigpt",
-        "data": ours["data"],
-        "steps": preset.steps,
-        "dtype": args.dtype,
-        "cutegrad_graphs": args.graphs,
-        "val_windows": preset.eval_examples,
-        "val_loss": {"cutegrad": cg_val, "torch": th_val},
-        "relative_difference": rel,
-        "within_2_percent": rel <= 0.02,
-        "train_seconds": {"cutegrad": ours["train_time_s"], "torch": th_seconds},
-        "loss_every_50_steps": {"cutegrad": ours["loss"][::50], "torch": th_losses[::50]},
-    }
-    if not all(math.isfinite(v) for v in (cg_val, th_val)):
-        result["within_2_percent"] = False
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"convergence-minigpt-{gpu_slug(device)}.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
+    within = rel <= 0.02 and all(math.isfinite(v) for v in (cg_val, th_val))
+    rows = [{"name": f"minigpt validation loss after {preset.steps} steps, {args.dtype}", "unit": "loss",
+             "cutegrad": cg_val, "baseline": th_val, "baseline_name": "PyTorch twin, same weights and batches",
+             "relative_difference": rel, "within_2_percent": within}]
+    result = gpu_result("convergence", torch, rows, argv, workload="minigpt", data=ours["data"],
+                        steps=preset.steps, dtype=args.dtype, cutegrad_graphs=args.graphs,
+                        val_windows=preset.eval_examples,
+                        train_seconds={"cutegrad": ours["train_time_s"], "torch": th_seconds},
+                        loss_every_50_steps={"cutegrad": ours["loss"][::50], "torch": th_losses[::50]})
+    write_result(result, args.out, "convergence-minigpt")
     print(f"minigpt {preset.steps} steps {args.dtype}: val loss cutegrad {cg_val:.4f}, torch {th_val:.4f} "
-          f"(relative difference {rel:.2%}); wrote {path}")
+          f"(relative difference {rel:.2%})")
 
 
 if __name__ == "__main__":
