@@ -176,17 +176,22 @@ def _cast_cached(t, dtype):
     return out
 
 
-def lower(*ts):
-    """ts for a lower-precision op: floating tensors (not float64) on an autocast device cast to its dtype."""
+def _autocast_device(ts):
+    """(backend, autocast dtype) of the first tensor in ts, or None when autocast is off for its device."""
     for t in ts:
         if isinstance(t, Tensor):
             backend = t._storage.device.backend
-            break
-    else:
+            dtype = state.dtypes[backend]
+            return None if dtype is None else (backend, dtype)
+    return None
+
+
+def lower(*ts):
+    """ts for a lower-precision op: floating tensors (not float64) on an autocast device cast to its dtype."""
+    found = _autocast_device(ts)
+    if found is None:
         return ts
-    dtype = state.dtypes[backend]
-    if dtype is None:
-        return ts
+    backend, dtype = found
     out = list(ts)
     for i, t in enumerate(ts):
         if isinstance(t, Tensor) and t._dtype is not dtype and t._dtype in _LOWERABLE \
@@ -197,14 +202,10 @@ def lower(*ts):
 
 def fp32(*ts):
     """ts for a float32 op: float16/bfloat16 tensors on an autocast device cast to float32."""
-    for t in ts:
-        if isinstance(t, Tensor):
-            backend = t._storage.device.backend
-            break
-    else:
+    found = _autocast_device(ts)
+    if found is None:
         return ts
-    if state.dtypes[backend] is None:
-        return ts
+    backend = found[0]
     out = list(ts)
     for i, t in enumerate(ts):
         if isinstance(t, Tensor) and t._dtype in _LOW and t._storage.device.backend == backend:
