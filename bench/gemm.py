@@ -16,15 +16,12 @@ torch is the baseline (and the allocator here) only; cutegrad never needs it.
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import sys
 
-from bench.results_file import cutegrad_version, driver_version
+from bench.results_file import gpu_result
 
 # (workload, tokens per step, [(linear name, in features, out features)])
 WORKLOADS = [
@@ -177,16 +174,8 @@ def main():
         print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
         del sets
 
-    device = torch.cuda.get_device_name()
-    result = {
-        "device": device,
-        "driver": driver_version(),
-        "versions": {"cutegrad": cutegrad_version(), "python": platform.python_version(),
-                     "torch": torch.__version__, "cuda": torch.version.cuda},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.gemm " + " ".join(sys.argv[1:]),
-        "rows": rows,
-    }
+    result = gpu_result("gemm", torch, rows)
+    device = result["device"]
     workload = [r["ratio"] for r in rows if r["workload"]]
     geo = math.exp(sum(map(math.log, workload)) / len(workload)) if workload else float("nan")
     os.makedirs(args.out, exist_ok=True)
