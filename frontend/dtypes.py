@@ -70,6 +70,25 @@ def from_numpy_dtype(npd):
     return d
 
 
+_F32 = np.dtype(np.float32)
+
+
+def to_numpy(values, dtype):
+    """Values (array or number) as a NumPy array of dtype, converted as PyTorch does.
+
+    PyTorch converts anything wider than float32 to float16/bfloat16 through
+    float32, rounding twice; NumPy and ml_dtypes >= 0.7 round once, which gives a
+    different bfloat16 just above a float32-exact tie.  Every host conversion
+    into a tensor's dtype goes through here so both backends agree with torch.
+    """
+    if dtype is float16 or dtype is bfloat16:
+        arr = np.asarray(values)
+        if arr.dtype != dtype.np and arr.dtype != _F32:
+            arr = arr.astype(_F32)
+        return arr.astype(dtype.np, copy=False)
+    return np.asarray(values, dtype=dtype.np)
+
+
 def _promote_pair(a, b):
     if a is b:
         return a

@@ -86,7 +86,7 @@ def from_numpy_owned(arr, dtype):
     """Wrap a freshly computed NumPy result (the CPU backend's outputs)."""
     if (arr.dtype is not dtype.np and arr.dtype != dtype.np) or not arr.flags.c_contiguous:
         # np.array, not np.ascontiguousarray: the latter turns 0-d into shape (1,)
-        arr = np.array(arr, dtype=dtype.np, order="C")
+        arr = np.array(_dt.to_numpy(arr, dtype), order="C")
     st = Storage(arr.reshape(-1), _cpu_device)
     t = _new_object(Tensor)
     t._storage = st

@@ -171,3 +171,30 @@ def test_float64_to_16_bit_rounds_through_float32_as_torch(dtype):
     torch = pytest.importorskip("torch")
     expect = torch.tensor(x, dtype=torch.float64).to(getattr(torch, dtype)).double().tolist()
     assert got == expect
+
+
+# Just above a float32-exact tie, rounding once and rounding through float32 differ.
+# Written out so that a new NumPy or ml_dtypes release that changes its own casts
+# (ml_dtypes 0.7 rounds float64 -> bfloat16 once) fails here, with or without torch.
+_ABOVE_TIE = {
+    "float16": ([1 + 2.0 ** -11 + 2.0 ** -40, -97.75 - 2.0 ** -35], [1.0, -97.75]),
+    "bfloat16": ([1 + 2.0 ** -8 + 2.0 ** -30, -97.75 - 2.0 ** -35], [1.0, -98.0]),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_every_host_conversion_to_16_bit_rounds_through_float32(dtype):
+    x, expect = _ABOVE_TIE[dtype]
+    d = getattr(cg, dtype)
+    made = {
+        "tensor(list)": cg.tensor(x, dtype=d),
+        "tensor(float64 array)": cg.tensor(np.array(x), dtype=d),
+        "cast": cg.tensor(x, dtype=cg.float64).to(d),
+        "full": cg.stack([cg.full((1,), v, dtype=d) for v in x]).reshape(-1),
+        "cat": cg.cat([cg.tensor(x, dtype=cg.float64).to(d)]),
+    }
+    for how, t in made.items():
+        assert t.dtype is d, how
+        assert t.double().tolist() == expect, how
+    step = x[0] - 1.0
+    assert cg.arange(1.0, 1.0 + 1.5 * step, step, dtype=d).double().tolist() == [1.0, 1.0]

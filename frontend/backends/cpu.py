@@ -53,14 +53,14 @@ def empty(shape, dtype, device):
 
 @register("full", CPU)
 def full(shape, value, dtype, device):
-    return from_numpy_owned(np.full(shape, value, dtype.np), dtype)
+    return from_numpy_owned(np.full(shape, dt.to_numpy(value, dtype)), dtype)
 
 
 @register("arange", CPU)
 def arange(start, end, step, dtype, device):
     if dtype.is_floating_point:
         n = max(0, int(np.ceil((end - start) / step)))
-        arr = (start + np.arange(n, dtype=np.float64) * step).astype(dtype.np)
+        arr = dt.to_numpy(start + np.arange(n, dtype=np.float64) * step, dtype)
     else:
         arr = np.arange(start, end, step, dtype=np.int64).astype(dtype.np)
     return from_numpy_owned(arr, dtype)
@@ -68,7 +68,7 @@ def arange(start, end, step, dtype, device):
 
 @register("from_numpy", CPU)
 def from_numpy_copy(arr, dtype, device):
-    return from_numpy_owned(np.array(arr, dtype=dtype.np, copy=True), dtype)
+    return from_numpy_owned(np.array(dt.to_numpy(arr, dtype), copy=True), dtype)
 
 
 @register("to_device", CPU)
@@ -87,11 +87,7 @@ def copy_(dst, src):
 
 @register("cast", CPU)
 def cast(x, dtype):
-    a = x._np
-    if a.dtype == np.float64 and dtype is dt.float16:
-        # Through float32, rounding twice, as PyTorch does (NumPy rounds once).
-        a = a.astype(np.float32)
-    return from_numpy_owned(a.astype(dtype.np), dtype)
+    return from_numpy_owned(dt.to_numpy(x._np, dtype), dtype)
 
 
 @register("contiguous", CPU)
@@ -495,7 +491,7 @@ def multinomial(probs, num_samples, replacement, generator):
 
 @register("cat", CPU)
 def cat(tensors, dim, out_dtype):
-    return _out(np.concatenate([t._np.astype(out_dtype.np, copy=False) for t in tensors], axis=dim), out_dtype)
+    return _out(np.concatenate([dt.to_numpy(t._np, out_dtype) for t in tensors], axis=dim), out_dtype)
 
 
 @register("one_hot", CPU)
