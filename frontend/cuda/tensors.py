@@ -2,8 +2,9 @@
 
 Importing this module registers the CUDA implementations of the storage
 kernels of the registry (`dispatch.register(name, device.CUDA)`): `empty`,
-`full`, `from_numpy`, `to_device`, `copy_`. Compute kernels come with the CUDA
-ops; without them an op on a CUDA tensor raises the registry's
+`full`, `from_numpy`, `to_device`. `copy_` and the compute kernels come with the
+CUDA backend (cutegrad.backends.cuda), which uses `copy_through_host` here for
+copies the GPU kernel cannot make; without them an op on a CUDA tensor raises the registry's
 NotImplementedError naming the kernel.
 
 Storage: `Storage.data` of a CUDA tensor is a `DeviceAllocation`, a block of
@@ -32,6 +33,7 @@ Copies (all ordered on the current stream of the device involved):
 """
 import numpy as np
 
+from .. import dtypes as dt
 from ..device import CUDA
 from ..dispatch import register
 from ..tensor import Storage, contiguous_strides, from_numpy_owned, make, numel_of
@@ -176,7 +178,7 @@ def empty(shape, dtype, device):
 @register("full", CUDA)
 def full(shape, value, dtype, device):
     isz = dtype.itemsize
-    pattern = int(np.full((), value, dtype.np).view(_UINT[isz]))  # raises before allocating
+    pattern = int(dt.to_numpy(value, dtype).view(_UINT[isz]))  # raises before allocating
     t, s = _new(shape, dtype, device)
     n = numel_of(t._shape)
     if not n:
@@ -200,7 +202,7 @@ def full(shape, value, dtype, device):
 
 @register("from_numpy", CUDA)
 def from_numpy(arr, dtype, device):
-    host = np.array(arr, dtype=dtype.np, order="C", copy=True)
+    host = np.array(dt.to_numpy(arr, dtype), order="C", copy=True)
     t, s = _new(host.shape, dtype, device)
     _upload(host, t.data_ptr(), s)
     return t
@@ -222,8 +224,10 @@ def to_device(t, device):
     return from_numpy(host_array(t), t._dtype, device)
 
 
-@register("copy_", CUDA)
-def copy_(dst, src):
+def copy_through_host(dst, src):
+    """dst[...] = src where the GPU copy kernel cannot: across devices, from the host, or
+    with no driver running (simulated devices).  The registry's CUDA `copy_` is
+    cutegrad.backends.cuda.copies.copy_, which calls this."""
     n = numel_of(dst._shape)
     if not n:
         return dst

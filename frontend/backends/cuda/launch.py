@@ -1,0 +1,141 @@
+"""What every CUDA kernel family shares: the calling thread's current stream, output
+allocation from the caching allocator (optionally poisoned for tests), device
+pointers of views, broadcast strides, and the generic copy kernel used for casts.
+"""
+from ... import dtypes as dt
+from ...cuda import driver as _driver, streams as _streams, tensors as _cuda_tensors
+from ...device import CUDA
+from ...tensor import Storage, Tensor, contiguous_strides, make, numel_of
+
+
+# compute types and kernel families of kernels/cuda/ops_args.h
+_F32, _F64, _I64 = 0, 1, 2
+_UNARY, _BINARY, _WHERE, _CLAMP, _ACT, _COPY, _ARANGE = range(7)
+_VAR, _LOGSUMEXP = 300, 301
+_ABSENT, _SCALAR = -1, -2
+_UNIFORM, _NORMAL, _RANDINT, _BERNOULLI = range(4)
+
+# compute type of each dtype, by DType.index
+_COMPUTE = tuple(_I64 if d.category != dt.FLOAT else (_F64 if d is dt.float64 else _F32) for d in dt.ALL)
+_HALF = (dt.float16, dt.bfloat16)
+_GEMM_DTYPE = {dt.float32: "fp32", dt.bfloat16: "bf16", dt.float16: "fp16"}
+_NO_STRIDES = ()
+_GEMM_MAX_BATCH = 65535
+
+_stream_tls = _streams._tls
+_DeviceAllocation = _cuda_tensors.DeviceAllocation
+_native = None
+_allocators = {}
+_poison = False
+
+
+def _lib():
+    global _native
+    if _native is None:
+        from ..._gemm import native
+        _native = native()
+    return _native
+
+
+def set_poison_outputs(flag):
+    """Fill every output this backend allocates with 0xFF bytes (NaN for floats) before the kernel runs.
+
+    For tests: an element a kernel forgets to write then shows up as NaN (or -1).
+    """
+    global _poison
+    _poison = bool(flag)
+
+
+def _stream(idx):
+    """Handle of the calling thread's current stream on device idx (0: the legacy default stream)."""
+    cur = getattr(_stream_tls, "current", None)
+    if cur is not None:
+        s = cur.get(idx)
+        if s is not None:
+            return s.handle
+    return 0
+
+
+def _allocator(idx):
+    alloc = _allocators.get(idx)
+    if alloc is None:
+        from cutegrad.allocator import get_allocator
+        alloc = _allocators[idx] = get_allocator(idx)
+    return alloc
+
+
+def _empty(shape, dtype, dev, stream):
+    """A new contiguous tensor on dev, taken on `stream` (the device's current one)."""
+    idx = dev.index
+    _driver.activate(idx)
+    nbytes = numel_of(shape) * dtype.itemsize
+    alloc = _allocators.get(idx) or _allocator(idx)
+    block = alloc.malloc(nbytes, stream)
+    if _poison and nbytes:
+        _driver.call("cuMemsetD8Async", block.ptr, 0xFF, nbytes, _driver.driver().CUstream(stream))
+    storage = Storage(_DeviceAllocation(block, alloc, nbytes, idx), dev)
+    return make(storage, shape, contiguous_strides(shape), 0, dtype)
+
+
+def _ptr(t):
+    return t._storage.data.ptr + t._offset * t._dtype.itemsize
+
+
+def _bstrides(t, shape):
+    """t's strides broadcast to `shape` (0 on broadcast and missing leading dimensions)."""
+    ts = t._shape
+    if ts == shape:
+        return t._strides
+    off = len(shape) - len(ts)
+    st = t._strides
+    return tuple(0 if i < off or ts[i - off] == 1 else st[i - off] for i in range(len(shape)))
+
+
+def _as_number(v):
+    """A 0-dim tensor on another device (the CPU) acts as a Python scalar beside CUDA tensors."""
+    return v.item() if isinstance(v, Tensor) else v
+
+
+def _is_cuda(v):
+    return isinstance(v, Tensor) and v._storage.device.backend == CUDA
+
+
+def _copy_compute(src, dst):
+    if src.category != dt.FLOAT:
+        return _I64
+    return _F64 if (src is dt.float64 or dst is dt.float64) else _F32
+
+
+def _copy_into(dst, src, stream):
+    """dst[...] = src (broadcast, cast) on the GPU; both on the same device."""
+    _lib().elementwise(_COPY, 0, _copy_compute(src._dtype, dst._dtype), dst._shape, _ptr(dst), dst._dtype.index,
+                       dst._strides, _ptr(src), src._dtype.index, _bstrides(src, dst._shape), None,
+                       0, _ABSENT, _NO_STRIDES, None, 0, _ABSENT, _NO_STRIDES, None, None, None, stream)
+
+
+def _contig(x, stream):
+    if x.is_contiguous():
+        return x
+    out = _empty(x._shape, x._dtype, x._storage.device, stream)
+    _copy_into(out, x, stream)
+    return out
+
+
+def _cast_new(x, dtype, stream):
+    out = _empty(x._shape, dtype, x._storage.device, stream)
+    _copy_into(out, x, stream)
+    return out
+
+
+def _fill(out, value, stream):
+    _lib().elementwise(_COPY, 0, _COMPUTE[out._dtype.index], out._shape, _ptr(out), out._dtype.index, out._strides,
+                       0, _SCALAR, _NO_STRIDES, value, 0, _ABSENT, _NO_STRIDES, None, 0, _ABSENT, _NO_STRIDES, None,
+                       None, None, stream)
+
+
+def _on(dev, t, stream):
+    """t on device dev (index tensors may arrive from the host)."""
+    if t._storage.device is dev:
+        return t
+    from ...ops import to_device
+    return to_device(t, dev)
