@@ -20,17 +20,11 @@
 #include <string>
 #include <vector>
 
+#include "bindings.h"
 #include "gemm_args.h"
 
 namespace nb = nanobind;
 using namespace cutegrad;
-
-// Binding files other than this one (kernels/cuda/*.cpp, e.g. the non-GEMM ops)
-// add their functions to the module through this hook, so each kernel family
-// owns its bindings without editing this file.
-namespace cutegrad {
-void register_ops(nb::module_& m) __attribute__((weak));
-}
 
 namespace {
 
@@ -101,6 +95,11 @@ void load_all_modules() {
     for (int i = 0; i < kNumGemmKernels; ++i) {
       int err = 0;
       kGemmKernels[i].load(&err);
+      if (err != 0 && g_load_error == 0) g_load_error = err;
+    }
+    // Other kernel families (kernels/cuda/bindings.h) load their modules too.
+    for (const Bindings::Entry& e : Bindings::all()) {
+      int err = e.load ? e.load() : 0;
       if (err != 0 && g_load_error == 0) g_load_error = err;
     }
   });
@@ -422,7 +421,7 @@ NB_MODULE(_C, m) {
         nb::arg("path") = "auto", nb::arg("tile_n") = 0, nb::arg("split_k") = 0,
         "D = epilogue(A @ B (+ D)) on raw device pointers; see docs/kernels.md. Returns the kernel's name.");
   m.def("gemm_specializations", &gemm_specializations, "The AOT CuTeDSL GEMM specializations built into this module.");
-  if (cutegrad::register_ops) cutegrad::register_ops(m);
+  for (const Bindings::Entry& e : Bindings::all()) e.add(m);
   m.def(
       "load_kernels",
       [] {

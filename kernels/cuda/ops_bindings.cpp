@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings.h"
 #include "ops_args.h"
 
 namespace nb = nanobind;
@@ -775,7 +776,7 @@ void sort(uintptr_t x, int dtype, uintptr_t values, uintptr_t indices, int64_t o
 }  // namespace cutegrad
 
 namespace cutegrad {
-// The hook module.cpp calls while building the module (declared weak there).
+namespace {
 void register_ops(nb::module_& m) {
   using namespace cutegrad::ops;
   m.def("elementwise", &elementwise, nb::arg("family"), nb::arg("code"), nb::arg("compute"), nb::arg("shape"),
@@ -821,4 +822,8 @@ void register_ops(nb::module_& m) {
   m.def("random", &random_tensor, "Philox random tensor (uniform, normal, randint, scaled Bernoulli mask).");
 }
 
+
+// The CUDA C++ kernels are plain nvcc objects: nothing to load before a capture.
+Bindings g_ops_bindings(&register_ops, nullptr);
+}  // namespace
 }  // namespace cutegrad

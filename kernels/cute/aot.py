@@ -4,8 +4,10 @@ Run by the build (setup.py's build_ext) on a machine that needs no GPU:
 
     python kernels/cute/aot.py --out build/aot --archs sm_90a
 
-For each kernel family module in this folder (today: gemm.py) it asks the
-module for its specializations, compiles each with cute.compile over fake
+A kernel family is any module in this folder that defines
+``specializations(archs)``, ``build_kernel(spec)`` and ``emit_registry(entries)``
+(found by reading the folder, so a new family needs no edit here; see
+docs/kernels.md).  For each family it asks the module for its specializations, compiles each with cute.compile over fake
 tensors and exports it with export_to_c (name.h + name.o), then writes the C++
 table that lets cutegrad._C find and launch them (``<family>_registry.cpp``)
 and ``manifest.json`` (the objects to link).
@@ -31,8 +33,22 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAMILIES = ("gemm",)
+_FAMILY_FUNCTIONS = {"specializations", "build_kernel", "emit_registry"}
 COMPILE_OPTIONS = "--gpu-arch {arch} --host-target 'llvm -mtriple=x86_64-unknown-linux-gnu'"
+
+
+def families():
+    """Names of the kernel family modules in this folder, sorted (found without importing them)."""
+    names = []
+    for fname in sorted(os.listdir(HERE)):
+        if not fname.endswith(".py") or fname.startswith("_") or fname == "aot.py":
+            continue
+        with open(os.path.join(HERE, fname)) as f:
+            tree = ast.parse(f.read())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        if _FAMILY_FUNCTIONS <= defined:
+            names.append(fname[:-3])
+    return tuple(names)
 
 
 def _family(name):
@@ -66,11 +82,12 @@ def _spec_hash(family, spec):
 def _init_worker(arch):
     # Must precede the first cutlass import in this process.
     os.environ["CUTE_DSL_ARCH"] = arch
+    if HERE not in sys.path:  # the specs arrive pickled by reference to their family module
+        sys.path.insert(0, HERE)
 
 
-def _compile_one(family, spec_fields, out_dir):
+def _compile_one(family, spec, out_dir):
     module = _family(family)
-    spec = module.GemmSpec(**spec_fields)
     import cutlass.cute as cute
 
     t0 = time.time()
@@ -89,7 +106,7 @@ def build(out, archs, jobs):
     cache = os.path.join(out, "cache")
     os.makedirs(cache, exist_ok=True)
     manifest = {"objects": [], "sources": [], "include_dirs": [], "compiled": [], "cached": []}
-    for family in FAMILIES:
+    for family in families():
         module = _family(family)
         specs = module.specializations(archs)
         todo = {}
@@ -104,7 +121,7 @@ def build(out, archs, jobs):
         for arch, work in todo.items():
             ctx = multiprocessing.get_context("spawn")
             with futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(arch,)) as pool:
-                running = [pool.submit(_compile_one, family, dataclasses.asdict(s), d) for s, d in work]
+                running = [pool.submit(_compile_one, family, s, d) for s, d in work]
                 for fut in futures.as_completed(running):
                     name, secs = fut.result()
                     manifest["compiled"].append(name)
