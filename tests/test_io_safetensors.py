@@ -1,4 +1,4 @@
-"""cutegrad.save / cutegrad.load: interchange with safetensors.torch, atomic writes, corrupt files."""
+"""cutegrad.save / cutegrad.load of flat state dicts (and the save_file layer under them): interchange with safetensors.torch, atomic writes, corrupt files."""
 import json
 import os
 import stat
@@ -242,9 +242,9 @@ def test_failed_first_save_creates_nothing(tmp_path, monkeypatch):
     ({}, {"k": 1}, TypeError, "metadata must map str to str"),
     ({}, "meta", TypeError, "metadata must be a mapping"),
 ])
-def test_save_rejects_bad_arguments_before_writing(tmp_path, state_dict, metadata, error, match):
+def test_save_file_rejects_bad_arguments_before_writing(tmp_path, state_dict, metadata, error, match):
     with pytest.raises(error, match=match):
-        cutegrad.save(state_dict, tmp_path / "bad.safetensors", metadata=metadata)
+        cutegrad.io.save_file(state_dict, tmp_path / "bad.safetensors", metadata=metadata)
     assert _dir_listing(tmp_path) == []
 
 
@@ -359,4 +359,4 @@ def test_load_to_unknown_device_names_it(tmp_path):
     p = tmp_path / "d.safetensors"
     cutegrad.save({"a": cutegrad.ones(1)}, p)
     with pytest.raises(ValueError, match="unknown device type 'tpu'"):
-        cutegrad.load(p, device="tpu")
+        cutegrad.load(p, map_location="tpu")

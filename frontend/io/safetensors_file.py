@@ -1,4 +1,5 @@
-"""Checkpoints in the safetensors format: `cutegrad.save` and `cutegrad.load`.
+"""The safetensors file format: `save_file` and `load_file` (flat {name: Tensor}),
+the layer under `cutegrad.save` and `cutegrad.load` (checkpoint.py).
 
 The format (https://github.com/huggingface/safetensors):
 
@@ -59,7 +60,7 @@ class SafetensorsError(ValueError):
 
 
 # --- writing ------------------------------------------------------------------------
-def save(state_dict, path, metadata=None):
+def save_file(state_dict, path, metadata=None):
     """Write a mapping {name: Tensor} to `path` as a safetensors file.
 
     metadata: optional {str: str} stored under "__metadata__". Non-contiguous
@@ -69,7 +70,7 @@ def save(state_dict, path, metadata=None):
     """
     path = os.fspath(path)
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"save() expects a mapping of names to tensors, got {type(state_dict).__name__}")
+        raise TypeError(f"save_file() expects a mapping of names to tensors, got {type(state_dict).__name__}")
     entries = []
     for name, t in state_dict.items():
         if not isinstance(name, str):
@@ -281,30 +282,31 @@ def load_metadata(path):
     return dict(metadata or {})
 
 
-def load(path, device="cpu", mmap=False):
-    """Read a safetensors file into {name: Tensor}, in the header's order.
+def read_file(path, mmap=False):
+    """(metadata or None, {name: host Tensor} in the header's order) of a safetensors file.
 
-    device: where the tensors go (read on the host, then moved). mmap=True
-    maps the file copy-on-write instead of reading it: tensors are views of
-    the mapping (zero-copy; in-place changes stay private to this process),
-    except tensors whose offset is not aligned to their element size, which
-    are copied.
+    mmap=True maps the file copy-on-write instead of reading it: tensors are
+    views of the mapping (zero-copy; in-place changes stay private to this
+    process), except tensors whose offset is not aligned to their element
+    size, which are copied.
     """
-    dev = _device(device)
-    if dev.type == "cuda":
-        from .. import cuda  # noqa: F401  (importing it registers the CUDA storage kernels)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        _, entries, start = _read_header(f, path, size)
+        metadata, entries, start = _read_header(f, path, size)
         if mmap and size > start:
             arrays = _map(path, entries, start)
         else:
             arrays = _read(f, path, entries, start)
-    out = {}
-    for name, dtype, shape, _, _ in entries:
-        t = from_numpy_owned(arrays[name], dtype)
-        out[name] = t if dev.type == "cpu" else t.to(dev)
-    return out
+    return metadata, {name: from_numpy_owned(arrays[name], dtype) for name, dtype, _, _, _ in entries}
+
+
+def load_file(path, device="cpu", mmap=False):
+    """Read a safetensors file into {name: Tensor} on `device`, in the header's order."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        from .. import cuda  # noqa: F401  (importing it registers the CUDA storage kernels)
+    _, tensors = read_file(path, mmap)
+    return tensors if dev.type == "cpu" else {k: t.to(dev) for k, t in tensors.items()}
 
 
 def _from_le(arr):
@@ -340,4 +342,4 @@ def _map(path, entries, start):
     return arrays
 
 
-__all__ = ["SafetensorsError", "save", "load", "load_metadata", "MAX_HEADER_BYTES"]
+__all__ = ["SafetensorsError", "save_file", "load_file", "read_file", "load_metadata", "MAX_HEADER_BYTES"]
