@@ -1,7 +1,7 @@
 """The `cutegrad` command line: `cutegrad train <workload>` and `cutegrad eval <workload>`.
 
     cutegrad train reverse --device cpu --out runs/r
-    cutegrad eval reverse --checkpoint runs/r/model.safetensors
+    cutegrad eval reverse --checkpoint runs/r          # or runs/r/model.safetensors
 
 See docs/training.md for the workloads, presets and output files.
 """
@@ -9,14 +9,17 @@ import argparse
 import json
 import sys
 
+from . import __version__
 from .models import WORKLOADS
 
 
 def _parser():
     p = argparse.ArgumentParser(prog="cutegrad", description="cutegrad: train and evaluate the reference workloads")
+    p.add_argument("--version", action="version", version=f"cutegrad {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a reference workload and write checkpoint, metrics and loss plot",
+    t = sub.add_parser("train", help="train a reference workload and write checkpoint, metrics and loss plot "
+                                     "(the plot needs the `plot` extra; otherwise a text summary is printed)",
                        description="Train a reference workload. Picks CUDA when available, else the CPU with a "
                                    "scaled-down preset.")
     t.add_argument("workload", choices=WORKLOADS)
@@ -26,13 +29,13 @@ def _parser():
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the preset's)")
     t.add_argument("--batch-size", type=int, default=None, help="batch size (default: the preset's)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-    t.add_argument("--dtype", choices=("fp32", "bf16", "float32", "bfloat16"), default="fp32",
-                   help="fp32, or bf16: bfloat16 autocast with float32 master weights (float32/bfloat16 are "
+    t.add_argument("--dtype", choices=("fp32", "bf16", "float32", "bfloat16"), default=None,
+                   help="fp32 (default), or bf16: bfloat16 autocast with float32 master weights (float32/bfloat16 are "
                         "aliases); the loss is always computed in float32")
     t.add_argument("--graphs", action="store_true",
                    help="CUDA only: capture the whole training step in a CUDA graph after one eager warm-up "
                         "step and replay it for every later batch")
-    t.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
+    t.add_argument("--seed", type=int, default=None, help="seed of initialisation and data order (default 0)")
     t.add_argument("--data", default=None,
                    help="minigpt/gpt2-small: a text file (default: tiny Shakespeare when found, else the embedded "
                         "corpus); vit: a CIFAR-10 folder or archive (default: procedural images)")
@@ -40,12 +43,20 @@ def _parser():
                    help="minigpt/gpt2-small: byte-level BPE (default) or characters")
     t.add_argument("--eval-examples", type=int, default=None,
                    help="held-out sequences (reverse), test images (vit) or validation windows (text) to score")
-    t.add_argument("--out", default=None, help="output folder (default: runs/<workload>)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<workload>); an existing run there is "
+                                                 "refused unless --overwrite or --resume is given")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its train_state.safetensors (with the saved "
+                        "configuration; --steps may extend it)")
+    t.add_argument("--save-every", type=int, default=1000,
+                   help="write train_state.safetensors every N steps (and always at the end)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="reload a checkpoint written by `cutegrad train` and compute its eval metric")
     e.add_argument("workload", choices=WORKLOADS)
-    e.add_argument("--checkpoint", required=True, help="model.safetensors written by cutegrad train")
+    e.add_argument("--checkpoint", default=None,
+                   help="a run folder of cutegrad train, or its model.safetensors (default: runs/<workload>)")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     return p
 
@@ -59,14 +70,16 @@ def main(argv=None):
                 args.workload, device=args.device, steps=args.steps, batch_size=args.batch_size, dtype=args.dtype,
                 seed=args.seed, data=args.data, out=args.out or f"runs/{args.workload}", lr=args.lr,
                 preset=args.preset, tokenizer=args.tokenizer, eval_examples=args.eval_examples,
-                progress=not args.no_progress, graphs=args.graphs)
+                progress=not args.no_progress, graphs=args.graphs, overwrite=args.overwrite, resume=args.resume,
+                save_every=args.save_every)
             ev = metrics["eval"]
             print(f"{args.workload}: {ev['metric']} {ev['value']:.4f} after {metrics['steps']} steps "
                   f"({metrics['wall_time_s']:.1f} s on {metrics['device']})")
         else:
-            result = training.evaluate_checkpoint(args.checkpoint, args.workload, args.device)
+            result = training.evaluate_checkpoint(args.checkpoint or f"runs/{args.workload}", args.workload,
+                                                  args.device)
             print(json.dumps(result))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"cutegrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -18,8 +18,10 @@ A run:
 5. writes into `--out`: `model.safetensors` (the state_dict, with the
    preset, model config and data description in the metadata so
    `evaluate_checkpoint` rebuilds the model and its eval data from the file
-   alone), `metrics.json`, `loss.png` (when matplotlib is installed) and,
-   for text workloads, `tokenizer.json`.
+   alone), `metrics.json`, `loss.png` (with the `plot` extra; otherwise a text
+   summary of the loss curve is printed), `train_state.safetensors` (what
+   `--resume` continues from, train_state.py) and, for text workloads,
+   `tokenizer.json`.
 
 Evaluation is deterministic (fixed held-out examples, fixed validation
 windows, no dropout), so re-evaluating a checkpoint on the same device and
@@ -42,6 +44,8 @@ from .autograd import no_grad
 from .dtypes import bfloat16, float32
 from .models import CPU_PRESETS, PRESETS, GPTConfig, OptimizerConfig, Preset, ViTConfig, build_model
 from .random import manual_seed
+from .train_state import (STATE_NAME, load_state, prepare_run_folder, random_state, restore_random_state,
+                          save_state)
 
 CHECKPOINT_NAME = "model.safetensors"
 METRICS_NAME = "metrics.json"
@@ -425,28 +429,61 @@ def _device_lrs(optimizer, device):
         g["lr"] = ops.full((1,), float(g["lr"]), dtype=float32, device=device)
 
 
-def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed=0, data=None, out="runs/run",
-          lr=None, preset=None, tokenizer=None, eval_examples=None, progress=True, log_every=10, graphs=False):
+def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=None, data=None, out="runs/run",
+          lr=None, preset=None, tokenizer=None, eval_examples=None, progress=True, log_every=10, graphs=False,
+          overwrite=False, resume=False, save_every=1000):
     """Train one workload and write the checkpoint, metrics and plot into `out`; returns the metrics dict.
 
     graphs=True captures the whole step (forward, backward, clipping, optimizer, grad zeroing) once
     with `cutegrad.graphs.graphed` after one eager warm-up step, and replays it for every later batch.
+    An `out` that already holds a run is refused unless overwrite=True replaces it or resume=True
+    continues it from its train_state.safetensors (written every `save_every` steps and at the end);
+    a resumed run keeps the saved configuration, and `steps` may extend it.
     """
     t_start = time.perf_counter()
-    precision = resolve_precision(dtype)
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"--save-every must be >= 1, got {save_every}")
+    out = prepare_run_folder(out, overwrite, resume)
+    state = load_state(out) if resume else None
+    if state is not None:
+        saved = state["preset"]
+        asked = {"--batch-size": (batch_size, saved["batch_size"]), "--lr": (lr, saved["optimizer"]["lr"]),
+                 "--tokenizer": (tokenizer, saved["tokenizer"]), "--data": (data, state["data"]),
+                 "--eval-examples": (eval_examples, saved["eval_examples"]), "--seed": (seed, state["seed"]),
+                 "--dtype": (dtype and resolve_precision(dtype), state["dtype"]), "--preset": (preset, None)}
+        changed = [flag for flag, (value, kept) in asked.items() if value is not None and value != kept]
+        if changed:
+            raise ValueError(f"--resume continues the saved configuration; {', '.join(changed)} cannot change it "
+                             f"(only --steps, to train longer)")
+        workload_saved = saved["workload"]
+        if workload_saved != workload:
+            raise ValueError(f"--resume: {out} holds a {workload_saved} run, not {workload}")
+        dtype, seed, data = state["dtype"], state["seed"], state["data"]
+    precision = resolve_precision(dtype or "fp32")
+    seed = 0 if seed is None else seed
     device = pick_device(device)
     if graphs and not device.startswith("cuda"):
         raise ValueError(f"--graphs captures CUDA graphs and needs a CUDA device, got --device {device}")
-    preset = resolve_preset(workload, device, preset, steps, batch_size, lr, tokenizer, eval_examples)
+    if state is None:
+        preset = resolve_preset(workload, device, preset, steps, batch_size, lr, tokenizer, eval_examples)
+    else:
+        preset = _preset_from(state["preset"])
+        if steps is not None:
+            if steps < state["step"]:
+                raise ValueError(f"--steps {steps}: the run to resume has already trained {state['step']} steps")
+            preset = replace(preset, steps=steps)
     if preset.note:
         _say(f"cutegrad train {workload}: scaled-down preset for {device} ({preset.note}); "
-             f"--preset full runs the paper's configuration")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+             f"--preset full runs the full-size configuration of docs/training.md")
     manual_seed(seed)
     work = make_workload(preset, data)
     preset = fit_vocab(preset, work)
     work.preset = preset
+    if state is not None and work.data_meta != state["data_meta"]:
+        raise ValueError(f"--resume: the training data differs from the data the run started with "
+                         f"({work.data_meta} vs {state['data_meta']})")
+    if isinstance(work, TextWorkload):
+        work.tokenizer.save(out / TOKENIZER_NAME)
     _say(f"cutegrad train {workload}: {work.description}")
     model = build_model(preset.model).to(device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -455,19 +492,39 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
          f"{', whole step in a CUDA graph' if graphs else ''}")
     opt = build_optimizer(model, preset.optimizer)
     sched = build_scheduler(opt, preset)
+    batches = work.train_batches(preset.batch_size, seed)
+    items = work.items_per_batch(preset.batch_size)
+    losses = _LossLog()
+    first, trained_s = 1, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        sched.load_state_dict(state["sched"])
+        losses.values = list(state["losses"])
+        first, trained_s = state["step"] + 1, state["train_time_s"]
+        for _ in range(state["step"]):  # the batches the run has seen, so the data order continues
+            next(batches)
+        restore_random_state(device, state["random"])
+        _say(f"cutegrad train {workload}: resumed from {out / STATE_NAME} after step {state['step']}")
     if graphs:
         _device_lrs(opt, device)
     step_fn = make_step(model, opt, preset.clip_grad_norm, mixed_precision(device, precision))
-    batches = work.train_batches(preset.batch_size, seed)
-    items = work.items_per_batch(preset.batch_size)
 
-    losses = _LossLog()
+    def save_training_state(step):
+        losses.flush()
+        save_state(out, {"preset": preset.to_dict(), "dtype": precision, "seed": seed, "data": data,
+                         "data_meta": work.data_meta, "step": step, "losses": losses.values,
+                         "train_time_s": trained_s + time.perf_counter() - t_train, "random": random_state(device),
+                         "model": model.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict()})
+
     bar = _progress(preset.steps, f"train {workload}", progress)
+    if bar is not None:
+        bar.update(first - 1)
     model.train()
     t_train = time.perf_counter()
     t_window, n_window, rate = t_train, 0, 0.0
     replay = None
-    for step in range(1, preset.steps + 1):
+    for step in range(first, preset.steps + 1):
         inputs, targets = _batch_to(next(batches), device, float32)
         if not graphs:
             loss = step_fn(inputs, targets)
@@ -493,7 +550,10 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
                 bar.set_postfix_str(f"loss {last:.4f}, {rate:,.0f} {work.unit}/s")
         if bar is not None:
             bar.update(1)
-    train_time = time.perf_counter() - t_train
+        if save_every and step % save_every == 0 and step < preset.steps:
+            save_training_state(step)
+    train_time = trained_s + time.perf_counter() - t_train
+    save_training_state(preset.steps)
     if bar is not None:
         bar.close()
     if replay is not None:
@@ -505,8 +565,6 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
     _say(f"cutegrad train {workload}: {work.metric} = {result[work.metric]:.4f}")
 
     meta = checkpoint_metadata(preset, work, precision, seed)
-    if isinstance(work, TextWorkload):
-        work.tokenizer.save(out / TOKENIZER_NAME)
     from .io import save
     save(model.state_dict(), out / CHECKPOINT_NAME, metadata=meta)
     metrics = {
@@ -521,7 +579,7 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
         "steps": preset.steps,
         "loss": losses.values,
         "eval": {"metric": work.metric, "value": result[work.metric], **result},
-        "throughput": {"unit": f"{work.unit}/s", "mean": preset.steps * items / train_time},
+        "throughput": {"unit": f"{work.unit}/s", "mean": preset.steps * items / max(train_time, 1e-9)},
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - t_start,
         "checkpoint": CHECKPOINT_NAME,
@@ -554,14 +612,26 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
+def loss_summary(losses, parts=10):
+    """The loss curve in one line: the mean loss of each tenth of the run, then first, last and best."""
+    if not losses:
+        return "no losses recorded"
+    chunks = np.array_split(np.asarray(losses, dtype=np.float64), min(parts, len(losses)))
+    best = int(np.argmin(losses))
+    return (f"mean loss by tenth of the run: {' '.join(f'{c.mean():.4g}' for c in chunks)}; "
+            f"first {losses[0]:.4g}, last {losses[-1]:.4g}, lowest {losses[best]:.4g} at step {best + 1}")
+
+
 def plot_losses(losses, path, title):
-    """Loss curve (raw and smoothed) as a PNG; skipped with a line when matplotlib is missing."""
+    """Loss curve (raw and smoothed) as a PNG. Without matplotlib (the `plot` extra) it prints
+    the curve's text summary instead."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _say("cutegrad train: matplotlib is not installed; skipping the loss plot (pip install matplotlib)")
+        _say(f"cutegrad train: {loss_summary(losses)}")
+        _say("cutegrad train: no loss plot: matplotlib is missing (pip install 'cutegrad[plot]')")
         return False
     steps = np.arange(1, len(losses) + 1)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -615,8 +685,11 @@ def load_checkpoint(path, device="cpu"):
 
 
 def evaluate_checkpoint(checkpoint, workload=None, device=None):
-    """Rebuild the model and eval data from a checkpoint and return the eval results dict."""
+    """Rebuild the model and eval data from a checkpoint (a model.safetensors, or the run folder
+    holding one) and return the eval results dict."""
     path = Path(checkpoint)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: no such file: {path}")
     device = pick_device(device)
