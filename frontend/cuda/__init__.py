@@ -69,3 +69,11 @@ __all__ = [
     "is_current_stream_capturing", "mem_get_info", "record_stream", "set_device", "set_stream",
     "stream", "synchronize",
 ]
+
+
+def __getattr__(name):
+    # torch.cuda.amp, imported on first use: it needs the op layer, which imports this package
+    if name == "amp":
+        import importlib
+        return importlib.import_module(".amp", __name__)
+    raise AttributeError(f"module 'cutegrad.cuda' has no attribute {name!r}")
