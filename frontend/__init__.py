@@ -28,5 +28,6 @@ from .graphs import rng as _graph_rng  # makes manual_seed reach the CUDA genera
 from .io import save, load, from_dlpack
 from . import amp
 from .compile import compile
+from . import utils
 
 del _cpu_backend, _tensor_methods, _graph_rng
