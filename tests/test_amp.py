@@ -228,10 +228,11 @@ def test_amp_autocast_as_decorator_and_context_manager(rng):
 # -- GPU ---------------------------------------------------------------------------------------------
 
 def cuda_pair(rng, lib, dev):
-    w = rng.standard_normal((64, 64)).astype(np.float32) * 0.1
+    """A 64-64-10 MLP whose every parameter comes from rng (the same in both libraries), on dev, with AdamW."""
     m = lib.nn.Sequential(lib.nn.Linear(64, 64), lib.nn.GELU(), lib.nn.Linear(64, 10))
     with lib.no_grad():
-        m[0].weight.copy_(lib.tensor(w))
+        for p in m.parameters():
+            p.copy_(lib.tensor(rng.standard_normal(tuple(p.shape)).astype(np.float32) * 0.1))
     m = m.to(dev)
     return m, lib.optim.AdamW(m.parameters(), lr=1e-3)
 

@@ -21,7 +21,6 @@ None, when their iterator dies (non-persistent workers) or with the parent.
 """
 from __future__ import annotations
 
-import multiprocessing
 import queue
 import random
 import traceback
@@ -124,6 +123,7 @@ class WorkerPool:
     def __init__(self, dataset, collate_fn: Optional[Callable], use_get_batch: bool, num_workers: int,
                  base_seed: int, worker_init_fn: Optional[Callable], context=None):
         if context is None or isinstance(context, str):
+            import multiprocessing  # on first use: importing it costs ~10 ms that loaders without workers never need
             context = multiprocessing.get_context(context)
         self.num_workers = num_workers
         self.index_queues = [context.Queue() for _ in range(num_workers)]
