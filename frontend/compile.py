@@ -152,8 +152,13 @@ class _Replay(Function):
     @staticmethod
     def backward(ctx, *grads):
         entry = ctx.entry
+        pending = entry.pending() if entry.pending is not None else None
+        if pending is not ctx and ctx.done:
+            # a second backward (retain_graph) after a newer replay rewrote the saved activations
+            raise RuntimeError("cutegrad.compile: backward through an earlier call of a compiled model whose "
+                               "activations a later call has overwritten (backward twice with retain_graph=True "
+                               "across calls); call the model again, or compile with disable=True")
         ctx.done = True
-        entry.pending = None
         return (None, None) + tuple(entry.replay_backward(grads))
 
 
@@ -161,7 +166,7 @@ class _Captured:
     """The graphs, static buffers and bookkeeping of one signature."""
 
     def __init__(self, engine, fn, spec, args_leaves, module):
-        self.pending = None  # weakref to the _Replay node whose backward has not run yet
+        self.pending = None  # weakref to the latest replay's _Replay node (its backward pending until .done)
         self.bwd = None
         self.module_storages = None
         if module is not None:
@@ -209,8 +214,10 @@ class _Captured:
         self.grads = None
 
         def backward_body():
+            # retain_graph: every replay reads the saved activations at their captured addresses, so
+            # they stay allocated (and the body can run again, as a backward twice with retain_graph does)
             self.grads = _autograd_grad([self.outputs[i] for i in self.diff], targets,
-                                        grad_outputs=self.grad_outputs, allow_unused=True)
+                                        grad_outputs=self.grad_outputs, retain_graph=True, allow_unused=True)
 
         self.bwd = engine.capture(backward_body, pool=_pool_of(self.fwd))
 
@@ -218,6 +225,7 @@ class _Captured:
         return self.module_storages is not None and any(t._storage is not s for t, s in self.module_storages)
 
     def is_pending(self):
+        """Whether the last replay's backward has not run yet (its node is alive and not done)."""
         ref = self.pending
         if ref is None:
             return False

@@ -194,6 +194,24 @@ def test_two_forwards_before_one_backward(rng):
         np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy())
 
 
+def test_retain_graph_backward_twice(rng):
+    eager, model = twin_models()
+    compiled(model, RecordingEngine(), warmup=1)
+    (x1, y1), (x2, y2) = batches(rng, 2)
+    model(x1, y1)
+    for m in (eager, model):
+        loss = m(x1, y1)[1]
+        loss.backward(retain_graph=True)
+        loss.backward()  # no call in between: the saved activations are this call's
+    for a, b in zip(eager.parameters(), model.parameters()):
+        np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy())
+    loss = model(x1, y1)[1]
+    loss.backward(retain_graph=True)
+    model(x2, y2)  # a newer replay rewrites the activations the first call's graph points at
+    with pytest.raises(RuntimeError, match="overwritten"):
+        loss.backward()
+
+
 def test_host_sync_in_capture_falls_back_with_one_warning(rng):
     engine = RecordingEngine()
     model = MLP(sync_in_capture=True)
