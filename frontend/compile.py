@@ -92,19 +92,21 @@ def _flatten(tree, tensors):
 
 
 def _unflatten(spec, tensors):
-    it = iter(tensors)
+    return _build(spec, iter(tensors))
 
-    def build(s):
-        if s is _LEAF:
-            return next(it)
-        kind, body = s
-        if kind == "const":
-            return body
-        if kind is dict:
-            return {k: build(v) for k, v in body}
-        items = [build(x) for x in body]
-        return kind(*items) if hasattr(kind, "_fields") else kind(items)
-    return build(spec)
+
+def _build(spec, it):
+    # a module-level recursion: a nested closure calling itself would form a reference cycle that keeps
+    # the outputs (and their autograd nodes, which the pending-backward rule watches) alive until gc runs
+    if spec is _LEAF:
+        return next(it)
+    kind, body = spec
+    if kind == "const":
+        return body
+    if kind is dict:
+        return {k: _build(v, it) for k, v in body}
+    items = [_build(x, it) for x in body]
+    return kind(*items) if hasattr(kind, "_fields") else kind(items)
 
 
 def _describe_tensor(t):
@@ -328,6 +330,12 @@ class CompiledCallable:
         self.eager_reason = None
         self._warned_cache = False
         functools.update_wrapper(self, fn, updated=())
+
+    def __getstate__(self):
+        # copies and pickles start uncaptured: graphs and static buffers belong to this object's device memory
+        state = dict(self.__dict__)
+        state["entries"], state["eager_reason"], state["_warned_cache"] = {}, None, False
+        return state
 
     def __call__(self, *args, **kwargs):
         if self.eager_reason is not None or _inside_capture():

@@ -194,6 +194,30 @@ def test_two_forwards_before_one_backward(rng):
         np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy())
 
 
+def test_dropped_outputs_release_the_pending_backward():
+    """Outputs thrown away without a backward free the replay's node at once (no reference cycle waits
+    for the garbage collector), so the next call replays instead of running eagerly."""
+    import gc
+    engine = RecordingEngine()
+    model = compiled(MLP(), engine, warmup=1)
+    x = cutegrad.randn(2, 6)
+    gc.disable()
+    try:
+        model(x)
+        model(x)  # captures and replays; the outputs are dropped
+        entry = next(iter(model.forward.entries.values()))
+        assert not entry.is_pending()
+        kept = model(x)
+        assert entry.is_pending()  # a live output that may still be differentiated
+        model(x)  # runs eagerly: a replay would overwrite what kept's backward reads
+        assert engine.graphs[0].replays == 2
+        del kept
+        model(x)
+        assert engine.graphs[0].replays == 3
+    finally:
+        gc.enable()
+
+
 def test_retain_graph_backward_twice(rng):
     eager, model = twin_models()
     compiled(model, RecordingEngine(), warmup=1)
@@ -249,7 +273,7 @@ def test_cache_size_limit_then_eager_with_one_warning():
         model(cutegrad.randn(4, 6))
     assert len(rec) == 1 and len(engine.graphs) == 4
     model(cutegrad.randn(2, 6))  # a cached signature still replays
-    assert engine.graphs[2].replays == 1
+    assert engine.graphs[2].replays == 2  # the capturing call and this one
 
 
 def test_moved_parameters_capture_again():
@@ -279,6 +303,19 @@ def test_cpu_inputs_run_the_model_itself(rng):
     sd = model.state_dict()
     fresh = MLP()
     fresh.load_state_dict(sd)
+
+
+def test_copies_of_a_compiled_model_start_uncaptured(rng):
+    import copy
+    engine = RecordingEngine()
+    model = compiled(MLP(), engine, warmup=1)
+    x = cutegrad.randn(2, 6)
+    model(x)
+    model(x)
+    twin = copy.deepcopy(model)
+    assert twin.forward.entries == {} and twin.forward.module is twin and twin.forward.fn.__self__ is twin
+    np.testing.assert_array_equal(twin(x)[0].detach().numpy(), model(x)[0].detach().numpy())
+    assert list(twin.state_dict()) == list(model.state_dict())
 
 
 def test_compile_arguments():
