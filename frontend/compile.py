@@ -43,8 +43,9 @@ What a replay does not repeat: Python side effects of the forward (counters,
 prints, attribute writes) and host values read during capture (a Python float
 computed from a tensor, a module attribute): they are frozen into the graph.
 Parameters are read at their addresses: optimizer updates and
-`load_state_dict` (in place) are seen by replays; moving the model to
-another device (new storage) makes the next call capture again.
+`load_state_dict` (in place) are seen by replays; moving or casting the
+model (new storage) or replacing a parameter or buffer makes the next calls
+warm up and capture again.
 """
 import functools
 import warnings
@@ -172,7 +173,7 @@ class _Captured:
         self.bwd = None
         self.module_storages = None
         if module is not None:
-            self.module_storages = [(t, t._storage) for t in _module_tensors(module)]
+            self.module_storages = _module_tensors(module)
         grad_on = grad_mode.state.enabled
         self.static_inputs = []
         with grad_mode.no_grad():
@@ -224,7 +225,9 @@ class _Captured:
         self.bwd = engine.capture(backward_body, pool=_pool_of(self.fwd))
 
     def module_moved(self):
-        return self.module_storages is not None and any(t._storage is not s for t, s in self.module_storages)
+        """Whether a parameter or buffer the graphs read was replaced or got new storage (a move, a cast)."""
+        return self.module_storages is not None and any(
+            store.get(name) is not t or t._storage is not s for store, name, t, s in self.module_storages)
 
     def is_pending(self):
         """Whether the last replay's backward has not run yet (its node is alive and not done)."""
@@ -310,7 +313,9 @@ def _leaves_used(outputs, exclude):
 
 
 def _module_tensors(module):
-    return list(module.parameters()) + [b for b in module.buffers() if b is not None]
+    """(store, name, tensor, storage) for every parameter and buffer: what module_moved compares against."""
+    return [(store, name, t, t._storage) for m in module.modules() for store in (m._parameters, m._buffers)
+            for name, t in store.items() if t is not None]
 
 
 # -- the compiled callable -----------------------------------------------------------------------

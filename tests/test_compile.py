@@ -289,6 +289,14 @@ def test_moved_parameters_capture_again():
     model(x)
     assert len(engine.graphs) == 4
     np.testing.assert_allclose(out.detach().numpy(), model(x)[0].detach().numpy())
+    model.register_buffer("scale", cutegrad.ones(1))
+    model(x)  # a new buffer is not read by the graphs (the forward ignores it): no recapture
+    model.fc2.weight = nn.Parameter(model.fc2.weight.detach() * 2)  # a replaced parameter object
+    out, _ = model(x)
+    np.testing.assert_allclose(out.detach().numpy(), model.fc2(F.gelu(model.fc1(x))).detach().numpy(), rtol=1e-6)
+    model(x)
+    model(x)
+    assert len(engine.graphs) == 6
 
 
 def test_cpu_inputs_run_the_model_itself(rng):
