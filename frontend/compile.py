@@ -42,6 +42,8 @@ prefix; `_orig_mod` here is the module itself). A function gets a wrapper.
 What a replay does not repeat: Python side effects of the forward (counters,
 prints, attribute writes) and host values read during capture (a Python float
 computed from a tensor, a module attribute): they are frozen into the graph.
+In-place writes the forward makes to its tensor arguments land in the static
+copies, not in the caller's tensors.
 Parameters are read at their addresses: optimizer updates and
 `load_state_dict` (in place) are seen by replays; moving or casting the
 model (new storage) or replacing a parameter or buffer makes the next calls
