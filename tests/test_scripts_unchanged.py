@@ -56,10 +56,11 @@ parser.add_argument("--block_size", type=int, default=16)
 parser.add_argument("--gradient_accumulation_steps", type=int, default=2)
 parser.add_argument("--learning_rate", type=float, default=3e-3)
 parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
 args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16"
+dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float16")
 device_type = "cuda" if "cuda" in device else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 ctx = nullcontext() if device_type == "cpu" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -372,10 +373,10 @@ lengths = (len(train_set), len(val_set), len(train_loader), len(val_loader))
 def shared_init(tmp_path, script, argv):
     """Run the torch script for 0 steps; its initial state_dict saved for torch (.pt) and cutegrad."""
     ns = run_script(script, list(argv), "torch")
-    sd = ns["model"].state_dict()
+    sd = {k: v.detach().cpu() for k, v in ns["model"].state_dict().items()}
     pt, st = tmp_path / "init.pt", tmp_path / "init.safetensors"
     torch.save(sd, pt)
-    cutegrad.save({k: cutegrad.tensor(v.detach().numpy()) for k, v in sd.items()}, st)
+    cutegrad.save({k: cutegrad.tensor(v.numpy()) for k, v in sd.items()}, st)
     return pt, st
 
 
@@ -426,3 +427,21 @@ def test_data_pipeline_script_runs_like_torch():
     assert sorted(ours["subset_order"]) == sorted(ref["subset_order"]) == [2, 4, 6, 8]
     assert not set(ours["train_set"].indices) & set(ours["val_set"].indices)
     ours["train_loader"]._pool.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (cutegrad.cuda.is_available() and torch.cuda.is_available()),
+                    reason="needs a CUDA GPU and driver (for both libraries)")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_nanogpt_style_script_on_gpu(tmp_path, dtype):
+    """The same script on the GPU: autocast in dtype, the GradScaler live for float16, cutegrad.compile
+    capturing and replaying the model; losses within half-precision rounding of torch's (eager) run."""
+    base = ["--out_dir", str(tmp_path / "out"), "--dtype", dtype]
+    pt, st = shared_init(tmp_path, NANOGPT, base + ["--max_iters", "0"])
+    ref = run_script(NANOGPT, base + ["--init_from", str(pt)], "torch")
+    ours = run_script(NANOGPT, base + ["--init_from", str(st)], "cutegrad")
+    assert ours["scaler"].is_enabled() == (dtype == "float16") == ref["scaler"].is_enabled()
+    entries = ours["model"].forward.entries.values()
+    assert any(not isinstance(e, int) and e.bwd is not None for e in entries)  # it captured
+    np.testing.assert_allclose(ours["losses"], ref["losses"], rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(ours["val_losses"], ref["val_losses"], rtol=2e-2, atol=2e-2)
