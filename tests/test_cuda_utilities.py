@@ -129,3 +129,17 @@ def test_gpu_non_blocking_upload_from_pinned_memory(rng):
     plain = cutegrad.ones(4).to("cuda", non_blocking=True)  # not pinned: staged, still correct
     np.testing.assert_array_equal(plain.cpu().numpy(), np.ones(4, np.float32))
     assert not dev.is_pinned()
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_dataloader_pins_batches(rng):
+    from cutegrad.utils.data import DataLoader, TensorDataset
+    x = rng.standard_normal((40, 7)).astype(np.float32)
+    for workers in (0, 2):
+        dl = DataLoader(TensorDataset(x, np.arange(40)), batch_size=8, pin_memory=True, num_workers=workers)
+        got = []
+        for xb, yb in dl:
+            assert xb.is_pinned() and yb.is_pinned()
+            got.append(xb.to("cuda", non_blocking=True))
+        np.testing.assert_array_equal(np.concatenate([g.cpu().numpy() for g in got]), x)

@@ -213,6 +213,17 @@ def test_worker_init_fn_persistent_workers_and_early_break():
     dl._pool.close()
 
 
+def test_dropping_an_iterator_mid_epoch_stops_its_workers():
+    it = iter(cdata.DataLoader(WhoBuilt(), batch_size=2, num_workers=2))
+    next(it)
+    processes = list(it._pool.processes)
+    assert all(p.is_alive() for p in processes)
+    del it
+    for p in processes:
+        p.join(timeout=10)
+    assert not any(p.is_alive() for p in processes)
+
+
 def test_worker_error_is_reraised_with_its_type():
     dl = cdata.DataLoader(WhoBuilt(fail_at=13), batch_size=4, num_workers=2)
     with pytest.raises(KeyError, match="sample 13 is broken"):
