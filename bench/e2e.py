@@ -28,6 +28,10 @@ Modes (MODES):
   TF32 is off for fp32 matmuls (PyTorch's default; cutegrad has no TF32 path).
 - torch-compile-bf16: the forward and loss through `torch.compile` (default
   mode); backward, clipping and the fused optimizer step as in eager.
+- cutegrad-compile-bf16: `cutegrad.compile(model)`, as a torch user writes
+  `model = torch.compile(model)`, then the eager step: the model's forward and
+  backward are captured per input signature and replayed (docs/graphs.md);
+  clipping and the optimizer step run eagerly.
 - torch-cudagraph-bf16: the whole step captured by hand as PyTorch's docs
   show: static inputs, three warm-up steps on a side stream, capture with
   `torch.cuda.graph`, AdamW `fused=True, capturable=True`, replay per batch.
@@ -105,15 +109,17 @@ MODES = {
     "torch-eager-fp32": ("torch", "eager", "fp32"),
     "torch-eager-bf16": ("torch", "eager", "bf16"),
     "torch-compile-bf16": ("torch", "compile", "bf16"),
+    "cutegrad-compile-bf16": ("cutegrad", "compile", "bf16"),
     "torch-cudagraph-bf16": ("torch", "cudagraph", "bf16"),
 }
 # The order modes run in: the comparisons that matter most first, so a run that meets --budget-s
 # loses the least telling ones (tables keep the MODES order).
 RUN_ORDER = ("cutegrad-graphed-bf16", "torch-cudagraph-bf16", "cutegrad-eager-bf16", "torch-eager-bf16",
-             "torch-compile-bf16", "cutegrad-eager-fp32", "torch-eager-fp32", "cutegrad-graphed-fp32")
+             "torch-compile-bf16", "cutegrad-compile-bf16", "cutegrad-eager-fp32", "torch-eager-fp32",
+             "cutegrad-graphed-fp32")
 # Pairs compared in the results' "rows" (cutegrad mode, PyTorch mode), besides best against best.
 PAIRS = (("cutegrad-eager-fp32", "torch-eager-fp32"), ("cutegrad-eager-bf16", "torch-eager-bf16"),
-         ("cutegrad-graphed-bf16", "torch-cudagraph-bf16"))
+         ("cutegrad-graphed-bf16", "torch-cudagraph-bf16"), ("cutegrad-compile-bf16", "torch-compile-bf16"))
 N_BATCHES = 4  # distinct batches uploaded once per workload and cycled through
 MIN_STEPS = 30
 SEED = 0
@@ -312,6 +318,8 @@ def cutegrad_session(cpu_model, preset, batches, execution, precision, warmup_gr
 
     model = copy.deepcopy(cpu_model).to(device)
     model.train()
+    if execution == "compile":
+        model = cutegrad.compile(model)
     opt = T.build_optimizer(model, preset.optimizer)
     amp = cutegrad.autocast(device.split(":")[0], dtype=cutegrad.bfloat16) if precision == "bf16" \
         else contextlib.nullcontext()
@@ -323,7 +331,7 @@ def cutegrad_session(cpu_model, preset, batches, execution, precision, warmup_gr
         return float(loss.item())
 
     first = loss_value(step_fn(*data[0]))
-    if execution == "eager":
+    if execution in ("eager", "compile"):
         def step(i):
             return step_fn(*data[i % N_BATCHES])
     else:
@@ -339,7 +347,9 @@ def cutegrad_session(cpu_model, preset, batches, execution, precision, warmup_gr
         state.clear()
 
     notes = (f"cutegrad.train.make_step; {type(opt).__name__} (fused multi-tensor kernel where eligible)" +
-             (f"; graphed(step, warmup={warmup_graph})" if execution == "graphed" else ""))
+             (f"; graphed(step, warmup={warmup_graph})" if execution == "graphed" else "") +
+             ("; cutegrad.compile(model): forward and backward replayed as CUDA graphs" if execution == "compile"
+              else ""))
     return Session(step, loss_value, close, first, notes)
 
 

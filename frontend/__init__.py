@@ -26,5 +26,8 @@ from . import tensor_methods as _tensor_methods  # binds Tensor methods
 from . import nn, optim, data
 from .graphs import rng as _graph_rng  # makes manual_seed reach the CUDA generators
 from .io import save, load, from_dlpack
+from . import amp
+from .compile import compile
+from . import utils
 
 del _cpu_backend, _tensor_methods, _graph_rng

@@ -28,7 +28,7 @@ from cutegrad.models import PRESETS  # noqa: E402
 def test_defaults_cover_every_workload_and_mode():
     a = e2e.parse_args([])
     assert a.workloads == list(e2e.WORKLOADS) == ["reverse", "vit", "minigpt", "gpt2-small"]
-    assert a.modes == list(e2e.MODES) and len(a.modes) == 8
+    assert a.modes == list(e2e.MODES) and len(a.modes) == 9
     assert a.steps >= 30 and a.render is None and a.batch_size == {}
 
 

@@ -29,6 +29,9 @@ from .streams import ExternalStream, Stream, current_stream, default_stream, set
 from .events import Event
 from .capture_guard import _check_not_capturing
 from .tensors import record_stream  # importing tensors registers the CUDA storage kernels
+from .memory import (memory_stats, memory_allocated, max_memory_allocated, memory_reserved, max_memory_reserved,
+                     reset_peak_memory_stats)
+from .pinned_tensors import is_pinned, pin_memory  # binds Tensor.pin_memory / Tensor.is_pinned
 
 
 def is_current_stream_capturing():
@@ -61,6 +64,49 @@ def empty_cache(device=None):
     get_allocator(device_index(device)).empty_cache()
 
 
+def manual_seed(seed):
+    """Seed the current device's generator (torch.cuda.manual_seed).
+
+    Without a GPU, or before CUDA is initialised, the seed is applied to every
+    device generator made later, as torch queues it until CUDA starts.
+    """
+    from cutegrad.graphs import rng
+    from . import driver
+    if not driver.is_initialized() and not is_available():
+        rng.manual_seed(seed)
+        return
+    rng.default_generator(current_device()).manual_seed(seed)
+
+
+def manual_seed_all(seed):
+    """Seed every CUDA device's generator, including ones made later."""
+    from cutegrad.graphs import rng
+    rng.manual_seed(seed)
+
+
+def initial_seed():
+    """The seed of the current device's generator (raises without a GPU, as torch)."""
+    from cutegrad.graphs import rng
+    return rng.default_generator(current_device()).initial_seed()
+
+
+def get_device_capability(device=None):
+    """(major, minor) compute capability of a device (raises without a GPU)."""
+    p = get_device_properties(device)
+    return p.major, p.minor
+
+
+def is_bf16_supported(including_emulation=True):
+    """Whether the current device computes in bfloat16 natively (compute capability 8.0 or newer).
+
+    False without a GPU, as torch's. cutegrad's kernels emulate nothing, so
+    including_emulation changes nothing.
+    """
+    if not is_available():
+        return False
+    return get_device_capability()[0] >= 8
+
+
 __all__ = [
     "CudaError", "CudaNotAvailableError", "StreamCaptureError",
     "DeviceProperties", "Event", "ExternalStream", "Stream",
@@ -68,4 +114,15 @@ __all__ = [
     "empty_cache", "get_device_name", "get_device_properties", "is_available",
     "is_current_stream_capturing", "mem_get_info", "record_stream", "set_device", "set_stream",
     "stream", "synchronize",
+    "get_device_capability", "initial_seed", "is_bf16_supported", "is_pinned", "manual_seed", "manual_seed_all",
+    "max_memory_allocated", "max_memory_reserved", "memory_allocated", "memory_reserved", "memory_stats",
+    "pin_memory", "reset_peak_memory_stats",
 ]
+
+
+def __getattr__(name):
+    # torch.cuda.amp, imported on first use: it needs the op layer, which imports this package
+    if name == "amp":
+        import importlib
+        return importlib.import_module(".amp", __name__)
+    raise AttributeError(f"module 'cutegrad.cuda' has no attribute {name!r}")

@@ -9,9 +9,12 @@ from .cache import cache_dir
 from .char_tokenizer import CharTokenizer
 from .cifar import CIFAR10, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, find_cifar10, read_cifar10
 from .corpus import Corpus, embedded_corpus, resolve_corpus
-from .dataset import Dataset, Subset, TensorDataset
+from .dataset import Dataset, Subset, TensorDataset, random_split
 from .images import ImageData, resolve_image_data
 from .loader import DataLoader, collate_numpy, default_collate, to_tensor, to_tensors
+from .samplers import (BatchSampler, RandomSampler, Sampler, SequentialSampler, SubsetRandomSampler,
+                       WeightedRandomSampler)
+from .workers import get_worker_info
 from .reversal import IGNORE_INDEX, ReversalDataset, ReversalTask, exact_sequence_accuracy
 from .synthetic_images import SYNTHETIC_CLASSES, SyntheticImages
 from .text import TextData, TextDataset, prepare_text, split_tokens
@@ -50,4 +53,6 @@ __all__ = [
     "split_tokens",
     "to_tensor",
     "to_tensors",
+    "BatchSampler", "RandomSampler", "Sampler", "SequentialSampler", "SubsetRandomSampler", "WeightedRandomSampler",
+    "get_worker_info", "random_split",
 ]

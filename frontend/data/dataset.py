@@ -10,11 +10,14 @@ which keeps big image batches out of a Python loop.
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Dataset", "TensorDataset", "Subset"]
+__all__ = ["Dataset", "TensorDataset", "Subset", "random_split"]
 
 
 class Dataset:
@@ -89,3 +92,36 @@ class Subset(Dataset):
     def __getitem__(self, index: int) -> Any:
         return self.dataset[int(self.indices[index])]
 
+
+
+def random_split(dataset: Dataset, lengths: Sequence, generator=None) -> list:
+    """Disjoint random Subsets of the given lengths (or fractions summing to 1), as torch's random_split.
+
+    Fractions become floor(len * fraction) each, the remainder handed out one
+    by one from the first subset on. The permutation comes from `generator`
+    (a cutegrad.Generator), by default cutegrad's CPU generator.
+    """
+    n = len(dataset)
+    lengths = list(lengths)
+    if math.isclose(sum(lengths), 1) and sum(lengths) <= 1:
+        for i, frac in enumerate(lengths):
+            if frac < 0 or frac > 1:
+                raise ValueError(f"Fraction at index {i} is not between 0 and 1")
+        sizes = [int(math.floor(n * frac)) for frac in lengths]
+        for i in range(n - sum(sizes)):
+            sizes[i % len(sizes)] += 1
+        for i, size in enumerate(sizes):
+            if size == 0:
+                warnings.warn(f"Length of split at index {i} is 0. This might result in an empty dataset.",
+                              stacklevel=2)
+        lengths = sizes
+    if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0 for x in lengths):
+        raise ValueError(f"random_split: lengths must be non-negative integers or fractions summing to 1, "
+                         f"got {lengths}")
+    if sum(lengths) != n:
+        raise ValueError("Sum of input lengths does not equal the length of the input dataset!")
+    if generator is None:
+        from .. import random as _random
+        generator = _random.cpu_generator()
+    order = generator.numpy().permutation(n).tolist()
+    return [Subset(dataset, order[end - size:end]) for end, size in zip(itertools.accumulate(lengths), lengths)]

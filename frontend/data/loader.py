@@ -1,18 +1,23 @@
 """DataLoader: batches of a map-style dataset, shuffled per epoch, prefetched.
 
+torch.utils.data.DataLoader's arguments, with torch's meanings (samplers.py,
+workers.py for num_workers > 0).
+
 Design:
-- Index order. Epoch `e` of a loader with seed `s` visits
-  `np.random.default_rng([s, e]).permutation(len(dataset))` when shuffling,
-  `arange(len(dataset))` otherwise; so a run is reproducible from its seed and
-  every epoch gets a fresh permutation. `iter(loader)` starts the next epoch;
-  `set_epoch(e)` picks one explicitly (resuming a run).
-- Batching. Consecutive slices of the index order, the last one short unless
-  `drop_last`.
+- Index order: the sampler's. By default (`shuffle=True` without a sampler
+  or generator), epoch `e` of a loader with seed `s` visits
+  `np.random.default_rng([s, e]).permutation(len(dataset))`, and
+  `arange(len(dataset))` without shuffle; so a run is reproducible from its
+  seed and every epoch gets a fresh permutation. `iter(loader)` starts the
+  next epoch; `set_epoch(e)` picks one explicitly (resuming a run).
+- Batching: the batch sampler's index lists (a BatchSampler over the
+  sampler: consecutive slices, the last one short unless `drop_last`).
 - Collate. Samples are stacked field-wise into NumPy arrays (`collate_numpy`);
   integer fields become int64, float64/Python floats become float32, other
   float dtypes are kept. Then each array becomes a cutegrad tensor through
   `cutegrad.from_numpy` (`to_tensors`). NumPy is the only thing the worker
-  touches before that last step.
+  touches before that last step. `pin_memory=True` then copies the batch's
+  tensors into page-locked memory.
 - Prefetch. With `prefetch > 0` a daemon thread builds up to `prefetch`
   batches ahead into a bounded queue. The thread holds no reference to the
   iterator, so dropping the iterator (or `close()`) stops it: a finalizer sets
@@ -27,14 +32,17 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import warnings
 import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .dataset import Dataset
+from .samplers import BatchSampler, RandomSampler, Sampler, SequentialSampler
+from .workers import WorkerPool
 
-__all__ = ["DataLoader", "collate_numpy", "default_collate", "to_tensor", "to_tensors"]
+__all__ = ["DataLoader", "collate_numpy", "default_collate", "make_batch_function", "to_tensor", "to_tensors"]
 
 
 def _batch_dtype(arr: np.ndarray) -> np.ndarray:
@@ -46,16 +54,21 @@ def _batch_dtype(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _cast_tree(tree: Any) -> Any:
-    if isinstance(tree, np.ndarray):
-        return _batch_dtype(tree)
+def _map_tree(tree: Any, leaf_type: type, fn: Callable[[Any], Any]) -> Any:
+    """tree (nested tuples, namedtuples, lists, dicts) with fn applied to every leaf_type leaf."""
+    if isinstance(tree, leaf_type):
+        return fn(tree)
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(_cast_tree(x) for x in tree))
+        return type(tree)(*(_map_tree(x, leaf_type, fn) for x in tree))
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_cast_tree(x) for x in tree)
+        return type(tree)(_map_tree(x, leaf_type, fn) for x in tree)
     if isinstance(tree, dict):
-        return {k: _cast_tree(v) for k, v in tree.items()}
+        return {k: _map_tree(v, leaf_type, fn) for k, v in tree.items()}
     return tree
+
+
+def _cast_tree(tree: Any) -> Any:
+    return _map_tree(tree, np.ndarray, _batch_dtype)
 
 
 def _leaf_array(x: Any) -> np.ndarray:
@@ -113,15 +126,7 @@ def to_tensor(arr: np.ndarray):
 
 def to_tensors(tree: Any) -> Any:
     """Convert every NumPy array in a nested tuple/list/dict to a cutegrad tensor."""
-    if isinstance(tree, np.ndarray):
-        return to_tensor(tree)
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(to_tensors(x) for x in tree))
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(to_tensors(x) for x in tree)
-    if isinstance(tree, dict):
-        return {k: to_tensors(v) for k, v in tree.items()}
-    return tree
+    return _map_tree(tree, np.ndarray, to_tensor)
 
 
 def default_collate(samples: Sequence[Any]) -> Any:
@@ -223,90 +228,230 @@ class _SyncIterator:
         self._batches = iter(())
 
 
-class DataLoader:
-    """Iterate over a map-style dataset in batches.
+def make_batch_function(dataset, collate_fn: Optional[Callable], use_get_batch: bool,
+                        in_worker: bool = False) -> Callable[[Sequence[int]], Any]:
+    """indices -> batch. In a worker the default collate stops at NumPy (the parent makes the tensors)."""
+    if use_get_batch:
+        get_batch = dataset.get_batch
+        if in_worker:
+            return lambda idx: _cast_tree(get_batch(np.asarray(idx)))
+        return lambda idx: to_tensors(_cast_tree(get_batch(np.asarray(idx))))
+    if collate_fn is None:
+        collate_fn = collate_numpy if in_worker else default_collate
+    return lambda idx: collate_fn([dataset[int(i)] for i in idx])
 
-    Args:
+
+def _pin_tree(tree: Any) -> Any:
+    from ..tensor import Tensor
+    return _map_tree(tree, Tensor, lambda t: t.pin_memory() if t.device.type == "cpu" else t)
+
+
+class _SeededShuffle(Sampler):
+    """The default shuffle: epoch e visits np.random.default_rng([seed, e]).permutation(n)."""
+
+    def __init__(self, loader: "DataLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader.index_order(self.loader.epoch).tolist())
+
+    def __len__(self):
+        return len(self.loader.dataset)
+
+
+def _is_int(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
+
+
+class _WorkerIterator:
+    def __init__(self, pool: WorkerPool, owned: bool, batches: Iterator[Any]):
+        self._pool = pool if owned else None
+        self._batches = batches
+
+    def __iter__(self) -> "_WorkerIterator":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._batches)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._batches.close()
+        if self._pool is not None:
+            self._pool.close()
+
+
+class DataLoader:
+    """Batches of a map-style dataset: torch.utils.data.DataLoader's arguments and meanings.
+
+    Args (torch's, in torch's order):
         dataset: anything with `__len__` and `__getitem__`; if it also has
             `get_batch(indices)` and no `collate_fn` is given, whole batches are
             fetched through it.
         batch_size: samples per batch (>= 1).
-        shuffle: visit samples in a fresh seeded permutation every epoch.
-        drop_last: drop the last batch when it is short.
-        seed: base seed of the shuffling; `None` draws one from the OS once,
-            at construction (read it back from `loader.seed`).
+        shuffle: visit samples in a fresh random order every epoch. Without a
+            `generator` the order is `np.random.default_rng([seed, epoch])`'s
+            permutation (see `seed`); with one, a RandomSampler drawing from it.
+        sampler: an iterable of indices (a Sampler); excludes `shuffle`.
+        batch_sampler: an iterable of index lists; excludes batch_size,
+            shuffle, sampler and drop_last.
+        num_workers: worker processes building batches (0: this process, with
+            `prefetch` batches built ahead by a thread).
         collate_fn: list of samples -> batch; default `default_collate`
             (NumPy stacking, then cutegrad tensors). Pass `collate_numpy` to
             get NumPy batches.
-        prefetch: batches prepared ahead by a background thread; 0 builds each
-            batch in the consuming thread.
+        pin_memory: batches' CPU tensors in page-locked memory (for
+            `to("cuda", non_blocking=True)`); without a GPU it warns and does
+            nothing, as torch's.
+        drop_last: drop the last batch when it is short.
+        timeout: seconds to wait for a worker's batch (0: forever).
+        worker_init_fn: called with the worker id in each worker, after seeding.
+        multiprocessing_context: a context or its name ("fork", "spawn", ...).
+        generator: a cutegrad.Generator for the shuffle and the workers' base seed.
+        prefetch_factor: batches in flight per worker (default 2).
+        persistent_workers: keep the workers between epochs.
+    cutegrad's own:
+        seed: base seed of the default shuffle; None draws one from cutegrad's
+            CPU generator at construction (so `cutegrad.manual_seed` makes runs
+            repeat; read it back from `loader.seed`).
+        prefetch: with num_workers=0, batches prepared ahead by a background
+            thread; 0 builds each batch in the consuming thread.
     """
 
-    def __init__(
-        self,
-        dataset: Dataset,
-        batch_size: int = 1,
-        shuffle: bool = False,
-        drop_last: bool = False,
-        seed: Optional[int] = None,
-        collate_fn: Optional[Callable[[list], Any]] = None,
-        prefetch: int = 2,
-    ):
+    def __init__(self, dataset: Dataset, batch_size: Optional[int] = 1, shuffle: Optional[bool] = None,
+                 sampler=None, batch_sampler=None, num_workers: int = 0,
+                 collate_fn: Optional[Callable[[list], Any]] = None, pin_memory: bool = False,
+                 drop_last: bool = False, timeout: float = 0, worker_init_fn: Optional[Callable] = None,
+                 multiprocessing_context=None, generator=None, *, prefetch_factor: Optional[int] = None,
+                 persistent_workers: bool = False, pin_memory_device: str = "", in_order: bool = True,
+                 seed: Optional[int] = None, prefetch: int = 2):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError(f"DataLoader: dataset must define __len__ and __getitem__, got {type(dataset).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"DataLoader: batch_size must be a positive integer, got {batch_size!r}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
+        if not _is_int(prefetch) or prefetch < 0:
             raise ValueError(f"DataLoader: prefetch must be a non-negative integer, got {prefetch!r}")
+        if not _is_int(num_workers) or num_workers < 0:
+            raise ValueError("num_workers option should be non-negative; use num_workers=0 to disable "
+                             f"multiprocessing, got {num_workers!r}")
+        if num_workers == 0 and prefetch_factor is not None:
+            raise ValueError("prefetch_factor option could only be specified in multiprocessing. "
+                             "let num_workers > 0 to enable multiprocessing.")
+        if prefetch_factor is not None and (not _is_int(prefetch_factor) or prefetch_factor < 1):
+            raise ValueError(f"DataLoader: prefetch_factor must be a positive integer, got {prefetch_factor!r}")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers option needs num_workers > 0")
+        if timeout < 0:
+            raise ValueError("timeout option should be non-negative")
+        if sampler is not None and shuffle:
+            raise ValueError("sampler option is mutually exclusive with shuffle")
+        if batch_sampler is not None and (batch_size != 1 or shuffle or sampler is not None or drop_last):
+            raise ValueError("batch_sampler option is mutually exclusive with batch_size, shuffle, sampler, "
+                             "and drop_last")
         if seed is None:
-            seed = int(np.random.SeedSequence().entropy)
-        elif isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            from .. import random as _random
+            seed = int(_random.cpu_generator().numpy().integers(0, 2 ** 63 - 1))
+        elif not _is_int(seed) or seed < 0:
             raise ValueError(f"DataLoader: seed must be a non-negative integer or None, got {seed!r}")
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"DataLoader: collate_fn must be callable, got {type(collate_fn).__name__}")
         self.dataset = dataset
-        self.batch_size = int(batch_size)
+        self.batch_size = None if batch_sampler is not None else int(batch_size)
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
         self.collate_fn = collate_fn
         self.prefetch = int(prefetch)
+        self.num_workers = int(num_workers)
+        self.prefetch_factor = 2 if prefetch_factor is None and num_workers else prefetch_factor
+        self.persistent_workers = bool(persistent_workers)
+        self.timeout = float(timeout)
+        self.worker_init_fn = worker_init_fn
+        self.multiprocessing_context = multiprocessing_context
+        self.generator = generator
+        self.pin_memory = bool(pin_memory)
+        if self.pin_memory:
+            from .. import cuda
+            if not cuda.is_available():
+                warnings.warn("'pin_memory' argument is set as true but no accelerator is found, then device "
+                              "pinned memory won't be used.", stacklevel=2)
+                self.pin_memory = False
+        if sampler is None:
+            if not self.shuffle:
+                sampler = SequentialSampler(dataset)
+            elif generator is not None:
+                sampler = RandomSampler(dataset, generator=generator)
+            else:
+                sampler = _SeededShuffle(self)
+        self.sampler = sampler
+        self.batch_sampler = batch_sampler if batch_sampler is not None else \
+            BatchSampler(sampler, self.batch_size, self.drop_last)
         self.epoch = 0
+        self._pool = None
 
     def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return len(self.batch_sampler)
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next `iter()` run epoch `epoch` (its permutation)."""
+        """Make the next `iter()` run epoch `epoch` (its permutation); passed on to a sampler that has set_epoch."""
         if epoch < 0:
             raise ValueError(f"DataLoader.set_epoch: epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
     def index_order(self, epoch: int) -> np.ndarray:
-        """The order in which epoch `epoch` visits the dataset."""
+        """The order in which epoch `epoch` of the default (seeded) order visits the dataset."""
         n = len(self.dataset)
         if self.shuffle:
             return np.random.default_rng([self.seed, epoch]).permutation(n)
         return np.arange(n)
 
     def index_batches(self, epoch: int) -> list:
-        order = self.index_order(epoch)
-        stop = len(self) * self.batch_size if self.drop_last else len(order)
-        return [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+        """The index arrays of the batches of epoch `epoch`."""
+        saved, self.epoch = self.epoch, epoch
+        try:
+            return [np.asarray(b, dtype=np.int64) for b in self.batch_sampler]
+        finally:
+            self.epoch = saved
+
+    def _use_get_batch(self) -> bool:
+        return self.collate_fn is None and getattr(self.dataset, "get_batch", None) is not None
 
     def _batch_maker(self) -> Callable[[np.ndarray], Any]:
-        dataset = self.dataset
-        collate = self.collate_fn
-        get_batch = getattr(dataset, "get_batch", None) if collate is None else None
-        if get_batch is not None:
-            return lambda idx: to_tensors(_cast_tree(get_batch(idx)))
-        collate = collate or default_collate
-        return lambda idx: collate([dataset[int(i)] for i in idx])
+        make = make_batch_function(self.dataset, self.collate_fn, self._use_get_batch())
+        if self.pin_memory:
+            return lambda idx: _pin_tree(make(idx))
+        return make
+
+    def _finish_worker_batch(self) -> Callable[[Any], Any]:
+        convert = to_tensors if self.collate_fn is None else (lambda b: b)
+        if self.pin_memory:
+            return lambda b: _pin_tree(convert(b))
+        return convert
+
+    def _worker_pool(self) -> WorkerPool:
+        from .. import random as _random
+        gen = self.generator.numpy() if self.generator is not None else _random.cpu_generator().numpy()
+        base_seed = int(gen.integers(0, 2 ** 62))
+        return WorkerPool(self.dataset, self.collate_fn, self._use_get_batch(), self.num_workers, base_seed,
+                          self.worker_init_fn, self.multiprocessing_context)
 
     def __iter__(self) -> Iterator[Any]:
         batches = self.index_batches(self.epoch)
         self.epoch += 1
+        if self.num_workers:
+            pool = self._pool
+            if pool is None or not pool.alive:
+                pool = self._worker_pool()
+                if self.persistent_workers:
+                    self._pool = pool
+            depth = self.prefetch_factor * self.num_workers
+            gen = pool.run(batches, depth, self.timeout, self._finish_worker_batch())
+            return _WorkerIterator(pool, not self.persistent_workers, gen)
         if self.prefetch == 0:
             return _SyncIterator(self._batch_maker(), batches)
         return _PrefetchIterator(self._batch_maker(), batches, self.prefetch)

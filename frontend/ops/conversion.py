@@ -38,13 +38,18 @@ class ToDeviceBackward(Node):
         return (to_device(g, self.src),)
 
 
-def to_device(x, device):
+def to_device(x, device, non_blocking=False):
     device = _device(device)
     src = x._storage.device
     if src == device:
         return x
     backend = device.backend if device.type != "cpu" else src.backend
-    out = _K_TO_DEVICE[backend](x, device)
+    out = None
+    if non_blocking and src.type == "cpu":  # a pinned source uploads by one asynchronous DMA
+        from ..cuda.pinned_tensors import upload_non_blocking
+        out = upload_non_blocking(x, device)
+    if out is None:
+        out = _K_TO_DEVICE[backend](x, device)
     if _state.enabled and x._requires_grad:
         node = ToDeviceBackward()
         node.src = src
@@ -65,7 +70,7 @@ def to(x, *args, dtype=None, device=None, non_blocking=False, copy=False):
             raise TypeError(f"to() received an invalid argument of type {type(a).__name__}")
     out = x
     if device is not None:
-        out = to_device(out, device)
+        out = to_device(out, device, non_blocking)
     if dtype is not None:
         out = to_dtype(out, dtype)
     if copy and out is x:
