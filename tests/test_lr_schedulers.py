@@ -97,7 +97,8 @@ def test_reduce_on_plateau_matches_torch(kw, opt_name, opt_kw):
     groups = len(kw["min_lr"]) if isinstance(kw.get("min_lr"), list) else 1
     opt, topt = _pair(opt_name, opt_kw, groups)
     sched, tsched = S.ReduceLROnPlateau(opt, **kw), TS.ReduceLROnPlateau(topt, **kw)
-    metrics = [cg.tensor(m, dtype=cg.float64) if i % 3 == 0 else m for i, m in enumerate(METRICS)]  # tensors too, as torch takes
+    # tensors too, as torch takes them
+    metrics = [cg.tensor(m, dtype=cg.float64) if i % 3 == 0 else m for i, m in enumerate(METRICS)]
     _compare(_trace(opt, sched, len(METRICS), metrics), _trace(topt, tsched, len(METRICS), METRICS))
     assert sched.best == tsched.best and sched.num_bad_epochs == tsched.num_bad_epochs
     assert sched.last_epoch == tsched.last_epoch
