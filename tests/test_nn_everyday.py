@@ -161,6 +161,17 @@ def test_conv2d_unbatched_and_module():
         assert out.shape == (2, 6) + tuple(tm(torch.zeros(2, 3, 8, 9, dtype=torch.float64)).shape[2:])
 
 
+def test_conv2d_under_autocast_runs_in_bfloat16_as_torch():
+    x, w, b = _rand(2, 3, 6, 6, dtype=np.float32), _rand(4, 3, 3, 3, dtype=np.float32, seed=1), _rand(4, seed=2)
+    b = b.astype(np.float32)
+    with cg.autocast("cpu"):
+        ours = F.conv2d(cg.tensor(x), cg.tensor(w), cg.tensor(b), padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = TF.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), padding=1)
+    assert ours.dtype is cg.bfloat16 and ref.dtype == torch.bfloat16
+    np.testing.assert_allclose(ours.float().numpy(), ref.float().numpy(), rtol=3e-2, atol=3e-2)
+
+
 def test_conv2d_init_matches_torchs_bounds():
     m = cg.nn.Conv2d(16, 8, (3, 5), groups=2)
     fan_in = 8 * 15
