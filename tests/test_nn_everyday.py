@@ -397,6 +397,7 @@ def test_flatten_unflatten():
 REDUCTIONS = ["mean", "sum", "none"]
 
 
+@pytest.mark.filterwarnings("ignore:Using a target size")  # torch's note on the broadcast target
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_regression_losses(reduction):
     x, y = _rand(4, 3), _rand(4, 3, seed=1)
