@@ -69,8 +69,8 @@ class Dropout(Module):
         self.inplace = inplace
 
     def forward(self, x):
-        if self.inplace:
-            return inplace_apply(lambda t: ops.dropout(t, self.p, self.training), x)
+        if self.inplace and self.training and self.p > 0:
+            return inplace_apply(lambda t: ops.dropout(t, self.p, True), x)
         return ops.dropout(x, self.p, self.training)
 
     def extra_repr(self):

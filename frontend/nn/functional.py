@@ -5,8 +5,8 @@ from .. import ops
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
-    if inplace:
-        return inplace_apply(lambda t: ops.dropout(t, p, training), input)
+    if inplace and training and p > 0:
+        return inplace_apply(lambda t: ops.dropout(t, p, True), input)
     return ops.dropout(input, p, training)
 
 
