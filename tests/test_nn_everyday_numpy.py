@@ -132,7 +132,19 @@ GRAD_CASES = {
                    lambda: (_t(_x(3, 4)), cg.tensor(R.random((3, 4))), cg.tensor(R.random(4) + 0.5))),
     "einsum": (lambda a, b: cg.einsum("bij,jk->bki", a, b), lambda: (_t(_x(2, 3, 4)), _t(_x(4, 2)))),
     "einsum_diag": (lambda a: cg.einsum("iij->ji", a), lambda: (_t(_x(3, 3, 2)),)),
+    "l1_loss": (lambda a, b: F.l1_loss(a, b, reduction="sum"), lambda: (_t(_x(3, 4)), _t(_x(4)))),
+    "bce": (lambda p: F.binary_cross_entropy(p, cg.tensor(np.linspace(0, 1, 6).reshape(2, 3))),
+            lambda: (_t(R.uniform(0.1, 0.9, (2, 3))),)),
+    "multihead_attention": (lambda q, kv, m: _mha(q, kv, m), lambda: (_t(_x(3, 2, 4)), _t(_x(5, 2, 4)),
+                                                                        cg.tensor(_x(3, 5)))),
 }
+
+
+def _mha(q, kv, mask):
+    cg.manual_seed(5)
+    m = cg.nn.MultiheadAttention(4, 2).double()
+    out, w = m(q, kv, kv, attn_mask=mask)
+    return out.sum() + (w * w).sum()
 
 
 @pytest.mark.parametrize("name", sorted(GRAD_CASES))
