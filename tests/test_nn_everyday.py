@@ -372,6 +372,15 @@ def test_multihead_attention_cross_kdim_vdim_and_unbatched():
            lambda q: tm(q, q, q, need_weights=True, average_attn_weights=False), _rand(4, 6))
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_is_causal_hint(need_weights):
+    m, tm = _mha_pair(8, 2, batch_first=True)
+    mask = np.triu(np.ones((5, 5), bool), 1)
+    parity(lambda x: m(x, x, x, attn_mask=cg.tensor(mask), is_causal=True, need_weights=need_weights),
+           lambda x: tm(x, x, x, attn_mask=torch.tensor(mask), is_causal=True, need_weights=need_weights),
+           _rand(3, 5, 8))
+
+
 def test_multihead_attention_errors():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         cg.nn.MultiheadAttention(10, 3)

@@ -98,7 +98,10 @@ class MultiheadAttention(Module):
             return ops.permute(ops.reshape(F.linear(x, w, b), (n, N, H, hd)), (1, 2, 0, 3))
 
         q, k, v = heads(query, wq, bq, L), heads(key, wk, bk, S), heads(value, wv, bv, S)
-        mask = self._merged_mask(attn_mask, key_padding_mask, N, L, S, q)
+        # As torch: with the is_causal hint and nothing else to mask, attention applies the causal mask
+        # itself (on CUDA, in the softmax kernel) instead of reading attn_mask.
+        causal = is_causal and key_padding_mask is None and not need_weights
+        mask = None if causal else self._merged_mask(attn_mask, key_padding_mask, N, L, S, q)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
@@ -110,7 +113,7 @@ class MultiheadAttention(Module):
                 weights = F.dropout(weights, p)
             out = ops.matmul(weights, v)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         out = self.out_proj(ops.reshape(ops.permute(out, (2, 0, 1, 3)), (L, N, E)))
         if unbatched:
             out = ops.squeeze(out, 1)
