@@ -23,7 +23,8 @@ from .sorting import sort, argsort, topk, cumsum
 from .nn import (softmax, log_softmax, cross_entropy, nll_loss, mse_loss, layer_norm, rms_norm, embedding, dropout,
                  scaled_dot_product_attention, tril, triu)
 from .einsum import einsum
-from .unique import unique, is_tensor
+from .unique import unique
+from .predicates import is_tensor
 from .conv import conv2d
 from .pooling import max_pool2d, avg_pool2d, adaptive_avg_pool2d
 from .normalization import batch_norm
