@@ -154,10 +154,12 @@ def test_saved_device_is_recorded_and_remapped(tmp_path):
     assert cutegrad.load(p, map_location={"cuda:1": "cpu"})["w"].device.type == "cpu"
 
 
-@pytest.mark.parametrize("weights_only", [True, False])
+@pytest.mark.parametrize("weights_only", [True, False, None])
 def test_weights_only_is_accepted_and_changes_nothing(tmp_path, weights_only):
     obj = {"a": cutegrad.ones(1), "b": (1, 2)}
     _same(obj, _round_trip(obj, tmp_path, weights_only=weights_only))
+    with pytest.raises(TypeError, match="weights_only must be a bool or None"):
+        _round_trip(obj, tmp_path, weights_only="yes")
 
 
 @pytest.mark.parametrize("obj, match", [

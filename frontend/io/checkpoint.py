@@ -169,8 +169,8 @@ def load(f, map_location=None, weights_only=True, mmap=False):
     file instead of reading it (CPU tensors are then views of the mapping).
     """
     _check_target(f, "load")
-    if not isinstance(weights_only, bool):
-        raise TypeError(f"cutegrad.load: weights_only must be a bool, got {weights_only!r}")
+    if weights_only is not None and not isinstance(weights_only, bool):
+        raise TypeError(f"cutegrad.load: weights_only must be a bool or None, got {weights_only!r}")
     place = _placer(map_location)
     try:
         metadata, tensors = read_file(f, mmap)
