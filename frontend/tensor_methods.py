@@ -135,3 +135,4 @@ def _record_stream(self, stream):
 
 
 Tensor.record_stream = _record_stream
+Tensor.unique = _method(ops.unique)

@@ -154,10 +154,12 @@ def test_saved_device_is_recorded_and_remapped(tmp_path):
     assert cutegrad.load(p, map_location={"cuda:1": "cpu"})["w"].device.type == "cpu"
 
 
-@pytest.mark.parametrize("weights_only", [True, False])
+@pytest.mark.parametrize("weights_only", [True, False, None])
 def test_weights_only_is_accepted_and_changes_nothing(tmp_path, weights_only):
     obj = {"a": cutegrad.ones(1), "b": (1, 2)}
     _same(obj, _round_trip(obj, tmp_path, weights_only=weights_only))
+    with pytest.raises(TypeError, match="weights_only must be a bool or None"):
+        _round_trip(obj, tmp_path, weights_only="yes")
 
 
 @pytest.mark.parametrize("obj, match", [
@@ -175,14 +177,34 @@ def test_unsupported_objects_are_refused_before_writing(tmp_path, obj, match):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_refuses_reserved_metadata_and_file_objects(tmp_path):
-    import io
+def test_refuses_reserved_metadata_and_non_files(tmp_path):
     with pytest.raises(ValueError, match="reserved"):
         cutegrad.save({"n": 1}, tmp_path / "x.safetensors", metadata={TREE_KEY: "{}"})
-    with pytest.raises(TypeError, match="file path"):
-        cutegrad.save({"n": 1}, io.BytesIO())
-    with pytest.raises(TypeError, match="file path"):
-        cutegrad.load(io.BytesIO())
+    with pytest.raises(TypeError, match="file path .* or a binary file object, got int"):
+        cutegrad.save({"n": 1}, 3)
+    with pytest.raises(TypeError, match="got list"):
+        cutegrad.load([])
+
+
+def test_file_objects_as_torch_save_takes_them(tmp_path):
+    import io
+    obj = {"model": {"w": cutegrad.arange(4, dtype=cutegrad.float32)}, "step": 7, "t": (1, None)}
+    buf = io.BytesIO()
+    cutegrad.save(obj, buf)
+    buf.seek(0)
+    _same(obj, cutegrad.load(buf))
+    flat = {"a": cutegrad.ones(2, dtype=cutegrad.bfloat16)}
+    buf = io.BytesIO()
+    cutegrad.save(flat, buf)
+    p = tmp_path / "same.safetensors"
+    cutegrad.save(flat, p)
+    assert buf.getvalue() == p.read_bytes()  # the same bytes as the file
+    with open(p, "rb") as f:
+        _same(flat, cutegrad.load(f))
+    with pytest.raises(ValueError, match="mmap=True needs a file path"):
+        cutegrad.load(io.BytesIO(p.read_bytes()), mmap=True)
+    with pytest.raises(SafetensorsError, match="<file object>: truncated"):
+        cutegrad.load(io.BytesIO(p.read_bytes()[:20]))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])

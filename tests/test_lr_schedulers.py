@@ -97,7 +97,8 @@ def test_reduce_on_plateau_matches_torch(kw, opt_name, opt_kw):
     groups = len(kw["min_lr"]) if isinstance(kw.get("min_lr"), list) else 1
     opt, topt = _pair(opt_name, opt_kw, groups)
     sched, tsched = S.ReduceLROnPlateau(opt, **kw), TS.ReduceLROnPlateau(topt, **kw)
-    metrics = [cg.tensor(m, dtype=cg.float64) if i % 3 == 0 else m for i, m in enumerate(METRICS)]  # tensors too, as torch takes
+    # tensors too, as torch takes them
+    metrics = [cg.tensor(m, dtype=cg.float64) if i % 3 == 0 else m for i, m in enumerate(METRICS)]
     _compare(_trace(opt, sched, len(METRICS), metrics), _trace(topt, tsched, len(METRICS), METRICS))
     assert sched.best == tsched.best and sched.num_bad_epochs == tsched.num_bad_epochs
     assert sched.last_epoch == tsched.last_epoch
@@ -135,3 +136,18 @@ def test_tensor_lr_is_filled_in_place_by_every_schedule():
     sched.step(1.0)
     sched.step(2.0)
     assert opt.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.01, rel=1e-6)
+
+
+def test_sequential_lr_chains_the_new_schedules_and_refuses_the_others():
+    def run(lib):
+        p = (cg if lib is S else torch).zeros(1, requires_grad=True)
+        opt = (cg.optim if lib is S else torch.optim).SGD([p], lr=0.2)
+        sched = lib.SequentialLR(opt, [lib.StepLR(opt, 2, 0.5), lib.ExponentialLR(opt, 0.9),
+                                       lib.MultiStepLR(opt, [2, 3], 0.1)], milestones=[5, 9])
+        return _trace(opt, sched, 20)
+
+    ours, ref = run(S), run(TS)
+    _compare(ours, ref)
+    opt, _ = _pair("SGD", dict(lr=0.1))
+    with pytest.raises(TypeError, match="OneCycleLR has no closed form"):
+        S.SequentialLR(opt, [S.LinearLR(opt), S.OneCycleLR(opt, max_lr=1.0, total_steps=5)], [2])

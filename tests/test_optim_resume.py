@@ -136,3 +136,32 @@ def test_fused_state_resumes_on_the_composite_path(tmp_path, fake_fused):  # noq
         g["fused"] = False
     _train(model2, opt2, None, DATA[N:])
     assert all(float(s["step"]) == N + M for s in opt2.state.values())
+
+
+@pytest.mark.parametrize("name, kw", [("SGD", dict(lr=0.05, momentum=0.9, nesterov=True)),
+                                      ("Adam", dict(lr=1e-2, amsgrad=True)), ("AdamW", dict(lr=1e-2))])
+def test_torch_optimizer_state_dict_resumes_in_cutegrad(name, kw):
+    # torch users' state dicts ("state" keyed by index, "param_groups", tensor steps) load as they are
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    init = [rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (3,))]
+    grads = [[rng.standard_normal(a.shape).astype(np.float32) for a in init] for _ in range(N + M)]
+    tps = [torch.tensor(a, requires_grad=True) for a in init]
+    topt = getattr(torch.optim, name)(tps, **kw)
+    for step, gs in enumerate(grads):
+        if step == N:
+            sd = topt.state_dict()
+            ps = [cg.tensor(p.detach().numpy().copy(), requires_grad=True) for p in tps]
+            opt = getattr(cg.optim, name)(ps, **kw)
+            opt.load_state_dict({"state": {i: {k: cg.tensor(v.numpy()) if torch.is_tensor(v) else v
+                                               for k, v in s.items()} for i, s in sd["state"].items()},
+                                 "param_groups": sd["param_groups"]})
+        for p, g in zip(tps, gs):
+            p.grad = torch.tensor(g)
+        topt.step()
+        if step >= N:
+            for p, g in zip(ps, gs):
+                p.grad = cg.tensor(g)
+            opt.step()
+    for p, tp in zip(ps, tps):
+        np.testing.assert_allclose(p.detach().numpy(), tp.detach().numpy(), rtol=1e-6, atol=1e-7)

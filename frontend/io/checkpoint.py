@@ -35,15 +35,15 @@ import numpy as np
 from .. import dtypes as dt
 from ..device import device as _device
 from ..tensor import Tensor
-from .safetensors_file import SafetensorsError, read_file, save_file
+from .safetensors_file import SafetensorsError, is_file_object, read_file, save_file
 
 TREE_KEY = "cutegrad.tree"
 _TAGS = ("@tensor", "@tuple", "@dict", "@float", "@dtype", "@device")
-_PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin")
+_PICKLE_SUFFIXES = (".pt", ".pth")
 
 
 def _warn_suffix(path, verb):
-    if os.fspath(path).endswith(_PICKLE_SUFFIXES[:2]):
+    if not is_file_object(path) and os.fspath(path).endswith(_PICKLE_SUFFIXES):
         warnings.warn(f"cutegrad.{verb}({os.fspath(path)!r}): cutegrad checkpoints are safetensors files, not "
                       f"PyTorch's pickle format; torch.load cannot read this file (safetensors.torch.load_file "
                       f"can). Name it '.safetensors' to say so.", UserWarning, stacklevel=3)
@@ -131,15 +131,14 @@ def _unsupported(v, where):
 
 
 def save(obj, f, metadata=None):
-    """Write `obj` to the path `f` as a safetensors file (see the module docstring).
+    """Write `obj` to `f` (a path, or an open binary file object) as a safetensors file (see the
+    module docstring).
 
     obj: a Tensor, or (nested) dicts/lists/tuples of tensors and plain values.
     metadata: optional {str: str} stored in the header next to the tree.
-    The write is atomic: on any error the previous file at `f` is untouched.
+    The write to a path is atomic: on any error the previous file there is untouched.
     """
-    if not isinstance(f, (str, os.PathLike)):
-        raise TypeError(f"cutegrad.save: expected a file path (str or os.PathLike), got {type(f).__name__}; "
-                        f"file objects are not supported")
+    _check_target(f, "save")
     _warn_suffix(f, "save")
     if _is_flat(obj):
         save_file(obj, f, metadata)
@@ -157,7 +156,8 @@ def save(obj, f, metadata=None):
 
 # --- loading --------------------------------------------------------------------------
 def load(f, map_location=None, weights_only=True, mmap=False):
-    """Read a file written by `save` (or any safetensors file) back into its object.
+    """Read a file written by `save` (or any safetensors file; a path or an open binary file
+    object) back into its object.
 
     map_location as torch.load's: None puts every tensor where it was saved
     from (plain safetensors files record no device: the CPU); a device or
@@ -168,11 +168,9 @@ def load(f, map_location=None, weights_only=True, mmap=False):
     nothing: loading never runs code, whatever its value. mmap=True maps the
     file instead of reading it (CPU tensors are then views of the mapping).
     """
-    if not isinstance(f, (str, os.PathLike)):
-        raise TypeError(f"cutegrad.load: expected a file path (str or os.PathLike), got {type(f).__name__}; "
-                        f"file objects are not supported")
-    if not isinstance(weights_only, bool):
-        raise TypeError(f"cutegrad.load: weights_only must be a bool, got {weights_only!r}")
+    _check_target(f, "load")
+    if weights_only is not None and not isinstance(weights_only, bool):
+        raise TypeError(f"cutegrad.load: weights_only must be a bool or None, got {weights_only!r}")
     place = _placer(map_location)
     try:
         metadata, tensors = read_file(f, mmap)
@@ -194,9 +192,17 @@ def load(f, map_location=None, weights_only=True, mmap=False):
     return obj
 
 
+def _check_target(f, verb):
+    if not isinstance(f, (str, os.PathLike)) and not is_file_object(f):
+        raise TypeError(f"cutegrad.{verb}: expected a file path (str or os.PathLike) or a binary file object, got "
+                        f"{type(f).__name__}")
+
+
 def _explain_foreign(path):
     """A clearer error for a PyTorch zip or pickle checkpoint: its first bytes are a zip or pickle
     signature that, read as safetensors' header length, points past the end of the file."""
+    if is_file_object(path):  # already consumed: the reader's own error stands
+        return None
     try:
         with open(path, "rb") as fh:
             head = fh.read(8)

@@ -21,6 +21,7 @@ problem, before any tensor is built. The writer writes a temporary file in
 the target's directory, fsyncs it and renames it over the target, so a crash
 or an error leaves either the old file or the new one, never a mix.
 """
+import io
 import json
 import os
 import sys
@@ -68,7 +69,9 @@ def save_file(state_dict, path, metadata=None):
     host first; tensors that share memory are each written in full. The
     write is atomic: on any error the previous file at `path` is untouched.
     """
-    path = os.fspath(path)
+    stream = is_file_object(path)
+    if not stream:
+        path = os.fspath(path)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"save_file() expects a mapping of names to tensors, got {type(state_dict).__name__}")
     entries = []
@@ -104,7 +107,22 @@ def save_file(state_dict, path, metadata=None):
     head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * (-(8 + len(head)) % 8)
 
-    _atomic_write(path, head, entries)
+    if stream:
+        _write_body(path, head, entries)
+    else:
+        _atomic_write(path, head, entries)
+
+
+def is_file_object(f):
+    """Whether f is an open binary file object (torch.save/torch.load take them as well as paths)."""
+    return not isinstance(f, (str, bytes, os.PathLike)) and (hasattr(f, "write") or hasattr(f, "read"))
+
+
+def _write_body(f, head, entries):
+    f.write(len(head).to_bytes(8, "little"))
+    f.write(head)
+    for _, t in entries:
+        f.write(_host_bytes(t))
 
 
 def _host_bytes(t):
@@ -120,10 +138,7 @@ def _atomic_write(path, head, entries):
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(len(head).to_bytes(8, "little"))
-            f.write(head)
-            for _, t in entries:
-                f.write(_host_bytes(t))
+            _write_body(f, head, entries)
             f.flush()
             os.fchmod(f.fileno(), _new_file_mode(path))
             os.fsync(f.fileno())
@@ -285,18 +300,29 @@ def load_metadata(path):
 def read_file(path, mmap=False):
     """(metadata or None, {name: host Tensor} in the header's order) of a safetensors file.
 
+    path: a file path, or an open binary file object (read from its position to its end).
     mmap=True maps the file copy-on-write instead of reading it: tensors are
     views of the mapping (zero-copy; in-place changes stay private to this
     process), except tensors whose offset is not aligned to their element
     size, which are copied.
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        metadata, entries, start = _read_header(f, path, size)
-        if mmap and size > start:
-            arrays = _map(path, entries, start)
-        else:
-            arrays = _read(f, path, entries, start)
+    if is_file_object(path):
+        if mmap:
+            raise ValueError("mmap=True needs a file path, not a file object")
+        name = getattr(path, "name", None)
+        name = name if isinstance(name, str) else "<file object>"
+        data = path.read()
+        f = io.BytesIO(data)
+        metadata, entries, start = _read_header(f, name, len(data))
+        arrays = _read(f, name, entries, start)
+    else:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            metadata, entries, start = _read_header(f, path, size)
+            if mmap and size > start:
+                arrays = _map(path, entries, start)
+            else:
+                arrays = _read(f, path, entries, start)
     return metadata, {name: from_numpy_owned(arrays[name], dtype) for name, dtype, _, _, _ in entries}
 
 
@@ -342,4 +368,5 @@ def _map(path, entries, start):
     return arrays
 
 
-__all__ = ["SafetensorsError", "save_file", "load_file", "read_file", "load_metadata", "MAX_HEADER_BYTES"]
+__all__ = ["SafetensorsError", "save_file", "load_file", "read_file", "load_metadata", "is_file_object",
+           "MAX_HEADER_BYTES"]

@@ -18,13 +18,27 @@ class GELU(Module):
 
 
 class SiLU(Module):
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+
     def forward(self, x):
-        return ops.silu(x)
+        return inplace_apply(ops.silu, x) if self.inplace else ops.silu(x)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
 
 
 class ReLU(Module):
+    def __init__(self, inplace=False):
+        super().__init__()
+        self.inplace = inplace
+
     def forward(self, x):
-        return ops.relu(x)
+        return ops.relu_(x) if self.inplace else ops.relu(x)
+
+    def extra_repr(self):
+        return "inplace=True" if self.inplace else ""
 
 
 class Tanh(Module):
@@ -55,11 +69,19 @@ class Dropout(Module):
         self.inplace = inplace
 
     def forward(self, x):
-        out = ops.dropout(x, self.p, self.training)
-        if self.inplace and out is not x:
-            x.copy_(out)
-            return x
-        return out
+        if self.inplace and self.training and self.p > 0:
+            return inplace_apply(lambda t: ops.dropout(t, self.p, True), x)
+        return ops.dropout(x, self.p, self.training)
 
     def extra_repr(self):
         return f"p={self.p}, inplace={self.inplace}"
+
+
+def inplace_apply(fn, x):
+    """x overwritten with fn(x), as torch's inplace=True flags do. When autograd tracks x, fn reads a
+    copy (its backward may need the input, which the write replaces), as torch saves one."""
+    out = fn(ops.clone(x) if x.requires_grad else x)
+    if out is x:
+        return x
+    x.copy_(out)
+    return x

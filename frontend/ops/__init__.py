@@ -22,6 +22,12 @@ from .linalg import matmul, mm, bmm, linear, outer
 from .sorting import sort, argsort, topk, cumsum
 from .nn import (softmax, log_softmax, cross_entropy, nll_loss, mse_loss, layer_norm, rms_norm, embedding, dropout,
                  scaled_dot_product_attention, tril, triu)
+from .einsum import einsum
+from .unique import unique
+from .predicates import is_tensor
+from .conv import conv2d
+from .pooling import max_pool2d, avg_pool2d, adaptive_avg_pool2d
+from .normalization import batch_norm
 
 concat = cat
 clip = clamp

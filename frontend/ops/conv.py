@@ -13,6 +13,7 @@ the host). The price is the column buffer, kh*kw times the input.
 """
 import builtins
 
+from ..autocast import gate as _AC, lower as _ac_lower
 from ..autograd import grad_mode
 from ..autograd.engine import Node, attach
 from ..tensor import Tensor
@@ -158,6 +159,8 @@ def _same_padding(k, d, s):
 def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """torch.nn.functional.conv2d (cross-correlation), input (N, C, H, W) or (C, H, W)."""
     opname = "conv2d"
+    if _AC.armed and isinstance(input, Tensor):  # a lower-precision op under autocast, as in torch
+        input, weight, bias = _ac_lower(input, weight, bias)
     x, unbatched = _batched(input, opname)
     if not isinstance(weight, Tensor) or len(weight._shape) != 4:
         raise RuntimeError(f"conv2d(): expected a 4-D weight (out_channels, in_channels/groups, kh, kw), got "

@@ -34,8 +34,3 @@ def unique(input, sorted=True, return_inverse=False, return_counts=False, dim=No
     if return_counts:
         result += (out(counts, dt.int64),)
     return result[0] if len(result) == 1 else result
-
-
-def is_tensor(obj):
-    """True when obj is a cutegrad Tensor (torch.is_tensor)."""
-    return isinstance(obj, Tensor)

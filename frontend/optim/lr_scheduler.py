@@ -91,6 +91,11 @@ class SequentialLR(LRScheduler):
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"SequentialLR expects {len(schedulers) - 1} milestones, got {len(milestones)}")
+        for s in schedulers:
+            if type(s).lr_at is LRScheduler.lr_at:
+                raise TypeError(f"SequentialLR: {type(s).__name__} has no closed form lr_at(base_lr, t) to "
+                                f"sequence; use LinearLR, CosineAnnealingLR, StepLR, MultiStepLR, ExponentialLR or "
+                                f"WarmupCosineLR")
         self.schedulers, self.milestones = list(schedulers), list(milestones)
         super().__init__(optimizer, last_epoch)
 
