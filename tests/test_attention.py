@@ -229,6 +229,7 @@ def test_dispatch_every_fallback_reason():
     assert "broadcast head" in _reason(*_qkv(Hq=4, Hkv=1), gqa=False)
     assert "empty" in _reason(*_qkv(Sk=0))
     assert "empty" in _reason(*_qkv(B=0))
+    assert "grid limit" in _reason(*_qkv(B=65536, Sq=1, Sk=1, D=32))
     sq, sk, sv = _qkv(Sq=64, Sk=64)
     assert "unit stride" in _reason(sq.transpose(2, 3), sk, sv)
     odd = cg.zeros(2, 4, 65, 66, dtype=cg.bfloat16)[..., :64]   # row stride 66: not 16-byte aligned

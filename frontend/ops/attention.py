@@ -48,8 +48,16 @@ class FlashCaps(NamedTuple):
     align_elems: int     # every non-unit stride and the storage offset a multiple of this (TMA: 16 bytes)
 
 
-# backend number -> FlashCaps; a backend without an entry has no fused path
+# backend number -> FlashCaps, or a function of the device returning FlashCaps or None
+# (the CUDA backend checks the device's compute capability); no entry: no fused path
 FLASH_CAPS = {}
+_MAX_GRID = 65535
+
+
+def flash_caps(device):
+    """The fused-attention capabilities of `device`, or None."""
+    entry = FLASH_CAPS.get(device.backend)
+    return entry(device) if callable(entry) else entry
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -145,8 +153,10 @@ def sdpa_path(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, ca
         return "composite", "broadcast head dims"
     if B * Hq * Sq == 0 or Sk == 0:
         return "composite", "empty input"
-    if max(B * Hq, Sq, Sk) > _INT32_MAX or B * Sq * Hq * D > _INT32_MAX * 8:
-        return "composite", "too large for 32-bit extents"
+    if max(Sq, Sk) > _INT32_MAX:
+        return "composite", "sequence longer than 32-bit extents"
+    if B > _MAX_GRID or Hq > _MAX_GRID:
+        return "composite", "more than 65535 batches or heads (grid limit)"
     a = caps.align_elems
     for t in (query, key, value):
         st = t._strides
@@ -168,7 +178,7 @@ def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     s = float(scale) if scale is not None else 1.0 / math.sqrt(query._shape[-1])
     needs_grad = _state.enabled and (query._requires_grad or key._requires_grad or value._requires_grad)
     path, _ = sdpa_path(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa,
-                        FLASH_CAPS.get(dev.backend), needs_grad)
+                        flash_caps(dev), needs_grad)
     if path == "flash":
         return _flash(query, key, value, s, is_causal, dropout_p, generator, needs_grad)
     return _composite(query, key, value, attn_mask, dropout_p, is_causal, s, enable_gqa, generator)

@@ -1,0 +1,56 @@
+"""Fused attention on CUDA: "sdpa_flash", the CuTeDSL forward of kernels/cute/attention_fwd.py
+(through `_C.attention_fwd`), and the device check that tells the dispatcher in
+frontend/ops/attention.py whether a device has it.
+
+The kernel reads q, k and v in place as (B, S, H, D) views (any 16-byte
+multiple strides on B, S and H) and writes a new contiguous (B, Sq, Hq, D)
+output and the fp32 (B, Hq, Sq) log-sum-exp, on the device's current stream,
+from the caching allocator: capturable in a CUDA graph.
+"""
+from ... import dtypes as dt
+from ...device import CUDA
+from ...dispatch import has_impl, register
+from ...ops.attention import FLASH_CAPS, FlashCaps
+from .launch import _empty, _lib, _ptr, _stream
+
+# The head dims kernels/cute/attention_fwd.py builds (tests/test_attention_cuda_backend.py ties the two).
+HEAD_DIMS = (32, 64, 128)
+_DTYPE_NAMES = {dt.bfloat16: "bf16", dt.float16: "fp16"}
+_device_ok = {}
+
+
+def sm90_caps(device):
+    """FlashCaps on an sm_90 device (the only arch with these wgmma kernels), else None."""
+    ok = _device_ok.get(device.index)
+    if ok is None:
+        from cutegrad.cuda import get_device_properties
+        p = get_device_properties(device.index)
+        ok = _device_ok[device.index] = (p.major, p.minor) == (9, 0)
+    if not ok:
+        return None
+    return FlashCaps(dtypes=tuple(_DTYPE_NAMES), head_dims=HEAD_DIMS, dropout=False,
+                     backward=has_impl("sdpa_flash_backward", CUDA), align_elems=8)
+
+
+FLASH_CAPS[CUDA] = sm90_caps
+
+
+@register("sdpa_flash", CUDA)
+def sdpa_flash(q, k, v, scale, is_causal, dropout_p, generator):
+    """(out (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) fp32, rng_state) of softmax(q k^T * scale) v.
+
+    q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) views with unit stride on D; the
+    dispatcher has checked dtype, head dim, alignment and extents (and _C checks
+    them again before launch)."""
+    if dropout_p > 0.0:
+        raise ValueError("sdpa_flash: dropout is not inside the CUDA kernel yet (the dispatcher falls back)")
+    dev = q._storage.device
+    stream = _stream(dev.index)
+    B, Sq, Hq, D = q._shape
+    Sk, Hkv = k._shape[1], k._shape[2]
+    out = _empty((B, Sq, Hq, D), q._dtype, dev, stream)
+    lse = _empty((B, Hq, Sq), dt.float32, dev, stream)
+    _lib().attention_fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), B, Sq, Sk, Hq, Hkv, D,
+                         list(q._strides[:3]), list(k._strides[:3]), list(v._strides[:3]),
+                         _DTYPE_NAMES[q._dtype], float(scale), bool(is_causal), stream)
+    return out, lse, None
