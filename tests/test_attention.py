@@ -313,3 +313,13 @@ def test_fused_node_calls_the_backward_kernel(flash_on_cpu):
     assert seen == dict(q=(2, 9, 4, 8), k=(2, 11, 2, 8), out=(2, 9, 4, 8), lse=(2, 4, 9), dout=(2, 9, 4, 8),
                         scale=0.3, causal=True, p=0.0, rng=None)
     _grads_match((q, k, v), (tq, tk, tv), 1e-9, 1e-11)
+
+
+def test_bench_cases_and_flops():
+    """bench.attention covers the issue's shapes; FLOPs count the causal half and 2.5x for the backward."""
+    import bench.attention as bench
+    got = {(B, H, S, D, c) for _, B, H, S, D, c, _ in bench.CASES}
+    assert {(4, 16, 4096, 128, False), (4, 16, 4096, 128, True), (8, 16, 2048, 64, False), (64, 6, 256, 64, True),
+            (256, 6, 65, 64, False)} <= got
+    assert bench.attention_flops(1, 1, 10, 4, False, "fwd") == 1600.0
+    assert bench.attention_flops(1, 1, 10, 4, True, "fwd+bwd") == 800.0 * 3.5
