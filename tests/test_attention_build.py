@@ -49,6 +49,10 @@ def test_attention_forward_sass(spec):
     assert mma == {(str(attention_fwd.BLOCK_N), suffix), (str(spec.head_dim), suffix)}, mma
     assert "UTMALDG" in listing
     assert "MUFU.EX2" in listing
+    # dropout kernels carry Philox: 10 rounds of 32x32-bit multiplies for each of a thread's
+    # 64 scores of a block (two per round, often fused into one IMAD.WIDE.U32); the others none
+    philox = len(re.findall(r"IMAD\.(?:HI\.U32|WIDE\.U32)", listing))
+    assert (philox >= 10 * 64) if spec.dropout else (philox < 64), philox
     assert not re.search(r"\b(STL|LDL)\b", listing), "local memory spills"
     usage = local_bytes(listing)
     assert usage and max(usage) == 0, f"local memory {usage}"

@@ -15,6 +15,9 @@ import attention_fwd  # noqa: E402
 
 def test_backend_offers_what_the_build_compiles():
     specs = attention_fwd.specializations(("sm_90a",))
+    # every (dtype, head dim) with and without dropout
+    assert {(s.dtype, s.head_dim, s.dropout) for s in specs} == {
+        (d, h, p) for d in ("bf16", "fp16") for h in (32, 64, 128) for p in (False, True)}
     assert backend.HEAD_DIMS == attention_fwd.HEAD_DIMS == tuple(sorted({s.head_dim for s in specs}))
     names = {"bf16": dt.bfloat16, "fp16": dt.float16}
     assert set(backend._DTYPE_NAMES) == {names[s.dtype] for s in specs}
@@ -26,7 +29,7 @@ def test_fused_path_only_on_sm90(monkeypatch):
     monkeypatch.setitem(backend._device_ok, 0, True)
     caps = A.flash_caps(dev)
     assert caps.head_dims == (32, 64, 128) and caps.dtypes == (dt.bfloat16, dt.float16)
-    assert caps.dropout is False and caps.align_elems == 8
+    assert caps.dropout is True and caps.align_elems == 8
     assert caps.backward == has_impl("sdpa_flash_backward", CUDA)
     monkeypatch.setitem(backend._device_ok, 0, False)
     assert A.flash_caps(dev) is None

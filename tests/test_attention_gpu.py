@@ -154,3 +154,42 @@ def test_capture_and_replay_with_new_inputs(rng):
         g.replay(s)
         s.synchronize()
         _check(out, lse, *_reference(*host, 0.125, True), dt.float16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Sq,Sk", [(17, 17), (129, 65), (200, 300)])
+def test_dropout_mask_is_the_models_philox_stream(Sq, Sk, causal, rng):
+    """O with dropout equals float64 attention under the model's keep mask for the launch's (seed, offset)."""
+    from cutegrad.graphs import rng as grng
+    B, Hq, Hkv, D, p = 2, 4, 2, 64, 0.2
+    q, k, v = (_bshd(rng, B, S, H, D, dt.bfloat16) for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv)))
+    gen = grng.Generator(0, seed=1234)
+    out, lse, state = kernel("sdpa_flash").impl[CUDA](*(t.to("cuda") for t in (q, k, v)), 0.125, causal, p, gen)
+    assert state.seed == 1234 and state.seed_ptr == 0 and state.offset == 0
+    assert gen.get_state()[1] == -(-B * Hq * Sq * Sk // 4) * 4
+    keep = model.dropout_keep_mask(state.seed, state.offset, B, Hq, Sq, Sk, p)
+    qn, kn, vn = (t.to(dt.float64).numpy() for t in (q, k, v))
+    ref_out, ref_lse = model.dense_attention(qn, kn, vn, 0.125, causal, keep_mask=keep, dropout_p=p)
+    _check(out, lse, ref_out, ref_lse, dt.bfloat16)
+
+
+def test_dropout_graphed_equals_eager_and_replays_draw_fresh_masks(rng):
+    from cutegrad import _C, cuda, graphs
+    from cutegrad.graphs import rng as grng
+    _C.load_kernels()
+    B, S, H, D, p = 1, 64, 2, 32, 0.5
+    q, k, v = (_bshd(rng, B, S, H, D, dt.float16).to("cuda") for _ in range(3))
+    gen = grng.default_generator(0)
+    gen.manual_seed(7)
+    eager = [kernel("sdpa_flash").impl[CUDA](q, k, v, 0.2, False, p, None)[0].cpu().numpy() for _ in range(2)]
+    assert not np.array_equal(eager[0], eager[1])
+    gen.manual_seed(7)
+    g = graphs.CUDAGraph()
+    s = cuda.Stream()
+    with graphs.graph(g, stream=s):
+        out, _, state = kernel("sdpa_flash").impl[CUDA](q, k, v, 0.2, False, p, None)
+    assert state.seed_ptr != 0 and state.offset_ptr == state.seed_ptr + 8
+    for want in eager:
+        g.replay(s)
+        s.synchronize()
+        np.testing.assert_array_equal(out.cpu().numpy(), want)

@@ -22,6 +22,13 @@ struct AttentionFwdArgs {
   int64_t v_sb, v_ss, v_sh;
   float scale_log2;  // softmax scale * log2(e)
   bool causal;       // top-left aligned: row i sees keys j <= i
+  // Dropout (kernels built with it): Philox seed and offset, or, when rng_state is
+  // set (graph capture), seed = rng_state[0] and offset = rng_state[1] + rng_offset.
+  void* rng_state;     // device int64[2] or null
+  int64_t rng_seed;    // the uint64 seed's bits
+  int64_t rng_offset;  // a multiple of 4
+  float keep_scaled;   // float32(1 - p) * 2^24: a value is kept iff (philox lane >> 8) < keep_scaled
+  float rp_keep;       // 1 / (1 - p)
 };
 
 // One exported CuTeDSL specialization (see kernels/cute/attention_fwd.py).
@@ -29,6 +36,7 @@ struct AttentionFwdKernelEntry {
   const char* name;
   int dtype;     // 0 = bf16, 1 = fp16
   int head_dim;
+  bool dropout;  // built with dropout
   int sm;        // compute capability the cubin runs on, e.g. 90
   void (*load)(int* cuda_error);  // loads the module on every device
   int (*launch)(const AttentionFwdArgs& args, void* stream);  // returns a cudaError_t

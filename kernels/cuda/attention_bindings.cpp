@@ -67,10 +67,10 @@ void check_pointer(const char* what, uintptr_t p) {
   if (p % 16 != 0) fail(std::string(what) + " is not 16-byte aligned");
 }
 
-const AttentionFwdKernelEntry* find(int dtype, int head_dim, int sm) {
+const AttentionFwdKernelEntry* find(int dtype, int head_dim, bool dropout, int sm) {
   for (int i = 0; i < kNumAttentionFwdKernels; ++i) {
     const AttentionFwdKernelEntry& e = kAttentionFwdKernels[i];
-    if (e.dtype == dtype && e.head_dim == head_dim && e.sm == sm) return &e;
+    if (e.dtype == dtype && e.head_dim == head_dim && e.dropout == dropout && e.sm == sm) return &e;
   }
   return nullptr;
 }
@@ -79,7 +79,8 @@ std::string attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, ui
                           int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t head_dim,
                           const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                           const std::vector<int64_t>& v_strides, const std::string& dtype, double scale, bool causal,
-                          uintptr_t stream) {
+                          double dropout_p, uint64_t rng_seed, uintptr_t rng_seed_ptr, int64_t rng_offset,
+                          uintptr_t rng_offset_ptr, uintptr_t stream) {
   int code = dtype == "bf16" ? 0 : dtype == "fp16" ? 1 : -1;
   if (code < 0) fail("dtype must be 'bf16' or 'fp16', got '" + dtype + "'");
   if (batch < 1 || sq < 1 || sk < 1 || hq < 1 || hkv < 1)
@@ -98,11 +99,21 @@ std::string attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, ui
   check_pointer("v", v);
   check_pointer("o", o);
   if (lse == 0 || lse % 4 != 0) fail("lse is a null or misaligned pointer");
+  if (!(dropout_p >= 0.0 && dropout_p < 1.0)) fail("dropout_p must be in [0, 1), got " + std::to_string(dropout_p));
+  bool dropout = dropout_p > 0.0;
+  if (dropout) {
+    if (rng_offset < 0 || rng_offset % 4 != 0)
+      fail("rng_offset must be a non-negative multiple of 4, got " + std::to_string(rng_offset));
+    // graphs/rng.py keeps [seed, offset] as one 16-byte buffer: both pointers or neither
+    if ((rng_seed_ptr == 0) != (rng_offset_ptr == 0) || (rng_seed_ptr != 0 && rng_offset_ptr != rng_seed_ptr + 8))
+      fail("rng_offset_ptr must be rng_seed_ptr + 8 (one [seed, offset] buffer), or both 0");
+    if (rng_seed_ptr % 8 != 0) fail("rng_seed_ptr is not 8-byte aligned");
+  }
   int sm = device_sm();
-  const AttentionFwdKernelEntry* e = find(code, static_cast<int>(head_dim), sm);
+  const AttentionFwdKernelEntry* e = find(code, static_cast<int>(head_dim), dropout, sm);
   if (e == nullptr)
-    fail("no specialization for dtype " + dtype + ", head dim " + std::to_string(head_dim) + " on sm_" +
-         std::to_string(sm));
+    fail("no specialization for dtype " + dtype + ", head dim " + std::to_string(head_dim) +
+         (dropout ? " with dropout" : "") + " on sm_" + std::to_string(sm));
   if (int err = load_modules())
     throw std::runtime_error(std::string("cutegrad._C: loading the attention_fwd modules failed: ") +
                              cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -123,6 +134,12 @@ std::string attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, ui
   a.v_sb = v_strides[0], a.v_ss = v_strides[1], a.v_sh = v_strides[2];
   a.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   a.causal = causal;
+  a.rng_state = dropout ? reinterpret_cast<void*>(rng_seed_ptr) : nullptr;
+  a.rng_seed = static_cast<int64_t>(rng_seed);
+  a.rng_offset = rng_offset;
+  float keep = static_cast<float>(1.0 - dropout_p);
+  a.keep_scaled = keep * 16777216.0f;
+  a.rp_keep = dropout ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.0f;
   int err = e->launch(a, reinterpret_cast<void*>(stream));
   if (err == cudaSuccess) err = cudaGetLastError();
   if (err != cudaSuccess) {
@@ -142,6 +159,7 @@ nb::list attention_fwd_specializations() {
     d["name"] = e.name;
     d["dtype"] = e.dtype == 0 ? "bf16" : "fp16";
     d["head_dim"] = e.head_dim;
+    d["dropout"] = e.dropout;
     d["sm"] = e.sm;
     out.append(d);
   }
@@ -152,7 +170,8 @@ void add_functions(nb::module_& m) {
   m.def("attention_fwd", &attention_fwd, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("o"), nb::arg("lse"),
         nb::arg("batch"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("head_dim"),
         nb::arg("q_strides"), nb::arg("k_strides"), nb::arg("v_strides"), nb::arg("dtype"), nb::arg("scale"),
-        nb::arg("causal"), nb::arg("stream") = 0,
+        nb::arg("causal"), nb::arg("dropout_p") = 0.0, nb::arg("rng_seed") = 0, nb::arg("rng_seed_ptr") = 0,
+        nb::arg("rng_offset") = 0, nb::arg("rng_offset_ptr") = 0, nb::arg("stream") = 0,
         "Fused attention forward on raw device pointers; see docs/attention.md. Returns the kernel's name.");
   m.def("attention_fwd_specializations", &attention_fwd_specializations,
         "The AOT CuTeDSL attention forward specializations built into this module.");

@@ -36,6 +36,13 @@ Design
 * Causal: the top-left aligned mask of PyTorch's is_causal (row i sees keys
   j <= i for any Sq, Sk); a CTA stops after the key block holding its last
   row, so fully masked blocks are never loaded.
+* Dropout (the specializations built with it): after a block's row sums
+  are taken (the normaliser counts every key), each score (b, h, i, j) is kept
+  iff lane v % 4 of Philox4x32-10(seed, offset / 4 + v / 4), v = ((b * Hq + h)
+  * Sq + i) * Sk + j, shifted right by 8, is below (1 - p) * 2^24 -- the stream
+  of kernels/cuda/random.cu and dropout_keep_mask in the NumPy model; O is
+  scaled by 1 / (1 - p) in the epilogue.  Seed and offset come from arguments,
+  or (graph capture) from the generator's device buffer plus an offset.
 * Epilogue: the row sums are reduced over the quad, O = acc / l written with
   bounds-checked stores into the contiguous (B, Sq, Hq, D) output (rows past
   Sq are dropped), and one thread per row writes LSE = (m + log2 l) * ln 2.
@@ -47,13 +54,14 @@ frontend/ops/attention.py sends everything else to the composite path)
   every base address a multiple of 16 bytes; O contiguous; LSE fp32 contiguous;
 * head dim D in HEAD_DIMS, the same for q, k and v; Hq a multiple of Hkv;
 * Sq, Sk >= 1; Hq and B at most 65535 (grid dims).
-* Not in the kernel yet: dropout (the dispatcher falls back), attention masks.
+* Not in the kernel: attention masks (the dispatcher falls back).
 
 Specializations
 ---------------
-``specializations()`` builds, for sm_90a, one kernel per (dtype, head dim):
-bf16 and fp16 x D = 32, 64, 128 (6 kernels).  Causal or not, the softmax
-scale, the GQA group and every extent and stride are runtime arguments.
+``specializations()`` builds, for sm_90a, one kernel per (dtype, head dim,
+dropout): bf16 and fp16 x D = 32, 64, 128 x without / with dropout (12
+kernels).  Causal or not, the softmax scale, the dropout probability and
+Philox state, the GQA group and every extent and stride are runtime arguments.
 """
 
 import math
@@ -68,6 +76,9 @@ SMEM_BYTES = 232448     # sm_90 opt-in maximum per block
 MAX_KV_STAGES = 4
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+# Philox4x32-10 multipliers and key increments (kernels/cuda/random.cu)
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
 
 @dataclass(frozen=True)
@@ -75,11 +86,12 @@ class AttentionFwdSpec:
     """One AOT specialization; every field is baked into the compiled kernel."""
     dtype: str
     head_dim: int
+    dropout: bool = False
     arch: str = "sm_90a"
 
     @property
     def name(self):
-        return f"attention_fwd_{self.arch}_{self.dtype}_d{self.head_dim}"
+        return f"attention_fwd_{self.arch}_{self.dtype}_d{self.head_dim}{'_dropout' if self.dropout else ''}"
 
 
 def kv_stages(head_dim):
@@ -97,7 +109,8 @@ def specializations(archs=("sm_90a",)):
             continue
         for dtype in DTYPES:
             for d in HEAD_DIMS:
-                specs.append(AttentionFwdSpec(dtype, d, arch))
+                for dropout in (False, True):
+                    specs.append(AttentionFwdSpec(dtype, d, dropout, arch))
     return specs
 
 
@@ -129,6 +142,27 @@ def build_kernel(spec: AttentionFwdSpec):
     pv_tiler = (WG_ROWS, D, BLOCK_N)      # (M, N, K) of O = P V
     neg_inf = -cutlass.Float32.inf
 
+    def philox_lane(seed_lo, seed_hi, counter, lane):
+        """Lane `lane` (0..3) of Philox4x32-10(key = seed, counter = (counter lo, counter hi, 0, 0)):
+        the stream of kernels/cuda/random.cu and kernels/reference/attention.py.  Traced as
+        plain Python: the ten rounds unroll."""
+        c0 = cutlass.Uint32(counter)
+        c1 = cutlass.Uint32(counter >> 32)
+        c2 = cutlass.Uint32(0)
+        c3 = cutlass.Uint32(0)
+        k0, k1 = seed_lo, seed_hi
+        for _ in range(10):
+            hi0 = cute.arch.mul_hi(c0, cutlass.Uint32(PHILOX_M0))
+            lo0 = c0 * cutlass.Uint32(PHILOX_M0)
+            hi1 = cute.arch.mul_hi(c2, cutlass.Uint32(PHILOX_M1))
+            lo1 = c2 * cutlass.Uint32(PHILOX_M1)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+            k0 = k0 + cutlass.Uint32(PHILOX_W0)
+            k1 = k1 + cutlass.Uint32(PHILOX_W1)
+        low = cutlass.select_(lane == 0, c0, c1)
+        high = cutlass.select_(lane == 2, c2, c3)
+        return cutlass.Uint32(cutlass.select_(lane < 2, low, high))
+
     def acc_to_operand_a(acc_layout, a_value_shape):
         """The register layout that reads a 16-bit copy of a (64 x N) wgmma accumulator
         as the A operand of a wgmma with K = N: the accumulator's values per thread,
@@ -159,6 +193,12 @@ def build_kernel(spec: AttentionFwdSpec):
         scale_log2: cutlass.Float32,
         causal: cutlass.Int32,
         group: cutlass.Int32,
+        mRng: cute.Tensor,
+        rng_seed: cutlass.Int64,
+        rng_offset: cutlass.Int64,
+        rng_in_memory: cutlass.Int32,
+        keep_scaled: cutlass.Float32,
+        rp_keep: cutlass.Float32,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         bid_m, hq, b = cute.arch.block_idx()
@@ -275,6 +315,19 @@ def build_kernel(spec: AttentionFwdSpec):
             row_sum = cute.make_rmem_tensor((2,), acc_dtype)
             row_max.fill(neg_inf)
             row_sum.fill(0.0)
+            if cutlass.const_expr(spec.dropout):
+                # graph-safe Philox state: under capture seed and base offset are read from device memory
+                seed = rng_seed
+                base = rng_offset
+                if rng_in_memory != 0:
+                    seed = mRng[0]
+                    base = mRng[1] + rng_offset
+                seed_lo = cutlass.Uint32(seed)
+                seed_hi = cutlass.Uint32(seed >> 32)
+                counter0 = base >> 2
+                seqlen_q_64 = cutlass.Int64(seqlen_q)
+                seqlen_k_64 = cutlass.Int64(seqlen_k)
+                row_base = (cutlass.Int64(b) * cutlass.Int64(mO.shape[2]) + cutlass.Int64(hq)) * seqlen_q_64
             s_cols = BLOCK_N // 8
             o_cols = D // 8
 
@@ -323,6 +376,14 @@ def build_kernel(spec: AttentionFwdSpec):
                         for c in cutlass.range_constexpr(2):
                             acc_o[c + 2 * r + 4 * j] = acc_o[c + 2 * r + 4 * j] * alpha
 
+                if cutlass.const_expr(spec.dropout):
+                    # after the row sums (the normaliser counts every key): element (b, h, i, j) is
+                    # value ((b * Hq + h) * Sq + i) * Sk + j of the launch's Philox stream
+                    for i in cutlass.range_constexpr(cute.size(acc_s)):
+                        v = (row_base + cutlass.Int64(row0 + tScS[i][0])) * seqlen_k_64 + cutlass.Int64(n0 + tScS[i][1])
+                        x = philox_lane(seed_lo, seed_hi, counter0 + (v >> 2), cutlass.Int32(v & 3))
+                        kept = cutlass.Float32(x >> cutlass.Uint32(8)) < keep_scaled
+                        acc_s[i] = cutlass.select_(kept, acc_s[i], cutlass.Float32(0.0))
                 tOrP_as_acc.store(acc_s.load().to(dtype))
                 cute.nvgpu.warpgroup.fence()
                 pv_mma.set(warpgroup.Field.ACCUMULATE, True)
@@ -342,6 +403,8 @@ def build_kernel(spec: AttentionFwdSpec):
                 lse = cutlass.Float32.inf
                 if total > 0.0:
                     inv = 1.0 / total
+                    if cutlass.const_expr(spec.dropout):
+                        inv = inv * rp_keep
                     lse = (row_max[r] + cute.math.log2(total, fastmath=True)) * LN2
                 row = row0 + tOcO[2 * r][0]
                 if row < seqlen_q:
@@ -361,6 +424,12 @@ def build_kernel(spec: AttentionFwdSpec):
         scale_log2: cutlass.Float32,
         causal: cutlass.Int32,
         group: cutlass.Int32,
+        mRng: cute.Tensor,
+        rng_seed: cutlass.Int64,
+        rng_offset: cutlass.Int64,
+        rng_in_memory: cutlass.Int32,
+        keep_scaled: cutlass.Float32,
+        rp_keep: cutlass.Float32,
         stream: cuda.CUstream,
     ):
         qk_mma = sm90.make_trivial_tiled_mma(dtype, dtype, k_major, k_major, acc_dtype, (1, 1, 1), qk_tiler[:2])
@@ -379,7 +448,7 @@ def build_kernel(spec: AttentionFwdSpec):
         m_tiles = (mQ.shape[0] + BLOCK_M - 1) // BLOCK_M
         kernel(
             qk_mma, pv_mma, tma_q, gQ_tma, tma_k, gK_tma, tma_v, gV_tma, mO, mLSE, q_staged, k_staged, v_staged,
-            scale_log2, causal, group,
+            scale_log2, causal, group, mRng, rng_seed, rng_offset, rng_in_memory, keep_scaled, rp_keep,
         ).launch(grid=[m_tiles, mQ.shape[2], mQ.shape[3]], block=[threads, 1, 1], min_blocks_per_mp=1,
                  stream=stream)
 
@@ -402,7 +471,10 @@ def build_kernel(spec: AttentionFwdSpec):
     fo = make_fake_tensor(dtype, (sq, D, hq, batch), (strided(), 1, strided(), strided()), assumed_align=16)
     flse = make_fake_tensor(cutlass.Float32, (sq, hq, batch), (1, cute.sym_int64(), cute.sym_int64()),
                             assumed_align=4)
-    fake_args = (fq, fk, fv, fo, flse, cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(1), make_fake_stream())
+    frng = make_fake_tensor(cutlass.Int64, (2,), (1,), assumed_align=8)
+    fake_args = (fq, fk, fv, fo, flse, cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(1), frng,
+                 cutlass.Int64(0), cutlass.Int64(0), cutlass.Int32(0), cutlass.Float32(1.0), cutlass.Float32(1.0),
+                 make_fake_stream())
     return launch, fake_args
 
 
@@ -412,7 +484,8 @@ def emit_registry(entries):
     entries: [(AttentionFwdSpec, path of its exported header)].  Each entry gets a
     loader and a launcher that fills the header's tensor structs: the dynamic
     extents and strides of q (Sq, Hq, B), k and v (Sk, Hkv, B), O (Sq, Hq, B)
-    and LSE (Sq, Hq, B), in the order of build_kernel's fake tensors."""
+    and LSE (Sq, Hq, B), in the order of build_kernel's fake tensors, and the
+    dropout arguments (ignored by the kernels built without dropout)."""
     dt = {"bf16": 0, "fp16": 1}
     out = [
         "// Generated by kernels/cute/aot.py from kernels/cute/attention_fwd.py; do not edit.",
@@ -439,16 +512,19 @@ def emit_registry(entries):
             f"  int64_t os = (int64_t)Hq * a.head_dim;\n"
             f"  {n}_Tensor_mO_t o{{a.o, {{Sq, Hq, B}}, {{os, (int64_t)a.head_dim, os * Sq}}}};\n"
             f"  {n}_Tensor_mLSE_t lse{{a.lse, {{Sq, Hq, B}}, {{(int64_t)Sq, (int64_t)Sq * Hq}}}};\n"
+            f"  // without a device-memory Philox state the kernel never reads rng: any valid pointer serves\n"
+            f"  {n}_Tensor_mRng_t rng{{a.rng_state ? a.rng_state : a.lse}};\n"
             f"  return cute_dsl_{n}_wrapper(&attn_fwd_mod_{i}, &q, &k, &v, &o, &lse, a.scale_log2, a.causal ? 1 : 0,"
-            f" Hq / Hkv, (cudaStream_t)stream);\n"
+            f" Hq / Hkv, &rng, a.rng_seed, a.rng_offset, a.rng_state ? 1 : 0, a.keep_scaled, a.rp_keep,"
+            f" (cudaStream_t)stream);\n"
             f"}}"
         )
-        table.append(f'  {{"{n}", {dt[s.dtype]}, {s.head_dim}, {int(s.arch[3:5])}, attn_fwd_load_{i}, '
-                     f"attn_fwd_launch_{i}}},")
+        table.append(f'  {{"{n}", {dt[s.dtype]}, {s.head_dim}, {"true" if s.dropout else "false"}, '
+                     f"{int(s.arch[3:5])}, attn_fwd_load_{i}, attn_fwd_launch_{i}}},")
     out.append("extern const AttentionFwdKernelEntry kAttentionFwdKernels[] = {")
     out += table
     if not table:
-        out.append('  {"", 0, 0, -1, nullptr, nullptr},')
+        out.append('  {"", 0, 0, false, -1, nullptr, nullptr},')
     out.append("};")
     out.append(f"extern const int kNumAttentionFwdKernels = {len(table)};")
     out.append("}  // namespace cutegrad")

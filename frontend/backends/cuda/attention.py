@@ -12,6 +12,7 @@ from ...device import CUDA
 from ...dispatch import has_impl, register
 from ...ops.attention import FLASH_CAPS, FlashCaps
 from .launch import _empty, _lib, _ptr, _stream
+from .random import _philox
 
 # The head dims kernels/cute/attention_fwd.py builds (tests/test_attention_cuda_backend.py ties the two).
 HEAD_DIMS = (32, 64, 128)
@@ -28,7 +29,7 @@ def sm90_caps(device):
         ok = _device_ok[device.index] = (p.major, p.minor) == (9, 0)
     if not ok:
         return None
-    return FlashCaps(dtypes=tuple(_DTYPE_NAMES), head_dims=HEAD_DIMS, dropout=False,
+    return FlashCaps(dtypes=tuple(_DTYPE_NAMES), head_dims=HEAD_DIMS, dropout=True,
                      backward=has_impl("sdpa_flash_backward", CUDA), align_elems=8)
 
 
@@ -41,16 +42,18 @@ def sdpa_flash(q, k, v, scale, is_causal, dropout_p, generator):
 
     q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D) views with unit stride on D; the
     dispatcher has checked dtype, head dim, alignment and extents (and _C checks
-    them again before launch)."""
-    if dropout_p > 0.0:
-        raise ValueError("sdpa_flash: dropout is not inside the CUDA kernel yet (the dispatcher falls back)")
+    them again before launch).  With dropout, rng_state is the PhiloxArgs the launch
+    reserved (B * Hq * Sq * Sk values; the mask's mapping is in kernels/reference/attention.py):
+    the backward regenerates the same mask from it, also inside a captured graph."""
     dev = q._storage.device
     stream = _stream(dev.index)
     B, Sq, Hq, D = q._shape
     Sk, Hkv = k._shape[1], k._shape[2]
     out = _empty((B, Sq, Hq, D), q._dtype, dev, stream)
     lse = _empty((B, Hq, Sq), dt.float32, dev, stream)
+    rng = _philox(generator, dev, B * Hq * Sq * Sk) if dropout_p > 0.0 else None
     _lib().attention_fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), B, Sq, Sk, Hq, Hkv, D,
                          list(q._strides[:3]), list(k._strides[:3]), list(v._strides[:3]),
-                         _DTYPE_NAMES[q._dtype], float(scale), bool(is_causal), stream)
-    return out, lse, None
+                         _DTYPE_NAMES[q._dtype], float(scale), bool(is_causal), float(dropout_p),
+                         *((rng.seed, rng.seed_ptr, rng.offset, rng.offset_ptr) if rng else (0, 0, 0, 0)), stream)
+    return out, lse, rng
