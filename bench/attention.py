@@ -90,6 +90,7 @@ def main():
     import cutegrad as cg
     import cutegrad.nn.functional as F
     from cutegrad import _C
+    from cutegrad.backends.cuda import attention as backend
     from cutegrad.ops import attention as A
 
     _C.load_kernels()
@@ -123,7 +124,7 @@ def main():
             rows.append({"name": label, "unit": "TFLOP/s", "cutegrad": round(mine, 2), "baseline": round(theirs, 2),
                          "baseline_name": f"torch SDPA ({base_name})", "ratio": round(mine / theirs, 4),
                          "ms": round(t_ours, 4), "baseline_ms": round(t_base, 4),
-                         "path": path if path == "flash" else f"composite: {why}"})
+                         "path": f"flash: {backend.last_kernel()}" if path == "flash" else f"composite: {why}"})
             print(f"{label:<48} {mine:8.1f} {theirs:8.1f} {mine / theirs:6.3f}  {rows[-1]['path']}", flush=True)
     write_result(gpu_result("attention", torch, rows), args.out, "attention")
 

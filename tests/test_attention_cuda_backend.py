@@ -15,9 +15,10 @@ import attention_fwd  # noqa: E402
 
 def test_backend_offers_what_the_build_compiles():
     specs = attention_fwd.specializations(("sm_90a",))
-    # every (dtype, head dim) with and without dropout
-    assert {(s.dtype, s.head_dim, s.dropout) for s in specs} == {
-        (d, h, p) for d in ("bf16", "fp16") for h in (32, 64, 128) for p in (False, True)}
+    # every (dtype, head dim): long without and with dropout, and short (no dropout)
+    assert {(s.dtype, s.head_dim, s.dropout, s.short) for s in specs} == {
+        (d, h, p, short) for d in ("bf16", "fp16") for h in (32, 64, 128)
+        for p, short in ((False, False), (True, False), (False, True))}
     assert backend.HEAD_DIMS == attention_fwd.HEAD_DIMS == tuple(sorted({s.head_dim for s in specs}))
     names = {"bf16": dt.bfloat16, "fp16": dt.float16}
     assert set(backend._DTYPE_NAMES) == {names[s.dtype] for s in specs}

@@ -95,6 +95,18 @@ def test_forward_kernel_against_float64(dname, D, shape, causal, rng):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B,Sq,Sk,Hq,Hkv", [(1, 64, 64, 3, 1), (5, 1, 128, 2, 2), (2, 40, 100, 6, 3), (1, 64, 65, 1, 1)])
+def test_short_sequence_kernel(B, Sq, Sk, Hq, Hkv, causal, rng):
+    """Sq <= 64 and Sk <= 128 take the short kernel: two (batch, head) items per CTA, an odd item count included."""
+    from cutegrad.backends.cuda import attention as backend
+    D = 64
+    q, k, v = (_bshd(rng, B, S, H, D, dt.float16) for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv)))
+    out, lse, _ = kernel("sdpa_flash").impl[CUDA](*(t.to("cuda") for t in (q, k, v)), 0.125, causal, 0.0, None)
+    assert backend.last_kernel().endswith("_short")
+    _check(out, lse, *_reference(q, k, v, 0.125, causal), dt.float16)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_qkv_read_in_place_from_the_fused_projection(causal, rng):
     """q, k, v as slices of a (B, T, 3, H, D) tensor: strided views, no copy; same result as contiguous."""
     B, T, H, D = 3, 80, 4, 64

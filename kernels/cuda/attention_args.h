@@ -37,6 +37,7 @@ struct AttentionFwdKernelEntry {
   int dtype;     // 0 = bf16, 1 = fp16
   int head_dim;
   bool dropout;  // built with dropout
+  bool short_seq;  // the short-sequence kernel (Sk <= 128; chosen for Sq <= 64)
   int sm;        // compute capability the cubin runs on, e.g. 90
   void (*load)(int* cuda_error);  // loads the module on every device
   int (*launch)(const AttentionFwdArgs& args, void* stream);  // returns a cudaError_t

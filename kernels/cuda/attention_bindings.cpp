@@ -27,6 +27,10 @@ namespace cutegrad {
 namespace {
 
 constexpr int64_t kMaxGridDim = 65535;
+// The short-sequence kernel: one 64-row query tile per consumer warpgroup, the whole K/V
+// of its head in one 128-key block; it pays off where a 128-row tile would be half empty.
+constexpr int64_t kShortMaxSq = 64;
+constexpr int64_t kShortMaxSk = 128;
 
 [[noreturn]] void fail(const std::string& msg) { throw nb::value_error(("attention_fwd: " + msg).c_str()); }
 
@@ -67,10 +71,12 @@ void check_pointer(const char* what, uintptr_t p) {
   if (p % 16 != 0) fail(std::string(what) + " is not 16-byte aligned");
 }
 
-const AttentionFwdKernelEntry* find(int dtype, int head_dim, bool dropout, int sm) {
+const AttentionFwdKernelEntry* find(int dtype, int head_dim, bool dropout, bool short_seq, int sm) {
   for (int i = 0; i < kNumAttentionFwdKernels; ++i) {
     const AttentionFwdKernelEntry& e = kAttentionFwdKernels[i];
-    if (e.dtype == dtype && e.head_dim == head_dim && e.dropout == dropout && e.sm == sm) return &e;
+    if (e.dtype == dtype && e.head_dim == head_dim && e.dropout == dropout && e.short_seq == short_seq &&
+        e.sm == sm)
+      return &e;
   }
   return nullptr;
 }
@@ -110,7 +116,11 @@ std::string attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, ui
     if (rng_seed_ptr % 8 != 0) fail("rng_seed_ptr is not 8-byte aligned");
   }
   int sm = device_sm();
-  const AttentionFwdKernelEntry* e = find(code, static_cast<int>(head_dim), dropout, sm);
+  const AttentionFwdKernelEntry* e = nullptr;
+  // (the short kernel numbers its (batch, head) items in 32 bits)
+  if (!dropout && sq <= kShortMaxSq && sk <= kShortMaxSk && batch * hq <= INT32_MAX / 2)
+    e = find(code, static_cast<int>(head_dim), false, true, sm);
+  if (e == nullptr) e = find(code, static_cast<int>(head_dim), dropout, false, sm);
   if (e == nullptr)
     fail("no specialization for dtype " + dtype + ", head dim " + std::to_string(head_dim) +
          (dropout ? " with dropout" : "") + " on sm_" + std::to_string(sm));
@@ -160,6 +170,7 @@ nb::list attention_fwd_specializations() {
     d["dtype"] = e.dtype == 0 ? "bf16" : "fp16";
     d["head_dim"] = e.head_dim;
     d["dropout"] = e.dropout;
+    d["short"] = e.short_seq;
     d["sm"] = e.sm;
     out.append(d);
   }

@@ -43,6 +43,13 @@ Design
   of kernels/cuda/random.cu and dropout_keep_mask in the NumPy model; O is
   scaled by 1 / (1 - p) in the epilogue.  Seed and offset come from arguments,
   or (graph capture) from the generator's device buffer plus an offset.
+* Short sequences (the ``short`` specializations, chosen by the binding for
+  Sq <= 64 and Sk <= BLOCK_N without dropout, where a 128-row tile would be at
+  least half padding): each consumer warpgroup takes its own work item, a
+  64-row query tile of some (batch, head), so one CTA serves two (batch, head)
+  pairs; the producer loads each item's Q tile and the whole K/V of its head
+  (one block) into that warpgroup's own buffers on a single-use mbarrier, and
+  the warpgroup runs the same block step once.  No K/V ring, no stage reuse.
 * Epilogue: the row sums are reduced over the quad, O = acc / l written with
   bounds-checked stores into the contiguous (B, Sq, Hq, D) output (rows past
   Sq are dropped), and one thread per row writes LSE = (m + log2 l) * ln 2.
@@ -59,8 +66,8 @@ frontend/ops/attention.py sends everything else to the composite path)
 Specializations
 ---------------
 ``specializations()`` builds, for sm_90a, one kernel per (dtype, head dim,
-dropout): bf16 and fp16 x D = 32, 64, 128 x without / with dropout (12
-kernels).  Causal or not, the softmax scale, the dropout probability and
+dropout) and a short-sequence kernel per (dtype, head dim): bf16 and fp16 x
+D = 32, 64, 128 x (long, long with dropout, short) -- 18 kernels.  Causal or not, the softmax scale, the dropout probability and
 Philox state, the GQA group and every extent and stride are runtime arguments.
 """
 
@@ -87,11 +94,13 @@ class AttentionFwdSpec:
     dtype: str
     head_dim: int
     dropout: bool = False
+    short: bool = False   # the short-sequence kernel: Sk <= BLOCK_N, one 64-row item per warpgroup
     arch: str = "sm_90a"
 
     @property
     def name(self):
-        return f"attention_fwd_{self.arch}_{self.dtype}_d{self.head_dim}{'_dropout' if self.dropout else ''}"
+        return (f"attention_fwd_{self.arch}_{self.dtype}_d{self.head_dim}{'_dropout' if self.dropout else ''}"
+                f"{'_short' if self.short else ''}")
 
 
 def kv_stages(head_dim):
@@ -110,7 +119,8 @@ def specializations(archs=("sm_90a",)):
         for dtype in DTYPES:
             for d in HEAD_DIMS:
                 for dropout in (False, True):
-                    specs.append(AttentionFwdSpec(dtype, d, dropout, arch))
+                    specs.append(AttentionFwdSpec(dtype, d, dropout, False, arch))
+                specs.append(AttentionFwdSpec(dtype, d, False, True, arch))
     return specs
 
 
@@ -132,7 +142,9 @@ def build_kernel(spec: AttentionFwdSpec):
     dtype = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}[spec.dtype]
     acc_dtype = cutlass.Float32
     D = spec.head_dim
-    stages = kv_stages(D)
+    short = spec.short
+    # the short kernel holds one K/V block per consumer warpgroup (each may serve another head)
+    stages = 2 if short else kv_stages(D)
     threads_per_wg = 128
     threads = 3 * threads_per_wg
     producer_regs, consumer_regs = 24, 240
@@ -162,6 +174,14 @@ def build_kernel(spec: AttentionFwdSpec):
         low = cutlass.select_(lane == 0, c0, c1)
         high = cutlass.select_(lane == 2, c2, c3)
         return cutlass.Uint32(cutlass.select_(lane < 2, low, high))
+
+    def short_item(h, bid, m_tiles64, n_heads, total_items):
+        """(valid, b, head, 64-row tile) of consumer warpgroup h's work item in the short kernel:
+        CTA `bid` takes items 2 * bid and 2 * bid + 1 of (b, head, tile) in row-major order."""
+        item = 2 * bid + h
+        bh = item // m_tiles64
+        b_h = bh // n_heads
+        return item < total_items, b_h, bh - b_h * n_heads, item - bh * m_tiles64
 
     def acc_to_operand_a(acc_layout, a_value_shape):
         """The register layout that reads a 16-bit copy of a (64 x N) wgmma accumulator
@@ -220,6 +240,7 @@ def build_kernel(spec: AttentionFwdSpec):
         @cute.struct
         class Storage:
             q_barriers: cute.struct.MemRange[cutlass.Int64, 2]
+            short_barriers: cute.struct.MemRange[cutlass.Int64, 2]
             kv_barriers: cute.struct.MemRange[cutlass.Int64, stages * 2]
             sQ: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(q_staged)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[dtype, cute.cosize(k_staged)], 1024]
@@ -227,39 +248,51 @@ def build_kernel(spec: AttentionFwdSpec):
 
         storage = utils.SmemAllocator().allocate(Storage)
         no_cluster = cute.make_layout((1, 1, 1, 1))
-        # Q: one stage, both 64-row halves on one barrier; every consumer warp waits on it.
-        q_pipe = pipeline.PipelineTmaAsync.create(
-            barrier_storage=storage.q_barriers.data_ptr(),
-            num_stages=1,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8),
-            tx_count=q_tx_bytes,
-            cta_layout_vmnk=no_cluster,
-        )
-        # K/V ring: a stage is free once all eight consumer warps (both warpgroups) are done with it.
-        kv_pipe = pipeline.PipelineTmaAsync.create(
-            barrier_storage=storage.kv_barriers.data_ptr(),
-            num_stages=stages,
-            producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8),
-            tx_count=kv_tx_bytes,
-            cta_layout_vmnk=no_cluster,
-        )
+        if cutlass.const_expr(not short):
+            # Q: one stage, both 64-row halves on one barrier; every consumer warp waits on it.
+            q_pipe = pipeline.PipelineTmaAsync.create(
+                barrier_storage=storage.q_barriers.data_ptr(),
+                num_stages=1,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8),
+                tx_count=q_tx_bytes,
+                cta_layout_vmnk=no_cluster,
+            )
+            # K/V ring: a stage is free once all eight consumer warps (both warpgroups) are done with it.
+            kv_pipe = pipeline.PipelineTmaAsync.create(
+                barrier_storage=storage.kv_barriers.data_ptr(),
+                num_stages=stages,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 8),
+                tx_count=kv_tx_bytes,
+                cta_layout_vmnk=no_cluster,
+            )
+        else:
+            # Short kernel: one single-use barrier per consumer warpgroup for its Q tile, K and V.
+            if tidx == 0:
+                for h in cutlass.range_constexpr(2):
+                    cute.arch.mbarrier_init(storage.short_barriers.data_ptr() + h, 1)
+            cute.arch.mbarrier_init_fence()
         sQ = storage.sQ.get_tensor(q_staged.outer, swizzle=q_staged.inner)
         sK = storage.sK.get_tensor(k_staged.outer, swizzle=k_staged.inner)
         sV = storage.sV.get_tensor(v_staged.outer, swizzle=v_staged.inner)
 
         seqlen_q = mO.shape[0]
         seqlen_k = gK_tma.shape[0]
-        # heavy (long) causal CTAs first
-        m_idx = bid_m
-        if causal != 0:
-            m_idx = grid_m - 1 - bid_m
-        m0 = m_idx * BLOCK_M
-        n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
-        if causal != 0:
-            n_blocks = cutlass.min(n_blocks, (m0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
-        hk = hq // group
+        n_heads = mO.shape[2]
+        if cutlass.const_expr(short):
+            m_tiles64 = (seqlen_q + WG_ROWS - 1) // WG_ROWS
+            total_items = m_tiles64 * n_heads * mO.shape[3]
+        else:
+            # heavy (long) causal CTAs first
+            m_idx = bid_m
+            if causal != 0:
+                m_idx = grid_m - 1 - bid_m
+            m0 = m_idx * BLOCK_M
+            n_blocks = (seqlen_k + BLOCK_N - 1) // BLOCK_N
+            if causal != 0:
+                n_blocks = cutlass.min(n_blocks, (m0 + BLOCK_M + BLOCK_N - 1) // BLOCK_N)
+            hk = hq // group
 
         cute.arch.sync_threads()
 
@@ -276,27 +309,48 @@ def build_kernel(spec: AttentionFwdSpec):
                 tVsV, tVgV = cute.nvgpu.cpasync.tma_partition(
                     tma_v, 0, cute.make_layout(1), cute.group_modes(sV, 0, 2),
                     cute.group_modes(cute.flat_divide(gV_tma, (D, BLOCK_N)), 0, 2))
-                q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
-                q_pipe.producer_acquire(q_state)
-                q_bar = q_pipe.producer_get_barrier(q_state)
-                for half in cutlass.range_constexpr(2):
-                    cute.copy(tma_q, tQgQ[(None, 2 * m_idx + half, 0, hq, b)], tQsQ[(None, half)],
-                              tma_bar_ptr=q_bar)
-                q_pipe.producer_commit(q_state)
-                prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
-                for nb in range(n_blocks):
-                    kv_pipe.producer_acquire(prod)
-                    bar = kv_pipe.producer_get_barrier(prod)
-                    cute.copy(tma_k, tKgK[(None, nb, 0, hk, b)], tKsK[(None, prod.index)], tma_bar_ptr=bar)
-                    cute.copy(tma_v, tVgV[(None, 0, nb, hk, b)], tVsV[(None, prod.index)], tma_bar_ptr=bar)
-                    kv_pipe.producer_commit(prod)
-                    prod.advance()
-                kv_pipe.producer_tail(prod)
+                if cutlass.const_expr(short):
+                    for h in cutlass.range_constexpr(2):
+                        valid_h, b_h, hq_h, mt_h = short_item(h, bid_m, m_tiles64, n_heads, total_items)
+                        if valid_h:
+                            bar = storage.short_barriers.data_ptr() + h
+                            hk_h = hq_h // group
+                            cute.arch.mbarrier_arrive_and_expect_tx(bar, q_tx_bytes // 2 + kv_tx_bytes)
+                            cute.copy(tma_q, tQgQ[(None, mt_h, 0, hq_h, b_h)], tQsQ[(None, h)], tma_bar_ptr=bar)
+                            cute.copy(tma_k, tKgK[(None, 0, 0, hk_h, b_h)], tKsK[(None, h)], tma_bar_ptr=bar)
+                            cute.copy(tma_v, tVgV[(None, 0, 0, hk_h, b_h)], tVsV[(None, h)], tma_bar_ptr=bar)
+                else:
+                    q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, 1)
+                    q_pipe.producer_acquire(q_state)
+                    q_bar = q_pipe.producer_get_barrier(q_state)
+                    for half in cutlass.range_constexpr(2):
+                        cute.copy(tma_q, tQgQ[(None, 2 * m_idx + half, 0, hq, b)], tQsQ[(None, half)],
+                                  tma_bar_ptr=q_bar)
+                    q_pipe.producer_commit(q_state)
+                    prod = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
+                    for nb in range(n_blocks):
+                        kv_pipe.producer_acquire(prod)
+                        bar = kv_pipe.producer_get_barrier(prod)
+                        cute.copy(tma_k, tKgK[(None, nb, 0, hk, b)], tKsK[(None, prod.index)], tma_bar_ptr=bar)
+                        cute.copy(tma_v, tVgV[(None, 0, nb, hk, b)], tVsV[(None, prod.index)], tma_bar_ptr=bar)
+                        kv_pipe.producer_commit(prod)
+                        prod.advance()
+                    kv_pipe.producer_tail(prod)
         else:
             cute.arch.setmaxregister_increase(consumer_regs)
             half = wg - 1
             ctid = tidx - wg * threads_per_wg
-            row0 = m0 + half * WG_ROWS
+            if cutlass.const_expr(short):
+                valid, b_c, hq_c, mt_c = short_item(half, bid_m, m_tiles64, n_heads, total_items)
+                row0 = mt_c * WG_ROWS
+                tile_m0 = row0          # the mask test's first row
+                n_blk = cutlass.Int32(1)  # the whole K/V (Sk <= BLOCK_N) is one block
+            else:
+                valid = True
+                b_c, hq_c, mt_c = b, hq, 2 * m_idx + half
+                row0 = m0 + half * WG_ROWS
+                tile_m0 = m0
+                n_blk = n_blocks
 
             thr_qk = qk_mma.get_slice(ctid)
             thr_pv = pv_mma.get_slice(ctid)
@@ -327,27 +381,37 @@ def build_kernel(spec: AttentionFwdSpec):
                 counter0 = base >> 2
                 seqlen_q_64 = cutlass.Int64(seqlen_q)
                 seqlen_k_64 = cutlass.Int64(seqlen_k)
-                row_base = (cutlass.Int64(b) * cutlass.Int64(mO.shape[2]) + cutlass.Int64(hq)) * seqlen_q_64
+                row_base = (cutlass.Int64(b_c) * cutlass.Int64(n_heads) + cutlass.Int64(hq_c)) * seqlen_q_64
             s_cols = BLOCK_N // 8
             o_cols = D // 8
 
-            q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
-            q_pipe.consumer_wait(q_state)
-            cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
-            for nb in range(n_blocks):
+            if cutlass.const_expr(short):
+                if valid:
+                    cute.arch.mbarrier_wait(storage.short_barriers.data_ptr() + half, 0)
+            else:
+                q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
+                q_pipe.consumer_wait(q_state)
+                cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
+            # an invalid (past the end) short item runs no block and writes nothing
+            if not valid:
+                n_blk = 0
+            for nb in range(n_blk):
                 n0 = nb * BLOCK_N
-                kv_pipe.consumer_wait(cons)
+                stage = half
+                if cutlass.const_expr(not short):
+                    kv_pipe.consumer_wait(cons)
+                    stage = cons.index
                 cute.nvgpu.warpgroup.fence()
                 for ks in cutlass.range_constexpr(D // 16):
                     qk_mma.set(warpgroup.Field.ACCUMULATE, ks != 0)
-                    cute.gemm(qk_mma, acc_s, tSrQ[(None, None, ks, half)], tSrK[(None, None, ks, cons.index)],
+                    cute.gemm(qk_mma, acc_s, tSrQ[(None, None, ks, half)], tSrK[(None, None, ks, stage)],
                               acc_s)
                 cute.nvgpu.warpgroup.commit_group()
                 cute.nvgpu.warpgroup.wait_group(0)
 
                 for i in cutlass.range_constexpr(cute.size(acc_s)):
                     acc_s[i] = acc_s[i] * scale_log2
-                if n0 + BLOCK_N > seqlen_k or (causal != 0 and n0 + BLOCK_N - 1 > m0):
+                if n0 + BLOCK_N > seqlen_k or (causal != 0 and n0 + BLOCK_N - 1 > tile_m0):
                     for i in cutlass.range_constexpr(cute.size(acc_s)):
                         col = n0 + tScS[i][1]
                         if col >= seqlen_k or (causal != 0 and col > row0 + tScS[i][0]):
@@ -388,14 +452,15 @@ def build_kernel(spec: AttentionFwdSpec):
                 cute.nvgpu.warpgroup.fence()
                 pv_mma.set(warpgroup.Field.ACCUMULATE, True)
                 for ks in cutlass.range_constexpr(BLOCK_N // 16):
-                    cute.gemm(pv_mma, acc_o, tOrP[(None, None, ks)], tOrV[(None, None, ks, cons.index)], acc_o)
+                    cute.gemm(pv_mma, acc_o, tOrP[(None, None, ks)], tOrV[(None, None, ks, stage)], acc_o)
                 cute.nvgpu.warpgroup.commit_group()
                 cute.nvgpu.warpgroup.wait_group(0)
-                kv_pipe.consumer_release(cons)
-                cons.advance()
+                if cutlass.const_expr(not short):
+                    kv_pipe.consumer_release(cons)
+                    cons.advance()
 
             # Epilogue: O = acc / l into the contiguous output, LSE by one thread of each row's quad.
-            gO = cute.local_tile(mO[(None, None, hq, b)], (WG_ROWS, D), (2 * m_idx + half, 0))
+            gO = cute.local_tile(mO[(None, None, hq_c, b_c)], (WG_ROWS, D), (mt_c, 0))
             tOgO = thr_pv.partition_C(gO)
             for r in cutlass.range_constexpr(2):
                 total = cute.arch.warp_reduction_sum(row_sum[r], threads_in_group=4)
@@ -407,12 +472,12 @@ def build_kernel(spec: AttentionFwdSpec):
                         inv = inv * rp_keep
                     lse = (row_max[r] + cute.math.log2(total, fastmath=True)) * LN2
                 row = row0 + tOcO[2 * r][0]
-                if row < seqlen_q:
+                if valid and row < seqlen_q:
                     for j in cutlass.range_constexpr(o_cols):
                         for c in cutlass.range_constexpr(2):
                             tOgO[c + 2 * r + 4 * j] = (acc_o[c + 2 * r + 4 * j] * inv).to(dtype)
                     if ctid % 4 == 0:
-                        mLSE[(row, hq, b)] = lse
+                        mLSE[(row, hq_c, b_c)] = lse
 
     @cute.jit
     def launch(
@@ -445,11 +510,15 @@ def build_kernel(spec: AttentionFwdSpec):
                                                                (BLOCK_N, D))
         tma_v, gV_tma = cute.nvgpu.cpasync.make_tiled_tma_atom(g2s, mV, cute.slice_(v_staged, (None, None, 0)),
                                                                (D, BLOCK_N))
-        m_tiles = (mQ.shape[0] + BLOCK_M - 1) // BLOCK_M
+        if cutlass.const_expr(short):
+            items = (mQ.shape[0] + WG_ROWS - 1) // WG_ROWS * mQ.shape[2] * mQ.shape[3]
+            grid = [(items + 1) // 2, 1, 1]
+        else:
+            grid = [(mQ.shape[0] + BLOCK_M - 1) // BLOCK_M, mQ.shape[2], mQ.shape[3]]
         kernel(
             qk_mma, pv_mma, tma_q, gQ_tma, tma_k, gK_tma, tma_v, gV_tma, mO, mLSE, q_staged, k_staged, v_staged,
             scale_log2, causal, group, mRng, rng_seed, rng_offset, rng_in_memory, keep_scaled, rp_keep,
-        ).launch(grid=[m_tiles, mQ.shape[2], mQ.shape[3]], block=[threads, 1, 1], min_blocks_per_mp=1,
+        ).launch(grid=grid, block=[threads, 1, 1], min_blocks_per_mp=1,
                  stream=stream)
 
     # Fake arguments: dynamic extents and strides (16-byte multiples promised; the
@@ -519,12 +588,13 @@ def emit_registry(entries):
             f" (cudaStream_t)stream);\n"
             f"}}"
         )
-        table.append(f'  {{"{n}", {dt[s.dtype]}, {s.head_dim}, {"true" if s.dropout else "false"}, '
-                     f"{int(s.arch[3:5])}, attn_fwd_load_{i}, attn_fwd_launch_{i}}},")
+        flags = ", ".join("true" if f else "false" for f in (s.dropout, s.short))
+        table.append(f'  {{"{n}", {dt[s.dtype]}, {s.head_dim}, {flags}, {int(s.arch[3:5])}, attn_fwd_load_{i}, '
+                     f"attn_fwd_launch_{i}}},")
     out.append("extern const AttentionFwdKernelEntry kAttentionFwdKernels[] = {")
     out += table
     if not table:
-        out.append('  {"", 0, 0, false, -1, nullptr, nullptr},')
+        out.append('  {"", 0, 0, false, false, -1, nullptr, nullptr},')
     out.append("};")
     out.append(f"extern const int kNumAttentionFwdKernels = {len(table)};")
     out.append("}  // namespace cutegrad")

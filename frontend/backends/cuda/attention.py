@@ -18,6 +18,12 @@ from .random import _philox
 HEAD_DIMS = (32, 64, 128)
 _DTYPE_NAMES = {dt.bfloat16: "bf16", dt.float16: "fp16"}
 _device_ok = {}
+_last = [None]
+
+
+def last_kernel():
+    """Name of the attention kernel the last sdpa_flash call launched (for tests and benchmarks)."""
+    return _last[0]
 
 
 def sm90_caps(device):
@@ -52,7 +58,7 @@ def sdpa_flash(q, k, v, scale, is_causal, dropout_p, generator):
     out = _empty((B, Sq, Hq, D), q._dtype, dev, stream)
     lse = _empty((B, Hq, Sq), dt.float32, dev, stream)
     rng = _philox(generator, dev, B * Hq * Sq * Sk) if dropout_p > 0.0 else None
-    _lib().attention_fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), B, Sq, Sk, Hq, Hkv, D,
+    _last[0] = _lib().attention_fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), B, Sq, Sk, Hq, Hkv, D,
                          list(q._strides[:3]), list(k._strides[:3]), list(v._strides[:3]),
                          _DTYPE_NAMES[q._dtype], float(scale), bool(is_causal), float(dropout_p),
                          *((rng.seed, rng.seed_ptr, rng.offset, rng.offset_ptr) if rng else (0, 0, 0, 0)), stream)
