@@ -208,6 +208,11 @@ def test_dispatch_takes_the_fused_path():
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     assert _path(q, k, v, causal=True) == ("flash", "")
     assert _path(*_qkv(), p=0.1, grad=True) == ("flash", "")
+    # extent-1 dims may have any stride (an expanded batch of one, a single head)
+    q1, k1, v1 = (t.expand(1, 1, 65, 64) for t in (cg.zeros(1, 1, 1, 64, dtype=cg.bfloat16),) * 3)
+    assert _path(q1, k1, v1) == ("composite", "strides or offset not a positive multiple of 8 elements (16 bytes)")
+    one = cg.zeros(1, 1, 65, 64, dtype=cg.bfloat16).as_strided((1, 1, 65, 64), (0, 0, 64, 1))
+    assert _path(one, one, one) == ("flash", "")
 
 
 def _reason(*args, **kw):
@@ -236,6 +241,7 @@ def test_dispatch_every_fallback_reason():
     assert "multiple of 8" in _reason(odd, k, v)
     shifted = cg.zeros(2 * 4 * 65 * 64 + 1, dtype=cg.bfloat16)[1:].reshape(2, 4, 65, 64)
     assert "multiple of 8" in _reason(shifted, k, v)
+    assert "multiple of 8" in _reason(q[:1].expand(2, 4, 65, 64), k, v)   # a broadcast (stride 0) batch
     no_dropout = CAPS._replace(dropout=False)
     assert "dropout is not inside" in _reason(q, k, v, p=0.1, caps=no_dropout)
     assert "fused backward" in _reason(q, k, v, p=0.1, grad=True, caps=CAPS._replace(backward=False))

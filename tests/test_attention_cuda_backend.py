@@ -34,3 +34,11 @@ def test_fused_path_only_on_sm90(monkeypatch):
     assert caps.backward == has_impl("sdpa_flash_backward", CUDA)
     monkeypatch.setitem(backend._device_ok, 0, False)
     assert A.flash_caps(dev) is None
+
+
+def test_kernel_strides_replace_those_of_extent_one_dims():
+    import cutegrad as cg
+    x = cg.zeros(1, 5, 1, 64, dtype=cg.bfloat16).as_strided((1, 5, 1, 64), (0, 64, 0, 1))
+    assert backend.kernel_strides(x) == [5 * 64, 64, 64]
+    y = cg.zeros(2, 7, 3, 3, 32)[:, :, 1]          # a (B, T, 3, H, D) projection's k
+    assert backend.kernel_strides(y) == [7 * 9 * 32, 9 * 32, 32]

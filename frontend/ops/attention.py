@@ -162,8 +162,9 @@ def sdpa_path(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, ca
         st = t._strides
         if st[3] != 1:
             return "composite", "head dim not contiguous (unit stride)"
-        if any(s % a for s in st[:3]) or t._offset % a:
-            return "composite", f"strides or offset not a multiple of {a} elements (16 bytes)"
+        # the stride of an extent-1 dim addresses nothing (the backend substitutes one)
+        if any(n > 1 and (s <= 0 or s % a) for n, s in zip(t._shape[:3], st[:3])) or t._offset % a:
+            return "composite", f"strides or offset not a positive multiple of {a} elements (16 bytes)"
     if dropout_p > 0.0:
         if not caps.dropout:
             return "composite", "dropout is not inside the fused kernel"

@@ -42,6 +42,15 @@ def sm90_caps(device):
 FLASH_CAPS[CUDA] = sm90_caps
 
 
+def kernel_strides(t):
+    """t's (B, S, H) strides for the kernel (a (B, S, H, D) view), the stride of an extent-1
+    dim (any value, 0 after an expand) replaced by its contiguous one: TMA needs positive
+    16-byte multiples, and such a stride addresses nothing."""
+    B, S, H, D = t._shape
+    natural = (S * H * D, H * D, D)
+    return [st if n > 1 else nat for n, st, nat in zip(t._shape[:3], t._strides[:3], natural)]
+
+
 @register("sdpa_flash", CUDA)
 def sdpa_flash(q, k, v, scale, is_causal, dropout_p, generator):
     """(out (B, Sq, Hq, D) contiguous, lse (B, Hq, Sq) fp32, rng_state) of softmax(q k^T * scale) v.
@@ -59,7 +68,7 @@ def sdpa_flash(q, k, v, scale, is_causal, dropout_p, generator):
     lse = _empty((B, Hq, Sq), dt.float32, dev, stream)
     rng = _philox(generator, dev, B * Hq * Sq * Sk) if dropout_p > 0.0 else None
     _last[0] = _lib().attention_fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), B, Sq, Sk, Hq, Hkv, D,
-                         list(q._strides[:3]), list(k._strides[:3]), list(v._strides[:3]),
+                         kernel_strides(q), kernel_strides(k), kernel_strides(v),
                          _DTYPE_NAMES[q._dtype], float(scale), bool(is_causal), float(dropout_p),
                          *((rng.seed, rng.seed_ptr, rng.offset, rng.offset_ptr) if rng else (0, 0, 0, 0)), stream)
     return out, lse, rng
