@@ -170,19 +170,24 @@ def test_capture_and_replay_with_new_inputs(rng):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Sq,Sk", [(17, 17), (129, 65), (200, 300)])
-def test_dropout_mask_is_the_models_philox_stream(Sq, Sk, causal, rng):
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("dname", ["bf16", "fp16"])
+def test_dropout_mask_is_the_models_philox_stream(dname, D, Sq, Sk, causal, rng):
     """O with dropout equals float64 attention under the model's keep mask for the launch's (seed, offset)."""
+    from cutegrad.backends.cuda import attention as backend
     from cutegrad.graphs import rng as grng
-    B, Hq, Hkv, D, p = 2, 4, 2, 64, 0.2
-    q, k, v = (_bshd(rng, B, S, H, D, dt.bfloat16) for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv)))
+    dtype = DTYPES[dname]
+    B, Hq, Hkv, p = 2, 4, 2, 0.2
+    q, k, v = (_bshd(rng, B, S, H, D, dtype) for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv)))
     gen = grng.Generator(0, seed=1234)
     out, lse, state = kernel("sdpa_flash").impl[CUDA](*(t.to("cuda") for t in (q, k, v)), 0.125, causal, p, gen)
+    assert backend.last_kernel().endswith("_dropout")
     assert state.seed == 1234 and state.seed_ptr == 0 and state.offset == 0
     assert gen.get_state()[1] == -(-B * Hq * Sq * Sk // 4) * 4
     keep = model.dropout_keep_mask(state.seed, state.offset, B, Hq, Sq, Sk, p)
     qn, kn, vn = (t.to(dt.float64).numpy() for t in (q, k, v))
     ref_out, ref_lse = model.dense_attention(qn, kn, vn, 0.125, causal, keep_mask=keep, dropout_p=p)
-    _check(out, lse, ref_out, ref_lse, dt.bfloat16)
+    _check(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_dropout_graphed_equals_eager_and_replays_draw_fresh_masks(rng):
