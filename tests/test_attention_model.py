@@ -140,3 +140,16 @@ def test_model_dropout_matches_dense(S, causal):
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-12, atol=1e-12)
     plain, _, _ = model.flash_forward(q, k, v, 0.3, causal, acc_dtype=np.float64)
     assert np.abs(plain - out).max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Sq,Sk", [(1, 128), (64, 64), (40, 100), (64, 65), (17, 1)])
+def test_model_short_kernel_tiles(Sq, Sk, causal):
+    """The short-sequence kernel's shape: 64-row tiles, the whole K/V (Sk <= 128) as one block."""
+    rng = np.random.default_rng(Sq * 131 + Sk)
+    q, k, v = _inputs(rng, 3, Sq, Sk, 3, 1, 32)
+    out, lse, visited = model.flash_forward(q, k, v, 0.2, causal, block_m=64, block_n=128, acc_dtype=np.float64)
+    assert (visited == 1).all()
+    ref_out, ref_lse = model.dense_attention(q, k, v, 0.2, causal)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-12, atol=1e-12)
