@@ -27,8 +27,9 @@ namespace cutegrad {
 namespace {
 
 constexpr int64_t kMaxGridDim = 65535;
-// The short-sequence kernel: one 64-row query tile per consumer warpgroup, the whole K/V
-// of its head in one 128-key block; it pays off where a 128-row tile would be half empty.
+// Limits of the short-sequence kernel (one 64-row query tile per consumer warpgroup, the
+// whole K/V of its head in one 128-key block); the backend chooses it
+// (frontend/backends/cuda/attention.py: kernel_variant).
 constexpr int64_t kShortMaxSq = 64;
 constexpr int64_t kShortMaxSk = 128;
 
@@ -86,7 +87,7 @@ std::string attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, ui
                           const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                           const std::vector<int64_t>& v_strides, const std::string& dtype, double scale, bool causal,
                           double dropout_p, uint64_t rng_seed, uintptr_t rng_seed_ptr, int64_t rng_offset,
-                          uintptr_t rng_offset_ptr, uintptr_t stream) {
+                          uintptr_t rng_offset_ptr, bool short_seq, uintptr_t stream) {
   int code = dtype == "bf16" ? 0 : dtype == "fp16" ? 1 : -1;
   if (code < 0) fail("dtype must be 'bf16' or 'fp16', got '" + dtype + "'");
   if (batch < 1 || sq < 1 || sk < 1 || hq < 1 || hkv < 1)
@@ -115,15 +116,15 @@ std::string attention_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, ui
       fail("rng_offset_ptr must be rng_seed_ptr + 8 (one [seed, offset] buffer), or both 0");
     if (rng_seed_ptr % 8 != 0) fail("rng_seed_ptr is not 8-byte aligned");
   }
-  int sm = device_sm();
-  const AttentionFwdKernelEntry* e = nullptr;
   // (the short kernel numbers its (batch, head) items in 32 bits)
-  if (!dropout && sq <= kShortMaxSq && sk <= kShortMaxSk && batch * hq <= INT32_MAX / 2)
-    e = find(code, static_cast<int>(head_dim), false, true, sm);
-  if (e == nullptr) e = find(code, static_cast<int>(head_dim), dropout, false, sm);
+  if (short_seq && (dropout || sq > kShortMaxSq || sk > kShortMaxSk || batch * hq > INT32_MAX / 2))
+    fail("the short-sequence kernel takes Sq <= 64, Sk <= 128, B * Hq < 2^30 and no dropout; got Sq=" +
+         std::to_string(sq) + " Sk=" + std::to_string(sk) + (dropout ? " with dropout" : ""));
+  int sm = device_sm();
+  const AttentionFwdKernelEntry* e = find(code, static_cast<int>(head_dim), dropout, short_seq, sm);
   if (e == nullptr)
     fail("no specialization for dtype " + dtype + ", head dim " + std::to_string(head_dim) +
-         (dropout ? " with dropout" : "") + " on sm_" + std::to_string(sm));
+         (dropout ? " with dropout" : "") + (short_seq ? " (short)" : "") + " on sm_" + std::to_string(sm));
   if (int err = load_modules())
     throw std::runtime_error(std::string("cutegrad._C: loading the attention_fwd modules failed: ") +
                              cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -182,7 +183,8 @@ void add_functions(nb::module_& m) {
         nb::arg("batch"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("head_dim"),
         nb::arg("q_strides"), nb::arg("k_strides"), nb::arg("v_strides"), nb::arg("dtype"), nb::arg("scale"),
         nb::arg("causal"), nb::arg("dropout_p") = 0.0, nb::arg("rng_seed") = 0, nb::arg("rng_seed_ptr") = 0,
-        nb::arg("rng_offset") = 0, nb::arg("rng_offset_ptr") = 0, nb::arg("stream") = 0,
+        nb::arg("rng_offset") = 0, nb::arg("rng_offset_ptr") = 0, nb::arg("short_seq") = false,
+        nb::arg("stream") = 0,
         "Fused attention forward on raw device pointers; see docs/attention.md. Returns the kernel's name.");
   m.def("attention_fwd_specializations", &attention_fwd_specializations,
         "The AOT CuTeDSL attention forward specializations built into this module.");

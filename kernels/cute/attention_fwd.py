@@ -43,7 +43,7 @@ Design
   of kernels/cuda/random.cu and dropout_keep_mask in the NumPy model; O is
   scaled by 1 / (1 - p) in the epilogue.  Seed and offset come from arguments,
   or (graph capture) from the generator's device buffer plus an offset.
-* Short sequences (the ``short`` specializations, chosen by the binding for
+* Short sequences (the ``short`` specializations, chosen by the backend for
   Sq <= 64 and Sk <= BLOCK_N without dropout, where a 128-row tile would be at
   least half padding): each consumer warpgroup takes its own work item, a
   64-row query tile of some (batch, head), so one CTA serves two (batch, head)

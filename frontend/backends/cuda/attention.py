@@ -42,6 +42,20 @@ def sm90_caps(device):
 FLASH_CAPS[CUDA] = sm90_caps
 
 
+SHORT_MAX_SQ, SHORT_MAX_SK = 64, 128
+
+
+def kernel_variant(B, Sq, Sk, Hq, dropout_p):
+    """Which forward kernel runs: "short" (Sq <= 64, Sk <= 128, no dropout: each consumer
+    warpgroup takes a 64-row tile of its own (batch, head) with that head's whole K/V, where a
+    128-row tile would be at least half padding), "dropout" or "long"."""
+    if dropout_p > 0.0:
+        return "dropout"
+    if Sq <= SHORT_MAX_SQ and Sk <= SHORT_MAX_SK and B * Hq <= (2 ** 31 - 1) // 2:
+        return "short"
+    return "long"
+
+
 def kernel_strides(t):
     """t's (B, S, H) strides for the kernel (a (B, S, H, D) view), the stride of an extent-1
     dim (any value, 0 after an expand) replaced by its contiguous one: TMA needs positive
@@ -70,5 +84,6 @@ def sdpa_flash(q, k, v, scale, is_causal, dropout_p, generator):
     _last[0] = _lib().attention_fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), B, Sq, Sk, Hq, Hkv, D,
                          kernel_strides(q), kernel_strides(k), kernel_strides(v),
                          _DTYPE_NAMES[q._dtype], float(scale), bool(is_causal), float(dropout_p),
-                         *((rng.seed, rng.seed_ptr, rng.offset, rng.offset_ptr) if rng else (0, 0, 0, 0)), stream)
+                         *((rng.seed, rng.seed_ptr, rng.offset, rng.offset_ptr) if rng else (0, 0, 0, 0)),
+                         kernel_variant(B, Sq, Sk, Hq, dropout_p) == "short", stream)
     return out, lse, rng
