@@ -28,11 +28,10 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         hs = C // self.n_heads
-        # One copy to (3, B, heads, T, hs) makes q, k and v batched-contiguous, so the
-        # attention GEMMs read them in place; per-head views of the fused projection
-        # have no single batch stride and would each be copied before every GEMM.
-        qkv = self.qkv(x).reshape(B, T, 3, self.n_heads, hs).permute(2, 0, 3, 1, 4).contiguous()
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        # q, k and v are (B, heads, T, hs) views of the projection's (B, T, 3, heads, hs)
+        # output: the fused attention kernel reads them in place and writes y as
+        # (B, T, heads, hs), so the transpose + reshape below is free too.
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.n_heads, hs).transpose(1, 3).unbind(2)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=self.causal)
         y = y.transpose(1, 2).reshape(B, T, C)

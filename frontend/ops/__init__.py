@@ -21,7 +21,8 @@ from .indexing import (getitem, setitem, gather, scatter_add, index_select, inde
 from .linalg import matmul, mm, bmm, linear, outer
 from .sorting import sort, argsort, topk, cumsum
 from .nn import (softmax, log_softmax, cross_entropy, nll_loss, mse_loss, layer_norm, rms_norm, embedding, dropout,
-                 scaled_dot_product_attention, tril, triu)
+                 tril, triu)
+from .attention import scaled_dot_product_attention
 from .einsum import einsum
 from .unique import unique
 from .predicates import is_tensor

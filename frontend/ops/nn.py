@@ -1,5 +1,5 @@
 """Neural-network ops: softmax family, losses, normalisation, embedding,
-dropout, attention. Forwards go to kernels (fused on the GPU); backwards are
+dropout (attention is ops/attention.py). Forwards go to kernels (fused on the GPU); backwards are
 written in ops, so they run on every backend and differentiate again.
 """
 import math
@@ -9,8 +9,7 @@ from ..dispatch import kernel
 from ..tensor import Tensor, numel_of
 from ..autograd import grad_mode
 from ..autograd.engine import Node, attach
-from ..autocast import gate as _AC, fp32 as _ac_fp32, lower as _ac_lower, wants_fp32 as _ac_wants_fp32, \
-    call_excluded as _ac_call_excluded
+from ..autocast import gate as _AC, fp32 as _ac_fp32, wants_fp32 as _ac_wants_fp32
 from . import pointwise as P
 from . import reduction as R
 from . import shape as S
@@ -450,54 +449,6 @@ def dropout(input, p=0.5, training=True, generator=None):
     return P.mul(x, mask)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 generator=None):
-    """softmax(q k^T * scale + mask) v over the last two dims."""
-    if _AC.armed and isinstance(query, Tensor):
-        # a lower-precision op: cast once, then run the whole body (its
-        # softmax included) in that dtype, as torch's autocast does
-        query, key, value, attn_mask = _ac_lower(query, key, value, attn_mask)
-        return _ac_call_excluded(query, _sdpa, query, key, value, attn_mask, dropout_p, is_causal, scale, generator)
-    return _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, generator)
-
-
-def _sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, generator):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _float_input(t, "scaled_dot_product_attention")
-        if len(t._shape) < 2:
-            raise RuntimeError(f"scaled_dot_product_attention: {name} must be at least 2-D, got {list(t._shape)}")
-    if query._shape[-1] != key._shape[-1]:
-        raise RuntimeError(f"scaled_dot_product_attention: query and key head dims differ: {query._shape[-1]} vs "
-                           f"{key._shape[-1]}")
-    if key._shape[-2] != value._shape[-2]:
-        raise RuntimeError(f"scaled_dot_product_attention: key and value sequence lengths differ: "
-                           f"{key._shape[-2]} vs {value._shape[-2]}")
-    if is_causal and attn_mask is not None:
-        raise RuntimeError("scaled_dot_product_attention: explicit attn_mask should not be set when is_causal=True")
-    L, Sk = query._shape[-2], key._shape[-2]
-    s = scale if scale is not None else 1.0 / math.sqrt(query._shape[-1])
-    # scale q rather than the (L, Sk) scores: the same math on a tensor Sk/hs times smaller
-    scores = matmul(P.mul(query, s), S.transpose(key, -2, -1))
-    fused_causal = is_causal and not getattr(_K_SOFTMAX_CAUSAL[scores._storage.device.backend], "missing", False)
-    if fused_causal:
-        attn = _softmax_causal(scores)
-    elif is_causal:
-        from .creation import ones
-        causal = _tril(ones((L, Sk), dtype=dt.bool_, device=query._storage.device))
-        scores = P.masked_fill(scores, P.logical_not(causal), float("-inf"))
-    elif attn_mask is not None:
-        if attn_mask._dtype is dt.bool_:
-            scores = P.masked_fill(scores, P.logical_not(attn_mask), float("-inf")) \
-                if _broadcasts_into(attn_mask._shape, scores._shape) else _bad_mask(attn_mask, scores)
-        else:
-            scores = P.add(scores, attn_mask)
-    if not fused_causal:
-        attn = softmax(scores, -1)
-    if dropout_p > 0.0:
-        attn = dropout(attn, dropout_p, True, generator)
-    return matmul(attn, value)
-
-
 def _softmax_causal(scores):
     """softmax over the last dim with the top-left aligned causal mask of (L, Sk) applied in the kernel;
     its gradient is softmax's (the masked probabilities are exactly 0, so they pass no gradient)."""
@@ -508,19 +459,6 @@ def _softmax_causal(scores):
         node.save_with_output(out)
         attach(out, node, (scores,))
     return out
-
-
-def _broadcasts_into(mask_shape, shape):
-    from .broadcast import broadcast_shapes
-    try:
-        return broadcast_shapes(mask_shape, shape) == tuple(shape)
-    except RuntimeError:
-        return False
-
-
-def _bad_mask(mask, scores):
-    raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {list(mask._shape)} does not broadcast to "
-                       f"the attention scores' shape {list(scores._shape)}")
 
 
 def _tril(m):

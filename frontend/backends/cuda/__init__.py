@@ -33,6 +33,7 @@ from .softmax import softmax_causal, softmax_backward
 from .norms import layer_norm_backward, rms_norm_backward
 from .cross_entropy import cross_entropy_rows, cross_entropy_rows_backward
 from .optim import adamw_multi_tensor, sgd_multi_tensor, multi_tensor_scale, grad_norm_clip
+from . import attention  # noqa: F401  (registers sdpa_flash and the fused-attention device check)
 
 __all__ = ["set_poison_outputs", "softmax_causal", "softmax_backward", "layer_norm_backward", "rms_norm_backward",
            "cross_entropy_rows", "cross_entropy_rows_backward", "adamw_multi_tensor", "sgd_multi_tensor",
