@@ -21,7 +21,9 @@ cutegrad has the lower overhead).
 (cutegrad.cuda.dry_run: the real frontend, dispatch, CUDA backend and caching
 allocator, with every kernel call recorded instead of launched), so its figure
 is the host cost of issuing the op, from the Python call to the launch, with
-autograd recording where the row says so. The baseline is PyTorch on the CPU
+autograd recording where the row says so. Both sides are timed in the calling
+thread's CPU time (time.thread_time_ns), so time preempted by other processes
+on a shared machine does not count. The baseline is PyTorch on the CPU
 for the same op on one-element tensors in the same run: its dispatcher and
 autograd, with negligible arithmetic. The minigpt rows use the full minigpt
 preset on the dry device against PyTorch's twin of the model with every
@@ -51,28 +53,28 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
-def _batch_us(fn, batch, sync):
+def _batch_us(fn, batch, sync, clock=time.perf_counter_ns):
     sync()
-    t0 = time.perf_counter_ns()
+    t0 = clock()
     for _ in range(batch):
         fn()
-    elapsed = time.perf_counter_ns() - t0
+    elapsed = clock() - t0
     sync()
     return elapsed / batch / 1e3
 
 
-def paired_median_us(fns, repeats, batch, syncs=None):
+def paired_median_us(fns, repeats, batch, syncs=None, clock=time.perf_counter_ns):
     """(median, min) microseconds per call of each fn. Batches of the fns
     alternate, so load from other processes on a shared machine hits them
     alike; the minimum is the figure least disturbed by that load. syncs[i]
     waits for fns[i]'s device work, between batches."""
     syncs = syncs or [lambda: None] * len(fns)
     for fn, sync in zip(fns, syncs):  # warm-up: caches, lazy imports, allocator pools
-        _batch_us(fn, batch, sync)
+        _batch_us(fn, batch, sync, clock)
     samples = [[] for _ in fns]
     for _ in range(repeats):
         for fn, sync, out in zip(fns, syncs, samples):
-            out.append(_batch_us(fn, batch, sync))
+            out.append(_batch_us(fn, batch, sync, clock))
     return [(statistics.median(s), min(s)) for s in samples]
 
 
@@ -220,7 +222,9 @@ def run_dry(args, cutegrad, torch):
             launches = sum(dry.launches().values())
             allocs = _fast_path_share(dry.allocator(), fn)
             syncs = [dry.reset, lambda: None]
-            (us, us_min), (base, base_min) = paired_median_us([fn, tfn], args.repeats, batch, syncs)
+            # CPU time of this thread: on a shared machine, time spent preempted is not the op's cost
+            (us, us_min), (base, base_min) = paired_median_us([fn, tfn], args.repeats, batch, syncs,
+                                                              time.thread_time_ns)
             row = {"name": name, "unit": "us/op (host, median)", "cutegrad": round(us, 2), "baseline": round(base, 2),
                    "baseline_name": "PyTorch CPU eager, one-element tensors", "ratio": round(base / us, 4),
                    "cutegrad_min": round(us_min, 2), "baseline_min": round(base_min, 2), "launches": launches,
@@ -238,7 +242,8 @@ def run_dry(args, cutegrad, torch):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m bench.overhead " + " ".join(sys.argv[1:]),
         "threads": {"torch": torch.get_num_threads(), "cpus": os.cpu_count()},
-        "note": (f"host time per op: median and minimum over {args.repeats} batches of back-to-back calls "
+        "note": (f"host CPU time per op (the calling thread's, time.thread_time_ns): median and minimum over "
+                 f"{args.repeats} batches of back-to-back calls "
                  f"({args.batch} per batch, {max(1, args.batch // 100)} for the AdamW and minigpt rows), "
                  "cutegrad's and PyTorch's batches alternating, on a shared, loaded machine; launches: kernel "
                  "calls and driver memsets/copies one call queues; allocator_fast_path: share of the call's "

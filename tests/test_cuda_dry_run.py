@@ -119,3 +119,36 @@ def test_two_devices(rng):
         assert y.device == cutegrad.device("cuda:1")
         assert dry.allocator(1).memory_stats()["allocated_bytes.all.current"] == 1024
         assert dry.allocator(0).memory_stats()["allocated_bytes.all.current"] == 0
+
+
+def test_training_step_allocations_take_the_fast_path(dry_cuda):
+    """Once a step repeats, its allocations are exact-size hits of the allocator's fast path."""
+    from cutegrad.models import build_model
+    from cutegrad.models.presets import PRESETS
+    from cutegrad.train import build_optimizer, loss_fn
+    preset = PRESETS["minigpt"]  # the full size: the CPU preset's step is too small to fragment
+    model = build_model(preset.model).to("cuda")
+    opt = build_optimizer(model, preset.optimizer)
+    shape = (preset.batch_size, preset.model.block_size)
+    idx = cutegrad.randint(0, preset.model.vocab_size, shape, device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with cutegrad.autocast("cuda", dtype=cutegrad.bfloat16):
+            loss = loss_fn(model, idx, idx)
+        loss.backward()
+        cutegrad.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    alloc = dry_cuda.allocator()
+    for _ in range(12):
+        step()
+    general = alloc._malloc_general
+    misses = []
+    alloc._malloc_general = lambda nbytes, stream: misses.append(nbytes) or general(nbytes, stream)
+    before = alloc._n_alloc_total
+    step()
+    total = alloc._n_alloc_total - before
+    assert total > 300
+    assert len(misses) <= 0.05 * total
+    alloc.check_invariants()
