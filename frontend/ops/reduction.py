@@ -45,6 +45,9 @@ def _unsqueeze_to(g, in_shape, dims, keepdim):
 class SumBackward(Node):
     __slots__ = ("in_shape", "dims", "keepdim", "scale")
 
+    def __init__(self, in_shape, dims, keepdim, scale):
+        self.in_shape, self.dims, self.keepdim, self.scale = in_shape, dims, keepdim, scale
+
     def backward(self, g):
         from .shape import expand
         from .pointwise import mul
@@ -66,11 +69,7 @@ def sum(input, dim=None, keepdim=False, dtype=None):
         raise TypeError(f"sum(): argument 'input' must be Tensor, not {type(x).__name__}")
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.SUM, x, dims, keepdim, _sum_dtype(x, dtype))
-    if _state.enabled and x._requires_grad:
-        node = SumBackward()
-        node.in_shape, node.dims, node.keepdim, node.scale = x._shape, dims, keepdim, 1
-        attach(out, node, (x,))
-    return out
+    return SumBackward.record(out, (x,), (), x._shape, dims, keepdim, 1)
 
 
 def mean(input, dim=None, keepdim=False, dtype=None):
@@ -81,13 +80,10 @@ def mean(input, dim=None, keepdim=False, dtype=None):
                            f"complex dtype. Got: {x._dtype}")
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.MEAN, x, dims, keepdim, out_dt)
-    if _state.enabled and x._requires_grad:
-        n = numel_of([x._shape[d] for d in dims])
-        node = SumBackward()
-        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
-        node.scale = 1.0 / n if n else float("nan")
-        attach(out, node, (x,))
-    return out
+    if not x._requires_grad:
+        return out
+    n = numel_of([x._shape[d] for d in dims])
+    return SumBackward.record(out, (x,), (), x._shape, dims, keepdim, 1.0 / n if n else float("nan"))
 
 
 class MaxBackward(Node):

@@ -5,7 +5,7 @@ pointers of views, broadcast strides, and the generic copy kernel used for casts
 from ... import dtypes as dt
 from ...cuda import driver as _driver, streams as _streams, tensors as _cuda_tensors
 from ...device import CUDA
-from ...tensor import Tensor, contiguous_strides, make
+from ...tensor import _STRIDES, Tensor, contiguous_strides, make
 
 
 # compute types and kernel families of kernels/cuda/ops_args.h
@@ -81,7 +81,7 @@ def _empty(shape, dtype, dev, stream):
     block = alloc.malloc(nbytes, stream)
     if _poison and nbytes:
         _driver.call("cuMemsetD8Async", block.ptr, 0xFF, nbytes, _driver.driver().CUstream(stream))
-    return make(_DeviceStorage(block, alloc, dev), shape, contiguous_strides(shape), 0, dtype)
+    return make(_DeviceStorage(block, alloc, dev), shape, _STRIDES.get(shape) or contiguous_strides(shape), 0, dtype)
 
 
 def _ptr(t):
