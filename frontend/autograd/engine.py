@@ -14,24 +14,23 @@ mismatch at backward time means an in-place op clobbered them.
 An op records its node with one call next to its kernel call, and the node's
 class (the op's gradient) sits beside the op:
 
-    class ClampBackward(Node):
-        __slots__ = ("lo", "hi")
+    class ScaleBackward(Node):
+        __slots__ = ("factor",)
 
-        def __init__(self, lo, hi):
-            self.lo, self.hi = lo, hi
+        def __init__(self, factor):
+            self.factor = factor
 
         def backward(self, g):
-            (x,) = self.saved_tensors
-            ...
+            return (mul(g, self.factor),)
 
-    def clamp(x, lo, hi):
-        return ClampBackward.record(kernel(x, lo, hi), (x,), (x,), lo, hi)
+    def scale(x, factor):
+        return ScaleBackward.record(kernel(x, factor), (x,), (), factor)
 
 `Node.record(out, inputs, saved, *state)` does nothing but return `out` unless
 grad mode is on and an input requires grad; then it builds one node
-(`cls(*state)`), saves `saved` with their versions and attaches the node to
-`out`. `record_saving_output` also saves `out` itself (after `saved`). The
-older spelling -- build the node, `save`, `attach` -- keeps working.
+(`cls(*state)`), saves `saved` with their versions (and `out` itself, last,
+with `save_output=True`) and attaches the node to `out`. The older spelling --
+build the node, `save`, `attach` -- keeps working.
 """
 import weakref
 
@@ -51,11 +50,12 @@ class Node:
         raise NotImplementedError
 
     @classmethod
-    def record(cls, out, inputs, saved=(), *state):
+    def record(cls, out, inputs, saved=(), *state, save_output=False):
         """`out` as the result of an op on `inputs` (Tensors or None) whose gradient this class computes.
 
-        Records a `cls(*state)` node saving `saved` when grad mode is on and an
-        input requires grad; returns `out` either way.
+        Records a `cls(*state)` node saving `saved` (and `out` after them with
+        save_output, without a reference cycle: see save_with_output) when grad
+        mode is on and an input requires grad; returns `out` either way.
         """
         if not _grad_state.enabled:
             return out
@@ -66,22 +66,10 @@ class Node:
             return out
         node = cls(*state)
         node._pre_hooks = None
-        node._saved = tuple([(t, t._storage.version, False) if t is not None else None for t in saved])
-        return attach(out, node, inputs)
-
-    @classmethod
-    def record_saving_output(cls, out, inputs, saved=(), *state):
-        """Node.record that also saves `out` itself, last (without a reference cycle: see save_with_output)."""
-        if not _grad_state.enabled:
-            return out
-        for t in inputs:
-            if t is not None and t._requires_grad:
-                break
+        if save_output:
+            node.save_with_output(out, *saved)
         else:
-            return out
-        node = cls(*state)
-        node._pre_hooks = None
-        node.save_with_output(out, *saved)
+            node._saved = tuple([(t, t._storage.version, False) if t is not None else None for t in saved])
         return attach(out, node, inputs)
 
     def name(self):

@@ -438,7 +438,7 @@ def _unary(code, x, name):
     if not x._requires_grad or code in _NO_GRAD:
         return out
     if code in _SAVE_OUT:
-        return _UnaryNode.record_saving_output(out, (x,), (x,), code)
+        return _UnaryNode.record(out, (x,), (x,), code, save_output=True)
     return _UnaryNode.record(out, (x,), (x,), code)
 
 
