@@ -5,13 +5,14 @@ pointers of views, broadcast strides, and the generic copy kernel used for casts
 from ... import dtypes as dt
 from ...cuda import driver as _driver, streams as _streams, tensors as _cuda_tensors
 from ...device import CUDA
+from ...ops import codes as _codes
 from ...tensor import _STRIDES, Tensor, contiguous_strides, make
 
 
 # compute types and kernel families of kernels/cuda/ops_args.h
 _F32, _F64, _I64 = 0, 1, 2
 _UNARY, _BINARY, _WHERE, _CLAMP, _ACT, _COPY, _ARANGE = range(7)
-_VAR, _LOGSUMEXP = 300, 301
+_VAR, _LOGSUMEXP = _codes.VAR, _codes.LOGSUMEXP
 _ABSENT, _SCALAR = -1, -2
 _UNIFORM, _NORMAL, _RANDINT, _BERNOULLI = range(4)
 
