@@ -25,7 +25,7 @@ autograd recording where the row says so. Both sides are timed in the calling
 thread's CPU time (time.thread_time_ns), so time preempted by other processes
 on a shared machine does not count. The baseline is PyTorch on the CPU
 for the same op on one-element tensors in the same run: its dispatcher and
-autograd, with negligible arithmetic. The minigpt rows use the full minigpt
+autograd, with negligible arithmetic, on one intra-op thread. The minigpt rows use the full minigpt
 preset on the dry device against PyTorch's twin of the model with every
 dimension 1 (same layers, heads and ops). `--compare-to FILE` adds each row's
 figures from an earlier results file as `cutegrad_before`/`cutegrad_min_before`.
@@ -202,6 +202,9 @@ def run_dry(args, cutegrad, torch):
     if torch is None:
         raise SystemExit("bench.overhead --device cuda-dry compares with PyTorch on the CPU: torch is not installed")
     torch.manual_seed(0)
+    # One-element ops need no intra-op threads, and a second thread's spin-waits would count in
+    # the calling thread's CPU time on a loaded machine: PyTorch runs single-threaded here.
+    torch.set_num_threads(1)
     before = {}
     if args.compare_to:
         with open(args.compare_to) as f:

@@ -33,6 +33,27 @@ def _reshaped(out, x):
     return ReshapeBackward.record(out, (x,), (), x._shape)
 
 
+_VIEW_GEOMETRY = {}  # (shape request, old shape, old strides) -> (new shape, strides or None); a model repeats few
+
+
+def _reshape_geometry(x, shape, opname):
+    """(new shape, view strides or None) of x reshaped to the requested `shape` (as view/reshape got it).
+
+    Both are pure functions of the request and x's shape and strides: remembered
+    per combination, so a model's repeated reshapes cost one dict lookup.
+    """
+    sizes = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    # only plain ints as keys: a 0-dim tensor in the request could change value in place
+    key = (tuple(sizes), x._shape, x._strides) if all(s.__class__ is int for s in sizes) else None
+    hit = _VIEW_GEOMETRY.get(key) if key is not None else None
+    if hit is None:
+        new = _infer_shape(shape, numel_of(x._shape), opname)
+        hit = (new, _view_strides(x._shape, x._strides, new))
+        if key is not None and len(_VIEW_GEOMETRY) < 4096:
+            _VIEW_GEOMETRY[key] = hit
+    return hit
+
+
 def _infer_shape(shape, numel, opname):
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
@@ -83,8 +104,7 @@ def _view_strides(old_shape, old_strides, new_shape):
 
 
 def view(x, *shape):
-    shape = _infer_shape(shape, numel_of(x._shape), "view")
-    strides = _view_strides(x._shape, x._strides, shape)
+    shape, strides = _reshape_geometry(x, shape, "view")
     if strides is None:
         raise RuntimeError("view size is not compatible with input tensor's size and stride (at least one dimension "
                            "spans across two contiguous subspaces). Use .reshape(...) instead.")
@@ -92,10 +112,9 @@ def view(x, *shape):
 
 
 def reshape(x, *shape):
-    shape = _infer_shape(shape, numel_of(x._shape), "reshape")
+    shape, strides = _reshape_geometry(x, shape, "reshape")
     if shape == x._shape:
         return x
-    strides = _view_strides(x._shape, x._strides, shape)
     if strides is not None:
         return _reshaped(_view(x, shape, strides, x._offset), x)
     from .conversion import contiguous
