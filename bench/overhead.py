@@ -223,11 +223,11 @@ def run_dry(args, cutegrad, torch):
             dry.reset()
             fn()
             launches = sum(dry.launches().values())
-            allocs = _fast_path_share(dry.allocator(), fn)
             syncs = [dry.reset, lambda: None]
             # CPU time of this thread: on a shared machine, time spent preempted is not the op's cost
             (us, us_min), (base, base_min) = paired_median_us([fn, tfn], args.repeats, batch, syncs,
                                                               time.thread_time_ns)
+            allocs = _fast_path_share(dry.allocator(), fn)  # after the timed calls: the steady state
             row = {"name": name, "unit": "us/op (host, median)", "cutegrad": round(us, 2), "baseline": round(base, 2),
                    "baseline_name": "PyTorch CPU eager, one-element tensors", "ratio": round(base / us, 4),
                    "cutegrad_min": round(us_min, 2), "baseline_min": round(base_min, 2), "launches": launches,
@@ -249,10 +249,12 @@ def run_dry(args, cutegrad, torch):
                  f"{args.repeats} batches of back-to-back calls "
                  f"({args.batch} per batch, {max(1, args.batch // 100)} for the AdamW and minigpt rows), "
                  "cutegrad's and PyTorch's batches alternating, on a shared, loaded machine; launches: kernel "
-                 "calls and driver memsets/copies one call queues; allocator_fast_path: share of the call's "
-                 "allocations served by the allocator's exact-size fast path"),
+                 "calls and driver memsets/copies one call queues; allocator_fast_path: share of one call's "
+                 "allocations served by the allocator's exact-size fast path, after the timed calls"),
         "rows": rows,
     }
+    if args.compare_to:
+        result["before"] = args.before_label or args.compare_to
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "overhead-cuda-dry.json")
     with open(path, "w") as f:
@@ -293,6 +295,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--batch", type=int, default=400)
     parser.add_argument("--compare-to", default=None, help="earlier results file whose cutegrad figures to keep")
+    parser.add_argument("--before-label", default=None, help="what --compare-to measured (e.g. a commit), stored as 'before'")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
 
