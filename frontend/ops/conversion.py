@@ -3,14 +3,12 @@ from .. import dtypes as dt
 from ..device import device as _device
 from ..dispatch import kernel
 from ..tensor import Tensor
-from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import Node
 
 _K_CAST = kernel("cast").impl
 _K_CONTIG = kernel("contiguous").impl
 _K_COPY = kernel("copy_").impl
 _K_TO_DEVICE = kernel("to_device").impl
-_state = grad_mode.state
 
 
 class CastBackward(Node):

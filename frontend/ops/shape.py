@@ -7,7 +7,7 @@ import builtins
 from ..dispatch import kernel
 from ..tensor import Tensor, make, contiguous_strides, numel_of
 from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import Node
 
 _K_CAT = kernel("cat").impl
 _state = grad_mode.state
@@ -287,6 +287,10 @@ def squeeze(x, dim=None):
 class AsStridedBackward(Node):
     __slots__ = ("in_shape", "in_dtype", "shape", "strides", "offset")
 
+    def __init__(self, in_shape, in_dtype, shape, strides, offset):
+        self.in_shape, self.in_dtype = in_shape, in_dtype
+        self.shape, self.strides, self.offset = shape, strides, offset
+
     def backward(self, g):
         # Elements the view reaches more than once (overlapping windows) sum
         # their gradients: an index_add at each view element's flat position.
@@ -314,13 +318,8 @@ def as_strided(x, size, stride, storage_offset=0):
         if storage_offset < 0 or last >= numel_of(x._shape):
             raise RuntimeError(f"as_strided: size {list(size)} stride {list(stride)} offset {storage_offset} is out "
                                f"of bounds for a tensor of {numel_of(x._shape)} elements")
-    out = _view(x, size, stride, x._offset + storage_offset)
-    if _state.enabled and x._requires_grad:
-        node = AsStridedBackward()
-        node.in_shape, node.in_dtype = x._shape, x._dtype
-        node.shape, node.strides, node.offset = size, stride, storage_offset
-        attach(out, node, (x,))
-    return out
+    return AsStridedBackward.record(_view(x, size, stride, x._offset + storage_offset), (x,), (), x._shape, x._dtype,
+                                    size, stride, storage_offset)
 
 
 # --- basic indexing (views) ------------------------------------------------------
@@ -372,12 +371,18 @@ def basic_index_meta(x, key):
 class BasicIndexBackward(Node):
     __slots__ = ("in_shape", "in_dtype", "key")
 
+    def __init__(self, in_shape, in_dtype, key):
+        self.in_shape, self.in_dtype, self.key = in_shape, in_dtype, key
+
     def backward(self, g):
         return (index_backward_basic(g, self.in_shape, self.in_dtype, self.key),)
 
 
 class IndexBackwardBasicNode(Node):
     __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
 
     def backward(self, gg):
         return (basic_index(gg, self.key),)
@@ -391,21 +396,12 @@ def index_backward_basic(g, in_shape, in_dtype, key):
     region = _view(gz, shape, strides, offset)
     with grad_mode.no_grad():
         kernel("copy_").impl[g._storage.device.backend](region, g)
-    if _state.enabled and g._requires_grad:
-        node = IndexBackwardBasicNode()
-        node.key = key
-        attach(gz, node, (g,))
-    return gz
+    return IndexBackwardBasicNode.record(gz, (g,), (), key)
 
 
 def basic_index(x, key):
     shape, strides, offset = basic_index_meta(x, key)
-    out = _view(x, shape, strides, offset)
-    if _state.enabled and x._requires_grad:
-        node = BasicIndexBackward()
-        node.in_shape, node.in_dtype, node.key = x._shape, x._dtype, key
-        attach(out, node, (x,))
-    return out
+    return BasicIndexBackward.record(_view(x, shape, strides, offset), (x,), (), x._shape, x._dtype, key)
 
 
 def narrow(x, dim, start, length):
@@ -459,6 +455,11 @@ def unbind(x, dim=0):
 class CatBackward(Node):
     __slots__ = ("dim", "sizes", "metas")
 
+    def __init__(self, dim, parts):
+        self.dim = dim
+        self.sizes = [t_._shape[dim] for t_ in parts]
+        self.metas = [(t_._shape, t_._dtype) for t_ in parts]
+
     def backward(self, g):
         from .conversion import to_dtype
         out, start = [], 0
@@ -491,14 +492,7 @@ def cat(tensors, dim=0):
             raise RuntimeError(f"Sizes of tensors must match except in dimension {d}. Expected size "
                                f"{list(ref._shape)} but got size {list(t_._shape)} for a tensor in the list.")
         out_dt = dt.promote_types(out_dt, t_._dtype)
-    out = _K_CAT[dev.backend](parts, d, out_dt)
-    if _state.enabled and any(t_._requires_grad for t_ in parts):
-        node = CatBackward()
-        node.dim = d
-        node.sizes = [t_._shape[d] for t_ in parts]
-        node.metas = [(t_._shape, t_._dtype) for t_ in parts]
-        attach(out, node, parts)
-    return out
+    return CatBackward.record(_K_CAT[dev.backend](parts, d, out_dt), parts, (), d, parts)
 
 
 def stack(tensors, dim=0):
