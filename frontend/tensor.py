@@ -247,7 +247,7 @@ class Tensor:
             if g._dtype is not self._dtype:
                 raise RuntimeError(f"assigned grad has data of a different type: grad {g._dtype}, tensor "
                                    f"{self._dtype}")
-            if g._storage.device != self._storage.device:
+            if g._storage.device is not self._storage.device and g._storage.device != self._storage.device:
                 raise RuntimeError(f"assigned grad has data located on a different device: grad {g.device}, "
                                    f"tensor {self.device}")
         self._grad = g

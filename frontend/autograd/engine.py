@@ -77,15 +77,15 @@ class Node:
 
     def save(self, *tensors):
         """Save inputs for backward (with their versions)."""
-        self._saved = tuple((t, t._storage.version, False) if t is not None else None for t in tensors)
+        self._saved = tuple([(t, t._storage.version, False) if t is not None else None for t in tensors])
 
     def save_with_output(self, out, *tensors):
         """Save inputs plus this node's own output, stored without a reference
         back to the node so no cycle keeps memory alive."""
         from ..tensor import make
         alias = make(out._storage, out._shape, out._strides, out._offset, out._dtype)
-        self._saved = tuple((t, t._storage.version, False) if t is not None else None for t in tensors) + \
-            ((alias, out._storage.version, True),)
+        self._saved = tuple([(t, t._storage.version, False) if t is not None else None for t in tensors] +
+                            [(alias, out._storage.version, True)])
 
     @property
     def saved_tensors(self):
