@@ -6,14 +6,13 @@ from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor, numel_of
 from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import Node
 from . import codes as C
 
 _K_REDUCE = kernel("reduce").impl
 _K_ARG = kernel("argreduce").impl
 _K_VAR = kernel("var").impl
 _K_LSE = kernel("logsumexp").impl
-_state = grad_mode.state
 
 values_indices = namedtuple("values_indices", ["values", "indices"])
 
@@ -249,8 +248,12 @@ def _prod_dims(x, dims):
     return x
 
 
-class VarBackward(Node):
-    __slots__ = ("in_shape", "dims", "keepdim", "correction")
+class VarBackward(_ReducedBackward):
+    __slots__ = ("correction",)
+
+    def __init__(self, in_shape, dims, keepdim, correction):
+        _ReducedBackward.__init__(self, in_shape, dims, keepdim)
+        self.correction = correction
 
     def backward(self, g):
         from .pointwise import mul, sub
@@ -275,12 +278,7 @@ def var(input, dim=None, unbiased=None, keepdim=False, correction=None):
     dims = _dims(x, dim)
     corr = _correction(unbiased, correction)
     out = _K_VAR[x._storage.device.backend](x, dims, corr, keepdim)
-    if _state.enabled and x._requires_grad:
-        node = VarBackward()
-        node.in_shape, node.dims, node.keepdim, node.correction = x._shape, dims, keepdim, corr
-        node.save(x)
-        attach(out, node, (x,))
-    return out
+    return VarBackward.record(out, (x,), (x,), x._shape, dims, keepdim, corr)
 
 
 def std(input, dim=None, unbiased=None, keepdim=False, correction=None):
@@ -319,8 +317,12 @@ def std_mean(input, dim=None, unbiased=None, keepdim=False, correction=None):
     return std(x, dim, unbiased, keepdim, correction), mean(x, dim, keepdim)
 
 
-class NormBackward(Node):
-    __slots__ = ("p", "in_shape", "dims", "keepdim")
+class NormBackward(_ReducedBackward):
+    __slots__ = ("p",)
+
+    def __init__(self, p, in_shape, dims, keepdim):
+        _ReducedBackward.__init__(self, in_shape, dims, keepdim)
+        self.p = p
 
     def backward(self, g):
         from .pointwise import mul, div, pow, abs, sign, where, eq
@@ -361,9 +363,4 @@ def norm(input, p="fro", dim=None, keepdim=False, dtype=None):
     dims = _dims(x, dim)
     with grad_mode.no_grad():
         out = pow(sum(pow(abs(x), p), dims, keepdim), 1.0 / p)
-    if _state.enabled and x._requires_grad:
-        node = NormBackward()
-        node.p, node.in_shape, node.dims, node.keepdim = p, x._shape, dims, keepdim
-        node.save_with_output(out, x)
-        attach(out, node, (x,))
-    return out
+    return NormBackward.record(out, (x,), (x,), p, x._shape, dims, keepdim, save_output=True)
