@@ -91,12 +91,53 @@ def cases(mod, F, device="cpu"):
     m1, m2 = t(64, 64), t(64, 64)
     x, w, bias = t(32, 64), t(64), t(64)
     ga, gb = t(32, 32, grad=True), t(32, 32, grad=True)
-    return [
+    rows = [
         ("add 32x32 fp32", lambda: a + b),
         ("matmul 64x64 fp32", lambda: m1 @ m2),
         ("layer_norm 32x64 fp32", lambda: F.layer_norm(x, (64,), w, bias)),
         ("add 32x32 fp32, recording autograd", lambda: ga + gb),
     ]
+    if device == "cuda":  # what the GPU run adds: the tensor-core GEMM's host cost and a whole eager step's
+        rows += _gpu_cases(mod, F, t, device)
+    return rows
+
+
+def _gpu_cases(mod, F, t, device):
+    """bf16 GEMM, bf16 linear+bias with grad, and the minigpt preset's forward+backward under bf16 autocast."""
+    from cutegrad.models.presets import PRESETS
+    bf16 = mod.bfloat16
+    ma, mb = t(64, 256).to(bf16), t(256, 256).to(bf16)
+    x = t(64, 256).to(bf16)
+    w, bias = t(256, 256).to(bf16).requires_grad_(), t(256).to(bf16).requires_grad_()
+    preset = PRESETS["minigpt"]
+    if mod.__name__ == "torch":
+        from bench.torch_models import TorchGPT
+        with mod.device(device):
+            model = TorchGPT(preset.model)
+        loss_of = _torch_loss
+    else:
+        from cutegrad.models import build_model
+        from cutegrad.train import loss_fn as loss_of
+        model = build_model(preset.model).to(device)
+    shape = (preset.batch_size, preset.model.block_size)
+    idx = mod.randint(0, preset.model.vocab_size, shape, device=device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with mod.autocast("cuda", dtype=bf16):
+            loss = loss_of(model, idx, idx)
+        loss.backward()
+
+    return [
+        ("matmul 64x256 @ 256x256 bf16", lambda: ma @ mb),
+        ("linear+bias 64x256 -> 256 bf16, recording autograd", lambda: F.linear(x, w, bias)),
+        ("minigpt step forward+backward (batch 64, seq 128, bf16 autocast)", step),
+    ]
+
+
+def _torch_loss(model, inputs, targets):
+    from bench.torch_models import torch_loss
+    return torch_loss(model, inputs, targets)
 
 
 def dry_cases(cg):
