@@ -258,8 +258,7 @@ def run_dry(args, cutegrad, torch):
         theirs = torch_one_element_cases(torch)
         for (name, fn), tfn in zip(ours, theirs):
             # the minigpt step is ~1000 ops: fewer calls per batch keep the two sides' batches short
-            big = name.startswith(("minigpt", "AdamW"))
-            batch = max(1, args.batch // 100) if big else args.batch
+            batch = _batch_for(name, args)
             fn()
             dry.reset()
             fn()
@@ -302,6 +301,11 @@ def run_dry(args, cutegrad, torch):
         json.dump(result, f, indent=1)
         f.write("\n")
     print(f"wrote {path}")
+
+
+def _batch_for(name, args):
+    """Calls per timed batch: a whole step or optimizer update is ~1000 ops, so its batches are 100x shorter."""
+    return max(1, args.batch // 100) if name.startswith(("minigpt", "AdamW")) else args.batch
 
 
 def _fast_path_share(alloc, fn):
@@ -362,9 +366,9 @@ def main():
     print(f"{'op':<38} {'cutegrad us':>12} {'torch us':>10} {'ratio':>7}   (min over batches)")
     for (name, fn), (_, tfn) in zip(ours, theirs):
         if tfn is not None:
-            (us, us_min), (base, base_min) = paired_median_us([fn, tfn], args.repeats, args.batch, syncs)
+            (us, us_min), (base, base_min) = paired_median_us([fn, tfn], args.repeats, _batch_for(name, args), syncs)
         else:
-            ((us, us_min),), base, base_min = paired_median_us([fn], args.repeats, args.batch), None, None
+            ((us, us_min),), base, base_min = paired_median_us([fn], args.repeats, _batch_for(name, args)), None, None
         ratio = round(base / us, 4) if base else None
         rows.append({"name": name, "unit": "us/op (host, median)", "cutegrad": round(us, 2),
                      "baseline": round(base, 2) if base else None, "baseline_name": baseline_name,
