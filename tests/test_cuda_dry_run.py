@@ -152,3 +152,17 @@ def test_training_step_allocations_take_the_fast_path(dry_cuda):
     assert total > 300
     assert len(misses) <= 0.05 * total
     alloc.check_invariants()
+
+
+def test_fused_optimizer_step_and_clipping_are_one_call_each(dry_cuda):
+    params = [cutegrad.zeros(10, 3, device="cuda").requires_grad_() for _ in range(60)]
+    for p in params:
+        p.grad = cutegrad.zeros_like(p)
+    opt = cutegrad.optim.AdamW(params, lr=1e-3)
+    opt.step()  # the first step also creates the optimizer state
+    dry_cuda.reset()
+    opt.step()
+    cutegrad.nn.utils.clip_grad_norm_(params, 1.0)
+    assert dry_cuda.launches() == {"adamw": 1, "grad_norm": 1, "multi_tensor_scale": 1}
+    (name, args, _), = [c for c in dry_cuda.calls if c[0] == "adamw"]
+    assert len(args[0]) == 60  # one pointer per parameter in one call (the kernel chunks them)
