@@ -6,7 +6,7 @@ from ... import dtypes as dt
 from ...cuda import driver as _driver, streams as _streams, tensors as _cuda_tensors
 from ...device import CUDA
 from ...ops import codes as _codes
-from ...tensor import _STRIDES, Tensor, contiguous_strides, make
+from ...tensor import Tensor, contiguous_strides, make
 
 
 # compute types and kernel families of kernels/cuda/ops_args.h
@@ -82,7 +82,7 @@ def _empty(shape, dtype, dev, stream):
     block = alloc.malloc(nbytes, stream)
     if _poison and nbytes:
         _driver.call("cuMemsetD8Async", block.ptr, 0xFF, nbytes, _driver.driver().CUstream(stream))
-    return make(_DeviceStorage(block, alloc, dev), shape, _STRIDES.get(shape) or contiguous_strides(shape), 0, dtype)
+    return make(_DeviceStorage(block, alloc, dev), shape, contiguous_strides(shape), 0, dtype)
 
 
 def _ptr(t):
@@ -99,11 +99,14 @@ def _bstrides(t, shape):
         return t._strides
     st = t._strides
     key = (ts, st, shape)
-    out = _BSTRIDES.get(key)
+    try:
+        out = _BSTRIDES.get(key)
+    except TypeError:  # `shape` given as a list: not remembered
+        out = key = None
     if out is None:
         off = len(shape) - len(ts)
         out = tuple(0 if i < off or ts[i - off] == 1 else st[i - off] for i in range(len(shape)))
-        if len(_BSTRIDES) < 4096:
+        if key is not None and len(_BSTRIDES) < 4096:
             _BSTRIDES[key] = out
     return out
 
