@@ -46,6 +46,8 @@ def _check_number(x, opname):
 
 
 def _grad_to(g, t_shape, t_dtype):
+    if g._shape == t_shape and g._dtype is t_dtype:  # the common case, without sum_to's frame
+        return g
     g = sum_to(g, t_shape)
     if g._dtype is not t_dtype:
         from .conversion import to_dtype
