@@ -166,3 +166,81 @@ def test_fused_optimizer_step_and_clipping_are_one_call_each(dry_cuda):
     assert dry_cuda.launches() == {"adamw": 1, "grad_norm": 1, "multi_tensor_scale": 1}
     (name, args, _), = [c for c in dry_cuda.calls if c[0] == "adamw"]
     assert len(args[0]) == 60  # one pointer per parameter in one call (the kernel chunks them)
+
+
+F = cutegrad.nn.functional
+
+
+def _ops(dev):
+    """name -> zero-argument callable running one op on `dev` (the same inputs on every device)."""
+    g = np.random.default_rng(0)
+
+    def t(*s, dtype=cutegrad.float32, grad=False):
+        x = cutegrad.tensor(g.standard_normal(s).astype(np.float32), device=dev).to(dtype)
+        return x.requires_grad_() if grad else x
+
+    def grad_of(op, *shapes):
+        inputs = [t(*s, grad=True) for s in shapes]
+        op(*inputs).sum().backward()
+        return inputs[-1].grad
+
+    x, y = t(4, 6), t(4, 6)
+    i = cutegrad.tensor([0, 2, 1, 3], device=dev)
+    zeros_idx = cutegrad.zeros(4, 6, dtype=cutegrad.int64, device=dev)
+    return {
+        "exp": lambda: x.exp(),
+        "add_bcast": lambda: x + t(6),
+        "mul_scalar": lambda: x * 3,
+        "where": lambda: cutegrad.where(x > 0, x, y),
+        "clamp": lambda: x.clamp(-0.5, 0.5),
+        "gelu": lambda: F.gelu(x),
+        "sum": lambda: x.sum(1),
+        "mean_all": lambda: x.mean(),
+        "amax": lambda: x.amax(0),
+        "argmax": lambda: x.argmax(1),
+        "var": lambda: x.var(1),
+        "logsumexp": lambda: x.logsumexp(1),
+        "matmul": lambda: x @ t(6, 3),
+        "bmm": lambda: t(2, 4, 6) @ t(2, 6, 5),
+        "softmax": lambda: F.softmax(x, -1),
+        "log_softmax": lambda: F.log_softmax(x, 0),
+        "layer_norm": lambda: F.layer_norm(x, (6,), t(6), t(6)),
+        "rms_norm": lambda: F.rms_norm(x, (6,), t(6)),
+        "gather": lambda: x.gather(1, zeros_idx[:, :2]),
+        "index_select": lambda: x.index_select(0, i),
+        "index_add": lambda: x.index_add(0, i, y),
+        "scatter_add": lambda: x.scatter_add(1, zeros_idx, y),
+        "getitem": lambda: x[1:3, ::2],
+        "adv_index": lambda: x[i],
+        "sort": lambda: x.sort(1)[0],
+        "topk": lambda: x.topk(2, 1)[1],
+        "cumsum": lambda: x.cumsum(1),
+        "cat": lambda: cutegrad.cat([x, y], 0),
+        "one_hot": lambda: F.one_hot(i, 5),
+        "cast": lambda: x.to(cutegrad.bfloat16),
+        "contiguous": lambda: x.t().contiguous(),
+        "arange": lambda: cutegrad.arange(7, device=dev),
+        "full": lambda: cutegrad.full((3,), 2.0, device=dev),
+        "embedding": lambda: F.embedding(i, t(5, 3)),
+        "cross_entropy": lambda: F.cross_entropy(x, i),
+        "dropout": lambda: F.dropout(x, 0.5),
+        "sdpa": lambda: F.scaled_dot_product_attention(t(1, 2, 4, 8), t(1, 2, 4, 8), t(1, 2, 4, 8), is_causal=True),
+        "mul_backward": lambda: grad_of(lambda a: a * a, (3, 3)),
+        "layer_norm_backward": lambda: grad_of(lambda a, w: F.layer_norm(a, (4,), w), (2, 4), (4,)),
+    }
+
+
+_VIEWS = {"getitem"}
+
+
+@pytest.mark.parametrize("name", sorted(_ops("cpu")))
+def test_every_backend_kernel_runs_on_the_dry_device(name):
+    """Each op reaches the CUDA backend and _C without a GPU; shape and dtype match the CPU op's."""
+    expected = _ops("cpu")[name]()
+    with cutegrad.cuda.dry_run() as dry:
+        fn = _ops("cuda")[name]
+        dry.reset()
+        out = fn()
+        assert out.device == cutegrad.device("cuda")
+        assert (out.shape, out.dtype) == (expected.shape, expected.dtype)
+        assert (sum(dry.launches().values()) == 0) == (name in _VIEWS)
