@@ -32,6 +32,7 @@ from .tensors import record_stream  # importing tensors registers the CUDA stora
 from .memory import (memory_stats, memory_allocated, max_memory_allocated, memory_reserved, max_memory_reserved,
                      reset_peak_memory_stats)
 from .pinned_tensors import is_pinned, pin_memory  # binds Tensor.pin_memory / Tensor.is_pinned
+from .dry_run import dry_run
 
 
 def is_current_stream_capturing():
@@ -117,6 +118,7 @@ __all__ = [
     "get_device_capability", "initial_seed", "is_bf16_supported", "is_pinned", "manual_seed", "manual_seed_all",
     "max_memory_allocated", "max_memory_reserved", "memory_allocated", "memory_reserved", "memory_stats",
     "pin_memory", "reset_peak_memory_stats",
+    "dry_run",
 ]
 
 

@@ -7,8 +7,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor
-from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import Node
 from . import shape as S
 
 _K_GATHER = kernel("gather").impl
@@ -18,7 +17,6 @@ _K_INDEX_ADD = kernel("index_add").impl
 _K_INDEX = kernel("index").impl
 _K_ONE_HOT = kernel("one_hot").impl
 _K_NONZERO = kernel("nonzero").impl
-_state = grad_mode.state
 
 
 def _normalize_key(x, key):
@@ -85,6 +83,9 @@ def _check_bounds(x, key):
 class IndexBackward(Node):
     __slots__ = ("in_shape", "in_dtype", "key")
 
+    def __init__(self, in_shape, in_dtype, key):
+        self.in_shape, self.in_dtype, self.key = in_shape, in_dtype, key
+
     def backward(self, g):
         from .creation import zeros
         from .inplace import _index_put
@@ -95,12 +96,7 @@ class IndexBackward(Node):
 def index(x, key):
     """Advanced indexing (NumPy semantics)."""
     _check_bounds(x, key)
-    out = _K_INDEX[x._storage.device.backend](x, key)
-    if _state.enabled and x._requires_grad:
-        node = IndexBackward()
-        node.in_shape, node.in_dtype, node.key = x._shape, x._dtype, key
-        attach(out, node, (x,))
-    return out
+    return IndexBackward.record(_K_INDEX[x._storage.device.backend](x, key), (x,), (), x._shape, x._dtype, key)
 
 
 def getitem(x, key):
@@ -131,8 +127,16 @@ def setitem(x, key, value):
     write_(region, value, "setitem")
 
 
-class GatherBackward(Node):
+class _GatheredBackward(Node):
+    """Node of an op that read x's elements along `dim` at saved indices (gather, index_select)."""
     __slots__ = ("in_shape", "dim")
+
+    def __init__(self, in_shape, dim):
+        self.in_shape, self.dim = in_shape, dim
+
+
+class GatherBackward(_GatheredBackward):
+    __slots__ = ()
 
     def backward(self, g):
         from .creation import zeros
@@ -176,17 +180,19 @@ def gather(x, dim, index):
             raise RuntimeError(f"Size does not match at dimension {i} expected index {list(index._shape)} to be "
                                f"smaller than self {list(x._shape)} apart from dimension {d}")
     _check_index_bounds(x, index, x._shape[d], d, "gather")
-    out = _K_GATHER[x._storage.device.backend](x, d, index)
-    if _state.enabled and x._requires_grad:
-        node = GatherBackward()
-        node.in_shape, node.dim = x._shape, d
-        node.save(index)
-        attach(out, node, (x,))
-    return out
+    return GatherBackward.record(_K_GATHER[x._storage.device.backend](x, d, index), (x,), (index,), x._shape, d)
 
 
-class ScatterAddBackward(Node):
+class _AddedAtBackward(Node):
+    """Node of an op that added src into x along `dim` at saved indices (scatter_add, index_add)."""
     __slots__ = ("dim", "has_base", "has_src")
+
+    def __init__(self, dim, has_base, has_src):
+        self.dim, self.has_base, self.has_src = dim, has_base, has_src
+
+
+class ScatterAddBackward(_AddedAtBackward):
+    __slots__ = ()
 
     def backward(self, g):
         (idx,) = self.saved_tensors
@@ -214,16 +220,12 @@ def scatter_add(x, dim, index, src):
         src = S.basic_index(src, tuple(slice(0, n) for n in index._shape))
     _check_index_bounds(x, index, x._shape[d], d, "scatter_add")
     out = _K_SCATTER_ADD[x._storage.device.backend](x, d, index, src)
-    if _state.enabled and (x._requires_grad or src._requires_grad):
-        node = ScatterAddBackward()
-        node.dim, node.has_base, node.has_src = d, x._requires_grad, src._requires_grad
-        node.save(index)
-        attach(out, node, [t for t in (x, src) if t._requires_grad])
-    return out
+    return ScatterAddBackward.record(out, [t for t in (x, src) if t._requires_grad], (index,), d, x._requires_grad,
+                                     src._requires_grad)
 
 
-class IndexSelectBackward(Node):
-    __slots__ = ("in_shape", "dim")
+class IndexSelectBackward(_GatheredBackward):
+    __slots__ = ()
 
     def backward(self, g):
         from .creation import zeros
@@ -237,17 +239,12 @@ def index_select(x, dim, index):
         raise IndexError("index_select(): Index is supposed to be a vector")
     d = x._wrap_dim(dim)
     _check_index_bounds(x, index, x._shape[d], d, "index_select")
-    out = _K_INDEX_SELECT[x._storage.device.backend](x, d, index)
-    if _state.enabled and x._requires_grad:
-        node = IndexSelectBackward()
-        node.in_shape, node.dim = x._shape, d
-        node.save(index)
-        attach(out, node, (x,))
-    return out
+    return IndexSelectBackward.record(_K_INDEX_SELECT[x._storage.device.backend](x, d, index), (x,), (index,),
+                                      x._shape, d)
 
 
-class IndexAddBackward(Node):
-    __slots__ = ("dim", "has_base", "has_src")
+class IndexAddBackward(_AddedAtBackward):
+    __slots__ = ()
 
     def backward(self, g):
         (idx,) = self.saved_tensors
@@ -273,12 +270,8 @@ def index_add(x, dim, index, source, alpha=1):
                            f"{list(x._shape)} except in dimension {d}, where it must have the index's length {n}")
     _check_index_bounds(x, index, x._shape[d], d, "index_add")
     out = _K_INDEX_ADD[x._storage.device.backend](x, d, index, source)
-    if _state.enabled and (x._requires_grad or source._requires_grad):
-        node = IndexAddBackward()
-        node.dim, node.has_base, node.has_src = d, x._requires_grad, source._requires_grad
-        node.save(index)
-        attach(out, node, [t for t in (x, source) if t._requires_grad])
-    return out
+    return IndexAddBackward.record(out, [t for t in (x, source) if t._requires_grad], (index,), d, x._requires_grad,
+                                   source._requires_grad)
 
 
 def one_hot(tensor, num_classes=-1):

@@ -7,7 +7,7 @@ import builtins
 from ..dispatch import kernel
 from ..tensor import Tensor, make, contiguous_strides, numel_of
 from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import Node
 
 _K_CAT = kernel("cat").impl
 _state = grad_mode.state
@@ -18,23 +18,40 @@ def _view(x, shape, strides, offset):
                 x._base if x._base is not None else x)
 
 
-def _record(out, x, node):
-    if _state.enabled and x._requires_grad:
-        attach(out, node, (x,))
-    return out
-
-
 class ReshapeBackward(Node):
     __slots__ = ("in_shape",)
+
+    def __init__(self, in_shape):
+        self.in_shape = in_shape
 
     def backward(self, g):
         return (reshape(g, self.in_shape),)
 
 
-def _reshape_node(shape):
-    n = ReshapeBackward()
-    n.in_shape = shape
-    return n
+def _reshaped(out, x):
+    """out, a view of x with x's elements in another shape, recorded for autograd."""
+    return ReshapeBackward.record(out, (x,), (), x._shape)
+
+
+_VIEW_GEOMETRY = {}  # (shape request, old shape, old strides) -> (new shape, strides or None); a model repeats few
+
+
+def _reshape_geometry(x, shape, opname):
+    """(new shape, view strides or None) of x reshaped to the requested `shape` (as view/reshape got it).
+
+    Both are pure functions of the request and x's shape and strides: remembered
+    per combination, so a model's repeated reshapes cost one dict lookup.
+    """
+    sizes = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    # only plain ints as keys: a 0-dim tensor in the request could change value in place
+    key = (tuple(sizes), x._shape, x._strides) if all(s.__class__ is int for s in sizes) else None
+    hit = _VIEW_GEOMETRY.get(key) if key is not None else None
+    if hit is None:
+        new = _infer_shape(shape, numel_of(x._shape), opname)
+        hit = (new, _view_strides(x._shape, x._strides, new))
+        if key is not None and len(_VIEW_GEOMETRY) < 4096:
+            _VIEW_GEOMETRY[key] = hit
+    return hit
 
 
 def _infer_shape(shape, numel, opname):
@@ -87,24 +104,22 @@ def _view_strides(old_shape, old_strides, new_shape):
 
 
 def view(x, *shape):
-    shape = _infer_shape(shape, numel_of(x._shape), "view")
-    strides = _view_strides(x._shape, x._strides, shape)
+    shape, strides = _reshape_geometry(x, shape, "view")
     if strides is None:
         raise RuntimeError("view size is not compatible with input tensor's size and stride (at least one dimension "
                            "spans across two contiguous subspaces). Use .reshape(...) instead.")
-    return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+    return _reshaped(_view(x, shape, strides, x._offset), x)
 
 
 def reshape(x, *shape):
-    shape = _infer_shape(shape, numel_of(x._shape), "reshape")
+    shape, strides = _reshape_geometry(x, shape, "reshape")
     if shape == x._shape:
         return x
-    strides = _view_strides(x._shape, x._strides, shape)
     if strides is not None:
-        return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+        return _reshaped(_view(x, shape, strides, x._offset), x)
     from .conversion import contiguous
     c = contiguous(x)
-    return _record(_view(c, shape, contiguous_strides(shape), c._offset), c, _reshape_node(c._shape))
+    return _reshaped(_view(c, shape, contiguous_strides(shape), c._offset), c)
 
 
 def flatten(x, start_dim=0, end_dim=-1):
@@ -127,6 +142,9 @@ def unflatten(x, dim, sizes):
 class PermuteBackward(Node):
     __slots__ = ("inverse",)
 
+    def __init__(self, inverse):
+        self.inverse = inverse
+
     def backward(self, g):
         return (permute(g, self.inverse),)
 
@@ -143,14 +161,12 @@ def permute(x, *dims):
     if sorted(dims) != list(range(n)):
         raise RuntimeError(f"permute(): dims {list(dims)} are not a permutation of {n} dimensions")
     out = _view(x, [x._shape[d] for d in dims], [x._strides[d] for d in dims], x._offset)
-    if _state.enabled and x._requires_grad:
-        node = PermuteBackward()
-        inv = [0] * n
-        for i, d in enumerate(dims):
-            inv[d] = i
-        node.inverse = tuple(inv)
-        attach(out, node, (x,))
-    return out
+    if not (x._requires_grad and _state.enabled):
+        return out
+    inv = [0] * n
+    for i, d in enumerate(dims):
+        inv[d] = i
+    return PermuteBackward.record(out, (x,), (), tuple(inv))
 
 
 def transpose(x, dim0, dim1):
@@ -160,9 +176,15 @@ def transpose(x, dim0, dim1):
         x._wrap_dim(dim1)
         return x
     d0, d1 = x._wrap_dim(dim0), x._wrap_dim(dim1)
-    dims = list(range(n))
-    dims[d0], dims[d1] = dims[d1], dims[d0]
-    return permute(x, dims)
+    shape, strides = list(x._shape), list(x._strides)
+    shape[d0], shape[d1] = shape[d1], shape[d0]
+    strides[d0], strides[d1] = strides[d1], strides[d0]
+    out = _view(x, shape, strides, x._offset)
+    if not (x._requires_grad and _state.enabled):
+        return out
+    swap = list(range(n))  # a transposition is its own inverse
+    swap[d0], swap[d1] = d1, d0
+    return PermuteBackward.record(out, (x,), (), tuple(swap))
 
 
 def t(x):
@@ -185,6 +207,9 @@ def movedim(x, source, destination):
 
 class ExpandBackward(Node):
     __slots__ = ("in_shape",)
+
+    def __init__(self, in_shape):
+        self.in_shape = in_shape
 
     def backward(self, g):
         from .broadcast import sum_to
@@ -222,12 +247,7 @@ def expand(x, *shape):
     out_shape = tuple(out_shape)
     if out_shape == x._shape:
         return x
-    out = _view(x, out_shape, out_strides, x._offset)
-    if _state.enabled and x._requires_grad:
-        node = ExpandBackward()
-        node.in_shape = x._shape
-        attach(out, node, (x,))
-    return out
+    return ExpandBackward.record(_view(x, out_shape, out_strides, x._offset), (x,), (), x._shape)
 
 
 def expand_as(x, other):
@@ -248,7 +268,7 @@ def unsqueeze(x, dim):
     new_stride = strides[d] * shape[d] if d < len(shape) else 1
     shape.insert(d, 1)
     strides.insert(d, new_stride)
-    return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+    return _reshaped(_view(x, shape, strides, x._offset), x)
 
 
 def squeeze(x, dim=None):
@@ -261,12 +281,15 @@ def squeeze(x, dim=None):
     keep = [i for i in range(len(x._shape)) if not (i in dims and x._shape[i] == 1)]
     if len(keep) == len(x._shape):
         return x
-    return _record(_view(x, [x._shape[i] for i in keep], [x._strides[i] for i in keep], x._offset),
-                   x, _reshape_node(x._shape))
+    return _reshaped(_view(x, [x._shape[i] for i in keep], [x._strides[i] for i in keep], x._offset), x)
 
 
 class AsStridedBackward(Node):
     __slots__ = ("in_shape", "in_dtype", "shape", "strides", "offset")
+
+    def __init__(self, in_shape, in_dtype, shape, strides, offset):
+        self.in_shape, self.in_dtype = in_shape, in_dtype
+        self.shape, self.strides, self.offset = shape, strides, offset
 
     def backward(self, g):
         # Elements the view reaches more than once (overlapping windows) sum
@@ -295,13 +318,8 @@ def as_strided(x, size, stride, storage_offset=0):
         if storage_offset < 0 or last >= numel_of(x._shape):
             raise RuntimeError(f"as_strided: size {list(size)} stride {list(stride)} offset {storage_offset} is out "
                                f"of bounds for a tensor of {numel_of(x._shape)} elements")
-    out = _view(x, size, stride, x._offset + storage_offset)
-    if _state.enabled and x._requires_grad:
-        node = AsStridedBackward()
-        node.in_shape, node.in_dtype = x._shape, x._dtype
-        node.shape, node.strides, node.offset = size, stride, storage_offset
-        attach(out, node, (x,))
-    return out
+    return AsStridedBackward.record(_view(x, size, stride, x._offset + storage_offset), (x,), (), x._shape, x._dtype,
+                                    size, stride, storage_offset)
 
 
 # --- basic indexing (views) ------------------------------------------------------
@@ -353,12 +371,18 @@ def basic_index_meta(x, key):
 class BasicIndexBackward(Node):
     __slots__ = ("in_shape", "in_dtype", "key")
 
+    def __init__(self, in_shape, in_dtype, key):
+        self.in_shape, self.in_dtype, self.key = in_shape, in_dtype, key
+
     def backward(self, g):
         return (index_backward_basic(g, self.in_shape, self.in_dtype, self.key),)
 
 
 class IndexBackwardBasicNode(Node):
     __slots__ = ("key",)
+
+    def __init__(self, key):
+        self.key = key
 
     def backward(self, gg):
         return (basic_index(gg, self.key),)
@@ -372,21 +396,12 @@ def index_backward_basic(g, in_shape, in_dtype, key):
     region = _view(gz, shape, strides, offset)
     with grad_mode.no_grad():
         kernel("copy_").impl[g._storage.device.backend](region, g)
-    if _state.enabled and g._requires_grad:
-        node = IndexBackwardBasicNode()
-        node.key = key
-        attach(gz, node, (g,))
-    return gz
+    return IndexBackwardBasicNode.record(gz, (g,), (), key)
 
 
 def basic_index(x, key):
     shape, strides, offset = basic_index_meta(x, key)
-    out = _view(x, shape, strides, offset)
-    if _state.enabled and x._requires_grad:
-        node = BasicIndexBackward()
-        node.in_shape, node.in_dtype, node.key = x._shape, x._dtype, key
-        attach(out, node, (x,))
-    return out
+    return BasicIndexBackward.record(_view(x, shape, strides, offset), (x,), (), x._shape, x._dtype, key)
 
 
 def narrow(x, dim, start, length):
@@ -440,6 +455,11 @@ def unbind(x, dim=0):
 class CatBackward(Node):
     __slots__ = ("dim", "sizes", "metas")
 
+    def __init__(self, dim, parts):
+        self.dim = dim
+        self.sizes = [t_._shape[dim] for t_ in parts]
+        self.metas = [(t_._shape, t_._dtype) for t_ in parts]
+
     def backward(self, g):
         from .conversion import to_dtype
         out, start = [], 0
@@ -472,14 +492,7 @@ def cat(tensors, dim=0):
             raise RuntimeError(f"Sizes of tensors must match except in dimension {d}. Expected size "
                                f"{list(ref._shape)} but got size {list(t_._shape)} for a tensor in the list.")
         out_dt = dt.promote_types(out_dt, t_._dtype)
-    out = _K_CAT[dev.backend](parts, d, out_dt)
-    if _state.enabled and any(t_._requires_grad for t_ in parts):
-        node = CatBackward()
-        node.dim = d
-        node.sizes = [t_._shape[d] for t_ in parts]
-        node.metas = [(t_._shape, t_._dtype) for t_ in parts]
-        attach(out, node, parts)
-    return out
+    return CatBackward.record(_K_CAT[dev.backend](parts, d, out_dt), parts, (), d, parts)
 
 
 def stack(tensors, dim=0):

@@ -8,24 +8,17 @@ cumulative sum of the incoming gradient.
 from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor
-from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import Node
+from .indexing import GatherBackward
 from .reduction import values_indices
 
 _K_SORT = kernel("sort").impl
 _K_CUMSUM = kernel("cumsum").impl
-_state = grad_mode.state
 
 
-class SelectionBackward(Node):
-    """Gradient of values picked from x along dim at saved indices."""
-    __slots__ = ("in_shape", "dim")
-
-    def backward(self, g):
-        from .creation import zeros
-        from .indexing import scatter_add
-        (idx,) = self.saved_tensors
-        return (scatter_add(zeros(self.in_shape, dtype=g._dtype, device=g._storage.device), self.dim, idx, g),)
+class SelectionBackward(GatherBackward):
+    """Gradient of values picked from x along dim at saved indices: gather's."""
+    __slots__ = ()
 
 
 def _check_input(x, opname):
@@ -34,11 +27,7 @@ def _check_input(x, opname):
 
 
 def _selection(x, d, values, indices):
-    if _state.enabled and x._requires_grad:
-        node = SelectionBackward()
-        node.in_shape, node.dim = x._shape, d
-        node.save(indices)
-        attach(values, node, (x,))
+    SelectionBackward.record(values, (x,), (indices,), x._shape, d)
     return values_indices(values, indices)
 
 
@@ -76,6 +65,9 @@ def topk(x, k, dim=-1, largest=True, sorted=True):
 class CumsumBackward(Node):
     __slots__ = ("dim", "in_dtype")
 
+    def __init__(self, dim, in_dtype):
+        self.dim, self.in_dtype = dim, in_dtype
+
     def backward(self, g):
         from .shape import flip
         from .conversion import to_dtype
@@ -94,8 +86,6 @@ def cumsum(x, dim, dtype=None):
     if dtype is None:
         dtype = x._dtype if x._dtype.is_floating_point else dt.int64
     out = _K_CUMSUM[x._storage.device.backend](x, d, dtype)
-    if _state.enabled and x._requires_grad and dtype.is_floating_point:
-        node = CumsumBackward()
-        node.dim, node.in_dtype = d, x._dtype
-        attach(out, node, (x,))
+    if dtype.is_floating_point:
+        CumsumBackward.record(out, (x,), (), d, x._dtype)
     return out
