@@ -26,5 +26,7 @@ from . import tensor_methods as _tensor_methods  # binds Tensor methods
 from . import nn, optim, data
 from .graphs import rng as _graph_rng  # makes manual_seed reach the CUDA generators
 from .io import save, load, from_dlpack
+from .backends.precision import set_float32_matmul_precision, get_float32_matmul_precision
+from .backends import cudnn as _cudnn  # cutegrad.backends.cudnn: PyTorch's flags, no cuDNN behind them
 
-del _cpu_backend, _tensor_methods, _graph_rng
+del _cpu_backend, _tensor_methods, _graph_rng, _cudnn

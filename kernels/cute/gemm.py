@@ -29,8 +29,10 @@ Design
   groups of GROUP_M row-tiles so CTAs that run together share A and B panels
   in L2.  The batch index is the slowest coordinate.
 * Epilogue: the fp32 accumulator is transformed in registers (optional + D
-  read back for beta=1, + bias[n], GELU(tanh), or GELU-backward that
-  multiplies by gelu'(pre-activation[m, n])), converted to the output dtype,
+  read back for beta=1, + bias[n], GELU(tanh), GELU-backward that
+  multiplies by gelu'(pre-activation[m, n]), + residual[m, n] last; or
+  bias_gelu_aux, which also stores the rounded pre-activation to aux with
+  predicated per-element stores for the backward), converted to the output dtype,
   staged through swizzled shared memory in 32-column slices and written with
   TMA stores (which clip partial tiles, so M and N need no padding).
   Out-of-range reads of bias / pre-activation are clamped to the last valid
@@ -57,15 +59,18 @@ Specializations
 for bf16 and fp16 inputs, each of the four operand layouts, tiles 128x256 and
 128x128, epilogues none / accumulate (beta=1) with the input dtype as output,
 none / accumulate with fp32 output (gradient accumulation into fp32), and on
-the forward layout (A K-major, B K-major) the bias, gelu and bias_gelu
-epilogues, on the input-gradient layout (A K-major, B N-major) the gelu_bwd
-epilogue.  Each spec's ``name`` is the C symbol prefix the build exports.
+the forward layout (A K-major, B K-major) the epilogues of a fused Linear
+(bias, gelu, bias_gelu, residual, bias_residual, bias_gelu_aux), on the
+input-gradient layout (A K-major, B N-major) the gelu_bwd epilogue: 92 in all.  Each spec's ``name`` is the C symbol prefix the build exports.
 """
 
 import math
 from dataclasses import dataclass
 
-EPILOGUES = ("none", "bias", "gelu", "bias_gelu", "gelu_bwd")
+# Order = the codes of Epilogue in kernels/cuda/gemm_args.h and cutegrad._gemm.
+EPILOGUES = ("none", "bias", "gelu", "bias_gelu", "gelu_bwd", "residual", "bias_residual", "bias_gelu_aux")
+# Epilogues of a Linear forward (A K-major, B K-major), each with the input dtype as output.
+FORWARD_EPILOGUES = ("bias", "gelu", "bias_gelu", "residual", "bias_residual", "bias_gelu_aux")
 TILES = ((128, 256), (128, 128))
 GROUP_M = 8
 K_BLOCK = 64
@@ -109,7 +114,7 @@ def specializations(archs=("sm_90a",)):
                             for acc in (False, True):
                                 specs.append(GemmSpec(ab, out, a_major, b_major, tm, tn, "none", acc, arch))
                         if a_major == "k" and b_major == "k":
-                            for epi in ("bias", "gelu", "bias_gelu"):
+                            for epi in FORWARD_EPILOGUES:
                                 specs.append(GemmSpec(ab, ab, a_major, b_major, tm, tn, epi, False, arch))
                         if a_major == "k" and b_major == "n":
                             specs.append(GemmSpec(ab, ab, a_major, b_major, tm, tn, "gelu_bwd", False, arch))
@@ -140,9 +145,11 @@ def build_kernel(spec: GemmSpec):
     tile_m, tile_n, tile_k = spec.tile_m, spec.tile_n, K_BLOCK
     epilogue = spec.epilogue
     accumulate = spec.accumulate
-    use_bias = epilogue in ("bias", "bias_gelu")
-    use_gelu = epilogue in ("gelu", "bias_gelu")
+    use_bias = epilogue in ("bias", "bias_gelu", "bias_residual", "bias_gelu_aux")
+    use_gelu = epilogue in ("gelu", "bias_gelu", "bias_gelu_aux")
     use_gelu_bwd = epilogue == "gelu_bwd"
+    use_residual = epilogue in ("residual", "bias_residual")
+    store_preact = epilogue == "bias_gelu_aux"
 
     consumer_wgs = 2
     threads_per_wg = 128
@@ -335,7 +342,7 @@ def build_kernel(spec: GemmSpec):
                 # Register epilogue on the whole accumulator.
                 m_base = m_idx * tile_m
                 n_base = n_idx * tile_n
-                if cutlass.const_expr(accumulate or use_bias or use_gelu or use_gelu_bwd):
+                if cutlass.const_expr(accumulate or use_bias or use_gelu or use_gelu_bwd or use_residual):
                     for i in cutlass.range_constexpr(cute.size(acc)):
                         crd = tCcC[i]
                         gm = cutlass.min(m_base + crd[0], m_extent - 1)
@@ -345,6 +352,15 @@ def build_kernel(spec: GemmSpec):
                             v = v + mC[(gm, gn, l_idx)].to(acc_dtype)
                         if cutlass.const_expr(use_bias):
                             v = v + mBias[gn].to(acc_dtype)
+                        if cutlass.const_expr(store_preact):
+                            # Store the rounded pre-activation (only inside D: the
+                            # clamped coordinates of a partial tile alias real
+                            # elements) and apply GELU to that rounded value.
+                            z = v.to(out_dtype)
+                            if m_base + crd[0] < m_extent:
+                                if n_base + crd[1] < n_extent:
+                                    mAux[(gm, gn, l_idx)] = z
+                            v = z.to(acc_dtype)
                         if cutlass.const_expr(use_gelu):
                             inner = gelu_k0 * (v + gelu_k1 * v * v * v)
                             v = 0.5 * v * (1.0 + cute.math.tanh(inner, fastmath=True))
@@ -353,6 +369,8 @@ def build_kernel(spec: GemmSpec):
                             t = cute.math.tanh(gelu_k0 * (x + gelu_k1 * x * x * x), fastmath=True)
                             dinner = gelu_k0 * (1.0 + 3.0 * gelu_k1 * x * x)
                             v = v * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+                        if cutlass.const_expr(use_residual):
+                            v = v + mAux[(gm, gn, l_idx)].to(acc_dtype)
                         acc[i] = v
 
                 gC_t = gC[(None, None, m_idx, n_idx, l_idx)]
