@@ -4,11 +4,15 @@
 
 Shapes: the forward (Y = X W^T), input-gradient (dX = dY W) and weight-gradient
 (dW = dY^T X) GEMM of every Linear in the four reference workloads of
-DESIGN.md, plus 4096^3 and 8192^3, bf16 (there is no tf32 GEMM yet: fp32
-inputs take the SIMT fallback).  Each GEMM runs in the operand layouts a
+DESIGN.md, plus 4096^3 and 8192^3, bf16.  The classifier heads (N = 10 and
+36) are the narrow cases.  Each GEMM runs in the operand layouts a
 Linear really has (no transposes) for both libraries.  Extra rows (not in the
-geomean): the MLP's first Linear with the bias+GELU epilogue fused, against
-torch.addmm + gelu.  Timing: CUDA events
+geomean): the MLP's first Linear with the bias+GELU epilogue fused (and with
+the pre-activation stored for the backward), against torch.addmm + gelu; and
+fp32 GEMMs: full fp32 against cuBLAS fp32 (TF32 off), and the "medium"
+float32 matmul precision (operands rounded to bf16, tensor cores, fp32 out)
+against cuBLAS TF32 (the DSL we build with has no TF32 warpgroup MMA).
+Timing: CUDA events
 around a batch of launches, median over reps; small problems rotate through
 enough input copies to defeat the L2 cache.  Writes
 bench/results/gemm-<gpu>.json (DESIGN.md's schema) and gemm-<gpu>.md.
@@ -82,6 +86,58 @@ def time_ms(torch, fn, sets, reps):
     return statistics.median(samples)
 
 
+FP32_CASES = [("reverse.head.fwd", 64 * 64, 36, 128), ("vit.head.fwd", 256 * 80, 10, 256),
+              ("vit.fc1.fwd", 256 * 80, 1024, 256), ("minigpt.fc2.fwd", 64 * 128, 256, 1024), ("square.4096", 4096, 4096, 4096)]
+
+
+def fp32_rows(torch, gemm, stream, args):
+    """fp32 GEMMs (forward layout): full fp32 vs cuBLAS with TF32 off, and the "medium" precision
+    path (bf16-rounded operands on tensor cores, fp32 output; the cast kernels included) vs
+    cuBLAS TF32."""
+    rows = []
+    for name, m, n, k in FP32_CASES:
+        for mode in ("highest", "medium"):
+            label = f"fp32-{mode}.{name}"
+            if args.only and args.only not in label:
+                continue
+            a, b = make_operands(torch, m, n, k, "k", "k", torch.float32)
+            d = torch.empty(m, n, device="cuda", dtype=torch.float32)
+            a16, b16 = torch.empty_like(a, dtype=torch.bfloat16), torch.empty(n, k, device="cuda", dtype=torch.bfloat16).t()
+
+            def ours_call(mode=mode, a=a, b=b, d=d, a16=a16, b16=b16, m=m, n=n, k=k):
+                if mode == "medium":
+                    a16.copy_(a)
+                    b16.copy_(b)
+                    x, y, dn = a16, b16, "bf16"
+                else:
+                    x, y, dn = a, b, "fp32"
+                return gemm(x.data_ptr(), (1, m, k), (0, x.stride(0), x.stride(1)), y.data_ptr(), (1, k, n),
+                            (0, y.stride(0), y.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                            dn, "fp32", stream=stream)
+
+            def theirs_call(a=a, b=b, d=d):
+                torch.matmul(a, b, out=d)
+
+            kernel = ours_call()
+            ref = torch.matmul(a.double(), b.double())
+            err = ((d.double() - ref).abs().max() / ref.abs().max()).item()
+            if not err < (1e-5 if mode == "highest" else 1e-2):
+                raise SystemExit(f"{label}: cutegrad result wrong (relative error {err:.2e})")
+            flops = 2.0 * m * n * k
+            ours = flops / time_ms(torch, lambda: ours_call(), [()], args.reps) / 1e9
+            torch.backends.cuda.matmul.allow_tf32 = mode == "medium"
+            try:
+                theirs = flops / time_ms(torch, lambda: theirs_call(), [()], args.reps) / 1e9
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
+            rows.append({"name": f"{label} M={m} N={n} K={k}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
+                         "baseline": round(theirs, 2),
+                         "baseline_name": "cuBLAS TF32" if mode == "medium" else "cuBLAS fp32",
+                         "ratio": round(ours / theirs, 4), "kernel": kernel, "workload": False})
+            print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
+    return rows
+
+
 def gemm_gpu_slug(name):
     """The short device name of the GEMM results files (gemm-h100.json, gemm-h200.json)."""
     words = [w for w in name.lower().replace("nvidia", "").split() if w]
@@ -98,6 +154,7 @@ def main():
     import torch
 
     from cutegrad import _C
+    from cutegrad._gemm import gemm
 
     _C.load_kernels()
     dtype, dname = torch.bfloat16, "bf16"
@@ -114,9 +171,9 @@ def main():
             sets.append((a, b, torch.empty(m, n, device="cuda", dtype=dtype)))
 
         def cutegrad_call(a, b, d):
-            return _C.gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
-                           (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
-                           dname, dname, stream=stream)
+            return gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
+                        (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                        dname, dname, stream=stream)
 
         def cublas_call(a, b, d):
             torch.matmul(a, b, out=d)
@@ -140,39 +197,48 @@ def main():
     # Fused epilogue: the MLP's first Linear + GELU in one kernel vs PyTorch's
     # addmm (cuBLAS, bias fused) followed by a separate GELU kernel.
     for wl, tokens, linears in WORKLOADS:
-        name = f"{wl}.fc1.fwd+bias+gelu"
-        if args.only and args.only not in name:
-            continue
         fin, fout = next((i, o) for lin, i, o in linears if lin == "fc1")
         m, n, k = tokens, fout, fin
-        nsets = max(1, min(32, math.ceil(L2_DEFEAT_BYTES / (2 * (m * k + k * n + 2 * m * n)))))
-        sets = []
-        for _ in range(nsets):
-            a, b = make_operands(torch, m, n, k, "k", "k", dtype)
-            sets.append((a, b, torch.randn(n, device="cuda", dtype=dtype), torch.empty(m, n, device="cuda", dtype=dtype)))
+        for epilogue in ("bias_gelu", "bias_gelu_aux"):
+            name = f"{wl}.fc1.fwd+{epilogue}"
+            if args.only and args.only not in name:
+                continue
+            nsets = max(1, min(32, math.ceil(L2_DEFEAT_BYTES / (2 * (m * k + k * n + 3 * m * n)))))
+            sets = []
+            for _ in range(nsets):
+                a, b = make_operands(torch, m, n, k, "k", "k", dtype)
+                sets.append((a, b, torch.randn(n, device="cuda", dtype=dtype),
+                             torch.empty(m, n, device="cuda", dtype=dtype), torch.empty(m, n, device="cuda", dtype=dtype)))
 
-        def fused_call(a, b, bias, d):
-            return _C.gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
-                           (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
-                           dname, dname, epilogue="bias_gelu", bias=bias.data_ptr(), stream=stream)
+            def fused_call(a, b, bias, d, aux, epilogue=epilogue):
+                store = epilogue == "bias_gelu_aux"
+                return gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
+                            (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                            dname, dname, epilogue=epilogue, bias=bias.data_ptr(), aux=aux.data_ptr() if store else 0,
+                            aux_strides=(m * n, n, 1) if store else None, stream=stream)
 
-        def torch_call(a, b, bias, d):
-            torch.nn.functional.gelu(torch.addmm(bias, a, b), approximate="tanh")
+            def torch_call(a, b, bias, d, aux):
+                torch.nn.functional.gelu(torch.addmm(bias, a, b), approximate="tanh")
 
-        a, b, bias, d = sets[0]
-        kernel = fused_call(a, b, bias, d)
-        ref = torch.nn.functional.gelu(torch.addmm(bias.float(), a.float(), b.float()), approximate="tanh")
-        err = ((d.float() - ref).abs().max() / ref.abs().max()).item()
-        if not err < 1e-2:
-            raise SystemExit(f"{name}: cutegrad result wrong (relative error {err:.2e})")
-        flops = 2.0 * m * n * k
-        ours = flops / time_ms(torch, fused_call, sets, args.reps) / 1e9
-        theirs = flops / time_ms(torch, torch_call, sets, args.reps) / 1e9
-        rows.append({"name": f"{name} M={m} N={n} K={k} {dname}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
-                     "baseline": round(theirs, 2), "baseline_name": "torch addmm + gelu(tanh)",
-                     "ratio": round(ours / theirs, 4), "kernel": kernel, "workload": False})
-        print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
-        del sets
+            a, b, bias, d, aux = sets[0]
+            kernel = fused_call(a, b, bias, d, aux)
+            pre = torch.addmm(bias.float(), a.float(), b.float())
+            ref = torch.nn.functional.gelu(pre, approximate="tanh")
+            err = ((d.float() - ref).abs().max() / ref.abs().max()).item()
+            if epilogue == "bias_gelu_aux":
+                err = max(err, ((aux.float() - pre).abs().max() / pre.abs().max()).item())
+            if not err < 1e-2:
+                raise SystemExit(f"{name}: cutegrad result wrong (relative error {err:.2e})")
+            flops = 2.0 * m * n * k
+            ours = flops / time_ms(torch, fused_call, sets, args.reps) / 1e9
+            theirs = flops / time_ms(torch, torch_call, sets, args.reps) / 1e9
+            rows.append({"name": f"{name} M={m} N={n} K={k} {dname}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
+                         "baseline": round(theirs, 2), "baseline_name": "torch addmm + gelu(tanh)",
+                         "ratio": round(ours / theirs, 4), "kernel": kernel, "workload": False})
+            print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
+            del sets
+
+    rows += fp32_rows(torch, gemm, stream, args)
 
     result = gpu_result("gemm", torch, rows)
     device = result["device"]

@@ -339,6 +339,26 @@ def test_split_k(C, dev, epilogue, layout, accumulate, path):
     assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
 
 
+NARROW_CASES = [(1, 1000, 10, 256, "none"), (1, 4096, 36, 128, "bias"), (2, 300, 64, 72, "bias"), (1, 129, 17, 40, "none")]
+
+
+@pytest.mark.parametrize("batch,m,n,k,epilogue", NARROW_CASES, ids=["x".join(map(str, c[:4])) + c[4] for c in NARROW_CASES])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.gpu
+@needs_gpu
+def test_narrow_heads_take_tensor_cores_with_unaligned_rows(C, dev, batch, m, n, k, epilogue, dtype):
+    """Classifier heads: N <= 64 picks a narrow tile even when D's rows (N + 3 padding, compact)
+    are not 16-byte multiples; the padding must survive the predicated stores."""
+    if _sm(dev) != 90:
+        pytest.skip("tensor-core GEMM needs sm_90")
+    rng = np.random.default_rng(m + n + k)
+    name, err = run_gemm(dev, C, rng, batch=batch, m=m, n=n, k=k, dtype=dtype, out_dtype=dtype, a_major="k",
+                         b_major="k", epilogue=epilogue, align=1, path="tensor_core", split_k=1)
+    tile = 16 if n <= 16 else 32 if n <= 32 else 64
+    assert name.endswith(f"128x{tile}_{epilogue}"), name
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
 # ---- bad input: raises before launch (no GPU needed) --------------------------
 
 P = 1 << 20  # a 16-byte aligned address that is never dereferenced

@@ -171,14 +171,25 @@ int current_device() {
 // A direct index over (arch, dtypes, layout, tile, epilogue, accumulate)
 // replaces a scan of every entry per call.
 
-constexpr int kTileSlots = 2;  // tile_n 128, 256
+constexpr int kTileSlots = 5;  // tile_n 128, 256 and the narrow 16, 32, 64
+int tile_slot(int tile_n) {
+  switch (tile_n) {
+    case 128: return 0;
+    case 256: return 1;
+    case 16: return 2;
+    case 32: return 3;
+    case 64: return 4;
+  }
+  return -1;
+}
+
 int table_index(int sm_slot, DType in, DType out, char a_major, char b_major, int tile_n, Epilogue e, bool acc) {
   int i = sm_slot;
   i = i * 3 + static_cast<int>(in);
   i = i * 3 + static_cast<int>(out);
   i = i * 2 + (a_major == 'm');
   i = i * 2 + (b_major == 'n');
-  i = i * kTileSlots + (tile_n == 256);
+  i = i * kTileSlots + tile_slot(tile_n);
   i = i * kNumEpilogues + static_cast<int>(e);
   return i * 2 + acc;
 }
@@ -189,7 +200,7 @@ const std::array<const GemmKernelEntry*, kTableSize>& kernel_table() {
     std::array<const GemmKernelEntry*, kTableSize> t{};
     for (int i = 0; i < kNumGemmKernels; ++i) {
       const GemmKernelEntry& e = kGemmKernels[i];
-      if (e.sm != 90 || (e.tile_n != 128 && e.tile_n != 256)) continue;
+      if (e.sm != 90 || tile_slot(e.tile_n) < 0) continue;
       t[table_index(0, e.in_dtype, e.out_dtype, e.a_major, e.b_major, e.tile_n, e.epilogue, e.accumulate)] = &e;
     }
     return t;
@@ -230,10 +241,14 @@ struct Choice {
 
 bool divisible(int64_t v, int64_t by) { return v % by == 0; }
 
-// Tile heuristic: a 128x256 tile costs about 1.8 times a 128x128 one (it
+// Tile heuristic: N <= 64 (classifier heads) takes the narrowest tile that
+// covers it.  Otherwise a 128x256 tile costs about 1.8 times a 128x128 one (it
 // halves B traffic per FLOP), so count waves of each over the SMs and take
 // the cheaper; this avoids e.g. 1.45 waves of 128x256 tiles at 8192x768.
 int choose_tile_n(const GemmArgs& g, int num_sms) {
+  if (g.n <= 16) return 16;
+  if (g.n <= 32) return 32;
+  if (g.n <= 64) return 64;
   if (g.n <= 128) return 128;
   const int64_t rows = (g.m + 127) / 128;
   const int64_t t128 = rows * ((g.n + 127) / 128) * g.batch, t256 = rows * ((g.n + 255) / 256) * g.batch;
@@ -280,15 +295,17 @@ Choice choose_kernel(const GemmArgs& g, char a_major, char b_major, int tile_n, 
   if (epilogue_uses_aux(g.epilogue) && !aligned16(g.aux)) return no(NoTensorCore::aux_alignment);
   // TMA needs 16-byte row strides; we also keep every contiguous extent a
   // 16-byte multiple (the rule the CUTLASS Hopper examples state): on an H100
-  // a D with N = 127 in a padded buffer had its padding overwritten.
+  // a D with N = 127 in a padded buffer had its padding overwritten.  Narrow
+  // tiles (N <= 64) store D without TMA, so D's extent and strides are free.
+  const bool d_by_tma = tile_n >= 128;
   if (!divisible(a_major == 'k' ? g.k : g.m, vin) || !divisible(b_major == 'k' ? g.k : g.n, vin) ||
-      !divisible(g.n, vout))
+      (d_by_tma && !divisible(g.n, vout)))
     return no(NoTensorCore::extents);
   int64_t a_ld = a_major == 'k' ? g.a_sm : g.a_sk;
   int64_t b_ld = b_major == 'k' ? g.b_sn : g.b_sk;
-  if (!divisible(a_ld, vin) || !divisible(b_ld, vin) || !divisible(g.d_sm, vout))
+  if (!divisible(a_ld, vin) || !divisible(b_ld, vin) || (d_by_tma && !divisible(g.d_sm, vout)))
     return no(NoTensorCore::row_strides);
-  if (g.batch > 1 && (!divisible(g.a_sl, vin) || !divisible(g.b_sl, vin) || !divisible(g.d_sl, vout) ||
+  if (g.batch > 1 && (!divisible(g.a_sl, vin) || !divisible(g.b_sl, vin) || (d_by_tma && !divisible(g.d_sl, vout)) ||
                       g.a_sl == 0 || g.b_sl == 0))
     return no(NoTensorCore::batch_strides);
   c.kernel = kernel_table()[table_index(0, g.in_dtype, g.out_dtype, a_major, b_major, tile_n, g.epilogue, g.accumulate)];
@@ -323,6 +340,8 @@ const char* run_one(GemmArgs g, char a_major, char b_major, Path path, int tile_
       choice.why_not = NoTensorCore::too_small;
     } else {
       choice = choose_kernel(g, a_major, b_major, tn, dev);
+      // Narrow tiles exist for the forward layout and plain / bias epilogues only.
+      if (!choice.kernel && tile_n == 0 && tn < 128) choice = choose_kernel(g, a_major, b_major, 128, dev);
     }
     if (!choice.kernel && path == Path::tensor_core)
       fail("tensor-core path requested but unavailable: " + why_not_text(choice, g, a_major, b_major, tn));
@@ -393,7 +412,7 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   if (path_code < 0 || path_code > 2)
     fail("path code must be 0 (auto), 1 (tensor_core) or 2 (simt), got " + std::to_string(path_code));
   const Path path = static_cast<Path>(path_code);
-  if (tile_n != 0 && tile_n != 128 && tile_n != 256) fail("tile_n must be 0 (heuristic), 128 or 256");
+  if (tile_n != 0 && tile_slot(tile_n) < 0) fail("tile_n must be 0 (heuristic), 16, 32, 64, 128 or 256");
   if (split_k < 0 || split_k > 64) fail("split_k must be 0 (heuristic), 1 (off) or 2..64");
 
   auto [la, m, ka] = a_shape;
