@@ -85,6 +85,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(linalg, "_contig", lambda x, stream: x.contiguous())
     monkeypatch.setattr(linalg, "_fill", lambda out, value, stream: out._np.fill(value))
     monkeypatch.setattr(linalg, "_cast_new", lambda x, dtype, stream: x.to(dtype))
+    monkeypatch.setattr(linalg, "binary", kernel("binary").impl[CPU])
     return emu
 
 
@@ -166,19 +167,56 @@ def test_transposed_and_sliced_operands(emulated):
     close(linalg.linear_input_grad(g, w, None), cpu_impl("linear_input_grad")(g, w, None), cg.float32)
 
 
-@pytest.mark.parametrize("precision", ["highest", "medium"])
-def test_matmul_follows_the_float32_precision(emulated, precision):
-    rng = np.random.default_rng(4)
-    a, b = rand(rng, (2, 5, 7), cg.float32), rand(rng, (7, 3), cg.float32)
-    cg.set_float32_matmul_precision(precision)
+def _at_precision(level, fn, *args):
+    cg.set_float32_matmul_precision(level)
     try:
-        out = linalg.matmul(a, b, cg.float32)
+        return fn(*args)
     finally:
         cg.set_float32_matmul_precision("highest")
-    operand = "bfloat16" if precision == "medium" else "float32"
-    assert emulated.calls[-1] == ("none", False, operand, "float32")
-    tol = cg.bfloat16 if precision == "medium" else cg.float32
-    close(out, cpu_impl("matmul")(a, b, cg.float32), tol)
+
+
+def _rel_err(got, want):
+    got, want = got.to(cg.float64).numpy(), want.to(cg.float64).numpy()
+    assert not np.isnan(got).any()
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((2, 5, 7), (7, 3)), ((3, 4, 6), (3, 6, 5)), ((4, 6), (5, 6))],
+                         ids=str)
+def test_matmul_follows_the_float32_precision(emulated, a_shape, b_shape):
+    """highest: one fp32 GEMM; medium: one GEMM of bfloat16 copies (error ~ 2^-8); high: three
+    bfloat16 products (lo*hi, hi*lo, hi*hi) summed in fp32 (error ~ 2^-16)."""
+    rng = np.random.default_rng(4)
+    a, b = rand(rng, a_shape, cg.float32), rand(rng, b_shape, cg.float32)
+    if a_shape == (4, 6):
+        b = b.t()  # a transposed operand: the bfloat16 copies are dense, strides follow them
+    want = cpu_impl("matmul")(a.to(cg.float64), b.to(cg.float64), cg.float64)
+    for level, calls, bound in (("highest", [("none", False, "float32", "float32")], 1e-6),
+                                ("medium", [("none", False, "bfloat16", "float32")], 2e-2),
+                                ("high", [("none", False, "bfloat16", "float32"), ("none", True, "bfloat16", "float32"),
+                                          ("none", True, "bfloat16", "float32")], 1e-4)):
+        emulated.calls.clear()
+        out = _at_precision(level, linalg.matmul, a, b, cg.float32)
+        assert emulated.calls == calls * (len(emulated.calls) // len(calls)), level
+        assert _rel_err(out, want) < bound, level
+
+
+def test_high_precision_linear_puts_the_bias_on_the_last_product(emulated):
+    rng = np.random.default_rng(6)
+    x, w, b = rand(rng, (5, 8), cg.float32), rand(rng, (6, 8), cg.float32), rand(rng, (6,), cg.float32)
+    y, _ = _at_precision("high", linalg.linear, x, w, b, None, False, cg.float32)
+    assert [c[:2] for c in emulated.calls] == [("none", False), ("none", True), ("bias_residual", False)]
+    want = cpu_impl("linear")(x.to(cg.float64), w.to(cg.float64), b.to(cg.float64), None, False, cg.float64)[0]
+    assert _rel_err(y, want) < 1e-4
+    emulated.calls.clear()
+    g = rand(rng, (5, 6), cg.float32)
+    gw = _at_precision("high", linalg.linear_weight_grad, g, x, cg.float32, None)
+    assert [c[:2] for c in emulated.calls] == [("none", False), ("none", True), ("none", True)]
+    assert _rel_err(gw, cpu_impl("linear_weight_grad")(g.to(cg.float64), x.to(cg.float64), cg.float64, None)) < 1e-4
+    emulated.calls.clear()
+    z = rand(rng, (5, 8), cg.float32)  # gelu_bwd has no split form: one fp32 GEMM
+    _at_precision("high", linalg.linear_input_grad, g, w, z)
+    assert emulated.calls == [("gelu_bwd", False, "float32", "float32")]
 
 
 def test_fused_ops_end_to_end_through_the_backend(emulated):

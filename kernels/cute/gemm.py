@@ -67,8 +67,9 @@ the forward layout (A K-major, B K-major) the epilogues of a fused Linear
 (bias, gelu, bias_gelu, residual, bias_residual, bias_gelu_aux), on the
 input-gradient layout (A K-major, B N-major) the gelu_bwd epilogue, the
 residual epilogues also with fp32 output (an fp32 residual stream under
-autocast), and the narrow 128x16 / 128x32 / 128x64 tiles on the forward layout
-with the none and bias epilogues: 112 in all.  Each spec's ``name`` is the C symbol prefix the build exports.
+autocast), bf16 -> fp32 bias / bias_gelu_aux / gelu_bwd (fp32 layers at the
+"medium" and "high" float32 matmul precisions), and the narrow 128x16 / 128x32 / 128x64 tiles on the forward layout
+with the none and bias epilogues: 118 in all.  Each spec's ``name`` is the C symbol prefix the build exports.
 """
 
 import math
@@ -127,11 +128,15 @@ def specializations(archs=("sm_90a",)):
                         if a_major == "k" and b_major == "k":
                             for epi in FORWARD_EPILOGUES:
                                 specs.append(GemmSpec(ab, ab, a_major, b_major, tm, tn, epi, False, arch))
-                            # an fp32 residual stream (autocast) takes the bf16 GEMM's sum in fp32
-                            for epi in ("residual", "bias_residual"):
+                            # an fp32 residual stream (autocast) takes the bf16 GEMM's sum in fp32;
+                            # fp32 layers at the "medium"/"high" matmul precision run bf16 products
+                            # into fp32 outputs
+                            fp32_out = ("residual", "bias_residual") + (("bias", "bias_gelu_aux") if ab == "bf16" else ())
+                            for epi in fp32_out:
                                 specs.append(GemmSpec(ab, "fp32", a_major, b_major, tm, tn, epi, False, arch))
                         if a_major == "k" and b_major == "n":
-                            specs.append(GemmSpec(ab, ab, a_major, b_major, tm, tn, "gelu_bwd", False, arch))
+                            for out in (ab, "fp32") if ab == "bf16" else (ab,):
+                                specs.append(GemmSpec(ab, out, a_major, b_major, tm, tn, "gelu_bwd", False, arch))
             for tm, tn in NARROW_TILES:
                 for epi in NARROW_EPILOGUES:
                     specs.append(GemmSpec(ab, ab, "k", "k", tm, tn, epi, False, arch))

@@ -8,9 +8,12 @@ part of a CUDA graph's private pool under capture.
 
 fp32 GEMMs follow `cutegrad.get_float32_matmul_precision()`: "highest" (the default) runs in
 fp32 FMA; "medium" rounds the operands to bfloat16 and runs the tensor-core GEMM with fp32
-accumulation and output (what PyTorch's "medium" permits); "high" (also what
-`backends.cuda.matmul.allow_tf32 = True` selects) stays full fp32 here: the DSL release we build
-with has no TF32 warpgroup MMA, and bfloat16 alone would fall short of TF32's 10 mantissa bits.
+accumulation and output; "high" (also what `backends.cuda.matmul.allow_tf32 = True` selects)
+writes each operand as the sum of two bfloat16 numbers, x = hi + lo, and sums three tensor-core
+products, lo*hi + hi*lo + hi*hi, into the fp32 output (about 16 mantissa bits: PyTorch's
+definition of "high" allows exactly this).  The DSL release we build with has no TF32
+warpgroup MMA.  At "high", epilogues other than none and bias (the bias rides on the last
+product through the residual epilogue, reading the partial sum from D itself) run in fp32.
 """
 from ... import dtypes as dt
 from ..._gemm import DTYPES, EPILOGUES
@@ -18,7 +21,9 @@ from ...device import CUDA
 from ...dispatch import register
 from ...ops.broadcast import broadcast_shapes
 from ...tensor import make, numel_of
+from ...ops import codes as C
 from .. import precision
+from .pointwise import binary
 from .launch import (_GEMM_MAX_BATCH, _DeviceAllocation, _allocator, _bstrides, _cast_new, _contig, _empty, _fill,
                      _lib, _ptr, _stream)
 
@@ -63,11 +68,40 @@ def _collapse(shape, strides):
     return 0 if s is None else s
 
 
-def _fp32_operands(a, b, stream):
-    """Operands of an fp32 GEMM under the float32 matmul precision: bfloat16 copies for "medium"."""
-    if a._dtype is dt.float32 and precision.get_float32_matmul_precision() == "medium":
-        return _cast_new(a, dt.bfloat16, stream), _cast_new(b, dt.bfloat16, stream)
-    return a, b
+def _bf16_split(x, stream):
+    """(hi, lo): bfloat16 tensors with hi + lo = x to about 16 mantissa bits (two kernels)."""
+    hi = _cast_new(x, dt.bfloat16, stream)
+    return hi, binary(C.SUB, x, hi, dt.float32, dt.bfloat16)
+
+
+def _products(a, b, epilogue, stream):
+    """The operand pairs whose GEMM products sum to a @ b under the float32 matmul precision:
+    [(a, b)] normally; bfloat16 copies for "medium"; for "high" with a none or bias epilogue,
+    the three products of the bfloat16 split (the largest last, where the epilogue runs)."""
+    if a._dtype is not dt.float32:
+        return ((a, b),)
+    mode = precision.get_float32_matmul_precision()
+    if mode == "medium":
+        return ((_cast_new(a, dt.bfloat16, stream), _cast_new(b, dt.bfloat16, stream)),)
+    if mode == "high" and epilogue in (_NONE, _BIAS):
+        a_hi, a_lo = _bf16_split(a, stream)
+        b_hi, b_lo = _bf16_split(b, stream)
+        return ((a_lo, b_hi), (a_hi, b_lo), (a_hi, b_hi))
+    return ((a, b),)
+
+
+def _sum_products(pairs, launch, epilogue, bias, aux, aux_strides, accumulate, d_ptr, d_strides):
+    """Launch one GEMM per operand pair into D: the first with the caller's accumulate flag, the
+    rest accumulating; the epilogue on the last (a bias there reads the partial sum as a
+    residual, aux = D itself, since no accumulate + bias kernel exists)."""
+    last = len(pairs) - 1
+    for i, (a, b) in enumerate(pairs):
+        if i < last:
+            launch(a, b, _NONE, 0, 0, None, accumulate or i > 0)
+        elif last and epilogue == _BIAS:
+            launch(a, b, _BIAS_RESIDUAL, bias, d_ptr, d_strides, False)
+        else:
+            launch(a, b, epilogue, bias, aux, aux_strides, accumulate or i > 0)
 
 
 @register("matmul", CUDA)
@@ -84,7 +118,11 @@ def matmul(a, b, out_dtype):
     nb = numel_of(batch)
     if not (nb and m and n):
         return out
-    a, b = _fp32_operands(a, b, stream)
+    # The bfloat16 products of an fp32 GEMM are dense copies with one layout; a broadcast batch
+    # would need each copy expanded, so those stay in fp32.
+    same_batch = len(b._shape) == 2 or a._shape[:-2] == b._shape[:-2]
+    pairs = _products(a, b, _NONE, stream) if same_batch else ((a, b),)
+    a, b = pairs[0]
     gemm = _gemm()
     in_code, out_code = _CODE[a._dtype], _CODE[out_dtype]
     a_st = _bstrides(a, batch + (m, k))
@@ -105,9 +143,12 @@ def matmul(a, b, out_dtype):
         fold = _collapse(batch + (m,), a_st[:-1])
         if fold is not None:
             mm = nb * m
-            gemm(_ptr(a), (1, mm, k), (mm * k, fold if mm > 1 else k, 1), _ptr(b), (1, k, n), (k * n, b_sk, b_sn),
-                 _ptr(out), (1, mm, n), (mm * n, n, 1), in_code, out_code, _NONE, 0, 0, None, False, stream,
-                 _AUTO, 0, 0, dev.index)
+
+            def launch(pa, pb, epilogue, bias, aux, aux_strides, accumulate):
+                gemm(_ptr(pa), (1, mm, k), (mm * k, fold if mm > 1 else k, 1), _ptr(pb), (1, k, n),
+                     (k * n, b_sk, b_sn), _ptr(out), (1, mm, n), (mm * n, n, 1), in_code, out_code, epilogue, bias,
+                     aux, aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
+            _sum_products(pairs if len(pairs) > 1 else ((a, b),), launch, _NONE, 0, 0, None, False, 0, None)
             return out
     a_batch_stride = _collapse(batch, a_st[:-2])
     if a_batch_stride is None:
@@ -120,13 +161,18 @@ def matmul(a, b, out_dtype):
         b_st = b._strides
         b_sk, b_sn = b_st[-2:]
         b_batch_stride = k * n
+    if len(pairs) == 1:
+        pairs = ((a, b),)
     isz_a, isz_b, isz_o = a._dtype.itemsize, b._dtype.itemsize, out_dtype.itemsize
     for start in range(0, nb, _GEMM_MAX_BATCH):
         cnt = min(_GEMM_MAX_BATCH, nb - start)
-        gemm(_ptr(a) + start * a_batch_stride * isz_a, (cnt, m, k), (a_batch_stride, a_sm, a_sk),
-             _ptr(b) + start * b_batch_stride * isz_b, (cnt, k, n), (b_batch_stride, b_sk, b_sn),
-             _ptr(out) + start * m * n * isz_o, (cnt, m, n), (m * n, n, 1), in_code, out_code, _NONE, 0, 0,
-             None, False, stream, _AUTO, 0, 0, dev.index)
+
+        def launch(pa, pb, epilogue, bias, aux, aux_strides, accumulate, start=start, cnt=cnt):
+            gemm(_ptr(pa) + start * a_batch_stride * isz_a, (cnt, m, k), (a_batch_stride, a_sm, a_sk),
+                 _ptr(pb) + start * b_batch_stride * isz_b, (cnt, k, n), (b_batch_stride, b_sk, b_sn),
+                 _ptr(out) + start * m * n * isz_o, (cnt, m, n), (m * n, n, 1), in_code, out_code, epilogue, bias,
+                 aux, aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
+        _sum_products(pairs, launch, _NONE, 0, 0, None, False, 0, None)
     return out
 
 
@@ -170,27 +216,37 @@ def linear(x, weight, bias, residual, gelu, out_dtype):
     rows = numel_of(x._shape[:-1])
     if not (rows and out_f):
         return out, preact
-    x, w = _fp32_operands(x, weight, stream)
-    x, x_ld = _rows(x, stream)
-    w, w_sk, w_sn = _weight_strides(w, stream)
-    aux, aux_strides = 0, None
     if gelu:
         if bias is None:  # the GELU epilogue that stores the pre-activation adds a bias: give it zeros
             bias = _empty((out_f,), out_dtype, dev, stream)
             _fill(bias, 0.0, stream)
         epilogue = _BIAS_GELU_AUX
+    elif residual is not None:
+        epilogue = _BIAS_RESIDUAL if bias is not None else _RESIDUAL
+    else:
+        epilogue = _BIAS if bias is not None else _NONE
+    pairs = _products(x, weight, epilogue, stream)
+    x, w = pairs[0]
+    x, x_ld = _rows(x, stream)
+    w, w_sk, w_sn = _weight_strides(w, stream)
+    if len(pairs) == 1:
+        pairs = ((x, w),)
+    aux, aux_strides = 0, None
+    if gelu:
         aux, aux_strides = _ptr(preact), (rows * out_f, out_f, 1)
     elif residual is not None:
         residual, r_ld = _rows(residual, stream)
-        epilogue = _BIAS_RESIDUAL if bias is not None else _RESIDUAL
         aux, aux_strides = _ptr(residual), (rows * r_ld, r_ld, 1)
-    else:
-        epilogue = _BIAS if bias is not None else _NONE
     if bias is not None and bias._strides[0] != 1 and out_f > 1:
         bias = _contig(bias, stream)
-    _gemm()(_ptr(x), (1, rows, in_f), (rows * x_ld, x_ld, 1), _ptr(w), (1, in_f, out_f), (0, w_sk, w_sn),
-            _ptr(out), (1, rows, out_f), (rows * out_f, out_f, 1), _CODE[x._dtype], _CODE[out_dtype], epilogue,
-            _ptr(bias) if bias is not None else 0, aux, aux_strides, False, stream, _AUTO, 0, 0, dev.index)
+    in_code, out_code, gemm = _CODE[x._dtype], _CODE[out_dtype], _gemm()
+
+    def launch(px, pw, epilogue, bias_ptr, aux, aux_strides, accumulate):
+        gemm(_ptr(px), (1, rows, in_f), (rows * x_ld, x_ld, 1), _ptr(pw), (1, in_f, out_f), (0, w_sk, w_sn),
+             _ptr(out), (1, rows, out_f), (rows * out_f, out_f, 1), in_code, out_code, epilogue, bias_ptr, aux,
+             aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
+    _sum_products(pairs, launch, epilogue, _ptr(bias) if bias is not None else 0, aux, aux_strides, False,
+                  _ptr(out), (rows * out_f, out_f, 1))
     return out, preact
 
 
@@ -204,16 +260,24 @@ def linear_input_grad(g, weight, preact):
     rows = numel_of(g._shape[:-1])
     if not (rows and in_f):
         return out
-    g, w = _fp32_operands(g, weight, stream)
+    epilogue = _GELU_BWD if preact is not None else _NONE
+    pairs = _products(g, weight, epilogue, stream)
+    g, w = pairs[0]
     g, g_ld = _rows(g, stream)
     w, w_sk, w_sn = _weight_strides(w, stream)  # B = W: K runs along out_features, N along in_features
-    epilogue, aux, aux_strides = _NONE, 0, None
+    if len(pairs) == 1:
+        pairs = ((g, w),)
+    aux, aux_strides = 0, None
     if preact is not None:
         preact, p_ld = _rows(preact, stream)
-        epilogue, aux, aux_strides = _GELU_BWD, _ptr(preact), (rows * p_ld, p_ld, 1)
-    _gemm()(_ptr(g), (1, rows, out_f), (rows * g_ld, g_ld, 1), _ptr(w), (1, out_f, in_f), (0, w_sn, w_sk),
-            _ptr(out), (1, rows, in_f), (rows * in_f, in_f, 1), _CODE[g._dtype], _CODE[out._dtype], epilogue,
-            0, aux, aux_strides, False, stream, _AUTO, 0, 0, dev.index)
+        aux, aux_strides = _ptr(preact), (rows * p_ld, p_ld, 1)
+    in_code, out_code, gemm = _CODE[g._dtype], _CODE[out._dtype], _gemm()
+
+    def launch(pg, pw, epilogue, bias, aux, aux_strides, accumulate):
+        gemm(_ptr(pg), (1, rows, out_f), (rows * g_ld, g_ld, 1), _ptr(pw), (1, out_f, in_f), (0, w_sn, w_sk),
+             _ptr(out), (1, rows, in_f), (rows * in_f, in_f, 1), in_code, out_code, epilogue, bias, aux,
+             aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
+    _sum_products(pairs, launch, epilogue, 0, aux, aux_strides, False, 0, None)
     return out
 
 
@@ -233,12 +297,19 @@ def linear_weight_grad(g, x, out_dtype, into):
         if not accumulate:
             _fill(out, 0.0, stream)
         return out
-    g, x = _fp32_operands(g, x, stream)
+    pairs = _products(g, x, _NONE, stream)
+    g, x = pairs[0]
     g, g_ld = _rows(g, stream)
     x, x_ld = _rows(x, stream)
-    _gemm()(_ptr(g), (1, out_f, rows), (rows * g_ld, 1, g_ld), _ptr(x), (1, rows, in_f), (rows * x_ld, x_ld, 1),
-            _ptr(out), (1, out_f, in_f), (out_f * in_f, out._strides[0], 1), _CODE[g._dtype], _CODE[out._dtype],
-            _NONE, 0, 0, None, accumulate, stream, _AUTO, 0, 0, dev.index)
+    if len(pairs) == 1:
+        pairs = ((g, x),)
+    in_code, out_code, gemm = _CODE[g._dtype], _CODE[out._dtype], _gemm()
+
+    def launch(pg, px, epilogue, bias, aux, aux_strides, acc):
+        gemm(_ptr(pg), (1, out_f, rows), (rows * g_ld, 1, g_ld), _ptr(px), (1, rows, in_f), (rows * x_ld, x_ld, 1),
+             _ptr(out), (1, out_f, in_f), (out_f * in_f, out._strides[0], 1), in_code, out_code, epilogue, bias,
+             aux, aux_strides, acc, stream, _AUTO, 0, 0, dev.index)
+    _sum_products(pairs, launch, _NONE, 0, 0, None, accumulate, 0, None)
     if accumulate:
         out._storage.version += 1
     return out
