@@ -123,6 +123,30 @@ def test_gradients_accumulate_over_two_backwards():
     np.testing.assert_allclose(f64(w.grad), 2 * first, rtol=1e-12)
 
 
+def test_weight_gradient_accumulates_into_grad_when_the_engine_allows():
+    """With grad_mode.state.accumulate_into_leaves set (the engine's signal that leaf gradients
+    are being summed into .grad), the weight-gradient GEMM adds into the existing .grad in place;
+    a hook on the leaf, or no flag, keeps the ordinary out-of-place path."""
+    from cutegrad.autograd import grad_mode
+    rng = np.random.default_rng(10)
+    x, w, b = leaf(rng, (3, 4)), leaf(rng, (5, 4)), leaf(rng, (5,))
+    F.linear(x, w, b).sum().backward()
+    first, grad_obj = f64(w.grad).copy(), w.grad
+    grad_mode.state.accumulate_into_leaves = True
+    try:
+        F.linear_gelu(x, w, b).sum().backward()
+        z = f64(x) @ f64(w).T + f64(b)
+        expect = first + (gelu_tanh_grad(z)).T @ f64(x)
+        assert w.grad is grad_obj, "the GEMM should have added into the existing .grad"
+        np.testing.assert_allclose(f64(w.grad), expect, rtol=1e-12)
+        w.register_hook(lambda g: g)
+        F.linear(x, w, b).sum().backward()
+        assert w.grad is not grad_obj, "a hooked leaf must see its gradient: no in-place accumulation"
+        np.testing.assert_allclose(f64(w.grad), expect + np.ones((3, 5)).T @ f64(x), rtol=1e-12)
+    finally:
+        grad_mode.state.accumulate_into_leaves = False
+
+
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
 

@@ -203,6 +203,32 @@ def _grad_dtype(edge, default):
     return default
 
 
+def _accumulation_target(edge, dtype, like):
+    """The existing `.grad` the weight-gradient GEMM can add into (beta = 1, no add kernel), or None.
+
+    Only while the engine marks a backward as accumulating into leaves
+    (`grad_mode.state.accumulate_into_leaves`: backward() without inputs=, so every reached
+    leaf's gradient is summed into .grad), and only where nothing can observe the gradient on its
+    way: no hooks on the leaf's AccumulateGrad nor on the autocast cast before it, and a dense
+    .grad of the right dtype on the same device that records no history."""
+    if not getattr(_state, "accumulate_into_leaves", False):
+        return None
+    from ..autograd.engine import AccumulateGrad
+    from .conversion import CastBackward
+    if isinstance(edge, CastBackward):
+        if edge._pre_hooks or edge.src_dtype is not dt.float32:
+            return None
+        edge = edge.next_functions[0]
+    if not isinstance(edge, AccumulateGrad) or edge._pre_hooks:
+        return None
+    leaf = edge.variable
+    grad = leaf.grad
+    if (grad is None or grad._dtype is not dtype or grad._shape != leaf._shape or not grad.is_contiguous()
+            or grad._requires_grad or grad._storage.device is not like._storage.device):
+        return None
+    return grad
+
+
 def _to(t, dtype):
     if dtype is None or t._dtype is dtype:
         return t
@@ -220,7 +246,11 @@ def _gemm_grads(g, x, weight, bias, needed, preact_of_x=None):
     if edges[0] is not None:
         gx = _K_LINEAR_DGRAD[backend](g, weight, preact_of_x)
     if edges[1] is not None:
-        gw = _K_LINEAR_WGRAD[backend](g, x, _grad_dtype(edges[1], weight._dtype), None)
+        dtype = _grad_dtype(edges[1], weight._dtype)
+        into = _accumulation_target(edges[1], dtype, g)
+        gw = _K_LINEAR_WGRAD[backend](g, x, dtype, into)
+        if into is not None:
+            gw = None  # already added into .grad by the GEMM: nothing more flows to the leaf
     if edges[2] is not None:
         from .reduction import sum as _sum
         gb = _sum(g, tuple(range(len(g._shape) - 1)), dtype=_grad_dtype(edges[2], bias._dtype))
