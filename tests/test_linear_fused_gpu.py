@@ -133,6 +133,30 @@ def test_split_k_weight_gradient_workspace_comes_from_the_caching_allocator():
     assert_close(gw, f64(g).T @ f64(x), cg.bfloat16, "split-K weight gradient", k=8192)
 
 
+def test_split_k_captures_with_its_workspace_from_the_graph_pool():
+    """A split-K weight gradient inside a CUDA graph: the workspace is taken from the capture's
+    private pool (no cudaMallocAsync), and replays with new data give new, right results."""
+    import cutegrad.graphs as graphs
+    from cutegrad import _C
+    from cutegrad.dispatch import kernel
+    from cutegrad.device import CUDA
+    _C.load_kernels()
+    rng = np.random.default_rng(7)
+    g = cg.zeros(8192, 256, dtype=cg.bfloat16, device="cuda")
+    x = cg.zeros(8192, 256, dtype=cg.bfloat16, device="cuda")
+    wgrad = kernel("linear_weight_grad").impl[CUDA]
+    wgrad(g, x, cg.float32, None)  # warm-up outside the capture
+    graph = graphs.CUDAGraph()
+    with graphs.graph(graph):
+        gw = wgrad(g, x, cg.float32, None)
+    for trial in range(2):
+        g.copy_(cg.tensor(rng.standard_normal((8192, 256)), dtype=cg.float32).to(cg.bfloat16).to("cuda"))
+        x.copy_(cg.tensor(rng.standard_normal((8192, 256)), dtype=cg.float32).to(cg.bfloat16).to("cuda"))
+        graph.replay()
+        cg.cuda.synchronize()
+        assert_close(gw, f64(g).T @ f64(x), cg.bfloat16, f"replay {trial}", k=8192)
+
+
 def test_capture_and_replay_of_a_fused_step():
     """mlp_gelu forward + backward captured once, replayed with new input data."""
     import cutegrad.graphs as graphs
