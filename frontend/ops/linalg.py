@@ -236,13 +236,13 @@ def _to(t, dtype):
     return to_dtype(t, dtype)
 
 
-def _gemm_grads(g, x, weight, bias, needed, preact_of_x=None):
+def _gemm_grads(g, x, weight, bias, edges, preact_of_x=None):
     """(d input, d weight, d bias) of y = x W^T + b from dy = g (in the GEMM dtype), recording
-    nothing; a gradient is computed where its entry of `needed` is not None.  preact_of_x: x = gelu_tanh(preact_of_x); the input gradient is then taken with
-    respect to preact_of_x, the GELU backward running in the input-gradient GEMM's epilogue."""
+    nothing; each is computed where its entry of `edges` is not None.  preact_of_x: x is
+    gelu_tanh(preact_of_x), and the input gradient is taken with respect to preact_of_x (the
+    GELU backward runs in the input-gradient GEMM's epilogue)."""
     backend = g._storage.device.backend
     gx = gw = gb = None
-    edges = needed
     if edges[0] is not None:
         gx = _K_LINEAR_DGRAD[backend](g, weight, preact_of_x)
     if edges[1] is not None:
