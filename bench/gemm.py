@@ -12,8 +12,8 @@ the pre-activation stored for the backward), against torch.addmm + gelu; and
 fp32 GEMMs: full fp32 against cuBLAS fp32 (TF32 off), and the "high" (three
 bf16 products of the hi/lo split) and "medium" (operands rounded to bf16)
 float32 matmul precisions, tensor cores with fp32 output, against cuBLAS TF32
-(the DSL we build with has no TF32 warpgroup MMA).
-Timing: CUDA events
+(the DSL we build with has no TF32 warpgroup MMA); and the host time of one
+`_C.gemm` call against torch.matmul's.  Timing: CUDA events
 around a batch of launches, median over reps; small problems rotate through
 enough input copies to defeat the L2 cache.  Writes
 bench/results/gemm-<gpu>.json (DESIGN.md's schema) and gemm-<gpu>.md.
@@ -149,6 +149,38 @@ def fp32_rows(torch, gemm, stream, args):
     return rows
 
 
+def host_cost_row(torch, _C, stream, calls=20000):
+    """Host time of one `_C.gemm` call (integer codes, device given: what the CUDA backend
+    issues) against torch.matmul(out=) on the same tiny GEMM, launches not waited for."""
+    import time
+
+    m = n = k = 64
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).t()
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    dev = torch.cuda.current_device()
+    args = (a.data_ptr(), (1, m, k), (m * k, k, 1), b.data_ptr(), (1, k, n), (k * n, 1, k), d.data_ptr(),
+            (1, m, n), (m * n, n, 1), 0, 0, 0, 0, 0, None, False, stream, 0, 0, 0, dev)
+
+    def per_call(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return elapsed / calls * 1e6
+
+    ours = per_call(lambda: _C.gemm(*args))
+    theirs = per_call(lambda: torch.matmul(a, b, out=d))
+    row = {"name": "host.gemm_call 64x64x64 bf16", "unit": "us per call", "cutegrad": round(ours, 3),
+           "baseline": round(theirs, 3), "baseline_name": "torch.matmul(out=) host time", "ratio": round(theirs / ours, 4),
+           "kernel": _C.gemm(*args), "workload": False}
+    print(f"{row['name']:<52} {ours:8.2f} {theirs:8.2f} {row['ratio']:6.3f}  us/call", flush=True)
+    return row
+
+
 def gemm_gpu_slug(name):
     """The short device name of the GEMM results files (gemm-h100.json, gemm-h200.json)."""
     words = [w for w in name.lower().replace("nvidia", "").split() if w]
@@ -250,6 +282,8 @@ def main():
             del sets
 
     rows += fp32_rows(torch, gemm, stream, args)
+    if not args.only or "host" in args.only:
+        rows.append(host_cost_row(torch, _C, stream))
 
     result = gpu_result("gemm", torch, rows)
     device = result["device"]
