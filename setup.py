@@ -147,6 +147,9 @@ class BuildExt(build_ext):
             ext.include_dirs += include_dirs
             ext.extra_compile_args += cxx_flags
             ext.extra_objects += host_objects + manifest["objects"] + cu_objects
+            # setuptools relinks only when a source or a dependency is newer than the module: a
+            # rebuilt kernel object (a new or changed specialization) must count as one.
+            ext.depends += host_objects + manifest["objects"] + cu_objects
             ext.extra_link_args += [dsl_runtime_lib(), cudart, "-ldl", "-lrt", "-lpthread"]
         super().build_extensions()
 

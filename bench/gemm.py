@@ -4,11 +4,16 @@
 
 Shapes: the forward (Y = X W^T), input-gradient (dX = dY W) and weight-gradient
 (dW = dY^T X) GEMM of every Linear in the four reference workloads of
-DESIGN.md, plus 4096^3 and 8192^3, bf16 (there is no tf32 GEMM yet: fp32
-inputs take the SIMT fallback).  Each GEMM runs in the operand layouts a
+DESIGN.md, plus 4096^3 and 8192^3, bf16.  The classifier heads (N = 10 and
+36) are the narrow cases.  Each GEMM runs in the operand layouts a
 Linear really has (no transposes) for both libraries.  Extra rows (not in the
-geomean): the MLP's first Linear with the bias+GELU epilogue fused, against
-torch.addmm + gelu.  Timing: CUDA events
+geomean): the MLP's first Linear with the bias+GELU epilogue fused (and with
+the pre-activation stored for the backward), against torch.addmm + gelu; and
+fp32 GEMMs: full fp32 against cuBLAS fp32 (TF32 off), and the "high" (three
+bf16 products of the hi/lo split) and "medium" (operands rounded to bf16)
+float32 matmul precisions, tensor cores with fp32 output, against cuBLAS TF32
+(the DSL we build with has no TF32 warpgroup MMA); and the host time of one
+`_C.gemm` call against torch.matmul's.  Timing: CUDA events
 around a batch of launches, median over reps; small problems rotate through
 enough input copies to defeat the L2 cache.  Writes
 bench/results/gemm-<gpu>.json (DESIGN.md's schema) and gemm-<gpu>.md.
@@ -82,6 +87,100 @@ def time_ms(torch, fn, sets, reps):
     return statistics.median(samples)
 
 
+FP32_CASES = [("reverse.head.fwd", 64 * 64, 36, 128), ("vit.head.fwd", 256 * 80, 10, 256),
+              ("vit.fc1.fwd", 256 * 80, 1024, 256), ("minigpt.fc2.fwd", 64 * 128, 256, 1024), ("square.4096", 4096, 4096, 4096)]
+
+
+def fp32_rows(torch, gemm, stream, args):
+    """fp32 GEMMs (forward layout): full fp32 vs cuBLAS with TF32 off; the "high" (bf16 hi/lo
+    split, three products) and "medium" (bf16-rounded operands) paths on tensor cores with fp32
+    output, their cast kernels included, vs cuBLAS TF32."""
+    rows = []
+    for name, m, n, k in FP32_CASES:
+        for mode in ("highest", "high", "medium"):
+            label = f"fp32-{mode}.{name}"
+            if args.only and args.only not in label:
+                continue
+            a, b = make_operands(torch, m, n, k, "k", "k", torch.float32)
+            d = torch.empty(m, n, device="cuda", dtype=torch.float32)
+            a16, b16 = torch.empty_like(a, dtype=torch.bfloat16), torch.empty(n, k, device="cuda", dtype=torch.bfloat16).t()
+
+            a_lo, b_lo = torch.empty_like(a16), torch.empty_like(b16)
+
+            def one(x, y, dn, acc, m=m, n=n, k=k, d=d):
+                return gemm(x.data_ptr(), (1, m, k), (0, x.stride(0), x.stride(1)), y.data_ptr(), (1, k, n),
+                            (0, y.stride(0), y.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                            dn, "fp32", accumulate=acc, stream=stream)
+
+            def ours_call(mode=mode, a=a, b=b, a16=a16, b16=b16, a_lo=a_lo, b_lo=b_lo):
+                if mode == "highest":
+                    return one(a, b, "fp32", False)
+                a16.copy_(a)
+                b16.copy_(b)
+                if mode == "medium":
+                    return one(a16, b16, "bf16", False)
+                # "high": x = hi + lo in bfloat16, three products (the backend's split, same kernel count)
+                torch.sub(a, a16, out=a_lo)
+                torch.sub(b, b16, out=b_lo)
+                one(a_lo, b16, "bf16", False)
+                one(a16, b_lo, "bf16", True)
+                return one(a16, b16, "bf16", True)
+
+            def theirs_call(a=a, b=b, d=d):
+                torch.matmul(a, b, out=d)
+
+            kernel = ours_call()
+            ref = torch.matmul(a.double(), b.double())
+            err = ((d.double() - ref).abs().max() / ref.abs().max()).item()
+            if not err < {"highest": 1e-5, "high": 1e-4, "medium": 1e-2}[mode]:
+                raise SystemExit(f"{label}: cutegrad result wrong (relative error {err:.2e})")
+            flops = 2.0 * m * n * k
+            ours = flops / time_ms(torch, lambda: ours_call(), [()], args.reps) / 1e9
+            torch.backends.cuda.matmul.allow_tf32 = mode != "highest"
+            try:
+                theirs = flops / time_ms(torch, lambda: theirs_call(), [()], args.reps) / 1e9
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = False
+            rows.append({"name": f"{label} M={m} N={n} K={k}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
+                         "baseline": round(theirs, 2),
+                         "baseline_name": "cuBLAS fp32" if mode == "highest" else "cuBLAS TF32",
+                         "ratio": round(ours / theirs, 4), "kernel": kernel, "workload": False})
+            print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
+    return rows
+
+
+def host_cost_row(torch, _C, stream, calls=20000):
+    """Host time of one `_C.gemm` call (integer codes, device given: what the CUDA backend
+    issues) against torch.matmul(out=) on the same tiny GEMM, launches not waited for."""
+    import time
+
+    m = n = k = 64
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16).t()
+    d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    dev = torch.cuda.current_device()
+    args = (a.data_ptr(), (1, m, k), (m * k, k, 1), b.data_ptr(), (1, k, n), (k * n, 1, k), d.data_ptr(),
+            (1, m, n), (m * n, n, 1), 0, 0, 0, 0, 0, None, False, stream, 0, 0, 0, dev)
+
+    def per_call(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        return elapsed / calls * 1e6
+
+    ours = per_call(lambda: _C.gemm(*args))
+    theirs = per_call(lambda: torch.matmul(a, b, out=d))
+    row = {"name": "host.gemm_call 64x64x64 bf16", "unit": "us per call", "cutegrad": round(ours, 3),
+           "baseline": round(theirs, 3), "baseline_name": "torch.matmul(out=) host time", "ratio": round(theirs / ours, 4),
+           "kernel": _C.gemm(*args), "workload": False}
+    print(f"{row['name']:<52} {ours:8.2f} {theirs:8.2f} {row['ratio']:6.3f}  us/call", flush=True)
+    return row
+
+
 def gemm_gpu_slug(name):
     """The short device name of the GEMM results files (gemm-h100.json, gemm-h200.json)."""
     words = [w for w in name.lower().replace("nvidia", "").split() if w]
@@ -98,6 +197,7 @@ def main():
     import torch
 
     from cutegrad import _C
+    from cutegrad._gemm import gemm
 
     _C.load_kernels()
     dtype, dname = torch.bfloat16, "bf16"
@@ -114,9 +214,9 @@ def main():
             sets.append((a, b, torch.empty(m, n, device="cuda", dtype=dtype)))
 
         def cutegrad_call(a, b, d):
-            return _C.gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
-                           (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
-                           dname, dname, stream=stream)
+            return gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
+                        (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                        dname, dname, stream=stream)
 
         def cublas_call(a, b, d):
             torch.matmul(a, b, out=d)
@@ -140,39 +240,50 @@ def main():
     # Fused epilogue: the MLP's first Linear + GELU in one kernel vs PyTorch's
     # addmm (cuBLAS, bias fused) followed by a separate GELU kernel.
     for wl, tokens, linears in WORKLOADS:
-        name = f"{wl}.fc1.fwd+bias+gelu"
-        if args.only and args.only not in name:
-            continue
         fin, fout = next((i, o) for lin, i, o in linears if lin == "fc1")
         m, n, k = tokens, fout, fin
-        nsets = max(1, min(32, math.ceil(L2_DEFEAT_BYTES / (2 * (m * k + k * n + 2 * m * n)))))
-        sets = []
-        for _ in range(nsets):
-            a, b = make_operands(torch, m, n, k, "k", "k", dtype)
-            sets.append((a, b, torch.randn(n, device="cuda", dtype=dtype), torch.empty(m, n, device="cuda", dtype=dtype)))
+        for epilogue in ("bias_gelu", "bias_gelu_aux"):
+            name = f"{wl}.fc1.fwd+{epilogue}"
+            if args.only and args.only not in name:
+                continue
+            nsets = max(1, min(32, math.ceil(L2_DEFEAT_BYTES / (2 * (m * k + k * n + 3 * m * n)))))
+            sets = []
+            for _ in range(nsets):
+                a, b = make_operands(torch, m, n, k, "k", "k", dtype)
+                sets.append((a, b, torch.randn(n, device="cuda", dtype=dtype),
+                             torch.empty(m, n, device="cuda", dtype=dtype), torch.empty(m, n, device="cuda", dtype=dtype)))
 
-        def fused_call(a, b, bias, d):
-            return _C.gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
-                           (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
-                           dname, dname, epilogue="bias_gelu", bias=bias.data_ptr(), stream=stream)
+            def fused_call(a, b, bias, d, aux, epilogue=epilogue):
+                store = epilogue == "bias_gelu_aux"
+                return gemm(a.data_ptr(), (1, m, k), (0, a.stride(0), a.stride(1)), b.data_ptr(), (1, k, n),
+                            (0, b.stride(0), b.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
+                            dname, dname, epilogue=epilogue, bias=bias.data_ptr(), aux=aux.data_ptr() if store else 0,
+                            aux_strides=(m * n, n, 1) if store else None, stream=stream)
 
-        def torch_call(a, b, bias, d):
-            torch.nn.functional.gelu(torch.addmm(bias, a, b), approximate="tanh")
+            def torch_call(a, b, bias, d, aux):
+                torch.nn.functional.gelu(torch.addmm(bias, a, b), approximate="tanh")
 
-        a, b, bias, d = sets[0]
-        kernel = fused_call(a, b, bias, d)
-        ref = torch.nn.functional.gelu(torch.addmm(bias.float(), a.float(), b.float()), approximate="tanh")
-        err = ((d.float() - ref).abs().max() / ref.abs().max()).item()
-        if not err < 1e-2:
-            raise SystemExit(f"{name}: cutegrad result wrong (relative error {err:.2e})")
-        flops = 2.0 * m * n * k
-        ours = flops / time_ms(torch, fused_call, sets, args.reps) / 1e9
-        theirs = flops / time_ms(torch, torch_call, sets, args.reps) / 1e9
-        rows.append({"name": f"{name} M={m} N={n} K={k} {dname}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
-                     "baseline": round(theirs, 2), "baseline_name": "torch addmm + gelu(tanh)",
-                     "ratio": round(ours / theirs, 4), "kernel": kernel, "workload": False})
-        print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
-        del sets
+            a, b, bias, d, aux = sets[0]
+            kernel = fused_call(a, b, bias, d, aux)
+            pre = torch.addmm(bias.float(), a.float(), b.float())
+            ref = torch.nn.functional.gelu(pre, approximate="tanh")
+            err = ((d.float() - ref).abs().max() / ref.abs().max()).item()
+            if epilogue == "bias_gelu_aux":
+                err = max(err, ((aux.float() - pre).abs().max() / pre.abs().max()).item())
+            if not err < 1e-2:
+                raise SystemExit(f"{name}: cutegrad result wrong (relative error {err:.2e})")
+            flops = 2.0 * m * n * k
+            ours = flops / time_ms(torch, fused_call, sets, args.reps) / 1e9
+            theirs = flops / time_ms(torch, torch_call, sets, args.reps) / 1e9
+            rows.append({"name": f"{name} M={m} N={n} K={k} {dname}", "unit": "TFLOP/s", "cutegrad": round(ours, 2),
+                         "baseline": round(theirs, 2), "baseline_name": "torch addmm + gelu(tanh)",
+                         "ratio": round(ours / theirs, 4), "kernel": kernel, "workload": False})
+            print(f"{rows[-1]['name']:<52} {ours:8.1f} {theirs:8.1f} {ours / theirs:6.3f}  {kernel}", flush=True)
+            del sets
+
+    rows += fp32_rows(torch, gemm, stream, args)
+    if not args.only or "host" in args.only:
+        rows.append(host_cost_row(torch, _C, stream))
 
     result = gpu_result("gemm", torch, rows)
     device = result["device"]

@@ -29,5 +29,7 @@ from .io import save, load, from_dlpack
 from . import amp
 from .compile import compile
 from . import utils
+from .backends.precision import set_float32_matmul_precision, get_float32_matmul_precision
+from .backends import cudnn as _cudnn  # cutegrad.backends.cudnn: PyTorch's flags, no cuDNN behind them
 
-del _cpu_backend, _tensor_methods, _graph_rng
+del _cpu_backend, _tensor_methods, _graph_rng, _cudnn

@@ -85,6 +85,24 @@ def test_every_sm90_gemm_specialization_uses_hgmma_and_no_local_memory():
 
 
 @needs_build
+def test_narrow_gemm_tiles_store_d_without_tma():
+    """The 128x16/32/64 head tiles: HGMMA mainloop fed by TMA loads, D written with plain
+    predicated global stores (no TMA store: 10- or 36-wide rows are not 16-byte multiples)."""
+    manifest = json.load(open(MANIFEST))
+    objects = [o for o in manifest["objects"] if re.search(r"gemm_sm_90a_.*_128x(16|32|64)_", os.path.basename(o))]
+    assert len(objects) == 12, objects
+    with tempfile.TemporaryDirectory() as tmp:
+        for obj in objects:
+            path = os.path.join(tmp, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(embedded_cubins(open(obj, "rb").read())[0])
+            listing = run_tool(["-sass", path])
+            name = os.path.basename(obj)
+            assert "HGMMA" in listing and "UTMALDG" in listing, name
+            assert "UTMASTG" not in listing and "STG.E" in listing, name
+
+
+@needs_build
 def test_cuda_cpp_kernels_in_extension_use_no_local_memory():
     from cutegrad import _C
 

@@ -144,26 +144,37 @@ def gather(storage, shape, strides, dtype):
     return _view(decode(storage, dtype), shape, strides).copy()
 
 
-def reference(a, b, epilogue, d_old=None, bias=None, aux=None):
-    """float64 epilogue(A @ B (+ D)), same order of operations as the kernels."""
+BIAS_EPILOGUES = ("bias", "bias_gelu", "bias_residual", "bias_gelu_aux")
+AUX_INPUT_EPILOGUES = ("gelu_bwd", "residual", "bias_residual")
+
+
+def reference(a, b, epilogue, d_old=None, bias=None, aux=None, out_dtype="fp32"):
+    """float64 epilogue(A @ B (+ D)), same order of operations as the kernels.
+    Returns (D, pre-activation written to aux or None)."""
     v = np.matmul(a, b)
     if d_old is not None:
         v = v + d_old
-    if epilogue in ("bias", "bias_gelu"):
+    if epilogue in BIAS_EPILOGUES:
         v = v + bias[None, None, :]
-    if epilogue in ("gelu", "bias_gelu"):
+    preact = None
+    if epilogue == "bias_gelu_aux":
+        preact = quantize(v, out_dtype)
+        v = preact
+    if epilogue in ("gelu", "bias_gelu", "bias_gelu_aux"):
         v = 0.5 * v * (1.0 + np.tanh(GELU_K0 * (v + GELU_K1 * v**3)))
     if epilogue == "gelu_bwd":
         t = np.tanh(GELU_K0 * (aux + GELU_K1 * aux**3))
         v = v * (0.5 * (1.0 + t) + 0.5 * aux * (1.0 - t * t) * GELU_K0 * (1.0 + 3.0 * GELU_K1 * aux * aux))
-    return v
+    if epilogue in ("residual", "bias_residual"):
+        v = v + aux
+    return v, preact
 
 
 def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major, epilogue="none",
              accumulate=False, align=8, path="auto", tile_n=0, split_k=0):
     """Run one GEMM on fresh random data; returns (kernel name, max relative error).
     D is poisoned with NaN (or holds the accumulate input) and its row padding
-    with a sentinel that must survive."""
+    with a sentinel that must survive; so is aux when the epilogue writes it."""
     a_val = quantize(rng.standard_normal((batch, m, k)), dtype)
     b_val = quantize(rng.standard_normal((batch, k, n)), dtype)
     a_strides, a_size = layout(batch, m, k, "cols" if a_major == "k" else "rows", align)
@@ -175,29 +186,43 @@ def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major,
     d_full[:, :, :n] = np.nan if d_old is None else d_old
     d_host = scatter(d_full, d_strides, d_size, out_dtype, sentinel)
     pad_vals = gather(d_host, (batch, m, n + 3), d_strides, out_dtype)[:, :, n:]
-    bias_val = quantize(rng.standard_normal(n), out_dtype) if epilogue in ("bias", "bias_gelu") else None
-    aux_val = quantize(2 * rng.standard_normal((batch, m, n)), out_dtype) if epilogue == "gelu_bwd" else None
+    bias_val = quantize(rng.standard_normal(n), out_dtype) if epilogue in BIAS_EPILOGUES else None
+    aux_val = quantize(2 * rng.standard_normal((batch, m, n)), out_dtype) if epilogue in AUX_INPUT_EPILOGUES else None
 
     pa = dev.upload(scatter(a_val, a_strides, a_size, dtype, 0.0))
     pb = dev.upload(scatter(b_val, b_strides, b_size, dtype, 0.0))
     pd = dev.upload(d_host)
     pbias = dev.upload(encode(bias_val, out_dtype)) if bias_val is not None else 0
-    paux, aux_strides = 0, None
+    paux, aux_strides, aux_host = 0, None, None
     if aux_val is not None:
         aux_strides, aux_size = layout(batch, m, n, "cols", align)
         paux = dev.upload(scatter(aux_val, aux_strides, aux_size, out_dtype, 0.0))
+    elif epilogue == "bias_gelu_aux":
+        aux_strides, aux_size = layout(batch, m, n + 3, "cols", align)
+        aux_full = np.full((batch, m, n + 3), sentinel)
+        aux_full[:, :, :n] = np.nan
+        aux_host = scatter(aux_full, aux_strides, aux_size, out_dtype, sentinel)
+        paux = dev.upload(aux_host)
     name = C.gemm(pa, (batch, m, k), a_strides, pb, (batch, k, n), b_strides, pd, (batch, m, n), d_strides,
                   dtype, out_dtype, epilogue=epilogue, bias=pbias, aux=paux, aux_strides=aux_strides,
                   accumulate=accumulate, path=path, tile_n=tile_n, split_k=split_k)
     out_storage = dev.download(pd, d_host)
     out_full = gather(out_storage, (batch, m, n + 3), d_strides, out_dtype)
+    aux_out = gather(dev.download(paux, aux_host), (batch, m, n + 3), aux_strides, out_dtype) \
+        if aux_host is not None else None
     dev.free_all()
     assert np.array_equal(out_full[:, :, n:], pad_vals), f"{name} wrote outside D (row padding changed)"
     out = out_full[:, :, :n]
-    ref = reference(a_val, b_val, epilogue, d_old, bias_val, aux_val)
+    ref, preact = reference(a_val, b_val, epilogue, d_old, bias_val, aux_val, out_dtype)
     assert not np.isnan(out).any(), f"{name} left NaN in D (unwritten elements)"
     scale = max(np.abs(ref).max(initial=0.0), 1e-6)
-    return name, float(np.abs(out - ref).max(initial=0.0) / scale)
+    err = float(np.abs(out - ref).max(initial=0.0) / scale)
+    if aux_out is not None:
+        assert (aux_out[:, :, n:] == sentinel).all(), f"{name} wrote outside aux (row padding changed)"
+        assert not np.isnan(aux_out[:, :, :n]).any(), f"{name} left NaN in the stored pre-activation"
+        pscale = max(np.abs(preact).max(initial=0.0), 1e-6)
+        err = max(err, float(np.abs(aux_out[:, :, :n] - preact).max(initial=0.0) / pscale))
+    return name, err
 
 
 # ---- tests ---------------------------------------------------------------------
@@ -211,11 +236,20 @@ needs_gpu = pytest.mark.skipif(_skip_reason is not None, reason=_skip_reason or 
 LAYOUTS = [("k", "k"), ("k", "n"), ("m", "n"), ("m", "k")]
 
 
+class _NamedCodes:
+    """cutegrad._C with gemm() taking dtype / epilogue / path by name (cutegrad._gemm.gemm)."""
+
+    def __init__(self):
+        from cutegrad import _C, _gemm
+
+        self.raw = _C
+        self.gemm = _gemm.gemm
+        self.gemm_specializations = _C.gemm_specializations
+
+
 @pytest.fixture(scope="module")
 def C():
-    from cutegrad import _C
-
-    return _C
+    return _NamedCodes()
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +302,7 @@ def test_shape_sweep(C, dev, shape, layout, dtype, align):
     assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
-EPILOGUE_CASES = list(itertools.product(["none", "bias", "gelu", "bias_gelu", "gelu_bwd"], LAYOUTS, [False, True],
+EPILOGUE_CASES = list(itertools.product(list(gemm_kernel_module().EPILOGUES), LAYOUTS, [False, True],
                                         ["bf16", "fp16"], ["same", "fp32"]))
 
 
@@ -284,7 +318,8 @@ def test_every_epilogue_and_layout(C, dev, epilogue, layout, accumulate, dtype, 
     assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
-SPLIT_CASES = list(itertools.product(["none", "bias_gelu", "gelu_bwd"], LAYOUTS, [False, True]))
+SPLIT_CASES = list(itertools.product(["none", "bias_gelu", "gelu_bwd", "bias_residual", "bias_gelu_aux"], LAYOUTS,
+                                     [False, True]))
 
 
 @pytest.mark.parametrize("epilogue,layout,accumulate", SPLIT_CASES,
@@ -302,6 +337,26 @@ def test_split_k(C, dev, epilogue, layout, accumulate, path):
     if path == "auto":
         assert "gemm_sm_90a" in name or _sm(dev) != 90, name
     assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
+
+
+NARROW_CASES = [(1, 1000, 10, 256, "none"), (1, 4096, 36, 128, "bias"), (2, 300, 64, 72, "bias"), (1, 129, 17, 40, "none")]
+
+
+@pytest.mark.parametrize("batch,m,n,k,epilogue", NARROW_CASES, ids=["x".join(map(str, c[:4])) + c[4] for c in NARROW_CASES])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.gpu
+@needs_gpu
+def test_narrow_heads_take_tensor_cores_with_unaligned_rows(C, dev, batch, m, n, k, epilogue, dtype):
+    """Classifier heads: N <= 64 picks a narrow tile even when D's rows (N + 3 padding, compact)
+    are not 16-byte multiples; the padding must survive the predicated stores."""
+    if _sm(dev) != 90:
+        pytest.skip("tensor-core GEMM needs sm_90")
+    rng = np.random.default_rng(m + n + k)
+    name, err = run_gemm(dev, C, rng, batch=batch, m=m, n=n, k=k, dtype=dtype, out_dtype=dtype, a_major="k",
+                         b_major="k", epilogue=epilogue, align=1, path="tensor_core", split_k=1)
+    tile = 16 if n <= 16 else 32 if n <= 32 else 64
+    assert name.endswith(f"128x{tile}_{epilogue}"), name
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
 
 
 # ---- bad input: raises before launch (no GPU needed) --------------------------
@@ -347,10 +402,29 @@ def test_bad_shapes_and_options_raise(C):
         _call(C, d_shape=(1, 64, 47))
     with pytest.raises(ValueError, match="batch mismatch"):
         _call(C, b_shape=(2, 32, 48))
-    with pytest.raises(ValueError, match="unknown epilogue 'relu'"):
+    with pytest.raises(ValueError, match="unsupported epilogue 'relu'"):
         _call(C, epilogue="relu")
     with pytest.raises(ValueError, match="gelu_bwd needs aux_strides"):
         _call(C, epilogue="gelu_bwd", aux=P)
+    for epilogue in ("residual", "bias_residual", "bias_gelu_aux"):
+        with pytest.raises(ValueError, match="aux is a null pointer"):
+            _call(C, epilogue=epilogue, bias=P)
+        with pytest.raises(ValueError, match=f"{epilogue} needs aux_strides"):
+            _call(C, epilogue=epilogue, bias=P, aux=P)
+    with pytest.raises(ValueError, match="aux rows overlap"):
+        _call(C, epilogue="bias_gelu_aux", bias=P, aux=P, aux_strides=(3072, 40, 1))
+
+
+def test_integer_codes_are_validated_by_the_native_entry(C):
+    """_C.gemm itself takes integer codes; out-of-range ones raise before anything runs."""
+    with pytest.raises(TypeError, match="unsupported dtype code 3"):
+        _call(C, dtype=3)
+    with pytest.raises(TypeError, match="unsupported out_dtype code -1"):
+        _call(C, out_dtype=-1)
+    with pytest.raises(ValueError, match="unknown epilogue code 8"):
+        _call(C, epilogue=8)
+    with pytest.raises(ValueError, match="path code must be"):
+        _call(C, path=3)
 
 
 @pytest.mark.gpu

@@ -250,6 +250,13 @@ def clamp(x, lo, hi, out_dtype):
     return _out(r, out_dtype)
 
 
+def _gelu_tanh_grad(v):
+    """d/dv of tanh-GELU."""
+    k = _SQRT_2_OVER_PI
+    th = np.tanh(k * (v + 0.044715 * (v * v * v)))
+    return 0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k * (1.0 + 3 * 0.044715 * v * v)
+
+
 @register("act_backward", CPU)
 def act_backward(code, grad, x):
     """d act(x)/dx * grad for activations whose derivative needs x."""
@@ -259,10 +266,7 @@ def act_backward(code, grad, x):
         pdf = np.exp(-0.5 * v * v) * _INV_SQRT_2PI
         r = g * (cdf + v * pdf)
     elif code == C.GELU_TANH:
-        k = _SQRT_2_OVER_PI
-        inner = k * (v + 0.044715 * (v * v * v))
-        th = np.tanh(inner)
-        r = g * (0.5 * (1.0 + th) + 0.5 * v * (1.0 - th * th) * k * (1.0 + 3 * 0.044715 * v * v))
+        r = g * _gelu_tanh_grad(v)
     elif code == C.SILU:
         s = _sigmoid(v)
         r = g * (s * (1.0 + v * (1.0 - s)))
@@ -340,6 +344,49 @@ def matmul(a, b, out_dtype):
         # batch row, which collapses when BLAS threads share busy cores.
         return _out(np.matmul(x.reshape(-1, x.shape[-1]), y).reshape(x.shape[:-1] + (y.shape[1],)), out_dtype)
     return _out(np.matmul(x, y), out_dtype)
+
+
+# The fused linear family (ops/linalg.py): the same epilogue order as the GPU GEMM,
+# in the compute dtype (float32 for half types, float64 for float64), rounded once.
+def _rows(arr):
+    return arr.reshape(-1, arr.shape[-1])
+
+
+@register("linear", CPU)
+def linear(x, weight, bias, residual, gelu, out_dtype):
+    """(act(x W^T + b) (+ residual), pre-activation or None)."""
+    xa = _a(x)
+    z = (_rows(xa) @ _a(weight).T).reshape(xa.shape[:-1] + (weight._shape[0],))
+    if bias is not None:
+        z = z + _a(bias)
+    preact = None
+    if gelu:
+        preact = _out(z, out_dtype)
+        z = erf_np_gelu_tanh(_a(preact))  # GELU of the stored (rounded) pre-activation, as the GPU does
+    if residual is not None:
+        z = z + _a(residual)
+    return _out(z, out_dtype), preact
+
+
+@register("linear_input_grad", CPU)
+def linear_input_grad(g, weight, preact):
+    """g W (* gelu_tanh'(preact))."""
+    ga = _a(g)
+    r = (_rows(ga) @ _a(weight)).reshape(ga.shape[:-1] + (weight._shape[1],))
+    if preact is not None:
+        r = r * _gelu_tanh_grad(_a(preact))
+    return _out(r, g._dtype)
+
+
+@register("linear_weight_grad", CPU)
+def linear_weight_grad(g, x, out_dtype, into):
+    """g^T x over all rows, in out_dtype; with `into`, added to it in place (beta = 1)."""
+    r = _rows(_a(g)).T @ _rows(_a(x))
+    if into is None:
+        return _out(r, out_dtype)
+    into._np[...] = dt.to_numpy(_a(into) + r, into._dtype)
+    into._storage.version += 1
+    return into
 
 
 # --- normalisation and softmax ----------------------------------------------------

@@ -5,15 +5,41 @@
 #pragma once
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define CUTEGRAD_HD __host__ __device__
+#else
+#define CUTEGRAD_HD
+#endif
+
 namespace cutegrad {
 
 enum class DType : int { bf16 = 0, fp16 = 1, fp32 = 2 };
-enum class Epilogue : int { none = 0, bias = 1, gelu = 2, bias_gelu = 3, gelu_bwd = 4 };
+// The integers are the Python boundary's codes too (cutegrad._gemm.EPILOGUES).
+// residual / bias_residual add aux[m, n] last; bias_gelu_aux writes the
+// pre-activation (A @ B + bias, rounded to the output dtype) to aux and
+// GELU of it to D, so the backward has what gelu_bwd needs.
+enum class Epilogue : int {
+  none = 0, bias = 1, gelu = 2, bias_gelu = 3, gelu_bwd = 4, residual = 5, bias_residual = 6, bias_gelu_aux = 7
+};
+constexpr int kNumEpilogues = 8;
+
+CUTEGRAD_HD inline bool epilogue_adds_bias(Epilogue e) {
+  return e == Epilogue::bias || e == Epilogue::bias_gelu || e == Epilogue::bias_residual ||
+         e == Epilogue::bias_gelu_aux;
+}
+CUTEGRAD_HD inline bool epilogue_applies_gelu(Epilogue e) {
+  return e == Epilogue::gelu || e == Epilogue::bias_gelu || e == Epilogue::bias_gelu_aux;
+}
+CUTEGRAD_HD inline bool epilogue_adds_residual(Epilogue e) { return e == Epilogue::residual || e == Epilogue::bias_residual; }
+// Every epilogue that reads or writes the M x N aux tensor.
+CUTEGRAD_HD inline bool epilogue_uses_aux(Epilogue e) {
+  return e == Epilogue::gelu_bwd || epilogue_adds_residual(e) || e == Epilogue::bias_gelu_aux;
+}
 
 // D[l] = epilogue(A[l] (M x K) @ B[l] (K x N) (+ D[l] if accumulate)).
 // Strides are in elements.  A is addressed a[l*a_sl + m*a_sm + k*a_sk],
 // B as b[l*b_sl + k*b_sk + n*b_sn], D as d[l*d_sl + m*d_sm + n] (unit column
-// stride), the pre-activation aux like D with its own strides, bias[n].
+// stride), aux (pre-activation or residual) like D with its own strides, bias[n].
 struct GemmArgs {
   const void* a;
   const void* b;

@@ -21,8 +21,8 @@
 // k-major stores while keeping float4 alignment.
 // Grid: x over N tiles, y over M tiles, z over the batch; y and z loop, so
 // more than 65535 M tiles or batch entries are fine.
-// Epilogue as the tensor-core kernel's: (+ D) (+ bias[n]) (GELU-tanh) or
-// (* gelu'(pre-activation)).
+// Epilogue as the tensor-core kernel's: (+ D) (+ bias[n]) (store the
+// pre-activation) (GELU-tanh) or (* gelu'(pre-activation)) (+ residual).
 //
 // Tile configurations (chosen per call in launch_for_input):
 //   128x128x8, 8x8 per thread   large outputs
@@ -112,15 +112,17 @@ __global__ void __launch_bounds__(kThreads, (TM * TN > 16 ? 1 : 2)) gemm_simt_ke
   const int64_t m_tiles = (g.m + BM - 1) / BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
   const TOut* bias = static_cast<const TOut*>(g.bias);
-  const bool add_bias = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
-  const bool gelu = g.epilogue == Epilogue::gelu || g.epilogue == Epilogue::bias_gelu;
+  const bool add_bias = epilogue_adds_bias(g.epilogue);
+  const bool gelu = epilogue_applies_gelu(g.epilogue);
   const bool gelu_bwd = g.epilogue == Epilogue::gelu_bwd;
+  const bool add_residual = epilogue_adds_residual(g.epilogue);
+  const bool store_preact = g.epilogue == Epilogue::bias_gelu_aux;
 
   for (int64_t l = blockIdx.z; l < g.batch; l += gridDim.z) {
     const TIn* A = static_cast<const TIn*>(g.a) + l * g.a_sl;
     const TIn* B = static_cast<const TIn*>(g.b) + l * g.b_sl;
     TOut* D = static_cast<TOut*>(g.d) + l * g.d_sl;
-    const TOut* aux = g.aux ? static_cast<const TOut*>(g.aux) + l * g.aux_sl : nullptr;
+    TOut* aux = g.aux ? static_cast<TOut*>(const_cast<void*>(g.aux)) + l * g.aux_sl : nullptr;
     for (int64_t mt = blockIdx.y; mt < m_tiles; mt += gridDim.y) {
       const int64_t m0 = mt * BM;
       float acc[TM][TN];
@@ -181,12 +183,20 @@ __global__ void __launch_bounds__(kThreads, (TM * TN > 16 ? 1 : 2)) gemm_simt_ke
           float v = acc[i][j];
           if (g.accumulate) v += to_f32(D[m * g.d_sm + n]);
           if (add_bias) v += to_f32(bias[n]);
+          if (store_preact) {
+            // The backward's GELU derivative reads the rounded pre-activation:
+            // apply GELU to that same rounded value, as the unfused ops would.
+            const TOut z = from_f32<TOut>(v);
+            aux[m * g.aux_sm + n] = z;
+            v = to_f32(z);
+          }
           if (gelu) v = 0.5f * v * (1.f + tanhf(kGeluK0 * (v + kGeluK1 * v * v * v)));
           if (gelu_bwd) {
             const float x = to_f32(aux[m * g.aux_sm + n]);
             const float t = tanhf(kGeluK0 * (x + kGeluK1 * x * x * x));
             v *= 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kGeluK0 * (1.f + 3.f * kGeluK1 * x * x);
           }
+          if (add_residual) v += to_f32(aux[m * g.aux_sm + n]);
           D[m * g.d_sm + n] = from_f32<TOut>(v);
         }
       }

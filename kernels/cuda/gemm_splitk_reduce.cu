@@ -28,14 +28,20 @@ template <typename TOut>
 __device__ __forceinline__ float epilogue(const GemmArgs& g, float v, int64_t m, int64_t n) {
   TOut* out = static_cast<TOut*>(g.d) + m * g.d_sm + n;
   if (g.accumulate) v += load_f32(out);
-  if (g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu) v += load_f32(static_cast<const TOut*>(g.bias) + n);
-  if (g.epilogue == Epilogue::gelu || g.epilogue == Epilogue::bias_gelu)
-    v = 0.5f * v * (1.f + tanhf(kGeluK0 * (v + kGeluK1 * v * v * v)));
+  // Only the aux-reading epilogues form this address (aux is null otherwise).
+  auto aux = [&] { return static_cast<TOut*>(const_cast<void*>(g.aux)) + m * g.aux_sm + n; };
+  if (epilogue_adds_bias(g.epilogue)) v += load_f32(static_cast<const TOut*>(g.bias) + n);
+  if (g.epilogue == Epilogue::bias_gelu_aux) {
+    store_f32(aux(), v);  // the pre-activation, rounded; GELU then reads the rounded value
+    v = load_f32(aux());
+  }
+  if (epilogue_applies_gelu(g.epilogue)) v = 0.5f * v * (1.f + tanhf(kGeluK0 * (v + kGeluK1 * v * v * v)));
   if (g.epilogue == Epilogue::gelu_bwd) {
-    float x = load_f32(static_cast<const TOut*>(g.aux) + m * g.aux_sm + n);
+    float x = load_f32(aux());
     float t = tanhf(kGeluK0 * (x + kGeluK1 * x * x * x));
     v *= 0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * kGeluK0 * (1.f + 3.f * kGeluK1 * x * x);
   }
+  if (epilogue_adds_residual(g.epilogue)) v += load_f32(aux());
   return v;
 }
 

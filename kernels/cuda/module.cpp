@@ -7,6 +7,15 @@
 // (kernels/cuda/gemm_fallback.cu).  The exported CuTeDSL modules are loaded on
 // every device the first time any GEMM runs (or by load_kernels(), which a
 // graph capture should call first: module loading must not happen mid-capture).
+//
+// Host cost per call is kept small: dtypes, epilogue and path arrive as
+// integer codes, the device can be passed by the caller (no cudaGetDevice),
+// per-device facts are read without a lock, the kernel is found by a direct
+// index, and message strings are built only when something fails.  The TMA
+// descriptors are not cached: the exported CuTeDSL wrapper
+// (cute_dsl_<name>_wrapper) takes tensor structs and encodes its descriptors
+// inside the generated host code on every call, with no entry point that
+// accepts pre-encoded ones.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -15,6 +24,8 @@
 
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -30,13 +41,9 @@ namespace {
 
 using Triple = std::tuple<int64_t, int64_t, int64_t>;
 
-DType parse_dtype(const std::string& s, const char* what) {
-  if (s == "bf16" || s == "bfloat16") return DType::bf16;
-  if (s == "fp16" || s == "float16") return DType::fp16;
-  if (s == "fp32" || s == "float32") return DType::fp32;
-  throw nb::type_error((std::string("gemm: unsupported ") + what + " '" + s +
-                        "' (expected bf16, fp16 or fp32)").c_str());
-}
+// Integer codes at the Python boundary (cutegrad._gemm maps names to them):
+// the hot path parses no strings.  Path codes:
+enum class Path : int { automatic = 0, tensor_core = 1, simt = 2 };
 
 const char* dtype_name(DType d) {
   switch (d) {
@@ -49,16 +56,6 @@ const char* dtype_name(DType d) {
 
 int dtype_bytes(DType d) { return d == DType::fp32 ? 4 : 2; }
 
-Epilogue parse_epilogue(const std::string& s) {
-  if (s == "none") return Epilogue::none;
-  if (s == "bias") return Epilogue::bias;
-  if (s == "gelu") return Epilogue::gelu;
-  if (s == "bias_gelu") return Epilogue::bias_gelu;
-  if (s == "gelu_bwd") return Epilogue::gelu_bwd;
-  throw nb::value_error(("gemm: unknown epilogue '" + s +
-                         "' (expected none, bias, gelu, bias_gelu or gelu_bwd)").c_str());
-}
-
 const char* epilogue_name(Epilogue e) {
   switch (e) {
     case Epilogue::none: return "none";
@@ -66,31 +63,47 @@ const char* epilogue_name(Epilogue e) {
     case Epilogue::gelu: return "gelu";
     case Epilogue::bias_gelu: return "bias_gelu";
     case Epilogue::gelu_bwd: return "gelu_bwd";
+    case Epilogue::residual: return "residual";
+    case Epilogue::bias_residual: return "bias_residual";
+    case Epilogue::bias_gelu_aux: return "bias_gelu_aux";
   }
   return "?";
 }
 
 [[noreturn]] void fail(const std::string& msg) { throw nb::value_error(("gemm: " + msg).c_str()); }
 
+DType to_dtype(int code, const char* what) {
+  if (code < 0 || code > 2)
+    throw nb::type_error((std::string("gemm: unsupported ") + what + " code " + std::to_string(code) +
+                          " (expected 0 = bf16, 1 = fp16, 2 = fp32)").c_str());
+  return static_cast<DType>(code);
+}
+
 std::string triple_str(const Triple& t) {
   return "(" + std::to_string(std::get<0>(t)) + ", " + std::to_string(std::get<1>(t)) + ", " +
          std::to_string(std::get<2>(t)) + ")";
 }
 
+// Message strings are built only on failure.
 void check_pointer(uintptr_t p, DType dt, const char* name, bool needed) {
   if (!needed) return;
   if (p == 0) fail(std::string(name) + " is a null pointer");
-  if (p % dtype_bytes(dt) != 0)
-    fail(std::string(name) + " pointer 0x" + ([&] { char b[32]; snprintf(b, sizeof b, "%llx", (unsigned long long)p); return std::string(b); })() +
-         " is not aligned to its element size (" + std::to_string(dtype_bytes(dt)) + " bytes)");
+  if (p % dtype_bytes(dt) != 0) {
+    char b[32];
+    snprintf(b, sizeof b, "%llx", (unsigned long long)p);
+    fail(std::string(name) + " pointer 0x" + b + " is not aligned to its element size (" +
+         std::to_string(dtype_bytes(dt)) + " bytes)");
+  }
 }
 
 // ---- module loading -------------------------------------------------------
 
 std::once_flag g_load_once;
+std::atomic<bool> g_loaded{false};
 int g_load_error = 0;
 
 void load_all_modules() {
+  if (g_loaded.load(std::memory_order_acquire)) return;  // hot path: one atomic load
   std::call_once(g_load_once, [] {
     for (int i = 0; i < kNumGemmKernels; ++i) {
       int err = 0;
@@ -102,34 +115,45 @@ void load_all_modules() {
       int err = e.load ? e.load() : 0;
       if (err != 0 && g_load_error == 0) g_load_error = err;
     }
+    if (g_load_error == 0) g_loaded.store(true, std::memory_order_release);
   });
   if (g_load_error != 0)
     throw std::runtime_error(std::string("cutegrad._C: loading the CuTeDSL kernel modules failed: ") +
                              cudaGetErrorString(static_cast<cudaError_t>(g_load_error)));
 }
 
+// Per-device facts, queried once per device.  Readers take no lock: a slot is
+// published with a release store of `ready` after its fields are written.
 struct DeviceInfo {
   int sm = -1;  // major*10 + minor
   int num_sms = 0;
 };
+constexpr int kMaxDevices = 64;
+struct DeviceSlot {
+  std::atomic<bool> ready{false};
+  DeviceInfo info;
+};
+DeviceSlot g_devices[kMaxDevices];
+std::mutex g_device_mu;  // only the first query of a device takes it
 
-DeviceInfo device_info(int device) {
-  static std::mutex mu;
-  static std::vector<DeviceInfo> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1);
-  DeviceInfo& info = cache[device];
-  if (info.sm < 0) {
-    int major = 0, minor = 0;
+const DeviceInfo& device_info(int device) {
+  if (device < 0 || device >= kMaxDevices) throw std::runtime_error("cutegrad._C: device index out of range");
+  DeviceSlot& slot = g_devices[device];
+  if (slot.ready.load(std::memory_order_acquire)) return slot.info;
+  std::lock_guard<std::mutex> lock(g_device_mu);
+  if (!slot.ready.load(std::memory_order_relaxed)) {
+    int major = 0, minor = 0, sms = 0;
     if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       cudaGetLastError();
       throw std::runtime_error("cutegrad._C: cannot query CUDA device " + std::to_string(device));
     }
-    info.sm = major * 10 + minor;
+    slot.info.sm = major * 10 + minor;
+    slot.info.num_sms = sms;
+    slot.ready.store(true, std::memory_order_release);
   }
-  return info;
+  return slot.info;
 }
 
 int current_device() {
@@ -142,19 +166,89 @@ int current_device() {
   return dev;
 }
 
+// ---- the table of AOT kernels, indexed once -----------------------------------
+//
+// A direct index over (arch, dtypes, layout, tile, epilogue, accumulate)
+// replaces a scan of every entry per call.
+
+constexpr int kTileSlots = 5;  // tile_n 128, 256 and the narrow 16, 32, 64
+int tile_slot(int tile_n) {
+  switch (tile_n) {
+    case 128: return 0;
+    case 256: return 1;
+    case 16: return 2;
+    case 32: return 3;
+    case 64: return 4;
+  }
+  return -1;
+}
+
+int table_index(int sm_slot, DType in, DType out, char a_major, char b_major, int tile_n, Epilogue e, bool acc) {
+  int i = sm_slot;
+  i = i * 3 + static_cast<int>(in);
+  i = i * 3 + static_cast<int>(out);
+  i = i * 2 + (a_major == 'm');
+  i = i * 2 + (b_major == 'n');
+  i = i * kTileSlots + tile_slot(tile_n);
+  i = i * kNumEpilogues + static_cast<int>(e);
+  return i * 2 + acc;
+}
+constexpr int kTableSize = 1 * 3 * 3 * 2 * 2 * kTileSlots * kNumEpilogues * 2;
+
+const std::array<const GemmKernelEntry*, kTableSize>& kernel_table() {
+  static const std::array<const GemmKernelEntry*, kTableSize> table = [] {
+    std::array<const GemmKernelEntry*, kTableSize> t{};
+    for (int i = 0; i < kNumGemmKernels; ++i) {
+      const GemmKernelEntry& e = kGemmKernels[i];
+      if (e.sm != 90 || tile_slot(e.tile_n) < 0) continue;
+      t[table_index(0, e.in_dtype, e.out_dtype, e.a_major, e.b_major, e.tile_n, e.epilogue, e.accumulate)] = &e;
+    }
+    return t;
+  }();
+  return table;
+}
+
 // ---- dispatch -------------------------------------------------------------
+
+// Why the tensor-core path was not taken: a static reason, plus the details
+// of "no specialization" formatted only when an error needs them.
+enum class NoTensorCore {
+  none, fp32_inputs, arch, alignment, bias_alignment, aux_alignment, extents, row_strides, batch_strides,
+  no_specialization, too_small
+};
+
+const char* reason_text(NoTensorCore r) {
+  switch (r) {
+    case NoTensorCore::none: return "";
+    case NoTensorCore::fp32_inputs: return "fp32 inputs have no tensor-core specialization";
+    case NoTensorCore::arch: return "the tensor-core GEMM is built for sm_90a only";
+    case NoTensorCore::alignment: return "A, B and D must be 16-byte aligned";
+    case NoTensorCore::bias_alignment: return "bias must be 16-byte aligned";
+    case NoTensorCore::aux_alignment: return "aux must be 16-byte aligned";
+    case NoTensorCore::extents: return "contiguous extents must be multiples of 16 bytes";
+    case NoTensorCore::row_strides: return "row strides must be multiples of 16 bytes";
+    case NoTensorCore::batch_strides: return "batch strides must be non-zero multiples of 16 bytes";
+    case NoTensorCore::no_specialization: return "no specialization";
+    case NoTensorCore::too_small: return "too small";
+  }
+  return "?";
+}
 
 struct Choice {
   const GemmKernelEntry* kernel = nullptr;  // null: SIMT fallback
-  std::string why_not;                      // why the tensor-core path was not taken
+  NoTensorCore why_not = NoTensorCore::none;
 };
 
 bool divisible(int64_t v, int64_t by) { return v % by == 0; }
 
-// Tile heuristic: a 128x256 tile costs about 1.8 times a 128x128 one (it
+// Tile heuristic: N <= 64 (classifier heads) takes the narrowest tile that
+// covers it.  Otherwise a 128x256 tile costs about 1.8 times a 128x128 one (it
 // halves B traffic per FLOP), so count waves of each over the SMs and take
 // the cheaper; this avoids e.g. 1.45 waves of 128x256 tiles at 8192x768.
 int choose_tile_n(const GemmArgs& g, int num_sms) {
+  if (g.n <= 16) return 16;
+  if (g.n <= 32) return 32;
+  if (g.n <= 64) return 64;
   if (g.n <= 128) return 128;
   const int64_t rows = (g.m + 127) / 128;
   const int64_t t128 = rows * ((g.n + 127) / 128) * g.batch, t256 = rows * ((g.n + 255) / 256) * g.batch;
@@ -191,61 +285,66 @@ int choose_split(const GemmArgs& g, int num_sms, bool tensor_core) {
 
 Choice choose_kernel(const GemmArgs& g, char a_major, char b_major, int tile_n, const DeviceInfo& dev) {
   Choice c;
-  auto no = [&](const std::string& why) { c.why_not = why; return c; };
-  if (g.in_dtype == DType::fp32) return no("fp32 inputs have no tensor-core specialization");
-  if (dev.sm != 90) return no("the tensor-core GEMM is built for sm_90a only");
+  auto no = [&](NoTensorCore why) { c.why_not = why; return c; };
+  if (g.in_dtype == DType::fp32) return no(NoTensorCore::fp32_inputs);
+  if (dev.sm != 90) return no(NoTensorCore::arch);
   const int vin = 16 / dtype_bytes(g.in_dtype), vout = 16 / dtype_bytes(g.out_dtype);
   auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.d)) return no("A, B and D must be 16-byte aligned");
-  bool uses_bias = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
-  if (uses_bias && !aligned16(g.bias)) return no("bias must be 16-byte aligned");
-  if (g.epilogue == Epilogue::gelu_bwd && !aligned16(g.aux)) return no("aux must be 16-byte aligned");
+  if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.d)) return no(NoTensorCore::alignment);
+  if (epilogue_adds_bias(g.epilogue) && !aligned16(g.bias)) return no(NoTensorCore::bias_alignment);
+  if (epilogue_uses_aux(g.epilogue) && !aligned16(g.aux)) return no(NoTensorCore::aux_alignment);
   // TMA needs 16-byte row strides; we also keep every contiguous extent a
   // 16-byte multiple (the rule the CUTLASS Hopper examples state): on an H100
-  // a D with N = 127 in a padded buffer had its padding overwritten.
+  // a D with N = 127 in a padded buffer had its padding overwritten.  Narrow
+  // tiles (N <= 64) store D without TMA, so D's extent and strides are free.
+  const bool d_by_tma = tile_n >= 128;
   if (!divisible(a_major == 'k' ? g.k : g.m, vin) || !divisible(b_major == 'k' ? g.k : g.n, vin) ||
-      !divisible(g.n, vout))
-    return no("contiguous extents must be multiples of 16 bytes");
+      (d_by_tma && !divisible(g.n, vout)))
+    return no(NoTensorCore::extents);
   int64_t a_ld = a_major == 'k' ? g.a_sm : g.a_sk;
   int64_t b_ld = b_major == 'k' ? g.b_sn : g.b_sk;
-  if (!divisible(a_ld, vin) || !divisible(b_ld, vin) || !divisible(g.d_sm, vout))
-    return no("row strides must be multiples of 16 bytes");
-  if (g.batch > 1 && (!divisible(g.a_sl, vin) || !divisible(g.b_sl, vin) || !divisible(g.d_sl, vout) ||
+  if (!divisible(a_ld, vin) || !divisible(b_ld, vin) || (d_by_tma && !divisible(g.d_sm, vout)))
+    return no(NoTensorCore::row_strides);
+  if (g.batch > 1 && (!divisible(g.a_sl, vin) || !divisible(g.b_sl, vin) || (d_by_tma && !divisible(g.d_sl, vout)) ||
                       g.a_sl == 0 || g.b_sl == 0))
-    return no("batch strides must be non-zero multiples of 16 bytes");
-  for (int i = 0; i < kNumGemmKernels; ++i) {
-    const GemmKernelEntry& e = kGemmKernels[i];
-    if (e.sm == dev.sm && e.in_dtype == g.in_dtype && e.out_dtype == g.out_dtype && e.a_major == a_major &&
-        e.b_major == b_major && e.tile_n == tile_n && e.epilogue == g.epilogue && e.accumulate == g.accumulate) {
-      c.kernel = &e;
-      return c;
-    }
-  }
-  return no(std::string("no specialization for ") + dtype_name(g.in_dtype) + "->" + dtype_name(g.out_dtype) +
-            " A " + a_major + "-major, B " + b_major + "-major, tile 128x" + std::to_string(tile_n) +
-            ", epilogue " + epilogue_name(g.epilogue) + (g.accumulate ? " with accumulate" : ""));
+    return no(NoTensorCore::batch_strides);
+  c.kernel = kernel_table()[table_index(0, g.in_dtype, g.out_dtype, a_major, b_major, tile_n, g.epilogue, g.accumulate)];
+  if (!c.kernel) c.why_not = NoTensorCore::no_specialization;
+  return c;
 }
 
-void check_cuda(int err, const std::string& what) {
+std::string why_not_text(const Choice& c, const GemmArgs& g, char a_major, char b_major, int tile_n) {
+  if (c.why_not != NoTensorCore::no_specialization) return reason_text(c.why_not);
+  return std::string("no specialization for ") + dtype_name(g.in_dtype) + "->" + dtype_name(g.out_dtype) +
+         " A " + a_major + "-major, B " + b_major + "-major, tile 128x" + std::to_string(tile_n) + ", epilogue " +
+         epilogue_name(g.epilogue) + (g.accumulate ? " with accumulate" : "");
+}
+
+void check_cuda(int err, const char* what, const char* kernel) {
   if (err != cudaSuccess) {
     cudaGetLastError();
-    throw std::runtime_error("cutegrad._C: " + what + " failed: " + cudaGetErrorName(static_cast<cudaError_t>(err)) +
-                             ": " + cudaGetErrorString(static_cast<cudaError_t>(err)));
+    throw std::runtime_error(std::string("cutegrad._C: ") + what + kernel + " failed: " +
+                             cudaGetErrorName(static_cast<cudaError_t>(err)) + ": " +
+                             cudaGetErrorString(static_cast<cudaError_t>(err)));
   }
 }
 
 // One launch: the tensor-core specialization that fits, else the SIMT kernel.
-std::string run_one(GemmArgs g, char a_major, char b_major, const std::string& path, int tile_n,
-                    const DeviceInfo& dev, void* s) {
+// Returns the kernel's name (a static string).
+const char* run_one(GemmArgs g, char a_major, char b_major, Path path, int tile_n, const DeviceInfo& dev, void* s) {
   Choice choice;
-  if (path != "simt") {
+  if (path != Path::simt) {
     const bool big_enough = g.m >= 16 && g.n >= 16 && g.k >= 16;
-    if (!big_enough && path == "auto") {
-      choice.why_not = "too small";
+    const int tn = tile_n ? tile_n : choose_tile_n(g, dev.num_sms);
+    if (!big_enough && path == Path::automatic) {
+      choice.why_not = NoTensorCore::too_small;
     } else {
-      choice = choose_kernel(g, a_major, b_major, tile_n ? tile_n : choose_tile_n(g, dev.num_sms), dev);
+      choice = choose_kernel(g, a_major, b_major, tn, dev);
+      // Narrow tiles exist for the forward layout and plain / bias epilogues only.
+      if (!choice.kernel && tile_n == 0 && tn < 128) choice = choose_kernel(g, a_major, b_major, 128, dev);
     }
-    if (!choice.kernel && path == "tensor_core") fail("tensor-core path requested but unavailable: " + choice.why_not);
+    if (!choice.kernel && path == Path::tensor_core)
+      fail("tensor-core path requested but unavailable: " + why_not_text(choice, g, a_major, b_major, tn));
   }
   if (choice.kernel) {
     load_all_modules();
@@ -257,28 +356,63 @@ std::string run_one(GemmArgs g, char a_major, char b_major, const std::string& p
       g.d_sl = g.d_sm * g.m;
       g.aux_sl = g.aux_sm * g.m;
     }
-    check_cuda(choice.kernel->launch(g, s), std::string("launch of ") + choice.kernel->name);
-    check_cuda(cudaGetLastError(), std::string("launch of ") + choice.kernel->name);
+    check_cuda(choice.kernel->launch(g, s), "launch of ", choice.kernel->name);
+    check_cuda(cudaGetLastError(), "launch of ", choice.kernel->name);
     return choice.kernel->name;
   }
-  check_cuda(gemm_fallback_launch(g, s), "launch of gemm_simt");
+  check_cuda(gemm_fallback_launch(g, s), "launch of ", "gemm_simt");
   return "simt";
 }
 
+// Split-K workspace: from the Python caching allocator when one is registered
+// (stream-ordered, capturable: a graph capture takes it from the graph's
+// pool), else cudaMallocAsync for raw callers of _C.gemm.
+// Never destroyed: a Python object must not be released after the
+// interpreter has finalized.
+nb::object& workspace_allocator() {
+  static nb::object* fn = new nb::object();
+  return *fn;
+}
+
+struct Workspace {
+  void* ptr = nullptr;
+  nb::object owner;  // the allocator's handle; dropping it frees the block on its stream
+  cudaStream_t stream = nullptr;
+  bool async_malloc = false;
+
+  Workspace(size_t nbytes, int device, cudaStream_t s) : stream(s) {
+    nb::object& fn = workspace_allocator();
+    if (fn.is_valid() && !fn.is_none()) {
+      nb::object res = fn(nbytes, device, reinterpret_cast<uintptr_t>(s));
+      nb::tuple t = nb::cast<nb::tuple>(res);
+      ptr = reinterpret_cast<void*>(nb::cast<uintptr_t>(t[0]));
+      owner = t[1];
+    } else {
+      check_cuda(cudaMallocAsync(&ptr, nbytes, s), "split-K workspace allocation", "");
+      async_malloc = true;
+    }
+  }
+  ~Workspace() {
+    if (async_malloc) cudaFreeAsync(ptr, stream);
+  }
+};
+
 // Returns the name of the kernel that ran ("simt" for the fallback).
 std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Triple b_shape, Triple b_strides,
-                 uintptr_t d, Triple d_shape, Triple d_strides, const std::string& dtype,
-                 const std::string& out_dtype, const std::string& epilogue, uintptr_t bias, uintptr_t aux,
-                 std::optional<Triple> aux_strides, bool accumulate, uintptr_t stream, const std::string& path,
-                 int tile_n, int split_k) {
+                 uintptr_t d, Triple d_shape, Triple d_strides, int dtype, int out_dtype, int epilogue,
+                 uintptr_t bias, uintptr_t aux, std::optional<Triple> aux_strides, bool accumulate,
+                 uintptr_t stream, int path_code, int tile_n, int split_k, int device) {
   GemmArgs g{};
-  g.in_dtype = parse_dtype(dtype, "dtype");
-  g.out_dtype = parse_dtype(out_dtype, "out_dtype");
-  g.epilogue = parse_epilogue(epilogue);
+  g.in_dtype = to_dtype(dtype, "dtype");
+  g.out_dtype = to_dtype(out_dtype, "out_dtype");
+  if (epilogue < 0 || epilogue >= kNumEpilogues)
+    fail("unknown epilogue code " + std::to_string(epilogue) + " (expected 0.." + std::to_string(kNumEpilogues - 1) + ")");
+  g.epilogue = static_cast<Epilogue>(epilogue);
   g.accumulate = accumulate;
-  if (path != "auto" && path != "tensor_core" && path != "simt")
-    fail("path must be 'auto', 'tensor_core' or 'simt', got '" + path + "'");
-  if (tile_n != 0 && tile_n != 128 && tile_n != 256) fail("tile_n must be 0 (heuristic), 128 or 256");
+  if (path_code < 0 || path_code > 2)
+    fail("path code must be 0 (auto), 1 (tensor_core) or 2 (simt), got " + std::to_string(path_code));
+  const Path path = static_cast<Path>(path_code);
+  if (tile_n != 0 && tile_slot(tile_n) < 0) fail("tile_n must be 0 (heuristic), 16, 32, 64, 128 or 256");
   if (split_k < 0 || split_k > 64) fail("split_k must be 0 (heuristic), 1 (off) or 2..64");
 
   auto [la, m, ka] = a_shape;
@@ -299,15 +433,14 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   int64_t d_sn;
   std::tie(g.d_sl, g.d_sm, d_sn) = d_strides;
 
-  const bool uses_bias = g.epilogue == Epilogue::bias || g.epilogue == Epilogue::bias_gelu;
-  const bool uses_aux = g.epilogue == Epilogue::gelu_bwd;
+  const bool uses_aux = epilogue_uses_aux(g.epilogue);
   if (g.m == 0 || g.n == 0) return "none";
   const bool nonempty_k = g.k > 0;
   check_pointer(a, g.in_dtype, "A", nonempty_k);
   check_pointer(b, g.in_dtype, "B", nonempty_k);
   check_pointer(d, g.out_dtype, "D", true);
-  check_pointer(bias, g.out_dtype, "bias", uses_bias);
-  check_pointer(aux, g.out_dtype, "aux (pre-activation)", uses_aux);
+  check_pointer(bias, g.out_dtype, "bias", epilogue_adds_bias(g.epilogue));
+  check_pointer(aux, g.out_dtype, g.epilogue == Epilogue::gelu_bwd ? "aux (pre-activation)" : "aux", uses_aux);
 
   // A dimension of extent 1 has no meaningful stride: treat it as unit so a
   // row or column vector is accepted in either major order.
@@ -326,10 +459,12 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   if (g.d_sm < g.n && g.m > 1) fail("D rows overlap: row stride " + std::to_string(g.d_sm) + " < N = " + std::to_string(g.n));
   if (g.batch > 1 && g.d_sl == 0) fail("D batch stride is 0 with batch > 1: outputs would overlap");
   if (uses_aux) {
-    if (!aux_strides) fail("epilogue gelu_bwd needs aux_strides (batch, M, N)");
+    if (!aux_strides) fail(std::string("epilogue ") + epilogue_name(g.epilogue) + " needs aux_strides (batch, M, N)");
     int64_t aux_sn;
     std::tie(g.aux_sl, g.aux_sm, aux_sn) = *aux_strides;
     if (aux_sn != 1 && g.n > 1) fail("aux must have unit stride along N (strides " + triple_str(*aux_strides) + ")");
+    if (g.epilogue == Epilogue::bias_gelu_aux && g.aux_sm < g.n && g.m > 1)
+      fail("aux rows overlap: row stride " + std::to_string(g.aux_sm) + " < N = " + std::to_string(g.n));
   }
   g.a = reinterpret_cast<const void*>(a);
   g.b = reinterpret_cast<const void*>(b);
@@ -340,15 +475,15 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   if (split_k > 1 && (g.batch != 1 || g.k % split_k != 0))
     fail("split_k=" + std::to_string(split_k) + " needs batch 1 and K (" + std::to_string(g.k) + ") divisible by it");
 
-  const int device = current_device();
-  const DeviceInfo dev = device_info(device);
+  if (device < 0) device = current_device();
+  const DeviceInfo& dev = device_info(device);
   g.max_ctas = dev.num_sms;
   void* s = reinterpret_cast<void*>(stream);
 
   int splits = 1;
   if (split_k > 1) {
     splits = split_k;
-  } else if (split_k == 0 && path != "simt") {
+  } else if (split_k == 0 && path != Path::simt && g.batch == 1 && g.k >= 256) {
     GemmArgs probe = g;  // what the partial-product GEMM would look like
     probe.out_dtype = DType::fp32;
     probe.epilogue = Epilogue::none;
@@ -362,31 +497,23 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
 
   // K-slices as a batch of fp32 partial products, then reduce + epilogue.
   const int64_t ws_ld = (g.n + 7) / 8 * 8;
-  void* ws = nullptr;
-  check_cuda(cudaMallocAsync(&ws, static_cast<size_t>(splits) * g.m * ws_ld * sizeof(float), static_cast<cudaStream_t>(s)),
-             "split-K workspace allocation");
+  Workspace ws(static_cast<size_t>(splits) * g.m * ws_ld * sizeof(float), device, static_cast<cudaStream_t>(s));
   GemmArgs part = g;
   const int64_t chunk = g.k / splits;
   part.k = chunk;
   part.batch = splits;
   part.a_sl = chunk * g.a_sk;
   part.b_sl = chunk * g.b_sk;
-  part.d = ws;
+  part.d = ws.ptr;
   part.d_sm = ws_ld;
   part.d_sl = ws_ld * g.m;
   part.out_dtype = DType::fp32;
   part.epilogue = Epilogue::none;
   part.accumulate = false;
   part.bias = part.aux = nullptr;
-  std::string name;
-  try {
-    name = run_one(part, a_major, b_major, path, tile_n, dev, s);
-    check_cuda(gemm_splitk_reduce(g, static_cast<const float*>(ws), ws_ld, splits, s), "launch of gemm_splitk_reduce");
-  } catch (...) {
-    cudaFreeAsync(ws, static_cast<cudaStream_t>(s));
-    throw;
-  }
-  check_cuda(cudaFreeAsync(ws, static_cast<cudaStream_t>(s)), "split-K workspace release");
+  const char* name = run_one(part, a_major, b_major, path, tile_n, dev, s);
+  check_cuda(gemm_splitk_reduce(g, static_cast<const float*>(ws.ptr), ws_ld, splits, s), "launch of ",
+             "gemm_splitk_reduce");
   return "splitk" + std::to_string(splits) + ":" + name + "+reduce";
 }
 
@@ -416,10 +543,17 @@ NB_MODULE(_C, m) {
   m.doc() = "cutegrad native kernels (AOT CuTeDSL + CUDA C++)";
   m.def("gemm", &gemm, nb::arg("a"), nb::arg("a_shape"), nb::arg("a_strides"), nb::arg("b"), nb::arg("b_shape"),
         nb::arg("b_strides"), nb::arg("d"), nb::arg("d_shape"), nb::arg("d_strides"), nb::arg("dtype"),
-        nb::arg("out_dtype"), nb::arg("epilogue") = "none", nb::arg("bias") = 0, nb::arg("aux") = 0,
+        nb::arg("out_dtype"), nb::arg("epilogue") = 0, nb::arg("bias") = 0, nb::arg("aux") = 0,
         nb::arg("aux_strides") = nb::none(), nb::arg("accumulate") = false, nb::arg("stream") = 0,
-        nb::arg("path") = "auto", nb::arg("tile_n") = 0, nb::arg("split_k") = 0,
-        "D = epilogue(A @ B (+ D)) on raw device pointers; see docs/kernels.md. Returns the kernel's name.");
+        nb::arg("path") = 0, nb::arg("tile_n") = 0, nb::arg("split_k") = 0, nb::arg("device") = -1,
+        "D = epilogue(A @ B (+ D)) on raw device pointers, dtype/epilogue/path as integer codes "
+        "(cutegrad._gemm maps names); see docs/kernels.md. Returns the kernel's name.");
+  m.def(
+      "set_gemm_workspace_allocator",
+      [](nb::object fn) { workspace_allocator() = std::move(fn); },
+      nb::arg("fn").none(),
+      "fn(nbytes, device, stream) -> (address, owner): split-K workspaces come from it (owner dropped after the "
+      "launches frees the block on that stream); None restores cudaMallocAsync.");
   m.def("gemm_specializations", &gemm_specializations, "The AOT CuTeDSL GEMM specializations built into this module.");
   for (const Bindings::Entry& e : Bindings::all()) e.add(m);
   m.def(

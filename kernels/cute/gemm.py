@@ -29,10 +29,16 @@ Design
   groups of GROUP_M row-tiles so CTAs that run together share A and B panels
   in L2.  The batch index is the slowest coordinate.
 * Epilogue: the fp32 accumulator is transformed in registers (optional + D
-  read back for beta=1, + bias[n], GELU(tanh), or GELU-backward that
-  multiplies by gelu'(pre-activation[m, n])), converted to the output dtype,
+  read back for beta=1, + bias[n], GELU(tanh), GELU-backward that
+  multiplies by gelu'(pre-activation[m, n]), + residual[m, n] last; or
+  bias_gelu_aux, which also stores the rounded pre-activation to aux with
+  predicated per-element stores for the backward), converted to the output dtype,
   staged through swizzled shared memory in 32-column slices and written with
   TMA stores (which clip partial tiles, so M and N need no padding).
+  Narrow tiles (128x16/32/64, for classifier heads with N = 10 or 36) skip
+  the shared-memory staging and write D from registers with predicated
+  per-element stores, because rows of 10 or 36 half-precision values are not
+  16-byte multiples and TMA cannot address them.
   Out-of-range reads of bias / pre-activation are clamped to the last valid
   index; the values they produce land only in rows/columns TMA clips.
 * TMA zero-fills out-of-bounds loads, so a K that is not a multiple of 64
@@ -42,8 +48,8 @@ Constraints (checked in C++ before launch, otherwise the SIMT fallback runs)
 ----------------------------------------------------------------------------
 * every non-unit stride and every base pointer 16-byte aligned; the
   contiguous dimension has stride 1;
-* every contiguous extent (K or M of A, K or N of B, N of D) a multiple of 16
-  bytes: on an H100, D with N = 127 inside a padded buffer had its padding
+* every contiguous extent (K or M of A, K or N of B, N of D; N of D not for
+  the narrow tiles) a multiple of 16 bytes: on an H100, D with N = 127 inside a padded buffer had its padding
   columns overwritten, so such shapes take the fallback;
 * operand dtypes equal (bf16 or fp16); output dtype = input dtype or fp32;
   bias and pre-activation tensors have the output dtype.
@@ -57,16 +63,27 @@ Specializations
 for bf16 and fp16 inputs, each of the four operand layouts, tiles 128x256 and
 128x128, epilogues none / accumulate (beta=1) with the input dtype as output,
 none / accumulate with fp32 output (gradient accumulation into fp32), and on
-the forward layout (A K-major, B K-major) the bias, gelu and bias_gelu
-epilogues, on the input-gradient layout (A K-major, B N-major) the gelu_bwd
-epilogue.  Each spec's ``name`` is the C symbol prefix the build exports.
+the forward layout (A K-major, B K-major) the epilogues of a fused Linear
+(bias, gelu, bias_gelu, residual, bias_residual, bias_gelu_aux), on the
+input-gradient layout (A K-major, B N-major) the gelu_bwd epilogue, the
+residual epilogues also with fp32 output (an fp32 residual stream under
+autocast), bf16 -> fp32 bias / bias_gelu_aux / gelu_bwd (fp32 layers at the
+"medium" and "high" float32 matmul precisions), and the narrow 128x16 / 128x32 / 128x64 tiles on the forward layout
+with the none and bias epilogues: 118 in all.  Each spec's ``name`` is the C symbol prefix the build exports.
 """
 
 import math
 from dataclasses import dataclass
 
-EPILOGUES = ("none", "bias", "gelu", "bias_gelu", "gelu_bwd")
+# Order = the codes of Epilogue in kernels/cuda/gemm_args.h and cutegrad._gemm.
+EPILOGUES = ("none", "bias", "gelu", "bias_gelu", "gelu_bwd", "residual", "bias_residual", "bias_gelu_aux")
+# Epilogues of a Linear forward (A K-major, B K-major), each with the input dtype as output.
+FORWARD_EPILOGUES = ("bias", "gelu", "bias_gelu", "residual", "bias_residual", "bias_gelu_aux")
 TILES = ((128, 256), (128, 128))
+# Narrow tiles for classifier heads (N = 10, 36): their D rows are not 16-byte
+# multiples, so these write D with predicated per-element stores, not TMA.
+NARROW_TILES = ((128, 16), (128, 32), (128, 64))
+NARROW_EPILOGUES = ("none", "bias")
 GROUP_M = 8
 K_BLOCK = 64
 SMEM_BYTES = 232448  # sm_90 opt-in maximum per block
@@ -109,10 +126,20 @@ def specializations(archs=("sm_90a",)):
                             for acc in (False, True):
                                 specs.append(GemmSpec(ab, out, a_major, b_major, tm, tn, "none", acc, arch))
                         if a_major == "k" and b_major == "k":
-                            for epi in ("bias", "gelu", "bias_gelu"):
+                            for epi in FORWARD_EPILOGUES:
                                 specs.append(GemmSpec(ab, ab, a_major, b_major, tm, tn, epi, False, arch))
+                            # an fp32 residual stream (autocast) takes the bf16 GEMM's sum in fp32;
+                            # fp32 layers at the "medium"/"high" matmul precision run bf16 products
+                            # into fp32 outputs
+                            fp32_out = ("residual", "bias_residual") + (("bias", "bias_gelu_aux") if ab == "bf16" else ())
+                            for epi in fp32_out:
+                                specs.append(GemmSpec(ab, "fp32", a_major, b_major, tm, tn, epi, False, arch))
                         if a_major == "k" and b_major == "n":
-                            specs.append(GemmSpec(ab, ab, a_major, b_major, tm, tn, "gelu_bwd", False, arch))
+                            for out in (ab, "fp32") if ab == "bf16" else (ab,):
+                                specs.append(GemmSpec(ab, out, a_major, b_major, tm, tn, "gelu_bwd", False, arch))
+            for tm, tn in NARROW_TILES:
+                for epi in NARROW_EPILOGUES:
+                    specs.append(GemmSpec(ab, ab, "k", "k", tm, tn, epi, False, arch))
     return specs
 
 
@@ -140,9 +167,12 @@ def build_kernel(spec: GemmSpec):
     tile_m, tile_n, tile_k = spec.tile_m, spec.tile_n, K_BLOCK
     epilogue = spec.epilogue
     accumulate = spec.accumulate
-    use_bias = epilogue in ("bias", "bias_gelu")
-    use_gelu = epilogue in ("gelu", "bias_gelu")
+    use_bias = epilogue in ("bias", "bias_gelu", "bias_residual", "bias_gelu_aux")
+    use_gelu = epilogue in ("gelu", "bias_gelu", "bias_gelu_aux")
     use_gelu_bwd = epilogue == "gelu_bwd"
+    use_residual = epilogue in ("residual", "bias_residual")
+    store_preact = epilogue == "bias_gelu_aux"
+    direct_store = tile_n < 128  # narrow tiles: D written from registers, no TMA descriptor for it
 
     consumer_wgs = 2
     threads_per_wg = 128
@@ -189,7 +219,8 @@ def build_kernel(spec: GemmSpec):
         if warp == 0:
             cute.nvgpu.cpasync.prefetch_descriptor(tma_a)
             cute.nvgpu.cpasync.prefetch_descriptor(tma_b)
-            cute.nvgpu.cpasync.prefetch_descriptor(tma_c)
+            if cutlass.const_expr(not direct_store):
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_c)
 
         a_smem = cute.slice_(a_smem_staged, (None, None, 0))
         b_smem = cute.slice_(b_smem_staged, (None, None, 0))
@@ -221,7 +252,8 @@ def build_kernel(spec: GemmSpec):
         # (bM, bK, tiles_m, tiles_k, L) etc.
         gA = cute.local_tile(gA_tma, (tile_m, tile_k), (None, None, None))
         gB = cute.local_tile(gB_tma, (tile_n, tile_k), (None, None, None))
-        gC = cute.local_tile(gC_tma, (tile_m, tile_n), (None, None, None))
+        if cutlass.const_expr(not direct_store):
+            gC = cute.local_tile(gC_tma, (tile_m, tile_n), (None, None, None))
         k_tiles = cute.size(gA, mode=[3])
 
         tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
@@ -277,26 +309,27 @@ def build_kernel(spec: GemmSpec):
             acc = cute.make_rmem_tensor(tCcC.shape, acc_dtype)
             k_slices = cute.size(tCrA, mode=[2])
 
-            # The stmatrix atom fixes the thread/value order of the epilogue
-            # slices for every output dtype (the accumulator is copied slice by
-            # slice in that order below); 32-bit outputs then store with plain
-            # shared-memory stores over that same layout.
-            store_atom = sm90.get_smem_store_op(c_layout_enum, out_dtype, acc_dtype)
-            c_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), out_dtype)
-            r2s = cute.make_tiled_copy_S(store_atom, cute.make_tiled_copy_C_atom(c_atom, tiled_mma))
-            thr_r2s = r2s.get_slice(ctid)
-            tRS_sC = thr_r2s.partition_D(sC)
-            tRS_acc = r2s.retile(acc)
-            frag_shape = cute.shape(thr_r2s.partition_S(sC))[:3]
-            frag_acc = cute.make_rmem_tensor(frag_shape, acc_dtype)
-            frag_out = cute.make_rmem_tensor(frag_shape, out_dtype)
-            frag_size = cute.size(frag_acc)
+            if cutlass.const_expr(not direct_store):
+                # The stmatrix atom fixes the thread/value order of the epilogue
+                # slices for every output dtype (the accumulator is copied slice by
+                # slice in that order below); 32-bit outputs then store with plain
+                # shared-memory stores over that same layout.
+                store_atom = sm90.get_smem_store_op(c_layout_enum, out_dtype, acc_dtype)
+                c_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(False, 4), out_dtype)
+                r2s = cute.make_tiled_copy_S(store_atom, cute.make_tiled_copy_C_atom(c_atom, tiled_mma))
+                thr_r2s = r2s.get_slice(ctid)
+                tRS_sC = thr_r2s.partition_D(sC)
+                tRS_acc = r2s.retile(acc)
+                frag_shape = cute.shape(thr_r2s.partition_S(sC))[:3]
+                frag_acc = cute.make_rmem_tensor(frag_shape, acc_dtype)
+                frag_out = cute.make_rmem_tensor(frag_shape, out_dtype)
+                frag_size = cute.size(frag_acc)
 
-            store_pipe = pipeline.PipelineTmaStore.create(
-                num_stages=epi_stages,
-                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, consumer_threads),
-            )
-            epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=consumer_threads)
+                store_pipe = pipeline.PipelineTmaStore.create(
+                    num_stages=epi_stages,
+                    producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, consumer_threads),
+                )
+                epi_barrier = pipeline.NamedBarrier(barrier_id=1, num_threads=consumer_threads)
             cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, ab_stages)
             release = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, ab_stages)
             epi_count = cutlass.Int32(0)
@@ -335,7 +368,7 @@ def build_kernel(spec: GemmSpec):
                 # Register epilogue on the whole accumulator.
                 m_base = m_idx * tile_m
                 n_base = n_idx * tile_n
-                if cutlass.const_expr(accumulate or use_bias or use_gelu or use_gelu_bwd):
+                if cutlass.const_expr(accumulate or use_bias or use_gelu or use_gelu_bwd or use_residual):
                     for i in cutlass.range_constexpr(cute.size(acc)):
                         crd = tCcC[i]
                         gm = cutlass.min(m_base + crd[0], m_extent - 1)
@@ -345,6 +378,15 @@ def build_kernel(spec: GemmSpec):
                             v = v + mC[(gm, gn, l_idx)].to(acc_dtype)
                         if cutlass.const_expr(use_bias):
                             v = v + mBias[gn].to(acc_dtype)
+                        if cutlass.const_expr(store_preact):
+                            # Store the rounded pre-activation (only inside D: the
+                            # clamped coordinates of a partial tile alias real
+                            # elements) and apply GELU to that rounded value.
+                            z = v.to(out_dtype)
+                            if m_base + crd[0] < m_extent:
+                                if n_base + crd[1] < n_extent:
+                                    mAux[(gm, gn, l_idx)] = z
+                            v = z.to(acc_dtype)
                         if cutlass.const_expr(use_gelu):
                             inner = gelu_k0 * (v + gelu_k1 * v * v * v)
                             v = 0.5 * v * (1.0 + cute.math.tanh(inner, fastmath=True))
@@ -353,34 +395,44 @@ def build_kernel(spec: GemmSpec):
                             t = cute.math.tanh(gelu_k0 * (x + gelu_k1 * x * x * x), fastmath=True)
                             dinner = gelu_k0 * (1.0 + 3.0 * gelu_k1 * x * x)
                             v = v * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+                        if cutlass.const_expr(use_residual):
+                            v = v + mAux[(gm, gn, l_idx)].to(acc_dtype)
                         acc[i] = v
 
-                gC_t = gC[(None, None, m_idx, n_idx, l_idx)]
-                gC_epi = cute.zipped_divide(gC_t, epi_tile)
-                bSG_sC, bSG_gC = cute.nvgpu.cpasync.tma_partition(
-                    tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi
-                )
-                epi_n = cute.size(gC_epi, mode=[1])
-                epi_shape = gC_epi.shape[1]
-                epi_order = cute.make_layout(epi_shape, stride=(epi_shape[1], 1))
-                for e in cutlass.range_constexpr(epi_n):
-                    for j in cutlass.range_constexpr(frag_size):
-                        frag_acc[j] = tRS_acc[e * frag_size + j]
-                    frag_out.store(frag_acc.load().to(out_dtype))
-                    buf = epi_count % epi_stages
-                    cute.copy(r2s, frag_out, tRS_sC[(None, None, None, buf)])
-                    # Make the generic-proxy smem writes visible to the TMA engine.
-                    cute.arch.fence_proxy("async.shared", space="cta")
-                    epi_barrier.arrive_and_wait()
-                    if warp == 4:
-                        cute.copy(tma_c, bSG_sC[(None, buf)], bSG_gC[(None, epi_order.get_hier_coord(e))])
-                        store_pipe.producer_commit()
-                        store_pipe.producer_acquire()
-                    epi_barrier.arrive_and_wait()
-                    epi_count += 1
+                if cutlass.const_expr(direct_store):
+                    for i in cutlass.range_constexpr(cute.size(acc)):
+                        crd = tCcC[i]
+                        if m_base + crd[0] < m_extent:
+                            if n_base + crd[1] < n_extent:
+                                mC[(m_base + crd[0], n_base + crd[1], l_idx)] = acc[i].to(out_dtype)
+                else:
+                    gC_t = gC[(None, None, m_idx, n_idx, l_idx)]
+                    gC_epi = cute.zipped_divide(gC_t, epi_tile)
+                    bSG_sC, bSG_gC = cute.nvgpu.cpasync.tma_partition(
+                        tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi
+                    )
+                    epi_n = cute.size(gC_epi, mode=[1])
+                    epi_shape = gC_epi.shape[1]
+                    epi_order = cute.make_layout(epi_shape, stride=(epi_shape[1], 1))
+                    for e in cutlass.range_constexpr(epi_n):
+                        for j in cutlass.range_constexpr(frag_size):
+                            frag_acc[j] = tRS_acc[e * frag_size + j]
+                        frag_out.store(frag_acc.load().to(out_dtype))
+                        buf = epi_count % epi_stages
+                        cute.copy(r2s, frag_out, tRS_sC[(None, None, None, buf)])
+                        # Make the generic-proxy smem writes visible to the TMA engine.
+                        cute.arch.fence_proxy("async.shared", space="cta")
+                        epi_barrier.arrive_and_wait()
+                        if warp == 4:
+                            cute.copy(tma_c, bSG_sC[(None, buf)], bSG_gC[(None, epi_order.get_hier_coord(e))])
+                            store_pipe.producer_commit()
+                            store_pipe.producer_acquire()
+                        epi_barrier.arrive_and_wait()
+                        epi_count += 1
                 tile += gdim
-            if warp == 4:
-                store_pipe.producer_tail()
+            if cutlass.const_expr(not direct_store):
+                if warp == 4:
+                    store_pipe.producer_tail()
 
     @cute.jit
     def launch(
@@ -417,12 +469,15 @@ def build_kernel(spec: GemmSpec):
             cute.slice_(b_staged, (None, None, 0)),
             (tile_n, tile_k),
         )
-        tma_c, gC_tma = cute.nvgpu.cpasync.make_tiled_tma_atom(
-            cute.nvgpu.cpasync.CopyBulkTensorTileS2GOp(),
-            mC,
-            cute.slice_(c_staged, (None, None, 0)),
-            epi_tile,
-        )
+        if cutlass.const_expr(direct_store):
+            tma_c, gC_tma = tma_a, gA_tma  # placeholders: the kernel never touches them
+        else:
+            tma_c, gC_tma = cute.nvgpu.cpasync.make_tiled_tma_atom(
+                cute.nvgpu.cpasync.CopyBulkTensorTileS2GOp(),
+                mC,
+                cute.slice_(c_staged, (None, None, 0)),
+                epi_tile,
+            )
         tiles_m = (mC.shape[0] + tile_m - 1) // tile_m
         tiles_n = (mC.shape[1] + tile_n - 1) // tile_n
         total = tiles_m * tiles_n * mC.shape[2]
@@ -449,8 +504,10 @@ def build_kernel(spec: GemmSpec):
 
     fa = operand(m, spec.a_major == "k", ab_vec)
     fb = operand(n, spec.b_major == "k", ab_vec)
+    # Narrow tiles take any D row stride (N = 10 rows are 20 bytes); TMA needs 16-byte ones.
+    d_vec = 1 if direct_store else out_vec
     fc = make_fake_tensor(
-        out_dtype, (m, n, batch), (cute.sym_int64(divisibility=out_vec), 1, cute.sym_int64(divisibility=out_vec)),
+        out_dtype, (m, n, batch), (cute.sym_int64(divisibility=d_vec), 1, cute.sym_int64(divisibility=d_vec)),
         assumed_align=16,
     )
     fbias = make_fake_tensor(out_dtype, (cute.sym_int32(),), (1,), assumed_align=16)
