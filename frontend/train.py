@@ -58,8 +58,12 @@ EVAL_SEED = 1234
 REVERSE_EVAL_CHUNK = 250
 
 
+_QUIET = False  # a data-parallel worker other than rank 0 prints nothing
+
+
 def _say(message):
-    print(message, file=sys.stderr, flush=True)
+    if not _QUIET:
+        print(message, file=sys.stderr, flush=True)
 
 
 # --- device and preset ---------------------------------------------------------------
@@ -435,9 +439,14 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
     t_start = time.perf_counter()
     precision = resolve_precision(dtype)
     device = pick_device(device)
+    dp = _data_parallel(device)
+    device = dp.device if dp is not None else device
     if graphs and not device.startswith("cuda"):
         raise ValueError(f"--graphs captures CUDA graphs and needs a CUDA device, got --device {device}")
     preset = resolve_preset(workload, device, preset, steps, batch_size, lr, tokenizer, eval_examples)
+    if dp is not None:
+        dp.start(preset.batch_size)
+        progress = progress and dp.is_main
     if preset.note:
         _say(f"cutegrad train {workload}: scaled-down preset for {device} ({preset.note}); "
              f"--preset full runs the paper's configuration")
@@ -457,7 +466,9 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
     sched = build_scheduler(opt, preset)
     if graphs:
         _device_lrs(opt, device)
-    step_fn = make_step(model, opt, preset.clip_grad_norm, mixed_precision(device, precision))
+    if dp is not None:
+        _say(f"cutegrad train {workload}: {dp.describe(preset.batch_size)}")
+    step_fn = make_step(dp.wrap(model) if dp is not None else model, opt, preset.clip_grad_norm, mixed_precision(device, precision))
     batches = work.train_batches(preset.batch_size, seed)
     items = work.items_per_batch(preset.batch_size)
 
@@ -468,7 +479,8 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
     t_window, n_window, rate = t_train, 0, 0.0
     replay = None
     for step in range(1, preset.steps + 1):
-        inputs, targets = _batch_to(next(batches), device, float32)
+        batch = next(batches)
+        inputs, targets = _batch_to(dp.shard(batch) if dp is not None else batch, device, float32)
         if not graphs:
             loss = step_fn(inputs, targets)
         elif replay is None:
@@ -479,7 +491,7 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
             # The static output is overwritten by the next replay: keep a copy.
             loss = replay(inputs, targets).clone()
         sched.step()
-        losses.add(loss)
+        losses.add(dp.average(loss) if dp is not None else loss)
         n_window += 1
         if step % log_every == 0 or step == preset.steps:
             last = losses.flush()
@@ -498,6 +510,10 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
         bar.close()
     if replay is not None:
         replay.reset()
+    if dp is not None:
+        dp.finish()
+        if not dp.is_main:
+            return None
 
     model.eval()
     with no_grad(), mixed_precision(device, precision):
@@ -526,12 +542,22 @@ def train(workload, device=None, steps=None, batch_size=None, dtype="fp32", seed
         "wall_time_s": time.perf_counter() - t_start,
         "checkpoint": CHECKPOINT_NAME,
         "cutegrad_version": __version__,
+        **({"data_parallel": dp.metrics(preset.batch_size)} if dp is not None else {}),
     }
     _write_json(out / METRICS_NAME, metrics)
     plot_losses(losses.values, out / PLOT_NAME, f"{workload}: {work.metric} {result[work.metric]:.4f}")
     _say(f"cutegrad train {workload}: wrote {out / CHECKPOINT_NAME}, {out / METRICS_NAME} "
          f"({metrics['wall_time_s']:.1f} s wall)")
     return metrics
+
+
+def _data_parallel(device):
+    """The data-parallel plan of a worker of `cutegrad train --nproc-per-node N`, else None."""
+    global _QUIET
+    from .distributed.data_parallel import DataParallelRun
+    dp = DataParallelRun.from_env(device)
+    _QUIET = dp is not None and not dp.is_main
+    return dp
 
 
 def checkpoint_metadata(preset, work, dtype, seed):

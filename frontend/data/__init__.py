@@ -15,6 +15,7 @@ from .loader import DataLoader, collate_numpy, default_collate, to_tensor, to_te
 from .reversal import IGNORE_INDEX, ReversalDataset, ReversalTask, exact_sequence_accuracy
 from .synthetic_images import SYNTHETIC_CLASSES, SyntheticImages
 from .text import TextData, TextDataset, prepare_text, split_tokens
+from .distributed_sampler import DistributedSampler
 
 __all__ = [
     "BPETokenizer",
@@ -50,4 +51,5 @@ __all__ = [
     "split_tokens",
     "to_tensor",
     "to_tensors",
+    "DistributedSampler",
 ]
