@@ -261,6 +261,7 @@ def scenario_ddp(steps, global_batch, out, accumulate):
 
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
+    print(f"PID {os.getpid()}", flush=True)
     if name == "collectives":
         scenario_collectives([int(s) for s in args[0].split(",")], args[1].split(","))
     elif name == "mismatch":

@@ -31,7 +31,7 @@ import uuid
 
 import numpy as np
 
-from .group import ReduceOp
+from .group import DistributedError, ReduceOp
 
 _MIN_FILE = 1 << 16
 
@@ -130,7 +130,12 @@ class CpuBackend:
             parity = seq % 2
             nbytes = sum(a.nbytes for a in payload)
             own = self._own[parity]
-            own.ensure(nbytes)
+            try:
+                own.ensure(nbytes)
+            except FileNotFoundError:
+                g.broken = (f"{what} on rank {g.rank}: the job's shared-memory directory {self.directory} is gone; "
+                            f"rank 0 has exited")
+                raise DistributedError(g.broken) from None
             offset = 0
             for a in payload:
                 np.frombuffer(own.map, dtype=a.dtype, count=a.size, offset=offset).reshape(a.shape)[...] = a
