@@ -46,7 +46,9 @@ class _Bucket:
         for p in params:
             self.offsets.append(n)
             n += p.numel()
-        self.flat = ops.zeros((n,), dtype=params[0].dtype, device=params[0].device)
+        # padded to 16 elements so the buffer's size is a multiple of 16 bytes, which the
+        # "cute" backend's kernels need (the padding is reduced along, never read)
+        self.flat = ops.zeros((-(-n // 16) * 16,), dtype=params[0].dtype, device=params[0].device)
         self.arrived = [False] * len(params)
         self.pending = len(params)
         self.work = None
