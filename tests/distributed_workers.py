@@ -19,7 +19,8 @@ NP_DTYPES = {"float32": np.float32, "float64": np.float64, "int32": np.int32, "i
 
 
 def result(**kw):
-    print("RESULT " + json.dumps(kw), flush=True)
+    sys.stdout.flush()
+    os.write(1, ("RESULT " + json.dumps(kw) + "\n").encode())  # one write: ranks share the launcher's stdout
 
 
 def rank_data(rank, n, dtype, seed):
@@ -241,6 +242,20 @@ def ddp_run(steps, global_batch, seed, use_ddp, accumulate=1):
     return losses, flat, buckets
 
 
+def scenario_fds():
+    """Every rank shares a memfd through the symmetric workspace's descriptor exchange; each reads every peer's."""
+    from cutegrad.distributed import process_group as group_module
+    from cutegrad.distributed.symmetric import exchange_fds
+    dist.init_process_group("cpu")
+    g = group_module.default_group("test")
+    fd = os.memfd_create(f"rank{g.rank}")
+    os.write(fd, f"payload of rank {g.rank}".encode())
+    fds = exchange_fds(g.store, g.rank, g.world_size, fd, "test", g.timeout)
+    seen = [os.pread(f, 64, 0).decode() for f in fds]
+    dist.destroy_process_group()
+    result(rank=g.rank, seen=seen, distinct=len({os.fstat(f).st_ino for f in fds}))
+
+
 class _nothing:
     def __enter__(self):
         return self
@@ -261,7 +276,7 @@ def scenario_ddp(steps, global_batch, out, accumulate):
 
 if __name__ == "__main__":
     name, args = sys.argv[1], sys.argv[2:]
-    print(f"PID {os.getpid()}", flush=True)
+    os.write(1, f"PID {os.getpid()}\n".encode())
     if name == "collectives":
         scenario_collectives([int(s) for s in args[0].split(",")], args[1].split(","))
     elif name == "mismatch":
@@ -274,6 +289,8 @@ if __name__ == "__main__":
         scenario_hang(int(args[0]), float(args[1]))
     elif name == "absent":
         scenario_absent()
+    elif name == "fds":
+        scenario_fds()
     elif name == "ddp":
         scenario_ddp(int(args[0]), int(args[1]), args[2], int(args[3]))
     else:

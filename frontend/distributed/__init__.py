@@ -8,7 +8,7 @@
 Launch with `cutegrad launch --nproc-per-node N script.py` (torchrun's flags).
 See docs/distributed.md.
 """
-from .group import (DEFAULT_TIMEOUT, WORLD, DistributedError, ReduceOp, Work, destroy_process_group, get_backend,
+from .process_group import (DEFAULT_TIMEOUT, WORLD, DistributedError, ReduceOp, Work, destroy_process_group, get_backend,
                     get_rank, get_world_size, init_process_group, is_available, is_initialized)
 from .collectives import (all_gather, all_gather_into_tensor, all_reduce, barrier, broadcast, reduce_scatter,
                           reduce_scatter_tensor)

@@ -2,12 +2,12 @@
 
 Each function checks its arguments on the calling rank (clear errors before
 anything is sent), then hands them to the group's backend.  The cross-rank
-check (same op, dtype and shapes on every rank) is the backend's, see group.py.
+check (same op, dtype and shapes on every rank) is the backend's, see process_group.py.
 All collectives work in place on their output tensors; with async_op=True they
 return a `Work` (wait(), is_completed()), otherwise None.
 """
 from ..tensor import Tensor
-from .group import ReduceOp, default_group
+from .process_group import ReduceOp, default_group
 
 _REDUCIBLE = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64")
 

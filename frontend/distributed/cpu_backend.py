@@ -31,7 +31,7 @@ import uuid
 
 import numpy as np
 
-from .group import DistributedError, ReduceOp
+from .process_group import DistributedError, ReduceOp
 
 _MIN_FILE = 1 << 16
 

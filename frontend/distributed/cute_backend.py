@@ -23,7 +23,7 @@ synchronise the ranks on the device through epoch flags, with no host step.
 """
 import os
 
-from .group import ReduceOp
+from .process_group import ReduceOp
 from .nccl_backend import NcclBackend
 
 # Mirrors of kernels/cute/allreduce.py (that folder is not installed with the

@@ -19,7 +19,7 @@ mismatch would hang inside NCCL.
 """
 import os
 
-from .group import ReduceOp, Work
+from .process_group import ReduceOp, Work
 
 _NCCL_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")
 
