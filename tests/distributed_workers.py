@@ -202,13 +202,15 @@ def scenario_absent():
         sys.exit(3)
 
 
-def ddp_run(steps, global_batch, seed, use_ddp, accumulate=1):
+def ddp_run(steps, global_batch, seed, use_ddp, accumulate=1, device="cpu", dtype=None):
     """Train a small reverse GPT in float64; returns (losses, final flat parameters). Each of the
     `world` ranks takes its contiguous share of the same global batch."""
     from cutegrad.data import ReversalTask
     from cutegrad.models import GPTConfig, build_model
     cg.manual_seed(seed)
-    model = build_model(GPTConfig(vocab_size=12, block_size=12, n_layer=1, n_head=2, n_embd=16)).double()
+    model = build_model(GPTConfig(vocab_size=12, block_size=12, n_layer=1, n_head=2, n_embd=16))
+    model = model.double() if dtype is None else model.to(dtype)
+    model = model.to(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if use_ddp else (0, 1)
     net = cg.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.002) if use_ddp else model
     opt = cg.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
@@ -222,8 +224,8 @@ def ddp_run(steps, global_batch, seed, use_ddp, accumulate=1):
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for k in range(accumulate):
-            x = cg.from_numpy(np.ascontiguousarray(inputs[k * micro:(k + 1) * micro]))
-            y = cg.from_numpy(np.ascontiguousarray(targets[k * micro:(k + 1) * micro]))
+            x = cg.from_numpy(np.ascontiguousarray(inputs[k * micro:(k + 1) * micro])).to(device)
+            y = cg.from_numpy(np.ascontiguousarray(targets[k * micro:(k + 1) * micro])).to(device)
             last = k == accumulate - 1
             sync = net.no_sync() if use_ddp and not last else _nothing()
             with sync:
@@ -232,12 +234,12 @@ def ddp_run(steps, global_batch, seed, use_ddp, accumulate=1):
                 (loss / accumulate).backward()
             total += loss.item() / accumulate
         if use_ddp:
-            t = cg.tensor([total], dtype=cg.float64)
+            t = cg.tensor([total], dtype=cg.float32 if device != "cpu" else cg.float64).to(device)
             dist.all_reduce(t, op=dist.ReduceOp.AVG)
-            total = float(t.numpy()[0])
+            total = float(t.cpu().numpy()[0])
         losses.append(total)
         opt.step()
-    flat = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
+    flat = np.concatenate([p.detach().cpu().numpy().ravel() for p in model.parameters()])
     buckets = net.bucket_sizes if use_ddp else []
     return losses, flat, buckets
 
@@ -254,6 +256,76 @@ def scenario_fds():
     seen = [os.pread(f, 64, 0).decode() for f in fds]
     dist.destroy_process_group()
     result(rank=g.rank, seen=seen, distinct=len({os.fstat(f).st_ino for f in fds}))
+
+
+def scenario_gpu(backend, max_bytes):
+    """GPU run (not in CI): every collective of `backend` against NCCL (and NumPy), 1 element .. max_bytes,
+    bf16/fp16/fp32, eager and inside a captured CUDA graph. all_reduce on "cute" must be bit-identical on
+    every rank and equal to the rank-order fp32 sum rounded once."""
+    from cutegrad.distributed import process_group
+    from cutegrad.distributed.nccl_backend import NcclBackend
+    dist.init_process_group(backend)
+    g = process_group.default_group("test")
+    rank, world, dev = g.rank, g.world_size, f"cuda:{g.backend.device_index}"
+    checked = []
+    sizes = [1, 7, 8, 1000, 4096, 65536 + 8, 1 << 20, 16 << 20]
+    for dtype in ("bfloat16", "float16", "float32"):
+        itemsize = 4 if dtype == "float32" else 2
+        for n in [s for s in sizes if s * itemsize <= max_bytes] + ([max_bytes // itemsize] if dtype != "float16"
+                                                                      else []):
+            inputs = [rank_data(r, min(n, 1 << 22), "float32", 7) for r in range(world)]
+            host = [np.resize(x, n) for x in inputs]
+            mine = as_tensor(host[rank], dtype).to(dev)
+            stacked = np.stack([exact(h, dtype) for h in host])
+            for op in (dist.ReduceOp.SUM, dist.ReduceOp.AVG, dist.ReduceOp.MAX):
+                t = mine.clone()
+                dist.all_reduce(t, op=op)
+                ref = mine.clone()
+                NcclBackend.all_reduce(g.backend, ref, op, False)
+                got, want = read(t.cpu()), read(ref.cpu())
+                check_close(f"all_reduce {op} {dtype} n={n} vs NCCL", got, want, dtype)
+                expect = {"sum": stacked.sum(0), "avg": stacked.mean(0), "max": stacked.max(0)}[op]
+                check_close(f"all_reduce {op} {dtype} n={n} vs NumPy", got, expect, dtype)
+                gathered = [cg.zeros(n, dtype=getattr(cg, dtype), device=dev) for _ in range(world)]
+                dist.all_gather(gathered, t)
+                for r in range(world):
+                    assert np.array_equal(read(gathered[r].cpu()), got), f"ranks disagree: {op} {dtype} n={n}"
+                checked.append((op, dtype, n))
+            # captured: the same all-reduce inside a CUDA graph, replayed with fresh inputs
+            from cutegrad.graphs import graphed
+
+            def step(x):
+                y = x.clone()
+                dist.all_reduce(y)
+                return y
+            replay = graphed(step, (mine,), warmup=1)
+            for k in range(3):
+                fresh = [exact(np.resize(rank_data(r, min(n, 1 << 22), "float32", 100 + k), n), dtype)
+                         for r in range(world)]
+                out = replay(as_tensor(fresh[rank], dtype).to(dev))
+                check_close(f"graphed all_reduce {dtype} n={n} replay {k}", read(out.cpu()), np.sum(fresh, 0), dtype)
+            replay.reset()
+    for src in range(world):
+        t = cg.full((1001,), float(rank), device=dev)
+        dist.broadcast(t, src=src)
+        assert np.all(t.cpu().numpy() == src)
+    out = cg.zeros(3, device=dev)
+    dist.reduce_scatter_tensor(out, cg.arange(3 * world, dtype=cg.float32, device=dev))
+    assert np.array_equal(out.cpu().numpy(), world * np.arange(3 * rank, 3 * rank + 3, dtype=np.float32))
+    dist.barrier()
+    kernel = getattr(g.backend, "last_kernel", None)
+    dist.destroy_process_group()
+    result(rank=rank, checked=len(checked), last_kernel=kernel)
+
+
+def scenario_gpu_ddp(backend, steps, out):
+    """GPU run (not in CI): DDP on 2 GPUs equals one GPU at the same global batch (float32, tolerance)."""
+    dist.init_process_group(backend)
+    rank = dist.get_rank()
+    losses, flat, _ = ddp_run(steps, 8, 0, True, 1, device=f"cuda:{rank}", dtype=cg.float32)
+    if rank == 0:
+        np.savez(out, losses=np.array(losses), params=flat)
+    dist.destroy_process_group()
 
 
 class _nothing:
@@ -291,6 +363,10 @@ if __name__ == "__main__":
         scenario_absent()
     elif name == "fds":
         scenario_fds()
+    elif name == "gpu":
+        scenario_gpu(args[0], int(args[1]))
+    elif name == "gpu_ddp":
+        scenario_gpu_ddp(args[0], int(args[1]), args[2])
     elif name == "ddp":
         scenario_ddp(int(args[0]), int(args[1]), args[2], int(args[3]))
     else:
