@@ -305,6 +305,16 @@ def scenario_gpu(backend, max_bytes):
                 out = replay(as_tensor(fresh[rank], dtype).to(dev))
                 check_close(f"graphed all_reduce {dtype} n={n} replay {k}", read(out.cpu()), np.sum(fresh, 0), dtype)
             replay.reset()
+    # a misaligned slice and a strided view take the same path as their peers' (through copies)
+    total = float(sum(range(1, world + 1)))
+    base = cg.full((4001,), float(rank + 1), device=dev)
+    view = base[1:] if rank == 0 else base[:4000]
+    dist.all_reduce(view)
+    assert np.all(view.cpu().numpy() == total), "misaligned all_reduce"
+    grid = cg.full((64, 2), float(rank + 1), device=dev)
+    column = grid[:, 0] if rank == 0 else cg.full((64,), float(rank + 1), device=dev)
+    dist.all_reduce(column)
+    assert np.all(column.cpu().numpy() == total) and np.all(grid[:, 1].cpu().numpy() == rank + 1), "strided"
     for src in range(world):
         t = cg.full((1001,), float(rank), device=dev)
         dist.broadcast(t, src=src)

@@ -94,13 +94,22 @@ def test_route_picks_the_kernel_only_where_it_applies():
     from cutegrad.distributed import ReduceOp
     from cutegrad.distributed.cute_backend import route
     table = {"one_shot_max_bytes": 1024, "cute_max_bytes": 1 << 20}
-    assert route("bfloat16", ReduceOp.SUM, 1024, 4096, True, 2, table) == "one_shot"
-    assert route("float32", ReduceOp.AVG, 1040, 4096, True, 8, table) == "two_shot"
-    assert route("float32", ReduceOp.SUM, 2 << 20, 4096, True, 2, table) == "nccl"  # above the hand-over
-    assert route("float32", ReduceOp.MAX, 1024, 4096, True, 2, table) == "nccl"
-    assert route("float64", ReduceOp.SUM, 1024, 4096, True, 2, table) == "nccl"
-    assert route("float32", ReduceOp.SUM, 1028, 4096, True, 2, table) == "nccl"  # not a multiple of 16 bytes
-    assert route("float32", ReduceOp.SUM, 1024, 4100, True, 2, table) == "nccl"  # misaligned
-    assert route("float32", ReduceOp.SUM, 1024, 4096, False, 2, table) == "nccl"
-    assert route("float32", ReduceOp.SUM, 1024, 4096, True, 9, table) == "nccl"
-    assert route("float32", ReduceOp.SUM, 0, 4096, True, 2, table) == "nccl"
+    assert route("bfloat16", ReduceOp.SUM, 1024, 2, table) == "one_shot"
+    assert route("float32", ReduceOp.AVG, 1040, 8, table) == "two_shot"
+    assert route("float32", ReduceOp.SUM, 2 << 20, 2, table) == "nccl"  # above the hand-over
+    assert route("float32", ReduceOp.MAX, 1024, 2, table) == "nccl"
+    assert route("float64", ReduceOp.SUM, 1024, 2, table) == "nccl"
+    assert route("float32", ReduceOp.SUM, 1028, 2, table) == "nccl"  # not a multiple of 16 bytes
+    assert route("float32", ReduceOp.SUM, 1024, 9, table) == "nccl"
+    assert route("float32", ReduceOp.SUM, 0, 2, table) == "nccl"
+
+
+def test_bench_derives_the_handover_table_from_its_measurements():
+    from bench.allreduce import handover_table
+
+    def row(nbytes, one, two, nccl):
+        return {"bytes": nbytes, "one_shot_graphed_us": one, "two_shot_graphed_us": two, "nccl_graphed_us": nccl}
+    rows = [row(4096, 5, 9, 20), row(1 << 20, 12, 10, 30), row(1 << 30, 9000, 3000, 3100)]
+    assert handover_table(rows) == {"one_shot_max_bytes": 4096, "cute_max_bytes": None}
+    rows[-1] = row(1 << 30, 9000, 3200, 3100)
+    assert handover_table(rows) == {"one_shot_max_bytes": 4096, "cute_max_bytes": 1 << 20}

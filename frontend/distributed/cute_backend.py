@@ -6,8 +6,8 @@ with 2..8 ranks; a `SymmetricWorkspace` (symmetric.py) of
 
 Which all-reduce runs (`route`):
 - the CuTeDSL kernel (`_C.allreduce`, kernels/cute/allreduce.py) for SUM and
-  AVG of contiguous bf16 / fp16 / fp32 tensors whose address is 16-byte aligned
-  and whose size is a multiple of 16 bytes: one-shot up to
+  AVG of bf16 / fp16 / fp32 tensors whose size is a multiple of 16 bytes
+  (strided or misaligned ones through a dense aligned copy): one-shot up to
   HANDOVER["one_shot_max_bytes"], two-shot above, in pieces of at most
   CAPACITY_BYTES; AVG then scales by 1 / world_size;
 - NCCL otherwise (MAX/MIN, other dtypes, odd sizes or addresses) and for
@@ -41,12 +41,16 @@ HANDOVER = {"one_shot_max_bytes": 256 << 10, "cute_max_bytes": None}
 _KERNEL_DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "float32": ("fp32", 4)}
 
 
-def route(dtype_name, op, nbytes, address, contiguous, world, handover=None):
-    """'one_shot', 'two_shot' or 'nccl' for an all-reduce; pure, so it is tested without a GPU."""
+def route(dtype_name, op, nbytes, world, handover=None):
+    """'one_shot', 'two_shot' or 'nccl' for an all-reduce; pure, so it is tested without a GPU.
+
+    It depends only on what the cross-rank check makes equal on every rank (dtype, op, size): a
+    rank's address or strides must never send it down another path than its peers (they would
+    wait forever); strided or misaligned tensors go through a dense, aligned copy instead."""
     handover = HANDOVER if handover is None else handover
-    if dtype_name not in _KERNEL_DTYPES or op not in (ReduceOp.SUM, ReduceOp.AVG) or not contiguous:
+    if dtype_name not in _KERNEL_DTYPES or op not in (ReduceOp.SUM, ReduceOp.AVG):
         return "nccl"
-    if not 2 <= world <= MAX_RANKS or address % 16 or nbytes % 16 or nbytes == 0:
+    if not 2 <= world <= MAX_RANKS or nbytes % 16 or nbytes == 0:
         return "nccl"
     limit = handover.get("cute_max_bytes")
     if limit is not None and nbytes > limit:
@@ -84,26 +88,31 @@ class CuteBackend(NcclBackend):
 
     def all_reduce(self, tensor, op, async_op):
         name = tensor.dtype.name
-        algo = route(name, op, tensor.numel() * tensor.dtype.itemsize, tensor.data_ptr(), tensor.is_contiguous(),
-                     self.group.world_size, self.handover)
+        algo = route(name, op, tensor.numel() * tensor.dtype.itemsize, self.group.world_size, self.handover)
         if algo == "nccl":
             return super().all_reduce(tensor, op, async_op)
         kernel_dtype, itemsize = _KERNEL_DTYPES[name]
         cap = CAPACITY_BYTES // itemsize
         g = self.group
 
-        def enqueue(stream):
+        def reduce(t):
             from .. import cuda
-            base, n = tensor.data_ptr(), tensor.numel()
-            for start in range(0, n, cap):
-                count = min(cap, n - start)
-                ptr = base + start * itemsize
-                self.last_kernel = self._C.allreduce(algo, kernel_dtype, ptr, ptr, self._flags, self._data, g.rank,
-                                                     g.world_size, count, cap, stream)
-            if op == ReduceOp.AVG:
-                from ..autograd import no_grad
-                with cuda.stream(self.stream), no_grad():
-                    tensor.mul_(1.0 / g.world_size)
+            from ..autograd import no_grad
+            with cuda.stream(self.stream), no_grad():
+                work = t if t.data_ptr() % 16 == 0 else t.clone()  # fresh allocator blocks are aligned
+                base, n = work.data_ptr(), work.numel()
+                for start in range(0, n, cap):
+                    count = min(cap, n - start)
+                    ptr = base + start * itemsize
+                    self.last_kernel = self._C.allreduce(algo, kernel_dtype, ptr, ptr, self._flags, self._data,
+                                                         g.rank, g.world_size, count, cap, self.stream.handle)
+                if op == ReduceOp.AVG:
+                    work.mul_(1.0 / g.world_size)
+                if work is not t:
+                    t.copy_(work)
+
+        def enqueue(stream):
+            self._dense(tensor, reduce)
         return self._launch("all_reduce", ("all_reduce", op, name, tuple(tensor.shape)), [tensor], enqueue,
                             async_op)
 

@@ -4,6 +4,9 @@ Device: `device_id` when given, else LOCAL_RANK, else rank modulo the number of
 GPUs; it becomes the current device.  Rank 0 makes the NCCL unique id and
 publishes it through the store; every rank builds its communicator from it.
 
+Strided tensors go through a dense copy on the communication stream (`_dense`),
+so a rank's memory layout never changes which collective its peers must run.
+
 Streams, as in torch's ProcessGroupNCCL: each collective is enqueued on the
 group's communication stream after it waits for the caller's current stream;
 the tensors are marked used by that stream (`record_stream`) so the caching
@@ -83,12 +86,22 @@ class NcclBackend:
             raise TypeError(f"{what}: NCCL has no {dtype.name}; supported: {', '.join(_NCCL_DTYPES)}")
         return code
 
+    def _dense(self, tensor, run):
+        """run(t) on the communication stream with t = tensor, or, for a strided tensor, a dense copy
+        written back afterwards: whether a rank takes this detour never changes what its peers run."""
+        from .. import cuda
+        from ..autograd import no_grad
+        if tensor.is_contiguous():
+            run(tensor)
+            return
+        with cuda.stream(self.stream), no_grad():
+            tmp = tensor.contiguous()
+            run(tmp)
+            tensor.copy_(tmp)
+
     def _launch(self, what, signature, tensors, enqueue, async_op):
         from .. import cuda
         g = self.group
-        for t in tensors:
-            if not t.is_contiguous():
-                raise ValueError(f"{what}: the {g.backend_name!r} backend needs contiguous tensors")
         if checks_enabled():
             seq = g.next_seq()
             g.check_signatures(what, g.exchange(f"{what} (collective #{seq})", seq, signature))
@@ -104,16 +117,22 @@ class NcclBackend:
         return None
 
     def all_reduce(self, tensor, op, async_op):
-        dt, p = self._dtype("all_reduce", tensor.dtype), tensor.data_ptr()
+        dt = self._dtype("all_reduce", tensor.dtype)
+
+        def enqueue(s):
+            self._dense(tensor, lambda t: self._raw.all_reduce(t.data_ptr(), t.data_ptr(), t.numel(), dt,
+                                                               self._ops[op], self.comm._comm, s))
         return self._launch("all_reduce", ("all_reduce", op, tensor.dtype.name, tuple(tensor.shape)), [tensor],
-                            lambda s: self._raw.all_reduce(p, p, tensor.numel(), dt, self._ops[op],
-                                                           self.comm._comm, s), async_op)
+                            enqueue, async_op)
 
     def broadcast(self, tensor, src, async_op):
-        dt, p = self._dtype("broadcast", tensor.dtype), tensor.data_ptr()
+        dt = self._dtype("broadcast", tensor.dtype)
+
+        def enqueue(s):
+            self._dense(tensor, lambda t: self._raw.broadcast(t.data_ptr(), t.data_ptr(), t.numel(), dt, src,
+                                                              self.comm._comm, s))
         return self._launch("broadcast", ("broadcast", src, tensor.dtype.name, tuple(tensor.shape)), [tensor],
-                            lambda s: self._raw.broadcast(p, p, tensor.numel(), dt, src, self.comm._comm, s),
-                            async_op)
+                            enqueue, async_op)
 
     def all_gather_into_tensor(self, output, tensor, async_op):
         dt = self._dtype("all_gather_into_tensor", tensor.dtype)
