@@ -276,10 +276,13 @@ def _make_backend(name, group, device_id):
 def _teardown(group, clean):
     group.destroyed = True
     group.shutdown()
+    if group._server is not None:
+        # Rank 0 serves the store: let the peers finish with it first (after a clean destroy they are
+        # saying bye; after a failure they learn from it which rank failed, instead of only that rank 0
+        # went away), and only then remove what they might still read.
+        group._server.wait_all_departed(group.timeout if clean else min(group.timeout, 10.0))
     if group.backend is not None:
         group.backend.close()
-    if group._server is not None and clean:
-        group._server.wait_all_departed(group.timeout)
     group.store.close(clean=clean)
     if group._server is not None:
         group._server.close()
