@@ -37,7 +37,8 @@ Block b keeps an epoch counter in its own rank's flags; each launch reads it
 (e = old + 1) and thread 0 stores e at the end.  A barrier of block b: all
 threads sync; thread p < W stores e into flags[p][barrier][b][rank] with
 `st.release.sys` (the arrival at peer p), then spins with relaxed system-scope
-loads until flags[rank][barrier][b][p] == e, then one `fence.acq_rel.sys`;
+loads until flags[rank][barrier][b][p] >= e (a peer may already have moved on
+to epoch e + 1), then one `fence.acq_rel.sys`;
 all threads sync.  Epochs live in device memory, so a captured graph replays
 with fresh epochs.
 Why two parity areas and no exit barrier: a rank writes parity area e mod 2
@@ -150,8 +151,10 @@ def build_kernel(spec: AllReduceSpec):
                 cute.arch.store(flags[p] + (slot + rank), e, sem="release", scope="sys")
         if tid < world:
             mine = pick(flags, rank)
+            # `seen - e < 0`, not `seen != e`: a fast peer may already have passed this barrier and
+            # stored the next launch's epoch before this thread looked (wrap-around safe)
             seen = cute.arch.load(mine + (slot + tid), cutlass.Int32, sem="relaxed", scope="sys")
-            while seen != e:
+            while seen - e < 0:
                 seen = cute.arch.load(mine + (slot + tid), cutlass.Int32, sem="relaxed", scope="sys")
             cute.arch.fence_acq_rel_sys()
         cute.arch.sync_threads()
