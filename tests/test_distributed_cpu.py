@@ -127,7 +127,7 @@ def test_a_rank_that_hangs_times_out_with_a_clear_error():
     assert code == 3, stderr[-2000:]
     (res,) = results(stdout)
     assert "timed out after 1.5 s" in res["error"] and "rank(s) [1]" in res["error"], res["error"]
-    assert 1.4 < res["seconds"] < 6
+    assert 1.4 < res["seconds"] < 15
     # the sleeper wakes to a group whose store (on rank 0) is gone: an error, not a hang
     code1, stdout1, stderr1 = out[1]
     assert code1 == 3, stderr1[-2000:]
