@@ -240,13 +240,18 @@ def init_process_group(backend="cpu", init_method="env://", timeout=None, world_
         raise ValueError(f"init_process_group: rank {me} is outside [0, {world})")
     host, port = _rendezvous_address(init_method)
 
-    server = StoreServer(host if host not in ("localhost",) else "127.0.0.1", port, world).start() \
-        if me == 0 else None
+    try:
+        server = StoreServer(host if host not in ("localhost",) else "127.0.0.1", port, world).start() \
+            if me == 0 else None
+    except StoreError as exc:
+        raise DistributedError(f"init_process_group: {exc}") from None
     try:
         client = StoreClient(host, server.port if server is not None else port, me, seconds)
-    except BaseException:
+    except BaseException as exc:
         if server is not None:
             server.close()
+        if isinstance(exc, StoreError):
+            raise DistributedError(f"init_process_group: {exc}") from None
         raise
     group = ProcessGroup(backend, me, world, client, server, seconds)
     try:
