@@ -145,7 +145,9 @@ def test_a_rank_that_never_arrives_times_out_in_init():
 
 
 def test_launcher_reports_the_failed_rank_and_leaves_nothing_running():
+    before = _leftover_shm()
     run = launch(3, ["die", "2"], env=dict(os.environ, TEST_TIMEOUT="300"))
+    assert _leftover_shm() <= before, "shared-memory files left behind"
     assert run.returncode in (3, 17), run.stderr[-2000:]
     assert "exited with code" in run.stderr
     assert "stopping the other workers" in run.stderr
@@ -215,3 +217,25 @@ def test_train_reverse_with_two_cpu_processes_runs_to_the_end(tmp_path):
     assert len(metrics["loss"]) == 6 and all(np.isfinite(metrics["loss"]))
     assert (out / "model.safetensors").is_file()
     assert run.stderr.count("data parallel over 2 processes") == 1  # rank 0 alone speaks
+
+
+def test_sigterm_to_the_launcher_stops_every_worker_and_removes_their_shared_memory():
+    before = _leftover_shm()
+    proc = subprocess.Popen([sys.executable, "-m", "cutegrad.cli", "launch", "--standalone", "--nproc-per-node", "2",
+                             "--grace-period", "2", WORKER, "hang", "1", "300"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, TEST_TIMEOUT="300"))
+    pids = []
+    while len(pids) < 2:  # both workers started (and rank 0 waits in an all_reduce holding its shared memory)
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()[-2000:]
+        if line.startswith("PID "):
+            pids.append(int(line.split()[1]))
+    time.sleep(3)
+    assert _leftover_shm() - before, "the job should hold a shared-memory folder while it runs"
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + 15 and "stopping the workers" in stderr
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert _leftover_shm() <= before, "shared-memory files left behind"

@@ -36,7 +36,7 @@ from .process_group import DistributedError, ReduceOp
 _MIN_FILE = 1 << 16
 
 
-def _shm_root():
+def shm_root():
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
@@ -87,7 +87,9 @@ class CpuBackend:
             raise ValueError(f"init_process_group: the 'cpu' backend needs every rank on one host, got hosts "
                              f"{group.hosts}; use 'nccl' across nodes")
         if group.rank == 0:
-            directory = os.path.join(_shm_root(), f"cutegrad-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+            # named after the launcher's job tag, so `cutegrad launch` can remove it after killing workers
+            job = os.environ.get("CUTEGRAD_JOB_TAG", str(os.getpid()))
+            directory = os.path.join(shm_root(), f"cutegrad-{job}-{uuid.uuid4().hex[:12]}")
             os.makedirs(directory, mode=0o700)
             group.store.set("cpu/dir", directory)
         directory = group.store.wait(["cpu/dir"], timeout=group.timeout)[0]

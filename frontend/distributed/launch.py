@@ -13,10 +13,15 @@ free loopback port.
 Supervision: the launcher waits for its workers.  When one exits with an
 error the others are sent SIGTERM, then SIGKILL after `--grace-period`
 seconds, and the launcher exits with the failed worker's code; SIGINT and
-SIGTERM to the launcher are passed on the same way.  No worker outlives it.
+SIGTERM to the launcher are passed on the same way.  No worker outlives it, and
+the shared-memory folders of the job's "cpu" backend (named with the
+CUTEGRAD_JOB_TAG it gives its workers) are removed even when a killed worker
+could not remove them.
 """
 import argparse
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,11 +53,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def worker_env(base, nproc, nnodes, node_rank, local_rank, addr, port):
+def worker_env(base, nproc, nnodes, node_rank, local_rank, addr, port, job_tag):
     env = dict(base)
     env.update(RANK=str(node_rank * nproc + local_rank), LOCAL_RANK=str(local_rank),
                WORLD_SIZE=str(nnodes * nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK=str(node_rank),
-               NODE_RANK=str(node_rank), MASTER_ADDR=addr, MASTER_PORT=str(port))
+               NODE_RANK=str(node_rank), MASTER_ADDR=addr, MASTER_PORT=str(port), CUTEGRAD_JOB_TAG=job_tag)
     if nproc > 1 and "OMP_NUM_THREADS" not in base:
         env["OMP_NUM_THREADS"] = "1"
     return env
@@ -64,6 +69,13 @@ def command(args):
     if args.module:
         return [sys.executable, "-u", "-m", args.target, *args.args]
     return [sys.executable, "-u", args.target, *args.args]
+
+
+def _remove_job_files(job_tag):
+    """Shared-memory folders of this job's "cpu" backend that killed workers could not remove."""
+    from .cpu_backend import shm_root
+    for path in glob.glob(os.path.join(shm_root(), f"cutegrad-{job_tag}-*")):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _stop(procs, grace):
@@ -91,6 +103,7 @@ def run(args):
             raise ValueError("--standalone is one node; drop --nnodes or --standalone")
         addr, port = "127.0.0.1", free_port()
     cmd = command(args)
+    job_tag = f"{os.getpid()}x{os.urandom(3).hex()}"
     procs = []
     stopping = []
 
@@ -100,7 +113,8 @@ def run(args):
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for local in range(args.nproc_per_node):
-            env = worker_env(os.environ, args.nproc_per_node, args.nnodes, args.node_rank, local, addr, port)
+            env = worker_env(os.environ, args.nproc_per_node, args.nnodes, args.node_rank, local, addr, port,
+                             job_tag)
             procs.append(subprocess.Popen(cmd, env=env))
         while True:
             if stopping:
@@ -121,6 +135,7 @@ def run(args):
             time.sleep(0.05)
     finally:
         _stop(procs, args.grace_period)
+        _remove_job_files(job_tag)
         for s, handler in old.items():
             signal.signal(s, handler)
 
