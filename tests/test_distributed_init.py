@@ -67,3 +67,19 @@ def test_world_of_one_works_and_tears_down():
     dist.destroy_process_group()
     with pytest.raises(dist.DistributedError, match="no process group"):
         dist.destroy_process_group()
+
+
+def test_skip_cross_rank_checks_nests_and_is_per_thread():
+    import threading
+    from cutegrad.distributed.process_group import cross_rank_checks_wanted, skip_cross_rank_checks
+    assert cross_rank_checks_wanted()
+    with skip_cross_rank_checks():
+        with skip_cross_rank_checks():
+            assert not cross_rank_checks_wanted()
+        assert not cross_rank_checks_wanted()
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(cross_rank_checks_wanted()))
+        t.start()
+        t.join()
+        assert seen == [True]
+    assert cross_rank_checks_wanted()

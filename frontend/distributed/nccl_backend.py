@@ -17,12 +17,13 @@ collectives capture into CUDA graphs.
 
 Cross-rank argument check: one store round trip per collective (the same
 signature exchange as the CPU backend), skipped while a CUDA graph is being
-captured and when CUTEGRAD_DISTRIBUTED_CHECKS=0 (for benchmarks).  Without it a
+captured, inside `skip_cross_rank_checks()` (DDP's buckets) and when
+CUTEGRAD_DISTRIBUTED_CHECKS=0 (for benchmarks).  Without it a
 mismatch would hang inside NCCL.
 """
 import os
 
-from .process_group import ReduceOp, Work
+from .process_group import ReduceOp, Work, cross_rank_checks_wanted
 
 _NCCL_DTYPES = ("float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64")
 
@@ -57,7 +58,7 @@ def pick_device(group, device_id):
 
 
 def checks_enabled():
-    if os.environ.get("CUTEGRAD_DISTRIBUTED_CHECKS", "1") == "0":
+    if os.environ.get("CUTEGRAD_DISTRIBUTED_CHECKS", "1") == "0" or not cross_rank_checks_wanted():
         return False
     from .. import cuda
     return not cuda.is_current_stream_capturing()
