@@ -29,7 +29,7 @@ from .nccl_backend import NcclBackend
 # Mirrors of kernels/cute/allreduce.py (that folder is not installed with the
 # package); tests/test_distributed_symmetric.py checks they agree.
 MAX_RANKS = 8
-GRID = 64
+GRID = 128
 BARRIERS = 2
 FLAG_WORDS = BARRIERS * GRID * MAX_RANKS + GRID
 FLAG_BYTES = -(-4 * FLAG_WORDS // 4096) * 4096  # the flags region, rounded up to 4 KiB (data areas stay aligned)

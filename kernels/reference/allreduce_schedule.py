@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-GRID = 64
+GRID = 128
 THREADS = 512
 
 
