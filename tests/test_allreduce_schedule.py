@@ -57,7 +57,7 @@ def test_schedule_with_the_kernels_own_grid(algo):
     """The kernel's GRID x THREADS, with messages large enough to wrap rows around the grid (two-shot: and
     around the owners), and sizes that are not multiples of a row."""
     world = 3
-    for n_vec in (1, 511, 513, 64 * 512 * 3 + 77):
+    for n_vec in (1, 511, 513, kernel.GRID * kernel.THREADS * 3 + 77):
         x = _inputs(world, n_vec * 4, "fp32", 2)
         out, trace = schedule.run(algo, x, 4, grid=kernel.GRID, threads=kernel.THREADS)
         schedule.check_trace(algo, trace, world)
