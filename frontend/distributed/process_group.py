@@ -123,6 +123,17 @@ def _rendezvous_address(init_method):
     raise ValueError(f"init_process_group: init_method {init_method!r} is not supported (env:// or tcp://HOST:PORT)")
 
 
+def _listen_address(host):
+    """Where rank 0's store listens: the loopback address itself when MASTER_ADDR is one (single-node
+    jobs and tests stay off the network), else every interface, as torch's TCPStore does (a host
+    name may resolve to another local address than the one remote nodes reach)."""
+    try:
+        resolved = socket.gethostbyname(host)
+    except OSError:
+        return host
+    return resolved if resolved.startswith("127.") else ""
+
+
 class ProcessGroup:
     def __init__(self, backend, rank, world_size, store, server, timeout):
         self.backend_name = backend
@@ -260,8 +271,7 @@ def init_process_group(backend="cpu", init_method="env://", timeout=None, world_
     host, port = _rendezvous_address(init_method)
 
     try:
-        server = StoreServer(host if host not in ("localhost",) else "127.0.0.1", port, world).start() \
-            if me == 0 else None
+        server = StoreServer(_listen_address(host), port, world).start() if me == 0 else None
     except StoreError as exc:
         raise DistributedError(f"init_process_group: {exc}") from None
     try:
