@@ -52,6 +52,10 @@ def _parser():
     t.add_argument("--save-every", type=int, default=1000,
                    help="write train_state.safetensors every N steps (and always at the end)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--nproc-per-node", type=int, default=1,
+                   help="data-parallel processes on this node (one per GPU); the batch size is the global batch")
+
+    _add_launch(sub)
 
     e = sub.add_parser("eval", help="reload a checkpoint written by `cutegrad train` and compute its eval metric")
     e.add_argument("workload", choices=WORKLOADS)
@@ -61,8 +65,29 @@ def _parser():
     return p
 
 
+def _add_launch(sub):
+    from .distributed.launch import add_arguments
+    add_arguments(sub.add_parser("launch", help="start one process per GPU running a script (torchrun's flags)",
+                                 description="Start --nproc-per-node worker processes running a script or module, "
+                                             "with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set."))
+
+
+def _launched(args, argv):
+    """`cutegrad launch ...`, or `cutegrad train ... --nproc-per-node N` re-run under the launcher; None otherwise."""
+    from .distributed import launch
+    if args.command == "launch":
+        return launch.run(args)
+    if args.command == "train" and args.nproc_per_node > 1:
+        return launch.relaunch_train(argv, args.nproc_per_node)
+    return None
+
+
 def main(argv=None):
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    code = _launched(args, argv)
+    if code is not None:
+        return code
     from . import train as training
     try:
         if args.command == "train":
@@ -72,6 +97,8 @@ def main(argv=None):
                 preset=args.preset, tokenizer=args.tokenizer, eval_examples=args.eval_examples,
                 progress=not args.no_progress, graphs=args.graphs, overwrite=args.overwrite, resume=args.resume,
                 save_every=args.save_every)
+            if metrics is None:  # a data-parallel worker other than rank 0
+                return 0
             ev = metrics["eval"]
             print(f"{args.workload}: {ev['metric']} {ev['value']:.4f} after {metrics['steps']} steps "
                   f"({metrics['wall_time_s']:.1f} s on {metrics['device']})")

@@ -62,8 +62,12 @@ EVAL_SEED = 1234
 REVERSE_EVAL_CHUNK = 250
 
 
+_QUIET = False  # a data-parallel worker other than rank 0 prints nothing
+
+
 def _say(message):
-    print(message, file=sys.stderr, flush=True)
+    if not _QUIET:
+        print(message, file=sys.stderr, flush=True)
 
 
 # --- device and preset ---------------------------------------------------------------
@@ -443,7 +447,11 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
     t_start = time.perf_counter()
     if save_every is not None and save_every < 1:
         raise ValueError(f"--save-every must be >= 1, got {save_every}")
-    out = prepare_run_folder(out, overwrite, resume)
+    device = pick_device(device)
+    dp = _data_parallel(device)
+    device = dp.device if dp is not None else device
+    writer = dp is None or dp.is_main  # data parallel: rank 0 alone writes into the run folder
+    out = prepare_run_folder(out, overwrite, resume) if writer else Path(out)
     state = load_state(out) if resume else None
     if state is not None:
         saved = state["preset"]
@@ -461,7 +469,6 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
         dtype, seed, data = state["dtype"], state["seed"], state["data"]
     precision = resolve_precision(dtype or "fp32")
     seed = 0 if seed is None else seed
-    device = pick_device(device)
     if graphs and not device.startswith("cuda"):
         raise ValueError(f"--graphs captures CUDA graphs and needs a CUDA device, got --device {device}")
     if state is None:
@@ -472,6 +479,9 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
             if steps < state["step"]:
                 raise ValueError(f"--steps {steps}: the run to resume has already trained {state['step']} steps")
             preset = replace(preset, steps=steps)
+    if dp is not None:
+        dp.start(preset.batch_size)
+        progress = progress and dp.is_main
     if preset.note:
         _say(f"cutegrad train {workload}: scaled-down preset for {device} ({preset.note}); "
              f"--preset full runs the full-size configuration of docs/training.md")
@@ -482,7 +492,7 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
     if state is not None and work.data_meta != state["data_meta"]:
         raise ValueError(f"--resume: the training data differs from the data the run started with "
                          f"({work.data_meta} vs {state['data_meta']})")
-    if isinstance(work, TextWorkload):
+    if isinstance(work, TextWorkload) and writer:
         work.tokenizer.save(out / TOKENIZER_NAME)
     _say(f"cutegrad train {workload}: {work.description}")
     model = build_model(preset.model).to(device)
@@ -508,10 +518,15 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
         _say(f"cutegrad train {workload}: resumed from {out / STATE_NAME} after step {state['step']}")
     if graphs:
         _device_lrs(opt, device)
-    step_fn = make_step(model, opt, preset.clip_grad_norm, mixed_precision(device, precision))
+    if dp is not None:
+        _say(f"cutegrad train {workload}: {dp.describe(preset.batch_size)}")
+    step_fn = make_step(dp.wrap(model) if dp is not None else model, opt, preset.clip_grad_norm,
+                        mixed_precision(device, precision))
 
     def save_training_state(step):
         losses.flush()
+        if not writer:
+            return
         save_state(out, {"preset": preset.to_dict(), "dtype": precision, "seed": seed, "data": data,
                          "data_meta": work.data_meta, "step": step, "losses": losses.values,
                          "train_time_s": trained_s + time.perf_counter() - t_train, "random": random_state(device),
@@ -525,7 +540,8 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
     t_window, n_window, rate = t_train, 0, 0.0
     replay = None
     for step in range(first, preset.steps + 1):
-        inputs, targets = _batch_to(next(batches), device, float32)
+        batch = next(batches)
+        inputs, targets = _batch_to(dp.shard(batch) if dp is not None else batch, device, float32)
         if not graphs:
             loss = step_fn(inputs, targets)
         elif replay is None:
@@ -536,7 +552,7 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
             # The static output is overwritten by the next replay: keep a copy.
             loss = replay(inputs, targets).clone()
         sched.step()
-        losses.add(loss)
+        losses.add(dp.average(loss) if dp is not None else loss)
         n_window += 1
         if step % log_every == 0 or step == preset.steps:
             last = losses.flush()
@@ -558,6 +574,10 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
         bar.close()
     if replay is not None:
         replay.reset()
+    if dp is not None:
+        dp.finish()
+        if not dp.is_main:
+            return None
 
     model.eval()
     with no_grad(), mixed_precision(device, precision):
@@ -584,12 +604,22 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
         "wall_time_s": time.perf_counter() - t_start,
         "checkpoint": CHECKPOINT_NAME,
         "cutegrad_version": __version__,
+        **({"data_parallel": dp.metrics(preset.batch_size)} if dp is not None else {}),
     }
     _write_json(out / METRICS_NAME, metrics)
     plot_losses(losses.values, out / PLOT_NAME, f"{workload}: {work.metric} {result[work.metric]:.4f}")
     _say(f"cutegrad train {workload}: wrote {out / CHECKPOINT_NAME}, {out / METRICS_NAME} "
          f"({metrics['wall_time_s']:.1f} s wall)")
     return metrics
+
+
+def _data_parallel(device):
+    """The data-parallel plan of a worker of `cutegrad train --nproc-per-node N`, else None."""
+    global _QUIET
+    from .distributed.data_parallel import DataParallelRun
+    dp = DataParallelRun.from_env(device)
+    _QUIET = dp is not None and not dp.is_main
+    return dp
 
 
 def checkpoint_metadata(preset, work, dtype, seed):

@@ -18,6 +18,7 @@ from .workers import get_worker_info
 from .reversal import IGNORE_INDEX, ReversalDataset, ReversalTask, exact_sequence_accuracy
 from .synthetic_images import SYNTHETIC_CLASSES, SyntheticImages
 from .text import TextData, TextDataset, prepare_text, split_tokens
+from .distributed_sampler import DistributedSampler
 
 __all__ = [
     "BPETokenizer",
@@ -55,4 +56,5 @@ __all__ = [
     "to_tensors",
     "BatchSampler", "RandomSampler", "Sampler", "SequentialSampler", "SubsetRandomSampler", "WeightedRandomSampler",
     "get_worker_info", "random_split",
+    "DistributedSampler",
 ]
