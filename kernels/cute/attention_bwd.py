@@ -336,13 +336,17 @@ def build_kernel(spec: AttentionBwdSpec):
                     warpgroup.commit_group()
                     warpgroup.wait_group(0)
 
-                    # P^T and dS^T in registers.
-                    mask_block = is_causal != 0 and n_base + BN - 1 > m_base
+                    # P^T and dS^T in registers; the causal mask only where the
+                    # diagonal crosses the block (some key after some query).
+                    crosses = cutlass.Int32(0)
+                    if is_causal != 0:
+                        if n_base + BN - 1 > m_base:
+                            crosses = cutlass.Int32(1)
                     for i in cutlass.range_constexpr(cute.size(acc_s)):
                         key_q = tScS[i]
                         row_q = m_base + key_q[1]
                         s = acc_s[i] * scale_log2 - mLse2[(row_q, head, batch)]
-                        if mask_block:
+                        if crosses != 0:
                             if n_base + key_q[0] > row_q:
                                 s = -f32.inf
                         p = cute.math.exp2(s, fastmath=True)
@@ -489,5 +493,7 @@ def emit_registry(entries):
         out.append('  {"", AttnDType::bf16, 0, -1, nullptr, nullptr},')
     out.append("};")
     out.append(f"extern const int kNumAttentionBwdKernels = {len(table)};")
+    out.append(f"extern const int kAttentionBwdBlockM = {BLOCK_M};")
+    out.append(f"extern const int kAttentionBwdBlockN = {BLOCK_N};")
     out.append("}  // namespace cutegrad")
     return "\n".join(out) + "\n"
