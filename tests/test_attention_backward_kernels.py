@@ -2,16 +2,14 @@
 list, the tiles shared with the NumPy model, the SASS of every built sm_90a main
 kernel (tensor cores, TMA, atomics for dQ, no local memory), and every argument
 check of `_C.attention_backward`, which raises before touching a device."""
-import concurrent.futures
 import importlib.util
 import json
 import os
 import re
-import tempfile
 
 import pytest
 
-from test_build import MANIFEST, ROOT, embedded_cubins, local_bytes, needs_build, run_tool
+from test_build import MANIFEST, ROOT, local_bytes, needs_build, sass_listings
 
 
 def _load(rel, name):
@@ -51,27 +49,16 @@ def test_every_sm90_attention_backward_kernel_uses_tensor_cores_tma_and_no_local
     manifest = json.load(open(MANIFEST))
     objects = [o for o in manifest["objects"] if os.path.basename(o).startswith("attention_bwd_sm_90a_")]
     assert len(objects) == len(KERNEL.SPECS), objects
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def inspect(obj):
-            cubins = embedded_cubins(open(obj, "rb").read())
-            assert len(cubins) == 1, f"{obj}: expected one embedded cubin, found {len(cubins)}"
-            path = os.path.join(tmp, os.path.basename(obj) + ".cubin")
-            with open(path, "wb") as f:
-                f.write(cubins[0])
-            return os.path.basename(obj), run_tool(["-res-usage", "-sass", path])
-
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for name, listing in pool.map(inspect, objects):
-                # S^T, dP^T, dQ (shared-memory operands) and dV, dK (register A operand)
-                assert re.search(r"HGMMA\.64x\d+x16\.F32", listing), f"{name}: no HGMMA"
-                assert "UTMALDG" in listing, f"{name}: no TMA load"
-                assert re.search(r"\bREDG?\.E\.ADD\.F32", listing), f"{name}: no fp32 reduction for dQ"
-                assert "STSM.16.MT88" in listing, f"{name}: dS is not stored with stmatrix"
-                assert "MUFU.EX2" in listing, f"{name}: no exp2"
-                assert not re.search(r"\b(STL|LDL)\b", listing), f"{name}: local memory traffic (spills)"
-                usage = local_bytes(listing)
-                assert usage and max(usage) == 0, f"{name}: local memory {usage}"
+    for name, listing in sass_listings(objects):
+        # S^T, dP^T, dQ (shared-memory operands) and dV, dK (register A operand)
+        assert re.search(r"HGMMA\.64x\d+x16\.F32", listing), f"{name}: no HGMMA"
+        assert "UTMALDG" in listing, f"{name}: no TMA load"
+        assert re.search(r"\bREDG?\.E\.ADD\.F32", listing), f"{name}: no fp32 reduction for dQ"
+        assert "STSM.16.MT88" in listing, f"{name}: dS is not stored with stmatrix"
+        assert "MUFU.EX2" in listing, f"{name}: no exp2"
+        assert not re.search(r"\b(STL|LDL)\b", listing), f"{name}: local memory traffic (spills)"
+        usage = local_bytes(listing)
+        assert usage and max(usage) == 0, f"{name}: local memory {usage}"
 
 
 # --- _C.attention_backward's argument checks (all before any CUDA call) -----------------------------
