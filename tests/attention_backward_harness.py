@@ -3,9 +3,10 @@ backward's tests (NumPy model on the CPU, the kernels on a GPU)."""
 import numpy as np
 
 
-def dense_attention(q, k, v, dout, scale, is_causal):
+def dense_attention(q, k, v, dout, scale, is_causal, keep_mask=None, dropout_p=0.0):
     """float64 dense attention in (B, S, H, D) layout: out, lse (B, Hq, Sq) and (dq, dk, dv)
-    from the textbook gradient of softmax(scale q k^T) v, k/v heads repeated for GQA."""
+    from the textbook gradient of dropout(softmax(scale q k^T)) v, k/v heads repeated for GQA.
+    keep_mask: (B, Hq, Sq, Sk) bool; kept probabilities are scaled by 1 / (1 - dropout_p)."""
     group = q.shape[2] // k.shape[2]
     qh = q.transpose(0, 2, 1, 3)                                   # (B, Hq, Sq, D)
     kh = np.repeat(k.transpose(0, 2, 1, 3), group, axis=1)         # (B, Hq, Sk, D)
@@ -19,12 +20,14 @@ def dense_attention(q, k, v, dout, scale, is_causal):
     e = np.exp(s - mx)
     lse = (np.log(e.sum(-1, keepdims=True)) + mx)[..., 0]
     p = e / e.sum(-1, keepdims=True)
-    out = p @ vh
-    dp = doh @ vh.transpose(0, 1, 3, 2)
+    z = np.ones_like(p) if keep_mask is None else keep_mask / (1.0 - dropout_p)
+    pd = p * z
+    out = pd @ vh
+    dp = (doh @ vh.transpose(0, 1, 3, 2)) * z   # gradient w.r.t. p through the dropout
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
     dq = scale * ds @ kh
     dk = scale * ds.transpose(0, 1, 3, 2) @ qh
-    dv = p.transpose(0, 1, 3, 2) @ doh
+    dv = pd.transpose(0, 1, 3, 2) @ doh
     B, Hkv = k.shape[0], k.shape[2]
 
     def group_sum(x):  # (B, Hq, Sk, D) -> (B, Sk, Hkv, D)

@@ -125,3 +125,42 @@ def test_dense_reference_agrees_with_torch_autograd(rng):
     np.testing.assert_allclose(out, to.detach().numpy().transpose(0, 2, 1, 3), rtol=1e-10, atol=1e-12)
     for mine, t in ((dq, tq), (dk, tk), (dv, tv)):
         np.testing.assert_allclose(mine, t.grad.numpy().transpose(0, 2, 1, 3), rtol=1e-9, atol=1e-11)
+
+
+def _check_dropout(rng, sq, sk, is_causal, keep, p):
+    q, k, v, dout = _inputs(rng, 1, sq, sk, 4, 2, 32)
+    scale = 0.2
+    out, lse_dropped, dq_ref, dk_ref, dv_ref = dense_attention(q, k, v, dout, scale, is_causal, keep, p)
+    # the forward's LSE is of the undropped probabilities
+    lse = dense_attention(q, k, v, dout, scale, is_causal)[1]
+    np.testing.assert_array_equal(lse, lse_dropped)
+    for deterministic in (False, True):
+        got = M.attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=deterministic,
+                                   keep_mask=keep, dropout_p=p)
+        for name, g, r in zip(("dq", "dk", "dv"), got, (dq_ref, dk_ref, dv_ref)):
+            np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(r).max()), err_msg=name)
+    # the mask matters: ignoring it gives other gradients
+    wrong = M.attention_backward(q, k, v, out, lse, dout, scale, is_causal)
+    assert np.abs(wrong[2] - dv_ref).max() > 1e-3
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(1, 1), (17, 129), (65, 65), (129, 80), (200, 300)])
+def test_model_with_dropout_matches_dense_float64(rng, sq, sk, is_causal):
+    p = 0.3
+    keep = rng.random((1, 4, sq, sk)) >= p
+    _check_dropout(rng, sq, sk, is_causal, keep, p)
+
+
+def test_model_with_the_forwards_philox_dropout_mask(rng):
+    # the forward's mask function (kernels/reference/attention.py, the attention forward's model)
+    path = os.path.join(ROOT, "kernels", "reference", "attention.py")
+    if not os.path.exists(path):
+        pytest.skip("kernels/reference/attention.py (the forward's model with dropout_keep_mask) is not on this branch")
+    spec = importlib.util.spec_from_file_location("cutegrad_reference_attention_fwd", path)
+    fwd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fwd)
+    p, sq, sk = 0.1, 129, 200
+    keep = fwd.dropout_keep_mask(1234, 8, 1, 4, sq, sk, p)
+    assert keep.shape == (1, 4, sq, sk) and 0.85 < keep.mean() < 0.95
+    _check_dropout(rng, sq, sk, True, keep, p)

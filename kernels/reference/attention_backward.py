@@ -35,6 +35,9 @@ Three kernels:
 3. postprocess: dQ = scale * (fp32 accumulator, or the ordered sum of the
    partials), rounded once to the input dtype.
 
+Dropout (the forward's keep mask, Z = keep / (1 - p)): dV takes P^T * Z^T and
+dS^T = P^T * (dP^T * Z^T - delta).  The model has it; the GPU kernel not yet.
+
 ``round_operands`` is a function applied where the kernel rounds P and dS
 to the input dtype before a tensor-core product (identity for the float64
 check; a bf16/fp16 rounding to model the GPU's numerics).
@@ -86,12 +89,19 @@ def preprocess(out, dout, lse, block_m=BLOCK_M):
 
 
 def attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=False, acc=np.float64,
-                       round_operands=_identity, dq_order_seed=0, block_m=BLOCK_M, block_n=BLOCK_N):
+                       round_operands=_identity, dq_order_seed=0, keep_mask=None, dropout_p=0.0,
+                       block_m=BLOCK_M, block_n=BLOCK_N):
     """(dq, dk, dv) by the kernels' tiled algorithm, accumulating in `acc` (np.float32 on the GPU).
 
     Atomic mode adds each key block's dQ contribution in a shuffled key-block
     order (dq_order_seed), as concurrent CTAs may; deterministic mode stores
-    per-key-block partials and sums them in key-block order."""
+    per-key-block partials and sums them in key-block order.
+
+    Dropout: keep_mask (B, Hq, Sq, Sk) bool, the forward's mask
+    (kernels/reference/attention.py: dropout_keep_mask regenerates it from the
+    forward's seed and offset).  Per block, with Z = keep / (1 - p):
+    dV += (P^T * Z^T) dO and dS^T = P^T * (dP^T * Z^T - delta); delta =
+    rowsum(dO * O) already holds the dropout through O."""
     B, Sq, Hq, D = q.shape
     _, Sk, Hkv, _ = k.shape
     if Hq % Hkv:
@@ -109,6 +119,10 @@ def attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=
         return p
 
     qp, dop = pad(q, sq_pad), pad(dout, sq_pad)
+    zp = None
+    if keep_mask is not None:  # Z = keep / (1 - p), zero on padding
+        zp = np.zeros((B, Hq, sq_pad, sk_pad), acc)
+        zp[:, :, :Sq, :Sk] = keep_mask / acc(1.0 - dropout_p)
     kp, vp = pad(k, sk_pad), pad(v, sk_pad)
     dk = np.zeros((B, sk_pad, Hkv, D), acc)
     dv = np.zeros((B, sk_pad, Hkv, D), acc)
@@ -141,8 +155,12 @@ def attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=
                             st = np.where(j > i, -np.inf, st)
                         pt = np.exp2(st)
                         dpt = vb @ dob.T                               # dP^T (BN, BM)
+                        pt_v = pt
+                        if zp is not None:
+                            zt = zp[b, h, rows, keys].T
+                            pt_v, dpt = pt * zt, dpt * zt
                         dst = pt * (dpt - delta[b, h, rows][None, :])
-                        pt_r, dst_r = round_operands(pt), round_operands(dst)
+                        pt_r, dst_r = round_operands(pt_v), round_operands(dst)
                         dv_acc += pt_r @ dob
                         dk_acc += dst_r @ qb
                         if deterministic:
