@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from cutegrad import dtypes as dt
 from test_build import MANIFEST, ROOT, local_bytes, needs_build, sass_listings
 
 
@@ -121,3 +122,61 @@ def test_workspace_sizes():
     assert lib.attention_backward_workspace(1, 1, 1, 1, 32, True) == (64, 64 * 32, 1)
     names = {e["name"] for e in lib.attention_backward_specializations()}
     assert names == {s.name for s in KERNEL.SPECS}
+
+
+# --- the CUDA backend's checks, which read only shapes, dtypes and devices -------------------------
+def _backend():
+    from cutegrad.backends.cuda import attention_backward
+    return attention_backward
+
+
+def _cpu_args(B=1, Sq=5, Sk=7, Hq=4, Hkv=2, D=8, dtype=None):
+    import numpy as np
+
+    import cutegrad
+    dtype = dtype or dt.bfloat16
+    rng = np.random.default_rng(0)
+    mk = lambda shape, d=dtype: cutegrad.tensor(rng.standard_normal(shape), dtype=d)  # noqa: E731
+    return [mk((B, Sq, Hq, D)), mk((B, Sk, Hkv, D)), mk((B, Sk, Hkv, D)), mk((B, Sq, Hq, D)),
+            mk((B, Hq, Sq), dt.float32), mk((B, Sq, Hq, D))]
+
+
+def _with(index, fn):
+    def mutate(args):
+        args[index] = fn(args[index])
+        return args
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (_with(1, lambda t: t.to(dtype=dt.float16)), r"k is cutegrad.float16, q is cutegrad.bfloat16"),
+    (lambda a: [t.to(dtype=dt.float32) for t in a], r"dtype cutegrad.float32 has no fused kernel"),
+    (_with(2, lambda t: t[:, :6]), r"k \[1, 7, 2, 8\] and v \[1, 6, 2, 8\] differ"),
+    (_with(5, lambda t: t[:, :4]), r"out \[1, 5, 4, 8\] and dout \[1, 4, 4, 8\] must have q's shape"),
+    (_with(4, lambda t: t.to(dtype=dt.bfloat16)), r"lse must be float32 of shape \[1, 4, 5\]"),
+    (_with(0, lambda t: t[0]), r"q must be \(B, S, H, D\)"),
+])
+def test_backend_checks_name_the_bad_argument(mutate, message):
+    with pytest.raises(RuntimeError, match=message):
+        _backend()._check(*mutate(_cpu_args()))
+
+
+def test_backend_accepts_good_arguments_and_knows_tma_layouts():
+    be = _backend()
+    args = _cpu_args(D=64)
+    be._check(*args)
+    q = args[0]
+    assert be._tma_ready(q)
+    assert not be._tma_ready(q.transpose(1, 3))         # head dim no longer unit-stride
+    assert not be._tma_ready(_cpu_args(D=12)[0])         # strides not 16-byte multiples
+    assert be._tma_ready(q.transpose(1, 2))             # (B, H, S, D) viewed as (B, S, H, D)
+
+
+def test_deterministic_switch():
+    be = _backend()
+    assert be.is_deterministic() is False
+    be.set_deterministic(True)
+    try:
+        assert be.is_deterministic() is True
+    finally:
+        be.set_deterministic(False)
