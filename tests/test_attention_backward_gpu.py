@@ -6,7 +6,8 @@ specialization (bf16/fp16, head dims 32/64/128), the lengths of the NumPy
 model's tests (1 .. 1000), Sq != Sk both ways, causal and not, GQA, q/k/v read
 in place from a fused (B, S, 3, H, D) projection, outputs poisoned with NaN
 before the call; the deterministic mode bit-identical across runs; a CUDA
-graph capture replayed with new inputs.  The error budget (bf16 1.5e-2, fp16
+graph capture replayed with new inputs; dropout regenerating the forward's
+Philox mask (eager and from device memory, as under capture).  The error budget (bf16 1.5e-2, fp16
 3e-3 of the largest reference gradient) is 3-6x what the NumPy model with the
 kernel's numerics shows (kernels/reference/attention_backward.py).
 """
@@ -208,10 +209,52 @@ def test_graph_capture_replays_with_new_inputs_bit_identical_to_eager():
     g.reset()
 
 
+def _forward_model():
+    """kernels/reference/attention.py, the forward's model: its dropout_keep_mask is the mask both kernels draw."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "reference",
+                        "attention.py")
+    if not os.path.exists(path):
+        pytest.skip("kernels/reference/attention.py (the forward's dropout_keep_mask) is not on this branch")
+    spec = importlib.util.spec_from_file_location("cutegrad_reference_attention_fwd_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @gpu
 @needs_sm90
-def test_dropout_is_refused_until_the_kernel_has_it():
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_regenerates_the_forwards_mask(head_dim, causal):
+    fwd = _forward_model()
+    rng = np.random.default_rng(head_dim + causal)
+    B, Sq, Sk, Hq, Hkv, p = 2, 129, 200, 4, 2, 0.2
+    seed, offset = 0x1234_5678_9ABC, 4 * 1001
+    keep = fwd.dropout_keep_mask(seed, offset, B, Hq, Sq, Sk, p)
+    scale = 1.0 / math.sqrt(head_dim)
+    q64, q = _rounded(rng, (B, Sq, Hq, head_dim), dt.bfloat16)
+    k64, k = _rounded(rng, (B, Sk, Hkv, head_dim), dt.bfloat16)
+    v64, v = _rounded(rng, (B, Sk, Hkv, head_dim), dt.bfloat16)
+    do64, dout = _rounded(rng, (B, Sq, Hq, head_dim), dt.bfloat16)
+    out64, lse64, *refs = dense_attention(q64, k64, v64, do64, scale, causal, keep, p)
+    out = cutegrad.tensor(out64, dtype=dt.bfloat16).to("cuda")
+    lse = cutegrad.tensor(lse64, dtype=dt.float32).to("cuda")
+    # eager: (seed, 0, offset, 0); under capture: seed and base offset in device memory
+    state = cutegrad.tensor(np.array([seed, offset - 8], dtype=np.int64)).to("cuda")
+    from cutegrad.backends.cuda.launch import _ptr
+    for rng_state in ((seed, 0, offset, 0), (0, _ptr(state), 8, _ptr(state) + 8)):
+        _check(_fused()(q, k, v, out, lse, dout, scale, causal, p, rng_state), refs, dt.bfloat16)
+    wrong = _fused()(q, k, v, out, lse, dout, scale, causal, p, (seed + 1, 0, offset, 0))
+    assert np.abs(_f64(wrong[2]) - refs[2]).max() > 3 * TOL[dt.bfloat16] * np.abs(refs[2]).max()
+
+
+@gpu
+@needs_sm90
+def test_dropout_needs_the_forwards_rng_state():
     rng = np.random.default_rng(1)
     args, _ = _problem(rng, 1, 16, 16, 1, 1, 64, dt.bfloat16, False, 0.125)
-    with pytest.raises(NotImplementedError, match="dropout"):
+    with pytest.raises(RuntimeError, match="needs the forward's rng_state"):
         _fused()(*args, 0.125, False, 0.1, None)

@@ -24,10 +24,11 @@ KERNEL = _load("kernels/cute/attention_bwd.py", "cutegrad_kernel_attention_bwd")
 MODEL = _load("kernels/reference/attention_backward.py", "cutegrad_reference_attention_backward_k")
 
 
-def test_specializations_cover_dtypes_and_head_dims_on_sm90a_only():
+def test_specializations_cover_dtypes_head_dims_and_dropout_on_sm90a_only():
     specs = KERNEL.specializations(("sm_90a",))
-    assert {(s.dtype, s.head_dim) for s in specs} == {(d, h) for d in ("bf16", "fp16") for h in (32, 64, 128)}
-    assert len({s.name for s in specs}) == len(specs) == 6
+    assert {(s.dtype, s.head_dim, s.dropout) for s in specs} == {
+        (d, h, p) for d in ("bf16", "fp16") for h in (32, 64, 128) for p in (False, True)}
+    assert len({s.name for s in specs}) == len(specs) == 12
     assert KERNEL.specializations(("sm_100a",)) == []
     assert KERNEL.SPECS == specs
 
@@ -42,7 +43,7 @@ def test_registry_exports_the_tiles_and_every_launcher():
     assert f"kAttentionBwdBlockM = {KERNEL.BLOCK_M};" in text and f"kAttentionBwdBlockN = {KERNEL.BLOCK_N};" in text
     for s in KERNEL.SPECS:
         assert f"cute_dsl_{s.name}_wrapper(" in text and f'"{s.name}"' in text
-    assert "kNumAttentionBwdKernels = 6;" in text
+    assert "kNumAttentionBwdKernels = 12;" in text
 
 
 @needs_build
@@ -57,6 +58,8 @@ def test_every_sm90_attention_backward_kernel_uses_tensor_cores_tma_and_no_local
         assert re.search(r"\bREDG?\.E\.ADD\.F32", listing), f"{name}: no fp32 reduction for dQ"
         assert "STSM.16.MT88" in listing, f"{name}: dS is not stored with stmatrix"
         assert "MUFU.EX2" in listing, f"{name}: no exp2"
+        # the Philox multiplier appears exactly in the dropout kernels
+        assert ("0xd2511f53" in listing) == ("_dropout" in name), f"{name}: Philox rounds where not expected"
         assert not re.search(r"\b(STL|LDL)\b", listing), f"{name}: local memory traffic (spills)"
         usage = local_bytes(listing)
         assert usage and max(usage) == 0, f"{name}: local memory {usage}"
@@ -99,6 +102,10 @@ BAD = [
     (dict(dq_acc=4100), ValueError, r"dq accumulator must be a non-null 16-byte aligned pointer"),
     (dict(scale=float("nan")), ValueError, r"scale must be a finite non-zero number"),
     (dict(scale=0.0), ValueError, r"scale must be a finite non-zero number"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    (dict(dropout_p=0.1, rng=0), ValueError, r"with dropout the rng workspace must be a non-null 16-byte aligned"),
+    (dict(dropout_p=0.1, rng=4096, offset_ptr=4100), ValueError, r"Philox seed / offset pointers must be 8-byte"),
     (dict(k_shape=(2, 129, 70000, 64), q_shape=(2, 65, 70000, 64)), ValueError, r"extents out of the kernel's range"),
 ]
 

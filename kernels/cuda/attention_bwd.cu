@@ -6,7 +6,9 @@
 //   of D, then a shuffle reduction: a fixed order, so bit-reproducible) and
 //   lse2 = lse * log2(e); padding rows get delta = 0 and lse2 = +inf, which the
 //   main kernel turns into P = 0 without a mask.  Unless deterministic, the
-//   warp also zeroes its row of the fp32 dQ accumulator.
+//   warp also zeroes its row of the fp32 dQ accumulator.  With dropout, one
+//   thread resolves the forward's Philox (seed, offset) -- from device memory
+//   under graph capture -- into the 16-byte rng workspace the main kernel reads.
 // postprocess: one thread per dq element: scale * the accumulator, or in
 //   deterministic mode the sum, in key-block order, of the partials of the key
 //   blocks the element's query block saw (causal: the leading blocks up to the
@@ -57,6 +59,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) preprocess_kernel(const A
   if (!a.deterministic) {
     float* acc = a.dq_acc + row_id * a.head_dim;
     for (int64_t d = lane; d < a.head_dim; d += 32) acc[d] = 0.f;
+  }
+  if (a.dropout && row_id == 0 && lane == 0) {
+    // read here, in stream order, so a graph replay sees the state its capture reserved
+    a.rng[0] = static_cast<int64_t>(a.seed_ptr ? *static_cast<const uint64_t*>(a.seed_ptr) : a.seed);
+    a.rng[1] = static_cast<int64_t>((a.offset_ptr ? *static_cast<const uint64_t*>(a.offset_ptr) : 0) + a.offset);
   }
 }
 

@@ -29,6 +29,7 @@ struct AttentionBwdArgs {
   float* lse2;
   float* delta;
   float* dq_acc;
+  int64_t* rng;  // 2 int64 (seed, base offset) the preprocess resolves for the main kernel
   int64_t batch, sq, sk, hq, hkv, head_dim, sq_pad, dq_parts;
   int64_t q_sb, q_ss, q_sh;
   int64_t k_sb, k_ss, k_sh;
@@ -42,6 +43,13 @@ struct AttentionBwdArgs {
   float scale;
   bool is_causal;
   bool deterministic;
+  // dropout: the forward's Philox state (graphs/rng.py: seed = *seed_ptr if set, offset =
+  // (*offset_ptr if set) + offset); keep_prob = float32(1 - p), keep_scale = 1 / (1 - p)
+  bool dropout;
+  uint64_t seed, offset;
+  const void* seed_ptr;
+  const void* offset_ptr;
+  float keep_prob, keep_scale;
   AttnDType dtype;
   int block_m, block_n;  // the main kernel's tiles (kernels/cute/attention_bwd.py)
 };
@@ -51,6 +59,7 @@ struct AttentionBwdKernelEntry {
   const char* name;
   AttnDType dtype;
   int head_dim;
+  bool dropout;                    // regenerates the forward's dropout mask
   int sm;                          // compute capability the cubin runs on, e.g. 90
   void (*load)(int* cuda_error);   // loads the module
   int (*launch)(const AttentionBwdArgs& args, void* stream);  // returns a cudaError_t
@@ -63,7 +72,7 @@ extern const int kAttentionBwdBlockN;  // keys per CTA
 
 // kernels/cuda/attention_bwd.cu; each returns a cudaError_t.
 // delta = rowsum(dout * out), lse2 = lse * log2(e) (padding rows: 0 and +inf),
-// and, unless deterministic, dq_acc zeroed.
+// unless deterministic, dq_acc zeroed; with dropout, rng = (seed, base offset).
 int attention_bwd_preprocess(const AttentionBwdArgs& args, void* stream);
 // dq = scale * (dq_acc, or the key-block-ordered sum of the partials each query
 // block received), rounded once to the input dtype.

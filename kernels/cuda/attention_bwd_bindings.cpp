@@ -64,9 +64,10 @@ AttnDType parse_dtype(const std::string& s) {
   throw nb::type_error((std::string(kOp) + ": unsupported dtype '" + s + "' (the fused kernel takes bf16 or fp16)").c_str());
 }
 
-const AttentionBwdKernelEntry* find_kernel(AttnDType dt, int64_t head_dim) {
+const AttentionBwdKernelEntry* find_kernel(AttnDType dt, int64_t head_dim, bool dropout) {
   for (int i = 0; i < kNumAttentionBwdKernels; ++i)
-    if (kAttentionBwdKernels[i].dtype == dt && kAttentionBwdKernels[i].head_dim == head_dim)
+    if (kAttentionBwdKernels[i].dtype == dt && kAttentionBwdKernels[i].head_dim == head_dim &&
+        kAttentionBwdKernels[i].dropout == dropout)
       return &kAttentionBwdKernels[i];
   return nullptr;
 }
@@ -74,7 +75,8 @@ const AttentionBwdKernelEntry* find_kernel(AttnDType dt, int64_t head_dim) {
 std::string supported_head_dims(AttnDType dt) {
   std::string s;
   for (int i = 0; i < kNumAttentionBwdKernels; ++i)
-    if (kAttentionBwdKernels[i].dtype == dt) s += (s.empty() ? "" : ", ") + std::to_string(kAttentionBwdKernels[i].head_dim);
+    if (kAttentionBwdKernels[i].dtype == dt && !kAttentionBwdKernels[i].dropout)
+      s += (s.empty() ? "" : ", ") + std::to_string(kAttentionBwdKernels[i].head_dim);
   return s.empty() ? "none (no fused kernels in this build)" : s;
 }
 
@@ -119,7 +121,8 @@ std::string attention_backward(uintptr_t q, const Dims& q_shape, const Dims& q_s
                                const Dims& lse_strides, uintptr_t dq, const Dims& dq_strides, uintptr_t dk,
                                const Dims& dk_strides, uintptr_t dv, const Dims& dv_strides, uintptr_t lse2,
                                uintptr_t delta, uintptr_t dq_acc, const std::string& dtype, double scale, bool is_causal,
-                               bool deterministic, uintptr_t stream) {
+                               bool deterministic, double dropout_p, uint64_t seed, uintptr_t seed_ptr, uint64_t offset,
+                               uintptr_t offset_ptr, uintptr_t rng, uintptr_t stream) {
   const AttnDType dt = parse_dtype(dtype);
   if (q_shape.size() != 4) fail("q shape must be (B, Sq, Hq, D), got " + dims_str(q_shape));
   if (k_shape.size() != 4) fail("k shape must be (B, Sk, Hkv, D), got " + dims_str(k_shape));
@@ -133,10 +136,13 @@ std::string attention_backward(uintptr_t q, const Dims& q_shape, const Dims& q_s
   if (Sq > INT32_MAX || Sk > INT32_MAX || B > 65535 || Hkv > 65535)
     fail("extents out of the kernel's range: q " + dims_str(q_shape) + ", k " + dims_str(k_shape) +
          " (sequence lengths < 2^31, batch and k/v heads <= 65535)");
-  const AttentionBwdKernelEntry* kernel = find_kernel(dt, D);
+  if (!(dropout_p >= 0.0 && dropout_p < 1.0))
+    fail("dropout_p must be in [0, 1), got " + std::to_string(dropout_p));
+  const bool dropout = dropout_p > 0.0;
+  const AttentionBwdKernelEntry* kernel = find_kernel(dt, D, dropout);
   if (kernel == nullptr)
-    fail("no fused kernel for head dim " + std::to_string(D) + " and " + dtype + " (built head dims: " +
-         supported_head_dims(dt) + ")");
+    fail("no fused kernel for head dim " + std::to_string(D) + " and " + dtype + (dropout ? " with dropout" : "") +
+         " (built head dims: " + supported_head_dims(dt) + ")");
   if (!std::isfinite(scale) || scale == 0.0) fail("scale must be a finite non-zero number, got " + std::to_string(scale));
   check_bshd("q", q, q_strides, true);
   check_bshd("k", k, k_strides, true);
@@ -151,6 +157,9 @@ std::string attention_backward(uintptr_t q, const Dims& q_shape, const Dims& q_s
     fail("lse must be (B, Hq, Sq) float32 with unit stride on Sq, got strides " + dims_str(lse_strides));
   for (auto [p, name] : {std::pair{lse2, "lse2 workspace"}, {delta, "delta workspace"}, {dq_acc, "dq accumulator"}})
     if (p == 0 || p % 16 != 0) fail(std::string(name) + " must be a non-null 16-byte aligned pointer");
+  if (dropout && (rng == 0 || rng % 16 != 0)) fail("with dropout the rng workspace must be a non-null 16-byte aligned pointer");
+  if (dropout && ((seed_ptr % 8) != 0 || (offset_ptr % 8) != 0))
+    fail("the Philox seed / offset pointers must be 8-byte aligned (or 0)");
   const int sm = current_sm();
   if (sm != kernel->sm)
     fail("the fused kernel " + std::string(kernel->name) + " runs on sm_" + std::to_string(kernel->sm) +
@@ -170,6 +179,7 @@ std::string attention_backward(uintptr_t q, const Dims& q_shape, const Dims& q_s
   a.lse2 = reinterpret_cast<float*>(lse2);
   a.delta = reinterpret_cast<float*>(delta);
   a.dq_acc = reinterpret_cast<float*>(dq_acc);
+  a.rng = reinterpret_cast<int64_t*>(rng);
   a.batch = B, a.sq = Sq, a.sk = Sk, a.hq = Hq, a.hkv = Hkv, a.head_dim = D;
   a.sq_pad = ceil_div(Sq, kAttentionBwdBlockM) * kAttentionBwdBlockM;
   a.dq_parts = std::get<2>(workspace(B, Sq, Hq, Sk, D, deterministic));
@@ -185,6 +195,12 @@ std::string attention_backward(uintptr_t q, const Dims& q_shape, const Dims& q_s
   a.scale = static_cast<float>(scale);
   a.is_causal = is_causal;
   a.deterministic = deterministic;
+  a.dropout = dropout;
+  a.seed = seed, a.offset = offset;
+  a.seed_ptr = reinterpret_cast<const void*>(seed_ptr);
+  a.offset_ptr = reinterpret_cast<const void*>(offset_ptr);
+  a.keep_prob = static_cast<float>(1.0 - dropout_p);
+  a.keep_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
   a.dtype = dt;
   a.block_m = kAttentionBwdBlockM;
   a.block_n = kAttentionBwdBlockN;
@@ -203,6 +219,7 @@ nb::list specializations() {
     d["name"] = e.name;
     d["dtype"] = e.dtype == AttnDType::bf16 ? "bf16" : "fp16";
     d["head_dim"] = e.head_dim;
+    d["dropout"] = e.dropout;
     d["sm"] = e.sm;
     out.append(d);
   }
@@ -215,7 +232,9 @@ void add_functions(nb::module_& m) {
         nb::arg("out_strides"), nb::arg("dout"), nb::arg("dout_strides"), nb::arg("lse"), nb::arg("lse_strides"),
         nb::arg("dq"), nb::arg("dq_strides"), nb::arg("dk"), nb::arg("dk_strides"), nb::arg("dv"),
         nb::arg("dv_strides"), nb::arg("lse2"), nb::arg("delta"), nb::arg("dq_acc"), nb::arg("dtype"),
-        nb::arg("scale"), nb::arg("is_causal"), nb::arg("deterministic"), nb::arg("stream"),
+        nb::arg("scale"), nb::arg("is_causal"), nb::arg("deterministic"), nb::arg("dropout_p") = 0.0,
+        nb::arg("seed") = 0, nb::arg("seed_ptr") = 0, nb::arg("offset") = 0, nb::arg("offset_ptr") = 0,
+        nb::arg("rng") = 0, nb::arg("stream") = 0,
         "Fused attention backward (dq, dk, dv) on raw pointers: preprocess, the CuTeDSL main kernel, "
         "postprocess, on `stream`; returns the main kernel's name.");
   m.def("attention_backward_workspace", &workspace, nb::arg("batch"), nb::arg("sq"), nb::arg("hq"), nb::arg("sk"),

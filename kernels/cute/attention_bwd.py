@@ -63,15 +63,24 @@ head_dim in HEAD_DIMS, q/k/v/dO bf16 or fp16 (one dtype), unit stride on D,
 elements; Sq, Sk >= 1.  Causality and the deterministic mode are runtime
 arguments, so they add no specializations.
 
-Not in this kernel yet: dropout (the backend raises for dropout_p > 0);
-shared-memory staging of lse2/delta; a TMA store epilogue for dK/dV; a
+Dropout ("_dropout" specializations): before issuing a block's products each
+thread draws the keep bits of its 32 elements with the forward's mapping
+(element (b, h, i, j) of the (B, Hq, Sq, Sk) probabilities, linear index v, is
+kept iff word v % 4 of Philox4x32-10(seed, offset / 4 + v / 4), as 24-bit
+uniform, is below float32(1 - p)); dV takes P * keep (its 1 / (1 - p) in the
+epilogue) and dS = P * (dP * keep / (1 - p) - delta).  The preprocess resolves
+the forward's (seed, offset) -- read from device memory under graph capture --
+into a 16-byte workspace the kernel reads.  A compile-time flag, so the kernels
+without dropout carry none of its registers.
+
+Not in this kernel yet: shared-memory staging of lse2/delta; a TMA store epilogue for dK/dV; a
 128-row query tile for head dim 64 (FA3's choice); intra-warpgroup overlap of
 the softmax with the next block's products.
 
 Specializations
 ---------------
-``SPECS``: for bf16 and fp16, head dims 32, 64 and 128: six kernels, all
-sm_90a (wgmma does not exist elsewhere).  Each spec's ``name`` is the C symbol
+``SPECS``: for bf16 and fp16, head dims 32, 64 and 128, without and with
+dropout: twelve kernels, all sm_90a (wgmma does not exist elsewhere).  Each spec's ``name`` is the C symbol
 prefix the build exports.
 """
 
@@ -83,6 +92,9 @@ BLOCK_N = 128  # keys per CTA (64 per compute warpgroup)
 HEAD_DIMS = (32, 64, 128)
 Q_STAGES = 2
 LOG2E = math.log2(math.e)
+# Philox4x32-10 round multipliers and key increments (the stream of kernels/cuda/random.cu)
+PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
 
 
 @dataclass(frozen=True)
@@ -91,17 +103,18 @@ class AttentionBwdSpec:
 
     dtype: str  # "bf16" | "fp16"
     head_dim: int
+    dropout: bool  # regenerates the forward's dropout mask (Philox) in the main loop
     arch: str = "sm_90a"
 
     @property
     def name(self) -> str:
-        return f"attention_bwd_{self.arch}_{self.dtype}_d{self.head_dim}"
+        return f"attention_bwd_{self.arch}_{self.dtype}_d{self.head_dim}{'_dropout' if self.dropout else ''}"
 
 
 def specializations(archs=("sm_90a",)):
-    return [AttentionBwdSpec(dtype, d, arch)
+    return [AttentionBwdSpec(dtype, d, dropout, arch)
             for arch in archs if arch == "sm_90a"
-            for dtype in ("bf16", "fp16") for d in HEAD_DIMS]
+            for dtype in ("bf16", "fp16") for d in HEAD_DIMS for dropout in (False, True)]
 
 
 SPECS = specializations()
@@ -121,6 +134,7 @@ def build_kernel(spec: AttentionBwdSpec):
     dtype = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}[spec.dtype]
     f32 = cutlass.Float32
     D = spec.head_dim
+    use_dropout = spec.dropout
     BM, BN = BLOCK_M, BLOCK_N
     wg_threads = 128
     mma_threads = 2 * wg_threads
@@ -154,6 +168,34 @@ def build_kernel(spec: AttentionBwdSpec):
                     (split.stride[0][2][1], split.stride[2])),
         )
 
+    @cute.jit
+    def philox_word(key_lo: cutlass.Uint32, key_hi: cutlass.Uint32, counter: cutlass.Int64,
+                    lane: cutlass.Int64) -> cutlass.Uint32:
+        """Word `lane` (0..3) of Philox4x32-10 with key (key_lo, key_hi) and 128-bit
+        counter (counter, 0): the generator of kernels/cuda/random.cu.  The rounds
+        stay a loop: small code, and dropout is not the fast path."""
+        w0 = cutlass.Uint32(counter)
+        w1 = cutlass.Uint32(counter >> 32)
+        w2 = cutlass.Uint32(0)
+        w3 = cutlass.Uint32(0)
+        k0 = key_lo
+        k1 = key_hi
+        for _ in cutlass.range(10, unroll=1):
+            a_hi = cute.arch.mul_hi(w0, cutlass.Uint32(PHILOX_MUL[0]))
+            a_lo = w0 * cutlass.Uint32(PHILOX_MUL[0])
+            b_hi = cute.arch.mul_hi(w2, cutlass.Uint32(PHILOX_MUL[1]))
+            b_lo = w2 * cutlass.Uint32(PHILOX_MUL[1])
+            w0 = b_hi ^ w1 ^ k0
+            w1 = b_lo
+            w2 = a_hi ^ w3 ^ k1
+            w3 = a_lo
+            k0 = k0 + cutlass.Uint32(PHILOX_KEY_STEP[0])
+            k1 = k1 + cutlass.Uint32(PHILOX_KEY_STEP[1])
+        odd = (lane & 1) != 0
+        even_pair = cutlass.select_(odd, w1, w0)
+        odd_pair = cutlass.select_(odd, w3, w2)
+        return cutlass.Uint32(cutlass.select_((lane & 2) != 0, odd_pair, even_pair))
+
     def mma_batch(tiled_mma, acc, frag_a, frag_b, zero_init):
         """acc (+)= A B over the k slices of this warpgroup's fragments.  zero_init
         overwrites acc with the first slice (no zero fill, no register for 0.0); a
@@ -171,12 +213,13 @@ def build_kernel(spec: AttentionBwdSpec):
         tma_k: cute.CopyAtom, gK_tma: cute.Tensor,
         tma_v: cute.CopyAtom, gV_tma: cute.Tensor,
         mLse2: cute.Tensor, mDelta: cute.Tensor, mdQacc: cute.Tensor,
-        mdK: cute.Tensor, mdV: cute.Tensor,
+        mdK: cute.Tensor, mdV: cute.Tensor, mRng: cute.Tensor,
         mma_sdp: cute.TiledMma, mma_dkv: cute.TiledMma, mma_dq: cute.TiledMma,
         sq_layout: cute.ComposedLayout, sk_layout: cute.ComposedLayout, sv_layout: cute.ComposedLayout,
         sds_layout: cute.ComposedLayout,
         scale: cutlass.Float32, scale_log2: cutlass.Float32,
         is_causal: cutlass.Int32, deterministic: cutlass.Int32,
+        keep_prob: cutlass.Float32, keep_scale: cutlass.Float32,
     ):
         tidx, _, _ = cute.arch.thread_idx()
         n_block, kv_head, batch = cute.arch.block_idx()
@@ -328,12 +371,31 @@ def build_kernel(spec: AttentionBwdSpec):
                 head = kv_head * group + g
                 for m_block in range(m_first, m_blocks):
                     m_base = m_block * BM
+                    # Dropout keep bits of this thread's 32 elements, drawn before the
+                    # products are issued (their accumulators would pin 64 more registers).  Element (b, h, i, j) is kept iff uniform(v) < 1 - p, v its
+                    # linear index in (B, Hq, Sq, Sk): word v % 4 of Philox(seed, offset / 4 +
+                    # v / 4).
+                    keep_bits = cutlass.Uint32(0)
+                    if cutlass.const_expr(use_dropout):
+                        keep_bits = cutlass.Uint32(0)
+                        seed = mRng[0]
+                        key_lo = cutlass.Uint32(seed)
+                        key_hi = cutlass.Uint32(seed >> 32)
+                        counter0 = mRng[1] >> 2
+                        row_base = (cutlass.Int64(batch) * q_heads + head) * seqlen_q + m_base
+                        for i in cutlass.range_constexpr(cute.size(acc_s)):
+                            key_q = tScS[i]
+                            v = (row_base + key_q[1]) * seqlen_k + (n_base + key_q[0])
+                            word = philox_word(key_lo, key_hi, counter0 + (v >> 2), v & 3)
+                            if f32(word >> 8) * f32(2.0 ** -24) < keep_prob:
+                                keep_bits = keep_bits | (cutlass.Uint32(1) << cutlass.Uint32(i))
                     qdo_pipe.consumer_wait(cons)
                     stage = cons.index
                     warpgroup.fence()
                     mma_batch(mma_sdp, acc_s, tSrK, tSrQ[None, None, None, stage], True)
                     mma_batch(mma_sdp, acc_dp, tPrV, tPrdO[None, None, None, stage], True)
                     warpgroup.commit_group()
+
                     warpgroup.wait_group(0)
 
                     # P^T and dS^T in registers; the causal mask only where the
@@ -350,10 +412,19 @@ def build_kernel(spec: AttentionBwdSpec):
                             if n_base + key_q[0] > row_q:
                                 s = -f32.inf
                         p = cute.math.exp2(s, fastmath=True)
-                        acc_s[i] = p
-                        acc_dp[i] = p * (acc_dp[i] - mDelta[(row_q, head, batch)])
-                    r_p.store(acc_s.load().to(dtype))
-                    r_ds.store(acc_dp.load().to(dtype))
+                        if cutlass.const_expr(use_dropout):
+                            # dV takes P * keep (its 1 / (1 - p) is applied in the epilogue),
+                            # dS = P * (dP * keep / (1 - p) - delta); rounded as they are made
+                            kept = ((keep_bits >> i) & 1) != 0
+                            r_p[i] = f32(cutlass.select_(kept, p, f32(0.0))).to(dtype)
+                            dp = f32(cutlass.select_(kept, acc_dp[i] * keep_scale, f32(0.0)))
+                            r_ds[i] = (p * (dp - mDelta[(row_q, head, batch)])).to(dtype)
+                        else:
+                            acc_s[i] = p
+                            acc_dp[i] = p * (acc_dp[i] - mDelta[(row_q, head, batch)])
+                    if cutlass.const_expr(not use_dropout):
+                        r_p.store(acc_s.load().to(dtype))
+                        r_ds.store(acc_dp.load().to(dtype))
 
                     # Both warpgroups' dQ products of the previous step have read sdS.
                     pds_barrier.arrive_and_wait()
@@ -389,14 +460,18 @@ def build_kernel(spec: AttentionBwdSpec):
                 key = n_base + key_d[0]
                 if key < seqlen_k:
                     mdK[(key, key_d[1], kv_head, batch)] = (acc_dk[i] * scale).to(dtype)
-                    mdV[(key, key_d[1], kv_head, batch)] = acc_dv[i].to(dtype)
+                    if cutlass.const_expr(use_dropout):
+                        mdV[(key, key_d[1], kv_head, batch)] = (acc_dv[i] * keep_scale).to(dtype)
+                    else:
+                        mdV[(key, key_d[1], kv_head, batch)] = acc_dv[i].to(dtype)
 
     @cute.jit
     def launch(
         mQ: cute.Tensor, mK: cute.Tensor, mV: cute.Tensor, mdO: cute.Tensor,
         mLse2: cute.Tensor, mDelta: cute.Tensor, mdQacc: cute.Tensor,
-        mdK: cute.Tensor, mdV: cute.Tensor,
+        mdK: cute.Tensor, mdV: cute.Tensor, mRng: cute.Tensor,
         scale: cutlass.Float32, is_causal: cutlass.Int32, deterministic: cutlass.Int32,
+        keep_prob: cutlass.Float32, keep_scale: cutlass.Float32,
         stream: cuda.CUstream,
     ):
         mma_sdp = sm90.make_trivial_tiled_mma(dtype, dtype, K_MAJOR, K_MAJOR, f32, (2, 1, 1), tiler_mn=(64, BM))
@@ -418,8 +493,9 @@ def build_kernel(spec: AttentionBwdSpec):
         n_blocks = (mK.shape[0] + BN - 1) // BN
         kernel(
             tma_q, gQ_tma, tma_do, gdO_tma, tma_k, gK_tma, tma_v, gV_tma,
-            mLse2, mDelta, mdQacc, mdK, mdV, mma_sdp, mma_dkv, mma_dq,
+            mLse2, mDelta, mdQacc, mdK, mdV, mRng, mma_sdp, mma_dkv, mma_dq,
             sq_layout, sk_layout, sv_layout, sds_layout, scale, scale * LOG2E, is_causal, deterministic,
+            keep_prob, keep_scale,
         ).launch(grid=[n_blocks, mK.shape[2], mK.shape[3]], block=[threads, 1, 1], min_blocks_per_mp=1,
                  stream=stream)
 
@@ -442,7 +518,9 @@ def build_kernel(spec: AttentionBwdSpec):
                            (1, D, cute.sym_int64(), cute.sym_int64(), cute.sym_int64()), assumed_align=16)
     fake_args = (seq_tensor(sq, hq), seq_tensor(sk, hkv), seq_tensor(sk, hkv), seq_tensor(sq, hq),
                  row_stats(), row_stats(), fdq, seq_tensor(sk, hkv), seq_tensor(sk, hkv),
-                 cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0), make_fake_stream())
+                 make_fake_tensor(cutlass.Int64, (2,), (1,), assumed_align=16),
+                 cutlass.Float32(1.0), cutlass.Int32(0), cutlass.Int32(0),
+                 cutlass.Float32(1.0), cutlass.Float32(1.0), make_fake_stream())
     return launch, fake_args
 
 
@@ -482,15 +560,18 @@ def emit_registry(entries):
             f"  {n}_Tensor_mdQacc_t dq{{a.dq_acc, {{SqPad, Hq, B, P}}, {{dq_sh, dq_sb, dq_sp}}}};\n"
             f"  {n}_Tensor_mdK_t dk{{a.dk, {{Sk, Hkv, B}}, {{a.dk_ss, a.dk_sh, a.dk_sb}}}};\n"
             f"  {n}_Tensor_mdV_t dv{{a.dv, {{Sk, Hkv, B}}, {{a.dv_ss, a.dv_sh, a.dv_sb}}}};\n"
-            f"  return cute_dsl_{n}_wrapper(&mod_{i}, &q, &k, &v, &dout, &lse2, &delta, &dq, &dk, &dv,"
-            f" a.scale, a.is_causal ? 1 : 0, a.deterministic ? 1 : 0, (cudaStream_t)stream);\n"
+            f"  {n}_Tensor_mRng_t rng{{a.rng}};\n"
+            f"  return cute_dsl_{n}_wrapper(&mod_{i}, &q, &k, &v, &dout, &lse2, &delta, &dq, &dk, &dv, &rng,"
+            f" a.scale, a.is_causal ? 1 : 0, a.deterministic ? 1 : 0, a.keep_prob, a.keep_scale,"
+            f" (cudaStream_t)stream);\n"
             f"}}"
         )
-        table.append(f'  {{"{n}", {dt[s.dtype]}, {s.head_dim}, {int(s.arch[3:5])}, load_{i}, launch_{i}}},')
+        table.append(f'  {{"{n}", {dt[s.dtype]}, {s.head_dim}, {str(s.dropout).lower()}, {int(s.arch[3:5])}, '
+                     f'load_{i}, launch_{i}}},')
     out.append("extern const AttentionBwdKernelEntry kAttentionBwdKernels[] = {")
     out += table
     if not table:
-        out.append('  {"", AttnDType::bf16, 0, -1, nullptr, nullptr},')
+        out.append('  {"", AttnDType::bf16, 0, false, -1, nullptr, nullptr},')
     out.append("};")
     out.append(f"extern const int kNumAttentionBwdKernels = {len(table)};")
     out.append(f"extern const int kAttentionBwdBlockM = {BLOCK_M};")

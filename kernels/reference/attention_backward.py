@@ -35,8 +35,9 @@ Three kernels:
 3. postprocess: dQ = scale * (fp32 accumulator, or the ordered sum of the
    partials), rounded once to the input dtype.
 
-Dropout (the forward's keep mask, Z = keep / (1 - p)): dV takes P^T * Z^T and
-dS^T = P^T * (dP^T * Z^T - delta).  The model has it; the GPU kernel not yet.
+Dropout (the kernels' "_dropout" specializations regenerate the forward's keep
+mask with Philox): dV takes P^T * keep^T (rounded) and is scaled by 1 / (1 - p) in
+the epilogue; dS^T = P^T * (dP^T * keep^T / (1 - p) - delta).
 
 ``round_operands`` is a function applied where the kernel rounds P and dS
 to the input dtype before a tensor-core product (identity for the float64
@@ -99,9 +100,9 @@ def attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=
 
     Dropout: keep_mask (B, Hq, Sq, Sk) bool, the forward's mask
     (kernels/reference/attention.py: dropout_keep_mask regenerates it from the
-    forward's seed and offset).  Per block, with Z = keep / (1 - p):
-    dV += (P^T * Z^T) dO and dS^T = P^T * (dP^T * Z^T - delta); delta =
-    rowsum(dO * O) already holds the dropout through O."""
+    forward's seed and offset).  Per block: dV += (P^T * keep^T) dO, scaled by
+    1 / (1 - p) once at the end, and dS^T = P^T * (dP^T * keep^T / (1 - p) -
+    delta); delta = rowsum(dO * O) already holds the dropout through O."""
     B, Sq, Hq, D = q.shape
     _, Sk, Hkv, _ = k.shape
     if Hq % Hkv:
@@ -119,10 +120,11 @@ def attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=
         return p
 
     qp, dop = pad(q, sq_pad), pad(dout, sq_pad)
-    zp = None
-    if keep_mask is not None:  # Z = keep / (1 - p), zero on padding
-        zp = np.zeros((B, Hq, sq_pad, sk_pad), acc)
-        zp[:, :, :Sq, :Sk] = keep_mask / acc(1.0 - dropout_p)
+    keep = None
+    if keep_mask is not None:  # the keep mask, zero on padding; 1 / (1 - p) kept apart
+        keep = np.zeros((B, Hq, sq_pad, sk_pad), acc)
+        keep[:, :, :Sq, :Sk] = keep_mask
+        keep_scale = acc(1.0 / (1.0 - dropout_p))
     kp, vp = pad(k, sk_pad), pad(v, sk_pad)
     dk = np.zeros((B, sk_pad, Hkv, D), acc)
     dv = np.zeros((B, sk_pad, Hkv, D), acc)
@@ -156,9 +158,9 @@ def attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=
                         pt = np.exp2(st)
                         dpt = vb @ dob.T                               # dP^T (BN, BM)
                         pt_v = pt
-                        if zp is not None:
-                            zt = zp[b, h, rows, keys].T
-                            pt_v, dpt = pt * zt, dpt * zt
+                        if keep is not None:
+                            kt = keep[b, h, rows, keys].T
+                            pt_v, dpt = pt * kt, dpt * kt * keep_scale
                         dst = pt * (dpt - delta[b, h, rows][None, :])
                         pt_r, dst_r = round_operands(pt_v), round_operands(dst)
                         dv_acc += pt_r @ dob
@@ -168,7 +170,7 @@ def attention_backward(q, k, v, out, lse, dout, scale, is_causal, deterministic=
                         else:
                             dq_parts[0, b, h, rows] += dst_r.T @ kb
                 dk[b, keys, kvh] = dk_acc * acc(scale)
-                dv[b, keys, kvh] = dv_acc
+                dv[b, keys, kvh] = dv_acc if keep is None else dv_acc * keep_scale
 
     # postprocess: deterministic partials summed in key-block order, only those written
     if deterministic:

@@ -17,7 +17,14 @@ in a fixed order instead, bit-identical across runs, at the cost of
 
 Inputs the TMA loads cannot read in place (head dim not unit-stride, other
 strides or the offset not a multiple of 16 bytes) are copied to contiguous
-first.  Dropout is not in the backward kernel yet: dropout_p > 0 raises.
+first.
+
+Dropout: rng_state is the forward's Philox state, a `graphs.rng.PhiloxArgs`
+(seed, seed_ptr, offset, offset_ptr) or the same four ints as a tuple; the
+"_dropout" kernels regenerate the forward's keep mask from it (the mapping of
+kernels/reference/attention.py's dropout_keep_mask), reading seed and offset
+from device memory where the pointers are set, so a graph replay regenerates
+the mask of its own forward.
 """
 from ... import dtypes as dt
 from ...device import CUDA
@@ -72,9 +79,12 @@ def _check(q, k, v, out, lse, dout):
 def sdpa_flash_backward(q, k, v, out, lse, dout, scale, is_causal, dropout_p, rng_state, deterministic=None):
     """(dq, dk, dv) of fused attention; see the module docstring."""
     _check(q, k, v, out, lse, dout)
+    philox = (0, 0, 0, 0)
     if dropout_p > 0.0:
-        raise NotImplementedError("sdpa_flash_backward: dropout is not in the fused attention backward kernel yet "
-                                  f"(dropout_p={dropout_p})")
+        if rng_state is None or len(rng_state) != 4:
+            raise RuntimeError("sdpa_flash_backward: dropout_p > 0 needs the forward's rng_state (seed, seed_ptr, "
+                               f"offset, offset_ptr), got {rng_state!r}")
+        philox = tuple(int(x) for x in rng_state)
     det = _deterministic if deterministic is None else bool(deterministic)
     dev = q._storage.device
     stream = _stream(dev.index)
@@ -90,6 +100,7 @@ def sdpa_flash_backward(q, k, v, out, lse, dout, scale, is_causal, dropout_p, rn
     lse2 = _empty((stat_elems,), dt.float32, dev, stream)
     delta = _empty((stat_elems,), dt.float32, dev, stream)
     dq_acc = _empty((acc_elems,), dt.float32, dev, stream)
+    rng = _empty((2,), dt.int64, dev, stream) if dropout_p > 0.0 else None
     dq = _empty(q._shape, q._dtype, dev, stream)
     dk = _empty(k._shape, k._dtype, dev, stream)
     dv = _empty(v._shape, v._dtype, dev, stream)
@@ -97,5 +108,6 @@ def sdpa_flash_backward(q, k, v, out, lse, dout, scale, is_causal, dropout_p, rn
                            _ptr(out), out._strides, _ptr(dout), dout._strides, _ptr(lse), lse._strides,
                            _ptr(dq), dq._strides, _ptr(dk), dk._strides, _ptr(dv), dv._strides,
                            _ptr(lse2), _ptr(delta), _ptr(dq_acc), _DTYPE[q._dtype], float(scale), bool(is_causal),
-                           det, stream)
+                           det, float(dropout_p), philox[0], philox[1], philox[2], philox[3],
+                           _ptr(rng) if rng is not None else 0, stream)
     return dq, dk, dv
