@@ -120,6 +120,73 @@ def specializations(archs=("sm_90a",)):
 SPECS = specializations()
 
 
+# Layout helpers the kernel is built from.  Module level so that
+# tests/test_attention_backward_layouts.py checks the very functions the kernel
+# uses (value for value, every thread) without a GPU.  Called while tracing.
+def tiled_mmas(dtype, head_dim):
+    """(S^T / dP^T, dV / dK, dQ) tiled MMAs for 2 compute warpgroups.
+
+    S^T = K Q^T: M = 128 keys (64 per warpgroup), N = BLOCK_M queries, both
+    operands K-major.  dV = P^T dO, dK = dS^T Q: M = keys, N = D, A from
+    registers, B MN-major (Q and dO are stored D-contiguous).  dQ = dS K:
+    M = queries, N = D split over the warpgroups, B MN-major."""
+    import cutlass
+    import cutlass.cute as cute
+    import cutlass.utils.hopper_helpers as sm90
+    from cutlass.cute.nvgpu import warpgroup
+
+    k_major, mn_major, f32 = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN, cutlass.Float32
+    sdp = sm90.make_trivial_tiled_mma(dtype, dtype, k_major, k_major, f32, (2, 1, 1), tiler_mn=(64, BLOCK_M))
+    dkv = sm90.make_trivial_tiled_mma(dtype, dtype, k_major, mn_major, f32, (2, 1, 1), tiler_mn=(64, head_dim),
+                                      a_source=warpgroup.OperandSource.RMEM)
+    dq = sm90.make_trivial_tiled_mma(dtype, dtype, k_major, mn_major, f32, (1, 2, 1), tiler_mn=(64, head_dim // 2))
+    return sdp, dkv, dq
+
+
+def acc_as_operand_a(acc_layout):
+    """View an accumulator's registers ((2, 2, N/8), M, 1) as the register A operand
+    of the next wgmma, ((2, 2, 2), M, (N/16, 1)): 16 accumulator columns (two
+    groups of 8) make one k slice of 16; no data moves."""
+    import cutlass.cute as cute
+
+    split = cute.logical_divide(acc_layout, ((None, None, 2), None, None))
+    return cute.make_layout(
+        ((split.shape[0][0], split.shape[0][1], split.shape[0][2][0]), split.shape[1],
+         (split.shape[0][2][1], split.shape[2])),
+        stride=((split.stride[0][0], split.stride[0][1], split.stride[0][2][0]), split.stride[1],
+                (split.stride[0][2][1], split.stride[2])),
+    )
+
+
+def ds_store_copy(dtype, mma_sdp):
+    """Transposing stmatrix copy of the S^T accumulator tile into the (keys, queries)
+    view of sdS, whose keys are contiguous."""
+    import cutlass.cute as cute
+
+    atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(True, 4), dtype)
+    return cute.make_tiled_copy_S(atom, cute.make_tiled_copy_C_atom(atom, mma_sdp))
+
+
+def ds_store_source(regs, dst_partition):
+    """The accumulator-ordered registers as the copy's source, shaped like its
+    destination partition ((atom, 1), 1, reps): value v of repeat r is register
+    v + atom * r (the copy's source layout in that order)."""
+    import cutlass.cute as cute
+
+    reps = cute.size(dst_partition, mode=[2])
+    atom = cute.size(dst_partition, mode=[0])
+    return cute.make_tensor(regs.iterator, cute.make_layout(((atom, 1), 1, reps), stride=((1, 0), 0, atom)))
+
+
+def transposed(t):
+    """The same shared-memory tensor with its first two modes swapped."""
+    import cutlass.cute as cute
+
+    shape = (t.shape[1], t.shape[0], *t.shape[2:])
+    order = (1, 0, *range(2, cute.rank(t)))
+    return cute.composition(t, cute.make_ordered_layout(shape, order=order))
+
+
 def build_kernel(spec: AttentionBwdSpec):
     """Return (jit_function, fake_args) for cute.compile (imports the DSL lazily)."""
     import cuda.bindings.driver as cuda
@@ -140,7 +207,6 @@ def build_kernel(spec: AttentionBwdSpec):
     mma_threads = 2 * wg_threads
     threads = wg_threads + mma_threads
     producer_regs, mma_regs = 24, 240
-    K_MAJOR, MN_MAJOR = warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.MN
 
     def smem_layout(rows, cols, stages, major_size):
         """Row-major (cols contiguous) wgmma-compatible layout; the swizzle is chosen
@@ -150,23 +216,6 @@ def build_kernel(spec: AttentionBwdSpec):
         shape = (rows, cols) if stages is None else (rows, cols, stages)
         order = (0, 1) if stages is None else (0, 1, 2)
         return cute.tile_to_shape(atom, shape, order=order)
-
-    def transposed(t):
-        """The same shared-memory tensor with its first two modes swapped."""
-        shape = (t.shape[1], t.shape[0], *t.shape[2:])
-        order = (1, 0, *range(2, cute.rank(t)))
-        return cute.composition(t, cute.make_ordered_layout(shape, order=order))
-
-    def acc_as_operand_a(acc_layout):
-        """View an accumulator ((2, 2, N/8), M, 1) as the register A operand of the
-        next wgmma, ((2, 2, 2), M, (N/16, 1)): 16 accumulator columns = one k slice."""
-        split = cute.logical_divide(acc_layout, ((None, None, 2), None, None))
-        return cute.make_layout(
-            ((split.shape[0][0], split.shape[0][1], split.shape[0][2][0]), split.shape[1],
-             (split.shape[0][2][1], split.shape[2])),
-            stride=((split.stride[0][0], split.stride[0][1], split.stride[0][2][0]), split.stride[1],
-                    (split.stride[0][2][1], split.stride[2])),
-        )
 
     @cute.jit
     def philox_word(key_lo: cutlass.Uint32, key_hi: cutlass.Uint32, counter: cutlass.Int64,
@@ -335,15 +384,9 @@ def build_kernel(spec: AttentionBwdSpec):
             r_p_a = cute.make_tensor(r_p.iterator, acc_as_operand_a(r_p.layout))
             r_ds_a = cute.make_tensor(r_ds.iterator, acc_as_operand_a(r_ds.layout))
             # dS^T -> sdS with transposing stmatrix (keys are contiguous in sdS).
-            st_t = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(True, 4), dtype)
-            ds_r2s = cute.make_tiled_copy_S(st_t, cute.make_tiled_copy_C_atom(st_t, mma_sdp))
+            ds_r2s = ds_store_copy(dtype, mma_sdp)
             tDSsdS = ds_r2s.get_slice(mtid).partition_D(transposed(sdS))
-            # retile() folds the atom repeats into mode 0 ((8, reps), 1, 1); the
-            # destination keeps them in mode 2 ((8, 1), 1, reps): same order, split.
-            ds_reps = cute.size(tDSsdS, mode=[2])
-            ds_atom = cute.size(tDSsdS, mode=[0])
-            tDSrdS = cute.make_tensor(
-                r_ds.iterator, cute.make_layout(((ds_atom, 1), 1, ds_reps), stride=((1, 0), 0, ds_atom)))
+            tDSrdS = ds_store_source(r_ds, tDSsdS)
 
             # dV += P^T dO and dK += dS^T Q: M = keys, N = D, K = queries; A from registers.
             wg_dkv = mma_dkv.get_slice(wg_base)
@@ -474,10 +517,7 @@ def build_kernel(spec: AttentionBwdSpec):
         keep_prob: cutlass.Float32, keep_scale: cutlass.Float32,
         stream: cuda.CUstream,
     ):
-        mma_sdp = sm90.make_trivial_tiled_mma(dtype, dtype, K_MAJOR, K_MAJOR, f32, (2, 1, 1), tiler_mn=(64, BM))
-        mma_dkv = sm90.make_trivial_tiled_mma(dtype, dtype, K_MAJOR, MN_MAJOR, f32, (2, 1, 1), tiler_mn=(64, D),
-                                              a_source=warpgroup.OperandSource.RMEM)
-        mma_dq = sm90.make_trivial_tiled_mma(dtype, dtype, K_MAJOR, MN_MAJOR, f32, (1, 2, 1), tiler_mn=(64, D // 2))
+        mma_sdp, mma_dkv, mma_dq = tiled_mmas(dtype, D)
         # Q and dO: B operand K-major (D) of S^T / dP^T and B operand MN-major of dK / dV (N = D).
         sq_layout = smem_layout(BM, D, Q_STAGES, D)
         # K: A operand K-major of S^T and B operand MN-major of dQ, where each warpgroup reads D/2.
