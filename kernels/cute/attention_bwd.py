@@ -73,15 +73,16 @@ the forward's (seed, offset) -- read from device memory under graph capture --
 into a 16-byte workspace the kernel reads.  A compile-time flag, so the kernels
 without dropout carry none of its registers.
 
-Not in this kernel yet: shared-memory staging of lse2/delta; a TMA store epilogue for dK/dV; a
-128-row query tile for head dim 64 (FA3's choice); intra-warpgroup overlap of
-the softmax with the next block's products.
+Not in this kernel yet: shared-memory staging of lse2/delta; a TMA store
+epilogue for dK/dV; dQ through shared memory and TMA reduce-add instead of
+per-element atomics; a 128-row query tile for head dim 64 (FA3's choice);
+overlap of the softmax with the next block's products.
 
 Specializations
 ---------------
 ``SPECS``: for bf16 and fp16, head dims 32, 64 and 128, without and with
-dropout: twelve kernels, all sm_90a (wgmma does not exist elsewhere).  Each spec's ``name`` is the C symbol
-prefix the build exports.
+dropout: twelve kernels, all sm_90a (wgmma does not exist elsewhere).  Each
+spec's ``name`` is the C symbol prefix the build exports.
 """
 
 import math
