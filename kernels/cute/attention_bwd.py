@@ -416,12 +416,11 @@ def build_kernel(spec: AttentionBwdSpec):
                 for m_block in range(m_first, m_blocks):
                     m_base = m_block * BM
                     # Dropout keep bits of this thread's 32 elements, drawn before the
-                    # products are issued (their accumulators would pin 64 more registers).  Element (b, h, i, j) is kept iff uniform(v) < 1 - p, v its
-                    # linear index in (B, Hq, Sq, Sk): word v % 4 of Philox(seed, offset / 4 +
-                    # v / 4).
+                    # products are issued (their accumulators would pin 64 more registers).
+                    # Element (b, h, i, j) is kept iff uniform(v) < 1 - p, v its linear index
+                    # in (B, Hq, Sq, Sk): word v % 4 of Philox(seed, offset / 4 + v / 4).
                     keep_bits = cutlass.Uint32(0)
                     if cutlass.const_expr(use_dropout):
-                        keep_bits = cutlass.Uint32(0)
                         seed = mRng[0]
                         key_lo = cutlass.Uint32(seed)
                         key_hi = cutlass.Uint32(seed >> 32)
