@@ -86,7 +86,9 @@ def _check(got, refs, dtype, names=("dq", "dk", "dv")):
         gv = _f64(g)
         assert gv.shape == r.shape, name
         assert np.isfinite(gv).all(), f"{name}: non-finite values (an element the kernels never wrote?)"
-        bound = TOL[dtype] * max(np.abs(r).max(), 1e-6)
+        # an absolute floor of 1 (inputs are unit normals, so gradients are O(1)): with one
+        # visible key dq and dk are exactly 0 and the kernel returns rounding noise
+        bound = TOL[dtype] * max(np.abs(r).max(), 1.0)
         err = np.abs(gv - r).max()
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
 
