@@ -62,11 +62,8 @@ def local_bytes(res_usage):
     return [int(x) for x in re.findall(r"LOCAL:(\d+)", res_usage)]
 
 
-@needs_build
-def test_every_sm90_gemm_specialization_uses_hgmma_and_no_local_memory():
-    manifest = json.load(open(MANIFEST))
-    objects = [o for o in manifest["objects"] if "gemm_sm_90a_" in os.path.basename(o)]
-    assert objects, "no sm_90a GEMM objects in the build"
+def sass_listings(objects):
+    """(object name, resource usage + SASS of its one embedded cubin) for each exported CuTeDSL object."""
     with tempfile.TemporaryDirectory() as tmp:
 
         def inspect(obj):
@@ -78,10 +75,18 @@ def test_every_sm90_gemm_specialization_uses_hgmma_and_no_local_memory():
             return os.path.basename(obj), run_tool(["-res-usage", "-sass", path])
 
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for name, listing in pool.map(inspect, objects):
-                assert "HGMMA" in listing, f"{name}: no HGMMA instruction in its SASS"
-                usage = local_bytes(listing)
-                assert usage and max(usage) <= LOCAL_MEMORY_BUDGET, f"{name}: local memory {usage}"
+            return list(pool.map(inspect, objects))
+
+
+@needs_build
+def test_every_sm90_gemm_specialization_uses_hgmma_and_no_local_memory():
+    manifest = json.load(open(MANIFEST))
+    objects = [o for o in manifest["objects"] if "gemm_sm_90a_" in os.path.basename(o)]
+    assert objects, "no sm_90a GEMM objects in the build"
+    for name, listing in sass_listings(objects):
+        assert "HGMMA" in listing, f"{name}: no HGMMA instruction in its SASS"
+        usage = local_bytes(listing)
+        assert usage and max(usage) <= LOCAL_MEMORY_BUDGET, f"{name}: local memory {usage}"
 
 
 @needs_build

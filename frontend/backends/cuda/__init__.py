@@ -28,6 +28,7 @@ reached on the first CUDA op. The design of the kernels is in docs/cuda_ops.md.
 """
 from ...cuda import tensors as _cuda_tensors  # noqa: F401  (registers empty/full/from_numpy/to_device first)
 from . import copies, pointwise, reduction, linalg, softmax, norms, indexing, random, sorting, optim, cross_entropy  # noqa: F401  (each registers its kernels)
+from . import attention_backward  # noqa: F401  (registers sdpa_flash_backward)
 from .launch import set_poison_outputs
 from .softmax import softmax_causal, softmax_backward
 from .norms import layer_norm_backward, rms_norm_backward
