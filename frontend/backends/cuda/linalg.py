@@ -24,7 +24,7 @@ from ...tensor import make, numel_of
 from ...ops import codes as C
 from .. import precision
 from .pointwise import binary
-from .launch import (_GEMM_MAX_BATCH, _DeviceAllocation, _allocator, _bstrides, _cast_new, _contig, _empty, _fill,
+from .launch import (_GEMM_MAX_BATCH, _DeviceStorage, _allocator, _bstrides, _cast_new, _contig, _empty, _fill,
                      _lib, _ptr, _stream)
 
 _CODE = {dt.bfloat16: DTYPES["bf16"], dt.float16: DTYPES["fp16"], dt.float32: DTYPES["fp32"]}
@@ -48,8 +48,8 @@ def _workspace(nbytes, device, stream):
     """(address, owner) of nbytes from the caching allocator on `stream`; dropping owner frees it
     in stream order after the split-K kernels already enqueued there."""
     alloc = _allocator(device)
-    owner = _DeviceAllocation(alloc.malloc(nbytes, stream), alloc, nbytes, device)
-    return owner.ptr, owner
+    owner = _DeviceStorage(alloc.malloc(nbytes, stream), alloc, device)
+    return owner.data.ptr, owner
 
 
 def _collapse(shape, strides):
