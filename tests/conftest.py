@@ -3,12 +3,18 @@
 Append new fixtures at the end, one block each, with a docstring saying what
 they are for; keep helpers that are not fixtures in their own *_harness.py.
 """
+import os
 import zlib
 
 import numpy as np
 import pytest
 
 import cutegrad
+
+# Tests that trace CuTeDSL code in this process (wgmma layouts, helpers) need the
+# DSL's target arch before the first `import cutlass` of the session, whichever
+# test module happens to import it first: without a GPU the DSL assumes sm_100a.
+os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,6 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")  # wgmma tiled MMAs need the arch before cutlass loads
 cutlass = pytest.importorskip("cutlass")
 cute = pytest.importorskip("cutlass.cute")
 
