@@ -7,7 +7,8 @@ from .normalization import LayerNorm, RMSNorm
 from .activation import GELU, SiLU, ReLU, Tanh, Sigmoid, Softmax, Dropout
 from .container import Sequential, ModuleList, ModuleDict
 from . import functional, init, utils
+from .fused_norms import AddLayerNorm, AddRMSNorm
 
 __all__ = ["Module", "Parameter", "Buffer", "Linear", "Identity", "Embedding", "LayerNorm", "RMSNorm", "GELU",
            "SiLU", "ReLU", "Tanh", "Sigmoid", "Softmax", "Dropout", "Sequential", "ModuleList", "ModuleDict",
-           "functional", "init", "utils"]
+           "functional", "init", "utils", "AddLayerNorm", "AddRMSNorm"]

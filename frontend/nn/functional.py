@@ -2,6 +2,7 @@
 from ..ops import (linear, relu, gelu, silu, sigmoid, tanh, softmax, log_softmax, cross_entropy, nll_loss, mse_loss,
                    layer_norm, rms_norm, embedding, scaled_dot_product_attention, one_hot)
 from .. import ops
+from ..ops import add_layer_norm, add_rms_norm
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
@@ -18,4 +19,4 @@ def relu_(input):
 
 __all__ = ["linear", "relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "softmax", "log_softmax", "cross_entropy",
            "nll_loss", "mse_loss", "layer_norm", "rms_norm", "embedding", "dropout", "scaled_dot_product_attention",
-           "one_hot"]
+           "one_hot", "add_layer_norm", "add_rms_norm"]

@@ -22,6 +22,7 @@ from .linalg import matmul, mm, bmm, linear, outer
 from .sorting import sort, argsort, topk, cumsum
 from .nn import (softmax, log_softmax, cross_entropy, nll_loss, mse_loss, layer_norm, rms_norm, embedding, dropout,
                  scaled_dot_product_attention, tril, triu)
+from .fused_norms import add_layer_norm, add_rms_norm
 
 concat = cat
 clip = clamp
