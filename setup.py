@@ -87,6 +87,13 @@ def nvcc_gencode(archs):
     return flags + ["-gencode", "arch=compute_80,code=compute_80"]
 
 
+def write_op_codes():
+    """kernels/cuda/op_codes.h from frontend/ops/codes.py, the one source of the kernel op codes
+    (run as a script: the build does not import cutegrad)."""
+    subprocess.check_call([sys.executable, os.path.join(ROOT, "frontend", "ops", "codes.py"),
+                           os.path.join(CUDA_SRC, "op_codes.h")])
+
+
 def compile_cuda(nvcc, archs):
     """nvcc objects of kernels/cuda/*.cu, cached by sources + flags; returns (objects, number compiled)."""
     flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr"] + nvcc_gencode(archs)
@@ -121,6 +128,7 @@ class BuildExt(build_ext):
         with open(os.path.join(aot_out, "manifest.json")) as f:
             manifest = json.load(f)
         nvcc, cuda_includes, cudart = find_cuda()
+        write_op_codes()
         cu_objects, _ = compile_cuda(nvcc, archs)
 
         import nanobind

@@ -48,6 +48,11 @@ class Block:
         self.event_count = 0
         self.gc_base = 0
 
+    @property
+    def nbytes(self):
+        """Bytes the caller asked for (a CUDA tensor's storage size; `size` is the rounded block)."""
+        return self.requested
+
     def is_split(self):
         return self.prev is not None or self.next is not None
 

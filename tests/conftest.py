@@ -32,3 +32,12 @@ def rng(request):
     """A NumPy Generator seeded from the test's node id: reproducible, and
     different for each parametrization."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def dry_cuda():
+    """A dry-run CUDA device (cutegrad.cuda.dry_run): the real CUDA backend and
+    allocator (on SimulatedMemory) with every `_C` call recorded, not run; for
+    launch counts and host-path tests on any machine."""
+    with cutegrad.cuda.dry_run() as dry:
+        yield dry

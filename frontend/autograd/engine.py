@@ -10,10 +10,33 @@ The engine counts, for each reachable node, how many consumers feed it, then
 runs nodes once all their gradient contributions have arrived, summing them.
 Tensors saved for backward carry the storage version seen at save time; a
 mismatch at backward time means an in-place op clobbered them.
+
+An op records its node with one call next to its kernel call, and the node's
+class (the op's gradient) sits beside the op:
+
+    class ScaleBackward(Node):
+        __slots__ = ("factor",)
+
+        def __init__(self, factor):
+            self.factor = factor
+
+        def backward(self, g):
+            return (mul(g, self.factor),)
+
+    def scale(x, factor):
+        return ScaleBackward.record(kernel(x, factor), (x,), (), factor)
+
+`Node.record(out, inputs, saved, *state)` does nothing but return `out` unless
+grad mode is on and an input requires grad; then it builds one node
+(`cls(*state)`), saves `saved` with their versions (and `out` itself, last,
+with `save_output=True`) and attaches the node to `out`. The older spelling --
+build the node, `save`, `attach` -- keeps working.
 """
 import weakref
 
 from . import grad_mode
+
+_grad_state = grad_mode.state
 
 
 class Node:
@@ -25,6 +48,29 @@ class Node:
 
     def backward(self, grad):  # pragma: no cover - every subclass overrides
         raise NotImplementedError
+
+    @classmethod
+    def record(cls, out, inputs, saved=(), *state, save_output=False):
+        """`out` as the result of an op on `inputs` (Tensors or None) whose gradient this class computes.
+
+        Records a `cls(*state)` node saving `saved` (and `out` after them with
+        save_output, without a reference cycle: see save_with_output) when grad
+        mode is on and an input requires grad; returns `out` either way.
+        """
+        if not _grad_state.enabled:
+            return out
+        for t in inputs:
+            if t is not None and t._requires_grad:
+                break
+        else:
+            return out
+        node = cls(*state)
+        node._pre_hooks = None
+        if save_output:
+            node.save_with_output(out, *saved)
+        else:
+            node._saved = tuple([(t, t._storage.version, False) if t is not None else None for t in saved])
+        return attach(out, node, inputs)
 
     def name(self):
         return type(self).__name__
@@ -148,7 +194,22 @@ def edge(t):
 
 def attach(out, node, inputs):
     """Record node as the producer of out, with inputs' edges."""
-    node.next_functions = tuple([edge(t) if t is not None else None for t in inputs])
+    edges = []
+    for t in inputs:  # edge(t), inlined: this runs for every recorded op
+        if t is None:
+            edges.append(None)
+            continue
+        fn = t.grad_fn
+        if fn is not None:
+            edges.append(fn if t._base is None else edge(t))
+        elif t._requires_grad:
+            acc = t._accum
+            if acc is None:
+                acc = t._accum = AccumulateGrad(t)
+            edges.append(acc)
+        else:
+            edges.append(None)
+    node.next_functions = tuple(edges)
     out.grad_fn = node
     out._requires_grad = True
     if out._base is not None:
@@ -174,20 +235,23 @@ def add_retain_grad_hook(t):
 
 
 def _topo_dependencies(roots):
+    """({node: number of edges into it}, every node reachable from roots). Nodes hash by identity."""
     deps = {}
     stack = list(roots)
-    seen = set(id(r) for r in roots)
-    nodes = list(roots)
+    nodes = list(dict.fromkeys(roots))
+    for r in nodes:
+        deps.setdefault(r, 0)
     while stack:
-        node = stack.pop()
-        for nxt in node.next_functions:
+        for nxt in stack.pop().next_functions:
             if nxt is None:
                 continue
-            deps[nxt] = deps.get(nxt, 0) + 1
-            if id(nxt) not in seen:
-                seen.add(id(nxt))
+            n = deps.get(nxt)
+            if n is None:  # first edge into nxt: a new node to walk
+                deps[nxt] = 1
                 nodes.append(nxt)
                 stack.append(nxt)
+            else:
+                deps[nxt] = n + 1
     return deps, nodes
 
 
@@ -217,7 +281,7 @@ def run_backward(roots, root_grads, retain_graph, create_graph, capture=None):
     buffers = {}
     for r, g in zip(roots, root_grads):
         buffers[r] = g if r not in buffers else buffers[r] + g
-    ready = [r for r in dict.fromkeys(roots) if deps.get(r, 0) == 0]
+    ready = [r for r in dict.fromkeys(roots) if deps[r] == 0]
     with grad_mode.set_grad_enabled(create_graph):
         while ready:
             node = ready.pop()
@@ -241,22 +305,23 @@ def run_backward(roots, root_grads, retain_graph, create_graph, capture=None):
             grads = node.backward(grad)
             if not retain_graph:
                 node.release()
-            seen_ids = None
-            for nxt, g in zip(node.next_functions, grads):
-                if nxt is None or g is None:
-                    if nxt is not None:
-                        _arrive(nxt, deps, ready)
+            edges = node.next_functions
+            for i, (nxt, g) in enumerate(zip(edges, grads)):
+                if nxt is None:
                     continue
-                # One gradient object handed to two places must not alias:
-                # leaves keep `.grad` and optimizers mutate it in place.
-                if seen_ids is None:
-                    seen_ids = set()
-                if id(g) in seen_ids:
-                    g = g.clone()
-                seen_ids.add(id(g))
-                prev = buffers.get(nxt)
-                buffers[nxt] = g if prev is None else prev + g
-                _arrive(nxt, deps, ready)
+                if g is not None:
+                    # One gradient object handed to two places must not alias:
+                    # leaves keep `.grad` and optimizers mutate it in place.
+                    for j in range(i):
+                        if grads[j] is g and edges[j] is not None:
+                            g = g.clone()
+                            break
+                    prev = buffers.get(nxt)
+                    buffers[nxt] = g if prev is None else prev + g
+                n = deps[nxt] - 1  # _arrive, inlined: this loop runs once per edge of the graph
+                deps[nxt] = n
+                if n == 0:
+                    ready.append(nxt)
     return captured
 
 

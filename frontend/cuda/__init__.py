@@ -29,6 +29,7 @@ from .streams import ExternalStream, Stream, current_stream, default_stream, set
 from .events import Event
 from .capture_guard import _check_not_capturing
 from .tensors import record_stream  # importing tensors registers the CUDA storage kernels
+from .dry_run import dry_run
 
 
 def is_current_stream_capturing():
@@ -68,4 +69,5 @@ __all__ = [
     "empty_cache", "get_device_name", "get_device_properties", "is_available",
     "is_current_stream_capturing", "mem_get_info", "record_stream", "set_device", "set_stream",
     "stream", "synchronize",
+    "dry_run",
 ]

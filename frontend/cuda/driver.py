@@ -29,7 +29,11 @@ _drv = None
 _init_failure = None  # message of the first failed initialisation, reraised on each use
 _device_count = 0
 _primary_ctx = {}  # device index -> CUcontext, retained for the life of the process
-_tls = threading.local()
+class _ThreadState(threading.local):
+    ctx_device = None  # device whose primary context is current on this thread (class default: none)
+
+
+_tls = _ThreadState()
 
 # CUresult codes meaning "not allowed while a stream is capturing".
 _CAPTURE_ERROR_NAMES = (
@@ -207,7 +211,7 @@ def primary_context(index):
 
 def activate(index):
     """Make device `index`'s primary context current on the calling thread."""
-    if getattr(_tls, "ctx_device", None) != index:
+    if _tls.ctx_device != index:
         call("cuCtxSetCurrent", primary_context(index))
         _tls.ctx_device = index
         from . import index_errors  # a device's error record exists from its first use, never made mid-capture

@@ -17,7 +17,15 @@ from . import index_errors as _index_errors
 from .capture_guard import _check_not_capturing
 from .device import _make_current, current_device, device_index
 
-_tls = threading.local()
+class _ThreadState(threading.local):
+    """Per-thread state; the class defaults make an unset entry a plain attribute read (the
+    CUDA backend reads `current` on every op), where getattr(tls, name, None) raises inside."""
+    current = None  # device index -> current Stream; None until a stream is made current
+    stack = None
+    sync_events = None
+
+
+_tls = _ThreadState()
 _default_streams = {}
 
 
@@ -99,7 +107,7 @@ class Stream:
         _index_errors.raise_pending(self.device)
 
     def __enter__(self):
-        stack = getattr(_tls, "stack", None)
+        stack = _tls.stack
         if stack is None:
             stack = _tls.stack = []
         stack.append((current_device(), current_stream(self.device)))
@@ -142,7 +150,7 @@ def default_stream(device=None):
 def current_stream(device=None):
     """The calling thread's current stream on `device` (default: current device)."""
     idx = device_index(device)
-    cur = getattr(_tls, "current", None)
+    cur = _tls.current
     if cur is not None:
         s = cur.get(idx)
         if s is not None:
@@ -151,7 +159,7 @@ def current_stream(device=None):
 
 
 def _set_current(s):
-    cur = getattr(_tls, "current", None)
+    cur = _tls.current
     if cur is None:
         cur = _tls.current = {}
     cur[s.device] = s
@@ -184,7 +192,7 @@ class stream:
 
 def _sync_event(dev):
     """A per-thread, per-device event for wait_stream, reused to avoid create/destroy."""
-    evs = getattr(_tls, "sync_events", None)
+    evs = _tls.sync_events
     if evs is None:
         evs = _tls.sync_events = {}
     ev = evs.get(dev)

@@ -7,10 +7,11 @@ CUDA backend (cutegrad.backends.cuda), which uses `copy_through_host` here for
 copies the GPU kernel cannot make; without them an op on a CUDA tensor raises the registry's
 NotImplementedError naming the kernel.
 
-Storage: `Storage.data` of a CUDA tensor is a `DeviceAllocation`, a block of
-`cutegrad.allocator.get_allocator(device)` taken on the device's current stream
-and freed back to it (stream-ordered) when the last tensor or view of the
-storage dies. `record_stream(tensor, stream)` marks a use on another stream so
+Storage: a CUDA tensor's storage is a `DeviceStorage`, whose `data` is a
+block of `cutegrad.allocator.get_allocator(device)` (`.ptr`, `.nbytes`) taken
+on the device's current stream; the storage gives it back to the allocator
+(stream-ordered) when the last tensor or view of it dies. One object beside the
+Tensor, so an op's output costs two objects. `record_stream(tensor, stream)` marks a use on another stream so
 the block is not reused before that use completes.
 
 Copies (all ordered on the current stream of the device involved):
@@ -56,28 +57,30 @@ def _get_allocator(index):
     return get_allocator(index)
 
 
-class DeviceAllocation:
-    """Device memory under a CUDA Storage: an allocator block, freed when this dies."""
+class DeviceStorage(Storage):
+    """The Storage of a CUDA tensor whose memory came from the caching allocator.
 
-    __slots__ = ("ptr", "nbytes", "device", "block", "_allocator", "__weakref__")
+    `data` is the allocator's Block (`.ptr`, `.nbytes`), given back to
+    `allocator` when this storage dies.
+    """
 
-    def __init__(self, block, allocator, nbytes, device):
-        self.ptr = block.ptr
-        self.nbytes = nbytes
+    __slots__ = ("allocator",)
+
+    def __init__(self, block, allocator, device):
+        self.data = block
         self.device = device
-        self.block = block
-        self._allocator = allocator
+        self.version = 0
+        self.allocator = allocator
 
     def record_stream(self, stream):
-        if stream.device != self.device:
-            raise ValueError(f"record_stream: the tensor is on cuda:{self.device}, "
-                             f"the stream on cuda:{stream.device}")
-        self._allocator.record_stream(self.block, stream.handle)
+        if stream.device != self.device.index:
+            raise ValueError(f"record_stream: the tensor is on {self.device}, the stream on cuda:{stream.device}")
+        self.allocator.record_stream(self.data, stream.handle)
 
     def __del__(self):
-        block, self.block = self.block, None
+        block, self.data = self.data, None
         if block is not None:
-            self._allocator.free(block)
+            self.allocator.free(block)
 
 
 def record_stream(tensor, stream):
@@ -86,7 +89,7 @@ def record_stream(tensor, stream):
     Its block then returns to the allocator only after that work completes.
     Memory imported through DLPack belongs to its producer; nothing to do there.
     """
-    rec = getattr(tensor._storage.data, "record_stream", None)
+    rec = getattr(tensor._storage, "record_stream", None)
     if rec is not None:
         rec(stream)
 
@@ -99,8 +102,7 @@ def _new(shape, dtype, device):
     nbytes = numel_of(shape) * dtype.itemsize
     alloc = _get_allocator(idx)
     block = alloc.malloc(nbytes, s.handle)
-    storage = Storage(DeviceAllocation(block, alloc, nbytes, idx), device)
-    return make(storage, shape, contiguous_strides(shape), 0, dtype), s
+    return make(DeviceStorage(block, alloc, device), shape, contiguous_strides(shape), 0, dtype), s
 
 
 def _span(t):

@@ -1,7 +1,26 @@
 """Broadcasting rules and the gradient reduction that undoes them."""
 
+_BROADCAST = {}  # (shape, shape, ...) -> broadcast shape: a model repeats few combinations
+
 
 def broadcast_shapes(*shapes):
+    """The shape `shapes` broadcast to (a tuple); RuntimeError naming them if they do not.
+
+    Results are remembered per combination of tuple shapes, so the frontend's
+    check and the backend's launch shape cost one computation between them.
+    """
+    try:
+        out = _BROADCAST.get(shapes)
+    except TypeError:  # a list among the shapes: not hashable, computed every time
+        return _broadcast(shapes)
+    if out is None:
+        out = _broadcast(shapes)
+        if len(_BROADCAST) < 4096:
+            _BROADCAST[shapes] = out
+    return out
+
+
+def _broadcast(shapes):
     ndim = max((len(s) for s in shapes), default=0)
     out = [1] * ndim
     for s in shapes:

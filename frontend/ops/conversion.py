@@ -16,6 +16,9 @@ _state = grad_mode.state
 class CastBackward(Node):
     __slots__ = ("src_dtype",)
 
+    def __init__(self, src_dtype):
+        self.src_dtype = src_dtype
+
     def backward(self, g):
         return (to_dtype(g, self.src_dtype),)
 
@@ -24,15 +27,14 @@ def to_dtype(x, dtype):
     if x._dtype is dtype:
         return x
     out = _K_CAST[x._storage.device.backend](x, dtype)
-    if _state.enabled and x._requires_grad and dtype.is_floating_point:
-        node = CastBackward()
-        node.src_dtype = x._dtype
-        attach(out, node, (x,))
-    return out
+    return CastBackward.record(out, (x,), (), x._dtype) if dtype.is_floating_point else out
 
 
 class ToDeviceBackward(Node):
     __slots__ = ("src",)
+
+    def __init__(self, src):
+        self.src = src
 
     def backward(self, g):
         return (to_device(g, self.src),)
@@ -44,12 +46,7 @@ def to_device(x, device):
     if src == device:
         return x
     backend = device.backend if device.type != "cpu" else src.backend
-    out = _K_TO_DEVICE[backend](x, device)
-    if _state.enabled and x._requires_grad:
-        node = ToDeviceBackward()
-        node.src = src
-        attach(out, node, (x,))
-    return out
+    return ToDeviceBackward.record(_K_TO_DEVICE[backend](x, device), (x,), (), src)
 
 
 def to(x, *args, dtype=None, device=None, non_blocking=False, copy=False):
@@ -84,18 +81,13 @@ def clone(x):
     out = _K_CONTIG[x._storage.device.backend](x)
     if out is x or out._storage is x._storage:
         out = _K_CAST[x._storage.device.backend](x, x._dtype)
-    if _state.enabled and x._requires_grad:
-        attach(out, IdentityBackward(), (x,))
-    return out
+    return IdentityBackward.record(out, (x,))
 
 
 def contiguous(x):
     if x.is_contiguous():
         return x
-    out = _K_CONTIG[x._storage.device.backend](x)
-    if _state.enabled and x._requires_grad:
-        attach(out, IdentityBackward(), (x,))
-    return out
+    return IdentityBackward.record(_K_CONTIG[x._storage.device.backend](x), (x,))
 
 
 def detach(x):

@@ -8,7 +8,7 @@ from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor
 from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import Node
 from . import codes as C
 from .broadcast import broadcast_shapes, sum_to
 
@@ -57,7 +57,6 @@ class _BinaryNode(Node):
     __slots__ = ("a_meta", "b_meta", "a_scalar", "b_scalar")
 
     def __init__(self, a, b):
-        Node.__init__(self)
         if isinstance(a, Tensor):
             self.a_meta, self.a_scalar = (a._shape, a._dtype), None
         else:
@@ -136,7 +135,8 @@ class PowBackward(MulBackward):
 
 
 class MaxMinBackward(MulBackward):
-    __slots__ = ("is_max",)
+    __slots__ = ()
+    is_max = True
 
     def backward(self, g):
         a, b = self._operands()
@@ -152,6 +152,11 @@ class MaxMinBackward(MulBackward):
         return self._pack(ga, gb)
 
 
+class MinBackward(MaxMinBackward):
+    __slots__ = ()
+    is_max = False
+
+
 class RemainderBackward(MulBackward):
     __slots__ = ()
 
@@ -164,7 +169,7 @@ class RemainderBackward(MulBackward):
 
 
 _NODE = {C.ADD: AddBackward, C.SUB: SubBackward, C.MUL: MulBackward, C.DIV: DivBackward,
-         C.POW: PowBackward, C.MAXIMUM: MaxMinBackward, C.MINIMUM: MaxMinBackward, C.REMAINDER: RemainderBackward}
+         C.POW: PowBackward, C.MAXIMUM: MaxMinBackward, C.MINIMUM: MinBackward, C.REMAINDER: RemainderBackward}
 _SAVES = (C.MUL, C.DIV, C.POW, C.MAXIMUM, C.MINIMUM, C.REMAINDER)
 _CMP = frozenset((C.EQ, C.NE, C.LT, C.LE, C.GT, C.GE, C.AND, C.OR, C.XOR))
 
@@ -205,18 +210,11 @@ def _binary(code, a, b):
             raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported. "
                                "If you are trying to invert a mask, use the `~` or `logical_not()` operator instead.")
     out = _K_BINARY[dev.backend](code, a2, b2, cdt, out_dt)
-    if needs_grad and _state.enabled:
+    if needs_grad:
         node_cls = _NODE.get(code)
-        if node_cls is None:
-            return out
-        node = node_cls(a, b)
-        if code in (C.MAXIMUM, C.MINIMUM):
-            node.is_max = code == C.MAXIMUM
-        ins = (a, b) if node.a_meta is not None and node.b_meta is not None else \
-            (a,) if node.a_meta is not None else (b,)
-        if code in _SAVES:
-            node.save(*ins)
-        attach(out, node, ins)
+        if node_cls is not None:
+            ins = (a, b) if isinstance(a, Tensor) and isinstance(b, Tensor) else (a,) if isinstance(a, Tensor) else (b,)
+            return node_cls.record(out, ins, ins if code in _SAVES else (), a, b)
     return out
 
 
@@ -327,6 +325,9 @@ def _bitwise_bool(code, a, b):
 class _UnaryNode(Node):
     __slots__ = ("code",)
 
+    def __init__(self, code):
+        self.code = code
+
     def backward(self, g):
         code = self.code
         saved = self.saved_tensors
@@ -378,6 +379,9 @@ class ActBackwardNode(Node):
     """act'(x) * g, differentiable again (for create_graph through gelu/silu)."""
     __slots__ = ("code",)
 
+    def __init__(self, code):
+        self.code = code
+
     def backward(self, gg):
         g, x = self.saved_tensors
         ones = _ones_like(x)
@@ -405,13 +409,7 @@ def _ones_like(x):
 
 
 def _act_backward(code, g, x):
-    out = _K_ACT_BWD[g._storage.device.backend](code, g, x)
-    if _state.enabled and (g._requires_grad or x._requires_grad):
-        node = ActBackwardNode()
-        node.code = code
-        node.save(g, x)
-        attach(out, node, (g, x))
-    return out
+    return ActBackwardNode.record(_K_ACT_BWD[g._storage.device.backend](code, g, x), (g, x), (g, x), code)
 
 
 _SAVE_OUT = frozenset((C.EXP, C.SQRT, C.RSQRT, C.TANH, C.SIGMOID, C.RECIPROCAL, C.EXPM1))
@@ -437,15 +435,11 @@ def _unary(code, x, name):
             raise RuntimeError("Negation, the `-` operator, on a bool tensor is not supported. "
                                "If you are trying to invert a mask, use the `~` or `logical_not()` operator instead.")
     out = _K_UNARY[x._storage.device.backend](code, x, out_dt)
-    if _state.enabled and x._requires_grad and code not in _NO_GRAD:
-        node = _UnaryNode()
-        node.code = code
-        if code in _SAVE_OUT:
-            node.save_with_output(out, x)
-        else:
-            node.save(x)
-        attach(out, node, (x,))
-    return out
+    if not x._requires_grad or code in _NO_GRAD:
+        return out
+    if code in _SAVE_OUT:
+        return _UnaryNode.record(out, (x,), (x,), code, save_output=True)
+    return _UnaryNode.record(out, (x,), (x,), code)
 
 
 def neg(input):
@@ -571,6 +565,10 @@ def isfinite(input):
 class WhereBackward(Node):
     __slots__ = ("a_meta", "b_meta")
 
+    def __init__(self, input, other):
+        self.a_meta = (input._shape, input._dtype) if isinstance(input, Tensor) else None
+        self.b_meta = (other._shape, other._dtype) if isinstance(other, Tensor) else None
+
     def backward(self, g):
         (cond,) = self.saved_tensors
         out = []
@@ -597,18 +595,14 @@ def where(condition, input, other):
     if out._shape != shape:
         from .shape import expand
         out = expand(out, shape).contiguous()
-    ins = [x for x in (input, other) if isinstance(x, Tensor)]
-    if _state.enabled and any(x._requires_grad for x in ins):
-        node = WhereBackward()
-        node.a_meta = (input._shape, input._dtype) if isinstance(input, Tensor) else None
-        node.b_meta = (other._shape, other._dtype) if isinstance(other, Tensor) else None
-        node.save(condition)
-        attach(out, node, ins)
-    return out
+    return WhereBackward.record(out, [x for x in (input, other) if isinstance(x, Tensor)], (condition,), input, other)
 
 
 class ClampBackward(Node):
     __slots__ = ("lo", "hi")
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = lo, hi
 
     def backward(self, g):
         (x,) = self.saved_tensors
@@ -629,13 +623,7 @@ def clamp(input, min=None, max=None):
         if isinstance(v, Tensor):
             raise TypeError("clamp with tensor bounds: use maximum()/minimum()")
     out_dt = dt.result_type(x, *(v for v in (min, max) if v is not None))
-    out = _K_CLAMP[x._storage.device.backend](x, min, max, out_dt)
-    if _state.enabled and x._requires_grad:
-        node = ClampBackward()
-        node.lo, node.hi = min, max
-        node.save(x)
-        attach(out, node, (x,))
-    return out
+    return ClampBackward.record(_K_CLAMP[x._storage.device.backend](x, min, max, out_dt), (x,), (x,), min, max)
 
 
 def masked_fill(x, mask, value):

@@ -45,6 +45,9 @@ def _unsqueeze_to(g, in_shape, dims, keepdim):
 class SumBackward(Node):
     __slots__ = ("in_shape", "dims", "keepdim", "scale")
 
+    def __init__(self, in_shape, dims, keepdim, scale):
+        self.in_shape, self.dims, self.keepdim, self.scale = in_shape, dims, keepdim, scale
+
     def backward(self, g):
         from .shape import expand
         from .pointwise import mul
@@ -66,11 +69,7 @@ def sum(input, dim=None, keepdim=False, dtype=None):
         raise TypeError(f"sum(): argument 'input' must be Tensor, not {type(x).__name__}")
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.SUM, x, dims, keepdim, _sum_dtype(x, dtype))
-    if _state.enabled and x._requires_grad:
-        node = SumBackward()
-        node.in_shape, node.dims, node.keepdim, node.scale = x._shape, dims, keepdim, 1
-        attach(out, node, (x,))
-    return out
+    return SumBackward.record(out, (x,), (), x._shape, dims, keepdim, 1)
 
 
 def mean(input, dim=None, keepdim=False, dtype=None):
@@ -81,17 +80,22 @@ def mean(input, dim=None, keepdim=False, dtype=None):
                            f"complex dtype. Got: {x._dtype}")
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.MEAN, x, dims, keepdim, out_dt)
-    if _state.enabled and x._requires_grad:
-        n = numel_of([x._shape[d] for d in dims])
-        node = SumBackward()
-        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
-        node.scale = 1.0 / n if n else float("nan")
-        attach(out, node, (x,))
-    return out
+    if not x._requires_grad:
+        return out
+    n = numel_of([x._shape[d] for d in dims])
+    return SumBackward.record(out, (x,), (), x._shape, dims, keepdim, 1.0 / n if n else float("nan"))
 
 
-class MaxBackward(Node):
+class _ReducedBackward(Node):
+    """A reduction's node: the input's shape, the reduced dims and keepdim."""
     __slots__ = ("in_shape", "dims", "keepdim")
+
+    def __init__(self, in_shape, dims, keepdim):
+        self.in_shape, self.dims, self.keepdim = in_shape, dims, keepdim
+
+
+class MaxBackward(_ReducedBackward):
+    __slots__ = ()
 
     def backward(self, g):
         from .pointwise import eq, mul, div
@@ -106,6 +110,9 @@ class MaxBackward(Node):
 
 class MaxDimBackward(Node):
     __slots__ = ("in_shape", "dim", "keepdim")
+
+    def __init__(self, in_shape, dim, keepdim):
+        self.in_shape, self.dim, self.keepdim = in_shape, dim, keepdim
 
     def backward(self, g):
         from .indexing import scatter_add
@@ -127,13 +134,8 @@ def _extreme(code, argcode, name, x, dim, keepdim):
             raise RuntimeError(f"{name}(): Expected reduction dim to be specified for input.numel() == 0. "
                                f"Specify the reduction dim with the 'dim' argument.")
         dims = tuple(range(len(x._shape)))
-        out = _K_REDUCE[be](code, x, dims, False, x._dtype)
-        if _state.enabled and x._requires_grad:
-            node = MaxBackward()
-            node.in_shape, node.dims, node.keepdim = x._shape, dims, False
-            node.save_with_output(out, x)
-            attach(out, node, (x,))
-        return out
+        return MaxBackward.record(_K_REDUCE[be](code, x, dims, False, x._dtype), (x,), (x,), x._shape, dims, False,
+                                  save_output=True)
     if isinstance(dim, Tensor) or not isinstance(dim, int):
         return (maximum_like if code == C.MAX else minimum_like)(x, dim)
     d = x._wrap_dim(dim)
@@ -145,12 +147,7 @@ def _extreme(code, argcode, name, x, dim, keepdim):
         raise IndexError(f"{name}(): Expected reduction dim {d} to have non-zero size.")
     values = _K_REDUCE[be](code, x, (d,), keepdim, x._dtype)
     indices = _K_ARG[be](argcode, x, d, keepdim)
-    if _state.enabled and x._requires_grad:
-        node = MaxDimBackward()
-        node.in_shape, node.dim, node.keepdim = x._shape, d, keepdim
-        node.save(indices)
-        attach(values, node, (x,))
-    return values_indices(values, indices)
+    return values_indices(MaxDimBackward.record(values, (x,), (indices,), x._shape, d, keepdim), indices)
 
 
 def maximum_like(x, other):
@@ -177,12 +174,7 @@ def _extreme_values(code, x, dim, keepdim):
     """amax/amin: values over dims, ties sharing the gradient evenly."""
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](code, x, dims, keepdim, x._dtype)
-    if _state.enabled and x._requires_grad:
-        node = MaxBackward()
-        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
-        node.save_with_output(out, x)
-        attach(out, node, (x,))
-    return out
+    return MaxBackward.record(out, (x,), (x,), x._shape, dims, keepdim, save_output=True)
 
 
 def amax(input, dim=None, keepdim=False):
@@ -227,16 +219,11 @@ def prod(input, dim=None, keepdim=False, dtype=None):
     x = input
     dims = _dims(x, dim)
     out = _K_REDUCE[x._storage.device.backend](C.PROD, x, dims, keepdim, _sum_dtype(x, dtype))
-    if _state.enabled and x._requires_grad:
-        node = ProdBackward()
-        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
-        node.save_with_output(out, x)
-        attach(out, node, (x,))
-    return out
+    return ProdBackward.record(out, (x,), (x,), x._shape, dims, keepdim, save_output=True)
 
 
-class ProdBackward(Node):
-    __slots__ = ("in_shape", "dims", "keepdim")
+class ProdBackward(_ReducedBackward):
+    __slots__ = ()
 
     def backward(self, g):
         from .pointwise import mul, div, eq, where
@@ -302,8 +289,8 @@ def std(input, dim=None, unbiased=None, keepdim=False, correction=None):
     return sqrt(var(x, dim, unbiased, keepdim, correction))
 
 
-class LogSumExpBackward(Node):
-    __slots__ = ("in_shape", "dims", "keepdim")
+class LogSumExpBackward(_ReducedBackward):
+    __slots__ = ()
 
     def backward(self, g):
         from .pointwise import exp, sub, mul
@@ -319,12 +306,7 @@ def logsumexp(input, dim, keepdim=False):
         x = x.to(dt.get_default_dtype())
     dims = _dims(x, dim)
     out = _K_LSE[x._storage.device.backend](x, dims, keepdim)
-    if _state.enabled and x._requires_grad:
-        node = LogSumExpBackward()
-        node.in_shape, node.dims, node.keepdim = x._shape, dims, keepdim
-        node.save_with_output(out, x)
-        attach(out, node, (x,))
-    return out
+    return LogSumExpBackward.record(out, (x,), (x,), x._shape, dims, keepdim, save_output=True)
 
 
 def var_mean(input, dim=None, unbiased=None, keepdim=False, correction=None):

@@ -18,23 +18,19 @@ def _view(x, shape, strides, offset):
                 x._base if x._base is not None else x)
 
 
-def _record(out, x, node):
-    if _state.enabled and x._requires_grad:
-        attach(out, node, (x,))
-    return out
-
-
 class ReshapeBackward(Node):
     __slots__ = ("in_shape",)
+
+    def __init__(self, in_shape):
+        self.in_shape = in_shape
 
     def backward(self, g):
         return (reshape(g, self.in_shape),)
 
 
-def _reshape_node(shape):
-    n = ReshapeBackward()
-    n.in_shape = shape
-    return n
+def _reshaped(out, x):
+    """out, a view of x with x's elements in another shape, recorded for autograd."""
+    return ReshapeBackward.record(out, (x,), (), x._shape)
 
 
 def _infer_shape(shape, numel, opname):
@@ -92,7 +88,7 @@ def view(x, *shape):
     if strides is None:
         raise RuntimeError("view size is not compatible with input tensor's size and stride (at least one dimension "
                            "spans across two contiguous subspaces). Use .reshape(...) instead.")
-    return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+    return _reshaped(_view(x, shape, strides, x._offset), x)
 
 
 def reshape(x, *shape):
@@ -101,10 +97,10 @@ def reshape(x, *shape):
         return x
     strides = _view_strides(x._shape, x._strides, shape)
     if strides is not None:
-        return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+        return _reshaped(_view(x, shape, strides, x._offset), x)
     from .conversion import contiguous
     c = contiguous(x)
-    return _record(_view(c, shape, contiguous_strides(shape), c._offset), c, _reshape_node(c._shape))
+    return _reshaped(_view(c, shape, contiguous_strides(shape), c._offset), c)
 
 
 def flatten(x, start_dim=0, end_dim=-1):
@@ -127,6 +123,9 @@ def unflatten(x, dim, sizes):
 class PermuteBackward(Node):
     __slots__ = ("inverse",)
 
+    def __init__(self, inverse):
+        self.inverse = inverse
+
     def backward(self, g):
         return (permute(g, self.inverse),)
 
@@ -143,14 +142,12 @@ def permute(x, *dims):
     if sorted(dims) != list(range(n)):
         raise RuntimeError(f"permute(): dims {list(dims)} are not a permutation of {n} dimensions")
     out = _view(x, [x._shape[d] for d in dims], [x._strides[d] for d in dims], x._offset)
-    if _state.enabled and x._requires_grad:
-        node = PermuteBackward()
-        inv = [0] * n
-        for i, d in enumerate(dims):
-            inv[d] = i
-        node.inverse = tuple(inv)
-        attach(out, node, (x,))
-    return out
+    if not (x._requires_grad and _state.enabled):
+        return out
+    inv = [0] * n
+    for i, d in enumerate(dims):
+        inv[d] = i
+    return PermuteBackward.record(out, (x,), (), tuple(inv))
 
 
 def transpose(x, dim0, dim1):
@@ -160,9 +157,15 @@ def transpose(x, dim0, dim1):
         x._wrap_dim(dim1)
         return x
     d0, d1 = x._wrap_dim(dim0), x._wrap_dim(dim1)
-    dims = list(range(n))
-    dims[d0], dims[d1] = dims[d1], dims[d0]
-    return permute(x, dims)
+    shape, strides = list(x._shape), list(x._strides)
+    shape[d0], shape[d1] = shape[d1], shape[d0]
+    strides[d0], strides[d1] = strides[d1], strides[d0]
+    out = _view(x, shape, strides, x._offset)
+    if not (x._requires_grad and _state.enabled):
+        return out
+    swap = list(range(n))  # a transposition is its own inverse
+    swap[d0], swap[d1] = d1, d0
+    return PermuteBackward.record(out, (x,), (), tuple(swap))
 
 
 def t(x):
@@ -185,6 +188,9 @@ def movedim(x, source, destination):
 
 class ExpandBackward(Node):
     __slots__ = ("in_shape",)
+
+    def __init__(self, in_shape):
+        self.in_shape = in_shape
 
     def backward(self, g):
         from .broadcast import sum_to
@@ -222,12 +228,7 @@ def expand(x, *shape):
     out_shape = tuple(out_shape)
     if out_shape == x._shape:
         return x
-    out = _view(x, out_shape, out_strides, x._offset)
-    if _state.enabled and x._requires_grad:
-        node = ExpandBackward()
-        node.in_shape = x._shape
-        attach(out, node, (x,))
-    return out
+    return ExpandBackward.record(_view(x, out_shape, out_strides, x._offset), (x,), (), x._shape)
 
 
 def expand_as(x, other):
@@ -248,7 +249,7 @@ def unsqueeze(x, dim):
     new_stride = strides[d] * shape[d] if d < len(shape) else 1
     shape.insert(d, 1)
     strides.insert(d, new_stride)
-    return _record(_view(x, shape, strides, x._offset), x, _reshape_node(x._shape))
+    return _reshaped(_view(x, shape, strides, x._offset), x)
 
 
 def squeeze(x, dim=None):
@@ -261,8 +262,7 @@ def squeeze(x, dim=None):
     keep = [i for i in range(len(x._shape)) if not (i in dims and x._shape[i] == 1)]
     if len(keep) == len(x._shape):
         return x
-    return _record(_view(x, [x._shape[i] for i in keep], [x._strides[i] for i in keep], x._offset),
-                   x, _reshape_node(x._shape))
+    return _reshaped(_view(x, [x._shape[i] for i in keep], [x._strides[i] for i in keep], x._offset), x)
 
 
 class AsStridedBackward(Node):

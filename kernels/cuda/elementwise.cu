@@ -59,15 +59,8 @@ namespace cutegrad {
 namespace ops {
 namespace {
 
-// cutegrad.ops.codes
-enum UnaryCode : int {
-  NEG, EXP, LOG, SQRT, RSQRT, ABS, TANH, SIGMOID, RELU, GELU, GELU_TANH, SILU, SIGN, SIN, COS,
-  LOGICAL_NOT, RECIPROCAL, SQUARE, ERF, LOG1P, EXPM1, FLOOR, CEIL, ROUND, TRUNC, ISNAN, ISINF, ISFINITE
-};
-enum BinaryCode : int {
-  ADD = 100, SUB, MUL, DIV, POW, MAXIMUM, MINIMUM, EQ, NE, LT, LE, GT, GE, AND, OR, XOR, FLOORDIV,
-  REMAINDER, ATAN2
-};
+// cutegrad.ops.codes, through the header the build generates from it (op_codes.h)
+using namespace codes;
 
 constexpr int kThreads = 256;
 

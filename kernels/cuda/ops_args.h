@@ -10,6 +10,8 @@
 #pragma once
 #include <cstdint>
 
+#include "op_codes.h"  // generated from frontend/ops/codes.py by setup.py: ReduceCode, codes::UnaryCode/BinaryCode
+
 namespace cutegrad {
 namespace ops {
 
@@ -57,11 +59,7 @@ int elementwise_launch(const ElementwiseArgs& args, void* stream);
 
 // ---- reductions -----------------------------------------------------------
 
-// cutegrad.ops.codes reduce codes, plus two this module adds.
-enum ReduceCode : int {
-  kSum = 200, kMean, kMax, kMin, kProd, kAny, kAll, kArgMax, kArgMin,
-  kVar = 300, kLogSumExp = 301,
-};
+// The reduce codes (ReduceCode: kSum, ..., kVar, kLogSumExp) come from op_codes.h.
 
 // out[o] = reduce over r of in[kept(o) + red(r)]; out is contiguous (index o).
 struct ReduceArgs {

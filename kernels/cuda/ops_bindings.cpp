@@ -167,9 +167,11 @@ void elementwise(int family, int code, int compute, const Dims& shape, uintptr_t
   if (family < kUnary || family > kArange) throw nb::value_error(("elementwise: unknown family " + std::to_string(family)).c_str());
   const char* op = family_name(family);
   const int expected_inputs[] = {1, 2, 3, 1, 2, 1, 0};
-  if (family == kUnary && !(code >= 0 && code < 28)) fail(op, "unknown unary code " + std::to_string(code));
-  if (family == kBinary && !(code >= 100 && code < 119)) fail(op, "unknown binary code " + std::to_string(code));
-  if (family == kActBackward && code != 9 && code != 10 && code != 11)
+  if (family == kUnary && !(code >= codes::NEG && code <= codes::ISFINITE))
+    fail(op, "unknown unary code " + std::to_string(code));
+  if (family == kBinary && !(code >= codes::ADD && code <= codes::ATAN2))
+    fail(op, "unknown binary code " + std::to_string(code));
+  if (family == kActBackward && code != codes::GELU && code != codes::GELU_TANH && code != codes::SILU)
     fail(op, "no backward rule for activation code " + std::to_string(code) + " (GELU, GELU_TANH, SILU only)");
   check_compute(op, compute);
   if ((family == kActBackward) && compute == kComputeI64) fail(op, "needs a floating compute type");

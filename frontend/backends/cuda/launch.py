@@ -5,13 +5,14 @@ pointers of views, broadcast strides, and the generic copy kernel used for casts
 from ... import dtypes as dt
 from ...cuda import driver as _driver, streams as _streams, tensors as _cuda_tensors
 from ...device import CUDA
-from ...tensor import Storage, Tensor, contiguous_strides, make, numel_of
+from ...ops import codes as _codes
+from ...tensor import _STRIDES, Tensor, contiguous_strides, make
 
 
 # compute types and kernel families of kernels/cuda/ops_args.h
 _F32, _F64, _I64 = 0, 1, 2
 _UNARY, _BINARY, _WHERE, _CLAMP, _ACT, _COPY, _ARANGE = range(7)
-_VAR, _LOGSUMEXP = 300, 301
+_VAR, _LOGSUMEXP = _codes.VAR, _codes.LOGSUMEXP
 _ABSENT, _SCALAR = -1, -2
 _UNIFORM, _NORMAL, _RANDINT, _BERNOULLI = range(4)
 
@@ -23,7 +24,8 @@ _NO_STRIDES = ()
 _GEMM_MAX_BATCH = 65535
 
 _stream_tls = _streams._tls
-_DeviceAllocation = _cuda_tensors.DeviceAllocation
+_driver_tls = _driver._tls
+_DeviceStorage = _cuda_tensors.DeviceStorage
 _native = None
 _allocators = {}
 _poison = False
@@ -48,7 +50,7 @@ def set_poison_outputs(flag):
 
 def _stream(idx):
     """Handle of the calling thread's current stream on device idx (0: the legacy default stream)."""
-    cur = getattr(_stream_tls, "current", None)
+    cur = _stream_tls.current
     if cur is not None:
         s = cur.get(idx)
         if s is not None:
@@ -65,20 +67,29 @@ def _allocator(idx):
 
 
 def _empty(shape, dtype, dev, stream):
-    """A new contiguous tensor on dev, taken on `stream` (the device's current one)."""
+    """A new contiguous tensor on dev, taken on `stream` (the device's current one).
+
+    Every kernel's output comes from here: the helpers it would call (numel_of,
+    driver.activate when the context is already current) are inlined.
+    """
     idx = dev.index
-    _driver.activate(idx)
-    nbytes = numel_of(shape) * dtype.itemsize
+    if _driver_tls.ctx_device != idx:
+        _driver.activate(idx)
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
     alloc = _allocators.get(idx) or _allocator(idx)
     block = alloc.malloc(nbytes, stream)
     if _poison and nbytes:
         _driver.call("cuMemsetD8Async", block.ptr, 0xFF, nbytes, _driver.driver().CUstream(stream))
-    storage = Storage(_DeviceAllocation(block, alloc, nbytes, idx), dev)
-    return make(storage, shape, contiguous_strides(shape), 0, dtype)
+    return make(_DeviceStorage(block, alloc, dev), shape, _STRIDES.get(shape) or contiguous_strides(shape), 0, dtype)
 
 
 def _ptr(t):
     return t._storage.data.ptr + t._offset * t._dtype.itemsize
+
+
+_BSTRIDES = {}  # (shape, strides, broadcast shape) -> broadcast strides; a model repeats few
 
 
 def _bstrides(t, shape):
@@ -86,9 +97,15 @@ def _bstrides(t, shape):
     ts = t._shape
     if ts == shape:
         return t._strides
-    off = len(shape) - len(ts)
     st = t._strides
-    return tuple(0 if i < off or ts[i - off] == 1 else st[i - off] for i in range(len(shape)))
+    key = (ts, st, shape)
+    out = _BSTRIDES.get(key)
+    if out is None:
+        off = len(shape) - len(ts)
+        out = tuple(0 if i < off or ts[i - off] == 1 else st[i - off] for i in range(len(shape)))
+        if len(_BSTRIDES) < 4096:
+            _BSTRIDES[key] = out
+    return out
 
 
 def _as_number(v):

@@ -5,7 +5,8 @@ from ...device import CUDA
 from ...dispatch import register
 from ...ops.broadcast import broadcast_shapes
 from ...tensor import Tensor
-from .launch import _ABSENT, _ACT, _BINARY, _CLAMP, _COMPUTE, _NO_STRIDES, _SCALAR, _UNARY, _WHERE, _as_number, _bstrides, _empty, _is_cuda, _lib, _native, _ptr, _stream
+from . import launch as _launch
+from .launch import _ABSENT, _ACT, _BINARY, _CLAMP, _COMPUTE, _NO_STRIDES, _SCALAR, _UNARY, _WHERE, _as_number, _bstrides, _empty, _is_cuda, _lib, _ptr, _stream, _stream_tls
 
 
 @register("unary", CUDA)
@@ -14,9 +15,9 @@ def unary(code, x, out_dtype):
     stream = _stream(dev.index)
     out = _empty(x._shape, out_dtype, dev, stream)
     compute = _COMPUTE[(out_dtype if out_dtype.is_floating_point else x._dtype).index]
-    _lib().elementwise(_UNARY, code, compute, x._shape, _ptr(out), out_dtype.index, out._strides,
-                       _ptr(x), x._dtype.index, x._strides, None,
-                       0, _ABSENT, _NO_STRIDES, None, 0, _ABSENT, _NO_STRIDES, None, None, None, stream)
+    (_launch._native or _lib()).elementwise(_UNARY, code, compute, x._shape, out._storage.data.ptr, out_dtype.index,
+                                            out._strides, _ptr(x), x._dtype.index, x._strides, None, 0, _ABSENT,
+                                            _NO_STRIDES, None, 0, _ABSENT, _NO_STRIDES, None, None, None, stream)
     return out
 
 
@@ -60,11 +61,12 @@ def binary(code, a, b, compute_dtype, out_dtype):
         pb = b._storage.data.ptr + b._offset * b._dtype.itemsize
         db, vb = b._dtype.index, None
         pa, da, sa, va = 0, _SCALAR, _NO_STRIDES, a
-    stream = _stream(dev.index)
+    cur = _stream_tls.current  # _stream(dev.index), inlined
+    stream = 0 if cur is None or dev.index not in cur else cur[dev.index].handle
     out = _empty(shape, out_dtype, dev, stream)
-    (_native or _lib()).elementwise(_BINARY, code, _COMPUTE[compute_dtype.index], shape, _ptr(out),
-                                    out_dtype.index, out._strides, pa, da, sa, va, pb, db, sb, vb,
-                                    0, _ABSENT, _NO_STRIDES, None, None, None, stream)
+    (_launch._native or _lib()).elementwise(_BINARY, code, _COMPUTE[compute_dtype.index], shape,
+                                            out._storage.data.ptr, out_dtype.index, out._strides, pa, da, sa, va,
+                                            pb, db, sb, vb, 0, _ABSENT, _NO_STRIDES, None, None, None, stream)
     return out
 
 
