@@ -404,7 +404,6 @@ def make_step(model, optimizer, clip_grad_norm, amp):
     """One training step as a function of the batch: zero the grads, forward under `amp`,
     backward, clip, update. It returns the detached loss and never reads a value on the
     host, so `cutegrad.graphs.graphed` can capture it whole."""
-    params = list(model.parameters())
 
     def step(inputs, targets):
         optimizer.zero_grad(set_to_none=True)
@@ -412,7 +411,8 @@ def make_step(model, optimizer, clip_grad_norm, amp):
             loss = loss_fn(model, inputs, targets)
         loss.backward()
         if clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            # the fused optimizers apply the clipping coefficient as their gradient scale (no scaling pass)
+            optimizer.clip_grad_norm_(clip_grad_norm)
         optimizer.step()
         return loss.detach()
     return step
