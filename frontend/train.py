@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, nn, ops, optim
+from .autocast import is_autocast_enabled
 from .autograd import no_grad
 from .dtypes import bfloat16, float32
 from .models import CPU_PRESETS, PRESETS, GPTConfig, OptimizerConfig, Preset, ViTConfig, build_model
@@ -176,8 +177,14 @@ def build_scheduler(optimizer, preset: Preset):
 
 
 def loss_fn(model, inputs, targets):
-    """Mean cross-entropy; logits are scored in float32 whatever the model's dtype."""
-    logits = model(inputs).float()
+    """Mean cross-entropy; logits are scored in float32 whatever the model's dtype.
+
+    Under autocast cross_entropy is a float32 op that reads 16-bit logits and
+    accumulates in float32 itself, so the logits are not cast first (a cast
+    would be a copy of the largest activation, and another in the backward)."""
+    logits = model(inputs)
+    if not is_autocast_enabled(logits.device.type):
+        logits = logits.float()
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 

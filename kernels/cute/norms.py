@@ -56,10 +56,12 @@ Specializations
 ---------------
 For LayerNorm (with bias) and RMSNorm and each n in ``ROW_LENGTHS``:
   forward (x, residual, out): (bf16, fp32, bf16) and (fp32, none, bf16) --
-  autocast's residual stream; (fp32, fp32, fp32), (fp32, none, fp32);
-  (bf16, bf16, bf16), (bf16, none, bf16);
+  autocast's residual stream; (bf16, fp32, fp32) -- a final norm whose output
+  stays in the stream's dtype (ViT pools before its head); (fp32, fp32, fp32),
+  (fp32, none, fp32); (bf16, bf16, bf16), (bf16, none, bf16);
   backward (s, dy, second dx dtype): (fp32, bf16, bf16), (fp32, bf16, none),
-  (fp32, fp32, none), (bf16, bf16, none), each with and without dres;
+  (fp32, fp32, bf16), (fp32, fp32, none), (bf16, bf16, none), each with and
+  without dres;
   plus the finish kernel with and without dbias (n dynamic).
 """
 
@@ -68,9 +70,10 @@ from dataclasses import dataclass
 ROW_LENGTHS = (128, 256, 384, 512, 768, 1024, 2048)
 THREADS = 128
 WARP = 32
-FWD_COMBOS = (("bf16", "fp32", "bf16"), ("fp32", "", "bf16"), ("fp32", "fp32", "fp32"), ("fp32", "", "fp32"),
-              ("bf16", "bf16", "bf16"), ("bf16", "", "bf16"))
-BWD_COMBOS = (("fp32", "bf16", "bf16"), ("fp32", "bf16", ""), ("fp32", "fp32", ""), ("bf16", "bf16", ""))
+FWD_COMBOS = (("bf16", "fp32", "bf16"), ("fp32", "", "bf16"), ("bf16", "fp32", "fp32"), ("fp32", "fp32", "fp32"),
+              ("fp32", "", "fp32"), ("bf16", "bf16", "bf16"), ("bf16", "", "bf16"))
+BWD_COMBOS = (("fp32", "bf16", "bf16"), ("fp32", "bf16", ""), ("fp32", "fp32", "bf16"), ("fp32", "fp32", ""),
+              ("bf16", "bf16", ""))
 _WIDTH = {"bf16": 16, "fp16": 16, "fp32": 32}
 
 
