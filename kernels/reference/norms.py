@@ -77,7 +77,8 @@ def forward(x, res, weight, bias, eps, kind, dtypes):
 
 
 def backward(dy, s, dres, weight, mean, rstd, kind, dtypes, partial_rows):
-    """(ds, dweight, dbias) of the fused backward; dtypes = (s, dy) storage dtypes.
+    """(ds, dweight, dbias) of the fused backward; dtypes = (s, dy[, second ds output]) storage
+    dtypes (all of them decide the tiling, as in the kernel).
 
     ds is float32 (the kernel rounds it to each output's dtype once);
     partial_rows is G, the number of CTAs."""
