@@ -50,6 +50,9 @@ LAUNCHES_PER_CALL = {
     "norm_backward": lambda a: 1 + (1 if (a[11] or a[13]) else 0) + (1 if a[17] else 0),
     # two-stage reductions take a workspace
     "reduce": lambda a: 2 if a[-2] else 1,
+    # a call without a specialization launches nothing (the caller falls back)
+    "cute_norm": lambda a: 1 if _norms().forward(*a) else 0,
+    "cute_norm_backward": lambda a: 1 if _norms().backward(*a) else 0,
 }
 NOT_KERNELS = {"load_kernels", "gemm_specializations", "cute_norm_specializations"}
 
@@ -62,24 +65,42 @@ def _cute_norm_family():
     return module
 
 
+class _NormTable:
+    """The CuTeDSL norm kernels an sm_90 build has: what `_C.cute_norm*` would answer."""
+
+    def __init__(self):
+        family = _cute_norm_family()
+        self.spec = family.NormSpec
+        self.names = {s.name for s in family.specializations(("sm_90a",))}
+
+    def forward(self, *a):
+        rms, n, x, res, y = a[13], a[9], a[10], a[11], a[12]
+        name = self.spec("fwd", "rms" if rms else "layer", n, _NORM_DTYPE[x], _NORM_DTYPE[res], _NORM_DTYPE[y]).name
+        return name if name in self.names else ""
+
+    def backward(self, *a):
+        rms, n, s, dy, dx2, dres = a[16], a[12], a[13], a[14], a[15], a[2]
+        name = self.spec("bwd", "rms" if rms else "layer", n, _NORM_DTYPE[s], _NORM_DTYPE[dx2], _NORM_DTYPE[dy],
+                         bool(dres)).name
+        return name if name in self.names else ""
+
+
+_NORM_DTYPE = {0: "", 1: "bf16", 2: "fp32"}
+_norm_table = None
+
+
+def _norms():
+    global _norm_table
+    if _norm_table is None:
+        _norm_table = _NormTable()
+    return _norm_table
+
+
 def _norm_answers(dry):
     """Make the dry run's cute_norm* entries answer as the built table would on sm_90."""
-    family = _cute_norm_family()
-    names = {s.name for s in family.specializations(("sm_90a",))}
-    dtype = {0: "", 1: "bf16", 2: "fp32"}
-
-    def fwd(*a):
-        rms, n, x, res, y = a[13], a[9], a[10], a[11], a[12]
-        name = family.NormSpec("fwd", "rms" if rms else "layer", n, dtype[x], dtype[res], dtype[y]).name
-        return name if name in names else ""
-
-    def bwd(*a):
-        rms, n, s, dy, dx2, dres = a[16], a[12], a[13], a[14], a[15], a[2]
-        name = family.NormSpec("bwd", "rms" if rms else "layer", n, dtype[s], dtype[dx2], dtype[dy], bool(dres)).name
-        return name if name in names else ""
-
-    dry.kernels.returns("cute_norm", fwd)
-    dry.kernels.returns("cute_norm_backward", bwd)
+    table = _norms()
+    dry.kernels.returns("cute_norm", table.forward)
+    dry.kernels.returns("cute_norm_backward", table.backward)
     dry.kernels.returns("cute_norm_finish", lambda *a: "norm_finish")
 
 
@@ -96,7 +117,9 @@ def count(calls, work):
         if name in NOT_KERNELS:
             continue
         per = LAUNCHES_PER_CALL.get(name)
-        out[_kernel_name(name, args)] += per(args) if per else 1
+        launched = per(args) if per else 1
+        if launched:
+            out[_kernel_name(name, args)] += launched
     for name, _ in work:
         out[f"driver:{name}"] += 1
     return out

@@ -60,3 +60,26 @@ def test_no_specialization_falls_back_to_add_norm_and_cast():
     bnames = [c[0] for c in bwd]
     assert bnames[0] == "cute_norm_backward" and "norm_backward" in bnames and "cute_norm_finish" not in bnames
     assert dx.dtype is dt.bfloat16 and dres.dtype is dt.float32 and dw is not None and db is not None
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_plain_norms_take_the_cute_kernels_when_they_fit(rms):
+    with cg.cuda.dry_run() as dry:
+        dry.kernels.returns("cute_norm", lambda *a: "k" if a[9] == 256 else "")  # the table has n = 256, not 100
+        dry.kernels.returns("cute_norm_backward", lambda *a: "k")
+        dry.kernels.returns("cute_norm_finish", lambda *a: "k")
+        norm = (cg.nn.RMSNorm(256) if rms else cg.nn.LayerNorm(256)).to("cuda")
+        x = cg.randn(4, 32, 256, device="cuda").requires_grad_()
+        dry.reset()
+        y = norm(x)
+        assert [c[0] for c in dry.calls] == ["cute_norm"]
+        assert dry.calls[0][1][8:13] == (128, 256, F32, 0, F32)
+        dry.reset()
+        y.backward(cg.ones_like(y))
+        assert [c[0] for c in dry.calls[1:]] == ["cute_norm_backward", "cute_norm_finish"]
+        assert x.grad.dtype is dt.float32 and norm.weight.grad is not None
+        odd = (cg.nn.RMSNorm(100) if rms else cg.nn.LayerNorm(100)).to("cuda")
+        x = cg.randn(4, 100, device="cuda")
+        dry.reset()
+        odd(x)
+        assert [c[0] for c in dry.calls] == ["cute_norm", "norm"]  # nothing launched by the first: no n = 100
