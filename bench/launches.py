@@ -172,6 +172,11 @@ def measure(preset):
             prev = end
         # zero_grad(set_to_none=True) launches nothing; anything before "start" is counted with the optimizer
         phases["optimizer"] += count(dry.calls[:marks["start"][0]], dry.work[:marks["start"][1]])
+    if not phases["forward"]["gemm"]:
+        # Every workload has linear layers: a `_C` entry cached outside the dry run's stand-in
+        # (a module-level reference to the real or a previous run's gemm) would undercount.
+        raise RuntimeError("bench.launches: the step recorded no gemm call; some `_C.gemm` reference escaped "
+                           "the dry run")
     return phases
 
 
