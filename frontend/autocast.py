@@ -31,7 +31,8 @@ from . import dtypes as dt
 from .device import CPU, CUDA
 from .tensor import Tensor
 from .autograd.grad_mode import state as _grad_state
-from .ops.conversion import to_dtype
+from .ops.conversion import CastBackward, to_dtype
+from .tensor import make
 
 # PyTorch's CUDA autocast lists, as far as cutegrad has the ops; documentation
 # and tests read these, the op entry points carry the matching hooks.
@@ -171,9 +172,22 @@ def _cast_cached(t, dtype):
     version = t._storage.version
     if hit is not None and hit[0] is t and hit[1] == version and hit[2]._dtype is dtype:
         return hit[2]
-    out = to_dtype(t, dtype)
+    out = _cast_parameter(t, dtype) if t._storage.device.backend == CUDA else to_dtype(t, dtype)
     s.cache[key] = (t, version, out)
     return out
+
+
+def _cast_parameter(t, dtype):
+    """A CUDA parameter's cast from its copy kept across steps (optim/weight_shadows.py:
+    the fused optimizers write it), so a training step launches no cast; made and kept on a miss."""
+    from .optim import weight_shadows  # not at import time: cutegrad.optim imports the ops, which import this
+    shadow = weight_shadows.lookup(t, dtype)
+    if shadow is None:
+        out = to_dtype(t, dtype)
+        weight_shadows.remember(t, make(out._storage, out._shape, out._strides, out._offset, out._dtype))
+        return out
+    alias = make(shadow._storage, shadow._shape, shadow._strides, shadow._offset, shadow._dtype)
+    return CastBackward.record(alias, (t,), (), t._dtype)
 
 
 def _autocast_device(ts):

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, nn, ops, optim
+from .autocast import is_autocast_enabled
 from .autograd import no_grad
 from .dtypes import bfloat16, float32
 from .models import CPU_PRESETS, PRESETS, GPTConfig, OptimizerConfig, Preset, ViTConfig, build_model
@@ -184,8 +185,14 @@ def build_scheduler(optimizer, preset: Preset):
 
 
 def loss_fn(model, inputs, targets):
-    """Mean cross-entropy; logits are scored in float32 whatever the model's dtype."""
-    logits = model(inputs).float()
+    """Mean cross-entropy; logits are scored in float32 whatever the model's dtype.
+
+    Under autocast cross_entropy is a float32 op that reads 16-bit logits and
+    accumulates in float32 itself, so the logits are not cast first (a cast
+    would be a copy of the largest activation, and another in the backward)."""
+    logits = model(inputs)
+    if not is_autocast_enabled(logits.device.type):
+        logits = logits.float()
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -412,7 +419,6 @@ def make_step(model, optimizer, clip_grad_norm, amp):
     """One training step as a function of the batch: zero the grads, forward under `amp`,
     backward, clip, update. It returns the detached loss and never reads a value on the
     host, so `cutegrad.graphs.graphed` can capture it whole."""
-    params = list(model.parameters())
 
     def step(inputs, targets):
         optimizer.zero_grad(set_to_none=True)
@@ -420,7 +426,8 @@ def make_step(model, optimizer, clip_grad_norm, amp):
             loss = loss_fn(model, inputs, targets)
         loss.backward()
         if clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            # the fused optimizers apply the clipping coefficient as their gradient scale (no scaling pass)
+            optimizer.clip_grad_norm_(clip_grad_norm)
         optimizer.step()
         return loss.detach()
     return step

@@ -1,8 +1,12 @@
 """Optimizers and LR schedules step-for-step against torch.optim."""
+import contextlib
+
 import numpy as np
 import pytest
 
 import cutegrad as cg
+from cutegrad.device import CPU, CUDA
+from cutegrad.dispatch import kernel
 
 torch = pytest.importorskip("torch", reason="PyTorch CPU is the differential reference")
 
@@ -136,15 +140,16 @@ class FakeKernels:
         return t.detach().numpy()  # shares memory: writes update the tensor
 
     def adamw(self, params, grads, ms, vs, lr, b1, b2, eps, wd, step, maximize=False, grad_scale=None,
-              decoupled=True, increment_step=False):
+              decoupled=True, increment_step=False, shadows=None, shadow_dtype=None):
         assert isinstance(step, list) and increment_step, "the optimizers pass per-parameter device counters"
         self.calls.append(("adamw", len(params), decoupled))
         lr = float(lr)
+        scale = float(grad_scale) if grad_scale is not None else 1.0
         for p, g, m, v, st in zip(params, grads, ms, vs, step):
             a, mm, vv, sa = self._arr(p), self._arr(m), self._arr(v), self._arr(st)
             sa += 1
             t = float(sa)
-            g = self._arr(g).astype(np.float64) * (-1 if maximize else 1)
+            g = self._arr(g).astype(np.float64) * (-1 if maximize else 1) * scale
             if not decoupled:
                 g = g + wd * a
             pv = a * (1 - lr * wd) if decoupled else a.astype(np.float64)
@@ -154,12 +159,13 @@ class FakeKernels:
             a[...] = pv - lr / (1 - b1 ** t) * mm / (np.sqrt(vv) / np.sqrt(1 - b2 ** t) + eps)
 
     def sgd(self, params, grads, bufs, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-            first_step=False, maximize=False, grad_scale=None):
+            first_step=False, maximize=False, grad_scale=None, shadows=None, shadow_dtype=None):
         self.calls.append(("sgd", len(params), first_step))
         lr = float(lr)
+        scale = float(grad_scale) if grad_scale is not None else 1.0
         for i, (p, g) in enumerate(zip(params, grads)):
             a = self._arr(p)
-            d = self._arr(g).astype(np.float64) * (-1 if maximize else 1) + weight_decay * a
+            d = self._arr(g).astype(np.float64) * (-1 if maximize else 1) * scale + weight_decay * a
             if bufs is not None:
                 b = self._arr(bufs[i])
                 b[...] = d if first_step else momentum * b + (1 - dampening) * d
@@ -167,16 +173,28 @@ class FakeKernels:
             a -= lr * d
 
 
+@contextlib.contextmanager
+def registered(fakes):
+    """Kernels {(name, backend): fn} swapped into the registry (the optimizers and clipping look
+    their kernels up there) for the duration of the block."""
+    saved = {key: kernel(key[0]).impl[key[1]] for key in fakes}
+    for (name, backend), fn in fakes.items():
+        kernel(name).impl[backend] = fn
+    try:
+        yield
+    finally:
+        for (name, backend), fn in saved.items():
+            kernel(name).impl[backend] = fn
+
+
 @pytest.fixture
 def fake_fused(monkeypatch):
-    from cutegrad.backends import cuda as cuda_backend
     from cutegrad.optim import fused
     fake = FakeKernels()
     monkeypatch.setattr(fused, "param_blocker", lambda i, p: None)
     monkeypatch.setattr(fused, "lr_blocker", lambda lr, devices: None)
-    monkeypatch.setattr(cuda_backend, "adamw_multi_tensor", fake.adamw)
-    monkeypatch.setattr(cuda_backend, "sgd_multi_tensor", fake.sgd)
-    return fake
+    with registered({("adamw_multi_tensor", CPU): fake.adamw, ("sgd_multi_tensor", CPU): fake.sgd}):
+        yield fake
 
 
 @pytest.mark.parametrize("kw", [dict(lr=1e-2), dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1),
@@ -318,11 +336,10 @@ def test_load_state_dict_casts_moments_to_the_parameter_dtype():
     assert st["exp_avg"].dtype is cg.float32 and st["exp_avg_sq"].dtype is cg.float32 and st["step"] == 1
 
 
-def test_clip_grad_norm_fused_path_glue(monkeypatch):
+def test_clip_grad_norm_fused_path_glue(monkeypatch, request):
     """The fused 2-norm path (kernels faked in NumPy, as above): one norm call, one in-place scale call
     reading the coefficient slot, the total returned as a 0-d tensor; other norms and
     error_if_nonfinite stay composite."""
-    from cutegrad.backends import cuda as cuda_backend
     from cutegrad.nn.utils import clip_grad
     calls = []
 
@@ -338,8 +355,9 @@ def test_clip_grad_norm_fused_path_glue(monkeypatch):
             t.numpy()[...] *= float(scale)
 
     monkeypatch.setattr(clip_grad, "_fusable", lambda grads: True)
-    monkeypatch.setattr(cuda_backend, "grad_norm_clip", grad_norm_clip)
-    monkeypatch.setattr(cuda_backend, "multi_tensor_scale", multi_tensor_scale)
+    fakes = registered({("grad_norm_clip", CUDA): grad_norm_clip, ("multi_tensor_scale", CUDA): multi_tensor_scale})
+    fakes.__enter__()
+    request.addfinalizer(lambda: fakes.__exit__(None, None, None))
     rng = np.random.default_rng(7)
     grads = [rng.standard_normal(s).astype(np.float32) * 3 for s in [(3, 4), (7,), (2, 2, 2)]]
     for norm_type, error_if_nonfinite, fused in ((2.0, False, True), (1.0, False, False), (2.0, True, False)):
@@ -368,15 +386,116 @@ def test_fused_kernel_bindings_reject_bad_arguments_before_launch():
         _C.multi_tensor_scale([0x1000], [4], f32, 0, 8192, 0)
     with pytest.raises(ValueError, match="adamw: increment_step needs device step counters"):
         _C.adamw([0x1000], [0x2000], [0x3000], [0x4000], [4], f32, f32, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True,
-                 1.0, [], True, 0, False, 8192, 0)
+                 1.0, [], True, 0, False, 8192, 0, [], 0)
     with pytest.raises(ValueError, match="adamw: the tensor lists differ in length .*steps 2"):
         _C.adamw([0x1000], [0x2000], [0x3000], [0x4000], [4], f32, f32, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True,
-                 0.0, [0x5000, 0x6000], True, 0, False, 8192, 0)
+                 0.0, [0x5000, 0x6000], True, 0, False, 8192, 0, [], 0)
     with pytest.raises(ValueError, match="adamw: step counter 0 is a null pointer"):
         _C.adamw([0x1000], [0x2000], [0x3000], [0x4000], [4], f32, f32, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True,
-                 0.0, [0], True, 0, False, 8192, 0)
+                 0.0, [0], True, 0, False, 8192, 0, [], 0)
     with pytest.raises(ValueError, match="sgd: momentum_buffers and grads must have the same length"):
         _C.sgd([0x1000], [0x2000], [0x3000, 0x4000], [4], f32, f32, 0.1, 0, 0.9, 0.0, 0.0, False, False, 0, False,
-               8192, 0)
+               8192, 0, [], 0)
+    with pytest.raises(ValueError, match="adamw: shadows must be empty or one per tensor"):
+        _C.adamw([0x1000], [0x2000], [0x3000], [0x4000], [4], f32, f32, 1e-3, 0, 0.9, 0.999, 1e-8, 0.0, True,
+                 0.0, [0x5000], True, 0, False, 8192, 0, [0x6000, 0x7000], cg.bfloat16.index)
+    with pytest.raises(ValueError, match="sgd: shadow copies must be float16 or bfloat16"):
+        _C.sgd([0x1000], [0x2000], [], [4], f32, f32, 0.1, 0, 0.0, 0.0, 0.0, False, False, 0, False,
+               8192, 0, [0x6000], f32)
     with pytest.raises(ValueError, match="multi_tensor_scale: parameters must be float32, float16 or bfloat16"):
         _C.multi_tensor_scale([0x1000], [4], cg.float64.index, 0x2000, 8192, 0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", ["AdamW", "SGD"])
+def test_optimizer_clip_grad_norm_folds_the_coefficient_into_the_step(fake_fused, monkeypatch, name, fused):
+    """Optimizer.clip_grad_norm_ + step() equals torch's clip_grad_norm_ + step(): on the fused path
+    the coefficient reaches the kernel as grad_scale and no scaling pass runs; with a composite
+    update (fused=False) it is clip_grad_norm_ itself."""
+    from cutegrad.nn.utils import clip_grad
+    calls = []
+
+    def grad_norm_clip(grads, max_norm):
+        norm = np.sqrt(sum(float((g.numpy().astype(np.float64) ** 2).sum()) for g in grads))
+        calls.append("norm")
+        return cg.tensor([norm, min(1.0, max_norm / (norm + 1e-6))], dtype=cg.float32)
+
+    monkeypatch.setattr(clip_grad, "_fusable", lambda grads: True)
+    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=1e-2, weight_decay=0.1)
+    rng = np.random.default_rng(2)
+    init = [rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (5,))]
+    ps = [cg.tensor(a, requires_grad=True) for a in init]
+    tps = [torch.tensor(a, requires_grad=True) for a in init]
+    opt, topt = getattr(cg.optim, name)(ps, fused=fused, **kw), getattr(torch.optim, name)(tps, **kw)
+    def multi_tensor_scale(tensors, scale):
+        calls.append("scale")
+        for t in tensors:
+            t.numpy()[...] *= float(scale)
+
+    with registered({("grad_norm_clip", CUDA): grad_norm_clip, ("multi_tensor_scale", CUDA): multi_tensor_scale}):
+        for _ in range(4):
+            grads = [rng.standard_normal(a.shape).astype(np.float32) * 5 for a in init]
+            for p, tp, g in zip(ps, tps, grads):
+                p.grad, tp.grad = cg.tensor(g), torch.from_numpy(g.copy())
+            total = opt.clip_grad_norm_(1.0)
+            ttotal = torch.nn.utils.clip_grad_norm_(tps, 1.0)
+            assert total.item() == pytest.approx(ttotal.item(), rel=1e-5)
+            opt.step()
+            topt.step()
+            assert opt._grad_scale is None
+            for p, tp in zip(ps, tps):
+                np.testing.assert_allclose(p.detach().numpy(), tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert calls == (["norm"] if fused else ["norm", "scale"]) * 4
+
+
+def test_weight_shadows_follow_the_parameter_version():
+    from cutegrad.optim import weight_shadows
+    p = cg.ones(3, requires_grad=True)
+    shadow = p.detach().to(cg.bfloat16)
+    weight_shadows.remember(p, shadow)
+    assert weight_shadows.lookup(p, cg.bfloat16) is shadow
+    assert weight_shadows.lookup(p, cg.float16) is None
+    assert weight_shadows.shadows_for([p]) == ([shadow], cg.bfloat16)
+    with cg.no_grad():
+        p.mul_(2.0)  # an update the optimizers did not make: the copy is stale
+    assert weight_shadows.lookup(p, cg.bfloat16) is None
+    assert weight_shadows.shadows_for([p]) == ([None], None)
+    q = cg.ones(2, requires_grad=True)
+    weight_shadows.remember(q, q.detach().to(cg.bfloat16))
+    del q
+    assert len(weight_shadows._shadows) == 0 or all(e[0]() is not None for e in weight_shadows._shadows.values())
+
+
+def test_autocast_reuses_the_optimizer_written_copy_on_the_dry_run_device():
+    """Under bf16 autocast a training step casts each weight once, the fused AdamW writes the bf16
+    copy (its shadow pointers), and the next step's forward launches no weight cast."""
+    F = cg.nn.functional
+    with cg.cuda.dry_run() as dry:
+        lin = cg.nn.Linear(32, 16).to("cuda")
+        opt = cg.optim.AdamW(lin.parameters(), lr=1e-3)
+        x = cg.randn(8, 32, device="cuda")
+
+        def step():
+            opt.zero_grad()
+            with cg.autocast("cuda", dtype=cg.bfloat16):
+                loss = F.linear(x, lin.weight, lin.bias).float().sum()
+            loss.backward()
+            opt.step()
+
+        def weight_casts(calls):
+            # elementwise copies from float32 to bfloat16 of a parameter's shape
+            return [c for c in calls if c[0] == "elementwise" and c[1][0] == 5 and c[1][5] == cg.bfloat16.index
+                    and tuple(c[1][3]) in ((16, 32), (16,))]
+
+        step()
+        assert len(weight_casts(dry.calls)) == 2
+        adamw = [c for c in dry.calls if c[0] == "adamw"]
+        assert adamw and all(ptr for ptr in adamw[-1][1][-2]) and adamw[-1][1][-1] == cg.bfloat16.index
+        dry.reset()
+        step()
+        assert weight_casts(dry.calls) == []
+        with cg.no_grad():
+            lin.weight.mul_(0.5)  # changed outside the optimizer: cast again
+        dry.reset()
+        step()
+        assert len(weight_casts(dry.calls)) == 1

@@ -440,6 +440,30 @@ def rms_norm(x, nd, weight, eps):
     return _out(y, x._dtype), _out(rstd, stat)
 
 
+@register("add_norm", CPU)
+def add_norm(x, residual, weight, bias, eps, rms, out_dtype):
+    """(normed, new residual, mean or None, rstd) of ops.add_layer_norm / add_rms_norm over the last dim.
+
+    The new residual is x + residual rounded to their promoted dtype (x itself
+    without a residual); the norm reads that rounded sum, as the kernels do."""
+    if residual is None:
+        s = x
+    else:
+        s_dtype = dt.promote_types(x._dtype, residual._dtype)
+        s = _out(_a(x).astype(_compute_dtype(s_dtype)) + _a(residual), s_dtype)
+    stat = dt.float64 if s._dtype is dt.float64 else dt.float32
+    arr = _a(s).astype(stat.np)
+    mean = None if rms else np.add.reduce(arr, axis=-1, keepdims=True) / arr.shape[-1]
+    centered = arr if rms else arr - mean
+    rstd = 1.0 / np.sqrt(np.add.reduce(centered * centered, axis=-1, keepdims=True) / arr.shape[-1] + eps)
+    y = centered * rstd
+    if weight is not None:
+        y = y * _a(weight)
+    if bias is not None:
+        y = y + _a(bias)
+    return _out(y, out_dtype), s, None if rms else _out(mean, stat), _out(rstd, stat)
+
+
 # --- indexing ----------------------------------------------------------------------
 @register("gather", CPU)
 def gather(x, dim, index):

@@ -13,7 +13,8 @@ Inside the block:
   entry added to `_C` later is recorded without changing this module. Entries
   whose callers use a result get one from `RETURNS` (gemm: a kernel name,
   load_kernels: 0, gemm_specializations: []); `dry.kernels.returns(name, fn)`
-  adds one.
+  adds one. Entries named `set_*` configure the module (the GEMM's workspace
+  allocator): they are accepted and not recorded, since they launch nothing.
 - the CUDA driver is `DryDriver` (cutegrad.cuda.dry_driver): no GPU is touched;
   copies and memsets queued on a stream are recorded in `dry.work`.
 - every device's caching allocator runs over `SimulatedMemory` (`dry.allocator(i)`),
@@ -60,7 +61,10 @@ class RecordingKernels:
             raise AttributeError(name)
         calls = self.calls
         answer = self._returns.get(name)
-        if answer is None:
+        if name.startswith("set_"):
+            def record(*args, **kwargs):
+                return None
+        elif answer is None:
             def record(*args, **kwargs):
                 calls.append((name, args, kwargs))
         else:
@@ -134,7 +138,7 @@ class DryRun:
             (index_errors, "_records"): {}, (pinned, "_free"): {},
             (_allocator_module(), "_default_allocators"): allocators,
             (_launch_module(), "_allocators"): {}, (_launch_module(), "_native"): self.kernels,
-            (_gemm_module(), "_native"): self.kernels,
+            (_gemm_module(), "_native"): self.kernels, (_linalg_module(), "_gemm_fn"): None,
             (_rng_module(), "_default_generators"): {},
             (_driver._tls, None): {}, (_device._tls, None): {}, (streams._tls, None): {},
         }
@@ -165,6 +169,11 @@ def _allocator_module():
 def _launch_module():
     from cutegrad.backends.cuda import launch
     return launch
+
+
+def _linalg_module():
+    from cutegrad.backends.cuda import linalg
+    return linalg
 
 
 def _gemm_module():

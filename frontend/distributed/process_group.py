@@ -342,23 +342,6 @@ def destroy_process_group(group=None):
             clean = False
     _teardown(g, clean)
     _GROUP = None
-_checks = threading.local()
-
-
-@contextlib.contextmanager
-def skip_cross_rank_checks():
-    """Collectives issued by this thread inside skip the GPU backends' store round trip that compares
-    the ranks' arguments.  For callers whose arguments agree by construction (DDP's buckets, made
-    from parameters whose shapes were checked when rank 0's were broadcast)."""
-    _checks.off = getattr(_checks, "off", 0) + 1
-    try:
-        yield
-    finally:
-        _checks.off -= 1
-
-
-def cross_rank_checks_wanted():
-    return not getattr(_checks, "off", 0)
 
 
 def is_initialized():

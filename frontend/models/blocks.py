@@ -3,6 +3,13 @@
     x = x + attn(norm1(x))
     x = x + mlp(norm2(x))
 
+With `fused=True` the norms are nn.AddLayerNorm / nn.AddRMSNorm and the
+block also runs as `forward_residual(h, residual) -> (h', residual')`, where
+the residual stream x = h + residual is never summed by a kernel of its own:
+each norm adds its input to the residual in the same pass (ops.add_layer_norm),
+so a stack of blocks threads (branch output, residual) pairs and the model
+adds the last pair inside its final norm.  Same parameters, same values.
+
 Attention goes through `F.scaled_dot_product_attention` (causal for GPT,
 bidirectional for ViT), so the CUDA backend's fused attention kernel serves
 both models without model changes.
@@ -50,16 +57,34 @@ class MLP(nn.Module):
         return self.drop(self.proj(self.act(self.fc(x))))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block; `norm` is nn.LayerNorm (GPT) or nn.RMSNorm (ViT)."""
+_FUSED_NORM = {nn.LayerNorm: nn.AddLayerNorm, nn.RMSNorm: nn.AddRMSNorm}
 
-    def __init__(self, dim, n_heads, mlp_ratio=4, causal=True, dropout=0.0, bias=True, norm=nn.LayerNorm):
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `norm` is nn.LayerNorm (GPT) or nn.RMSNorm (ViT);
+    fused: use its add+norm twin (see the module docstring)."""
+
+    def __init__(self, dim, n_heads, mlp_ratio=4, causal=True, dropout=0.0, bias=True, norm=nn.LayerNorm,
+                 fused=False):
         super().__init__()
+        self.fused = fused
+        norm = _FUSED_NORM[norm] if fused else norm
         self.norm1 = norm(dim)
         self.attn = SelfAttention(dim, n_heads, causal, dropout, bias)
         self.norm2 = norm(dim)
         self.mlp = MLP(dim, mlp_ratio * dim, dropout, bias)
 
     def forward(self, x):
+        if self.fused:
+            h, residual = self.forward_residual(x, None)
+            return h + residual
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_residual(self, h, residual):
+        """(h, residual) -> (h', residual') with h' + residual' = block(h + residual); fused blocks only.
+
+        residual None: the stream is h itself (the first block)."""
+        a, residual = self.norm1(h, residual)
+        n, residual = self.norm2(self.attn(a), residual)
+        return self.mlp(n), residual

@@ -26,6 +26,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_weights: bool = True
+    fused_norms: bool = True  # add+norm in one op (models/blocks.py); False: the plain modules
 
     def to_dict(self):
         return asdict(self)
@@ -40,8 +41,9 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            [Block(c.n_embd, c.n_head, 4, causal=True, dropout=c.dropout, bias=c.bias) for _ in range(c.n_layer)])
-        self.norm = nn.LayerNorm(c.n_embd, bias=c.bias)
+            [Block(c.n_embd, c.n_head, 4, causal=True, dropout=c.dropout, bias=c.bias, fused=c.fused_norms)
+             for _ in range(c.n_layer)])
+        self.norm = (nn.AddLayerNorm if c.fused_norms else nn.LayerNorm)(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.reset_parameters()
         if c.tie_weights:
@@ -67,6 +69,11 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: sequence length {T} exceeds block_size {self.config.block_size}")
         pos = ops.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        if self.config.fused_norms:
+            residual = None
+            for block in self.blocks:
+                x, residual = block.forward_residual(x, residual)
+            return self.lm_head(self.norm(x, residual)[0])
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.norm(x))

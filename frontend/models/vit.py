@@ -28,6 +28,7 @@ class ViTConfig:
     mlp_ratio: int = 4
     n_cls_tokens: int = 16
     dropout: float = 0.0
+    fused_norms: bool = True  # add+norm in one op (models/blocks.py); False: the plain modules
 
     def to_dict(self):
         return asdict(self)
@@ -64,8 +65,8 @@ class ViT(nn.Module):
         self.pos_emb = nn.Parameter(ops.zeros(1, c.n_cls_tokens + self.patch_embed.n_patches, c.dim))
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList([Block(c.dim, c.n_heads, c.mlp_ratio, causal=False, dropout=c.dropout,
-                                           norm=nn.RMSNorm) for _ in range(c.depth)])
-        self.norm = nn.RMSNorm(c.dim)
+                                           norm=nn.RMSNorm, fused=c.fused_norms) for _ in range(c.depth)])
+        self.norm = (nn.AddRMSNorm if c.fused_norms else nn.RMSNorm)(c.dim)
         self.head = nn.Linear(c.dim, c.num_classes)
         self.reset_parameters()
 
@@ -88,7 +89,14 @@ class ViT(nn.Module):
         B = x.shape[0]
         x = ops.cat([self.cls_tokens.expand(B, -1, -1), x], dim=1)
         x = self.drop(x + self.pos_emb)
-        for block in self.blocks:
-            x = block(x)
-        x = self.norm(x)
+        if self.config.fused_norms:
+            residual = None
+            for block in self.blocks:
+                x, residual = block.forward_residual(x, residual)
+            # The stream's dtype, as the unfused RMSNorm: the class-token mean runs before the head's cast.
+            x = self.norm(x, residual, out_dtype=(residual if residual is not None else x).dtype)[0]
+        else:
+            for block in self.blocks:
+                x = block(x)
+            x = self.norm(x)
         return self.head(x[:, :self.config.n_cls_tokens].mean(dim=1))

@@ -3,6 +3,7 @@ from ..ops import (linear, relu, gelu, silu, sigmoid, tanh, softmax, log_softmax
                    layer_norm, rms_norm, embedding, scaled_dot_product_attention, one_hot)
 from .. import ops
 from ..ops.linalg import linear_gelu, linear_residual, mlp_gelu  # fused: one GEMM epilogue, one autograd node
+from ..ops import add_layer_norm, add_rms_norm
 
 
 def dropout(input, p=0.5, training=True, inplace=False):
@@ -17,7 +18,8 @@ def relu_(input):
 
 __all__ = ["linear", "relu", "relu_", "gelu", "silu", "sigmoid", "tanh", "softmax", "log_softmax", "cross_entropy",
            "nll_loss", "mse_loss", "layer_norm", "rms_norm", "embedding", "dropout", "scaled_dot_product_attention",
-           "one_hot", "linear_gelu", "linear_residual", "mlp_gelu"]
+           "one_hot", "linear_gelu", "linear_residual", "mlp_gelu", "add_layer_norm",
+           "add_rms_norm"]
 
 # torch.nn.functional names of the conv, pooling, padding, normalization and loss families, and the
 # inplace flags of relu/silu.

@@ -29,6 +29,7 @@ from .predicates import is_tensor
 from .conv import conv2d
 from .pooling import max_pool2d, avg_pool2d, adaptive_avg_pool2d
 from .normalization import batch_norm
+from .fused_norms import add_layer_norm, add_rms_norm
 
 concat = cat
 clip = clamp

@@ -14,8 +14,12 @@ import math
 from .. import dtypes as dt
 from .. import ops
 from ..tensor import Tensor
+from ..dispatch import kernel
+from . import weight_shadows
 from .fused import buckets, check_fused_option, use_fused
 from .optimizer import Optimizer, check_lr, lr_value
+
+_K_ADAMW = kernel("adamw_multi_tensor")
 
 
 class Adam(Optimizer):
@@ -46,8 +50,11 @@ class Adam(Optimizer):
         else:
             self._composite_update(group, params)
 
+    def _takes_grad_scale(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        return not params or use_fused(type(self).__name__, group, params, self._fused_option_blocker(group))
+
     def _fused_update(self, group, params):
-        from ..backends.cuda import adamw_multi_tensor
         b1, b2 = group["betas"]
         for (device, _, _), ps in buckets(params).items():
             ms, vs, steps = [], [], []
@@ -60,14 +67,19 @@ class Adam(Optimizer):
                 ms.append(state["exp_avg"])
                 vs.append(state["exp_avg_sq"])
                 steps.append(state["step"])
-            adamw_multi_tensor(ps, [p.grad for p in ps], ms, vs, group["lr"], b1, b2, group["eps"],
-                               group["weight_decay"], steps, maximize=group["maximize"], decoupled=self._decoupled,
-                               increment_step=True)
+            shadows, shadow_dtype = weight_shadows.shadows_for(ps)
+            _K_ADAMW.impl[device.backend](
+                ps, [p.grad for p in ps], ms, vs, group["lr"], b1, b2, group["eps"], group["weight_decay"], steps,
+                maximize=group["maximize"], decoupled=self._decoupled, increment_step=True,
+                grad_scale=self._grad_scale, shadows=shadows, shadow_dtype=shadow_dtype)
+            weight_shadows.refresh(ps, shadows)
 
     def _composite_update(self, group, params):
         lr, (b1, b2), eps, wd = lr_value(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
         for p in params:
             g = ops.neg(p.grad) if group["maximize"] else p.grad
+            if self._grad_scale is not None:
+                g = ops.mul(g, self._grad_scale.to(g.device).to(g.dtype))
             state = self.state.setdefault(p, {})
             if not state:
                 state["step"] = 0

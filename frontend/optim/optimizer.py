@@ -21,6 +21,8 @@ required = _Required()
 
 
 class Optimizer:
+    _grad_scale = None  # the clipping coefficient clip_grad_norm_ left for the next step (a device tensor)
+
     def __init__(self, params, defaults):
         self.defaults = defaults
         self.state = {}
@@ -63,7 +65,32 @@ class Optimizer:
         return None
 
     def zero_grad(self, set_to_none=True):
+        self._grad_scale = None
         zero_grads((p for g in self.param_groups for p in g["params"]), set_to_none)
+
+    def clip_grad_norm_(self, max_norm, norm_type=2.0):
+        """nn.utils.clip_grad_norm_ over this optimizer's parameters, with the scaling folded into
+        the next step(): the fused kernels read the clipping coefficient as their gradient scale, so
+        clipping costs the norm's two launches and no pass over the gradients.  Until that step the
+        gradients are unscaled; returns the total norm (a tensor, no host sync).
+
+        Where the fused path cannot take the gradients (CPU, mixed dtypes, other norms) this is
+        clip_grad_norm_ itself."""
+        from ..nn.utils.clip_grad import clip_grad_norm_, fused_norm_and_coefficient
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return clip_grad_norm_(params, max_norm, norm_type)
+        with grad_mode.no_grad():
+            found = fused_norm_and_coefficient([p.grad for p in params], max_norm, norm_type) \
+                if all(self._takes_grad_scale(g) for g in self.param_groups) else None
+        if found is None:
+            return clip_grad_norm_(params, max_norm, norm_type)
+        total, self._grad_scale = found
+        return total
+
+    def _takes_grad_scale(self, group):
+        """Whether this group's next update can apply a device gradient scale (fused optimizers say so)."""
+        return False
 
     def step(self, closure=None):
         loss = None
@@ -73,6 +100,7 @@ class Optimizer:
         with grad_mode.no_grad():
             for group in self.param_groups:
                 self._update_group(group)
+        self._grad_scale = None
         return loss
 
     def _update_group(self, group):  # pragma: no cover - every optimizer overrides

@@ -8,8 +8,12 @@ that the kernel fills with the first step's direction, as torch's first step
 clones it; and the composite path (tensor ops per parameter), the CPU path.
 """
 from .. import ops
+from ..dispatch import kernel
+from . import weight_shadows
 from .fused import buckets, check_fused_option, use_fused
 from .optimizer import Optimizer, check_lr, lr_value, required
+
+_K_SGD = kernel("sgd_multi_tensor")
 
 
 class SGD(Optimizer):
@@ -37,10 +41,13 @@ class SGD(Optimizer):
     def _has_buffer(self, p):
         return self.state.get(p, {}).get("momentum_buffer") is not None
 
+    def _takes_grad_scale(self, group):
+        params = [p for p in group["params"] if p.grad is not None]
+        return not params or use_fused(type(self).__name__, group, params)
+
     def _fused_update(self, group, params):
-        from ..backends.cuda import sgd_multi_tensor
         mom = group["momentum"]
-        for (_, pdt, _, had_buffer), ps in buckets(params, self._has_buffer if mom else lambda p: False).items():
+        for (device, pdt, _, had_buffer), ps in buckets(params, self._has_buffer if mom else lambda p: False).items():
             bufs = None
             if mom:
                 bufs = []
@@ -52,14 +59,19 @@ class SGD(Optimizer):
                     elif buf.dtype is not pdt:
                         buf = state["momentum_buffer"] = buf.to(pdt)
                     bufs.append(buf)
-            sgd_multi_tensor(ps, [p.grad for p in ps], bufs, group["lr"], mom, group["dampening"],
-                             group["weight_decay"], group["nesterov"], first_step=bool(mom) and not had_buffer,
-                             maximize=group["maximize"])
+            shadows, shadow_dtype = weight_shadows.shadows_for(ps)
+            _K_SGD.impl[device.backend](
+                ps, [p.grad for p in ps], bufs, group["lr"], mom, group["dampening"], group["weight_decay"],
+                group["nesterov"], first_step=bool(mom) and not had_buffer, maximize=group["maximize"],
+                grad_scale=self._grad_scale, shadows=shadows, shadow_dtype=shadow_dtype)
+            weight_shadows.refresh(ps, shadows)
 
     def _composite_update(self, group, params):
         lr, mom, damp, wd = lr_value(group["lr"]), group["momentum"], group["dampening"], group["weight_decay"]
         for p in params:
             d_p = ops.neg(p.grad) if group["maximize"] else p.grad
+            if self._grad_scale is not None:
+                d_p = ops.mul(d_p, self._grad_scale.to(d_p.device).to(d_p.dtype))
             if wd:
                 d_p = ops.add(d_p, p, alpha=wd)
             if mom:

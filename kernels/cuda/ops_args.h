@@ -293,6 +293,10 @@ struct MultiTensorArgs {
   void* state1[kMaxTensorsPerLaunch];  // Adam exp_avg_sq
   float* step[kMaxTensorsPerLaunch];   // Adam: each tensor's fp32 step counter on the device (null: the host step)
   int param_dtype, grad_dtype;
+  // AdamW/SGD: where to also write the updated parameter rounded to shadow_dtype
+  // (the low-precision copy autocast's next forward reads; null: none).
+  void* shadow[kMaxTensorsPerLaunch];
+  int shadow_dtype;
 };
 
 // Adam / AdamW (torch.optim's order): AdamW: p *= 1 - lr*wd; Adam: g += wd p;

@@ -617,6 +617,20 @@ int64_t for_each_group(const char* op, const Ptrs& params, const Ptrs& grads, co
   return total_blocks;
 }
 
+// The launch's tensors [first, first + count) of the call, with their low-precision
+// copies (shadows: empty, or one pointer per tensor, 0 for none) to write too.
+MultiTensorArgs with_shadows(const char* op, const MultiTensorArgs& a, const Ptrs& shadows, int shadow_dtype,
+                             size_t& first) {
+  MultiTensorArgs b = a;
+  if (!shadows.empty()) {
+    if (shadow_dtype != kF16 && shadow_dtype != kBF16) fail(op, "shadow copies must be float16 or bfloat16");
+    for (int k = 0; k < a.count; ++k) b.shadow[k] = reinterpret_cast<void*>(shadows[first + k]);
+    b.shadow_dtype = shadow_dtype;
+  }
+  first += a.count;
+  return b;
+}
+
 // steps: empty (use `step`, the count after this update, for every tensor) or
 // one device fp32 counter per tensor; increment_step: add 1 to each counter
 // (a launch before the update) so the update reads the count after this step.
@@ -624,28 +638,33 @@ int64_t for_each_group(const char* op, const Ptrs& params, const Ptrs& grads, co
 void adamw(const Ptrs& params, const Ptrs& grads, const Ptrs& exp_avgs, const Ptrs& exp_avg_sqs, const Dims& numels,
            int param_dtype, int grad_dtype, double lr, uintptr_t lr_ptr, double beta1, double beta2, double eps,
            double weight_decay, bool decoupled, double step, const Ptrs& steps, bool increment_step,
-           uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
+           uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream, const Ptrs& shadows,
+           int shadow_dtype) {
   const char* op = "adamw";
   if (exp_avgs.size() != grads.size() || exp_avg_sqs.size() != grads.size() || params.size() != grads.size())
     fail(op, "params, grads, exp_avgs and exp_avg_sqs must have the same length");
   if (steps.empty() && step < 1) fail(op, "step must be >= 1 (it is the count after this update)");
   if (steps.empty() && increment_step) fail(op, "increment_step needs device step counters");
+  if (!shadows.empty() && shadows.size() != grads.size()) fail(op, "shadows must be empty or one per tensor");
   AdamWHyper h{lr, beta1, beta2, eps, weight_decay, step, reinterpret_cast<const float*>(lr_ptr),
                reinterpret_cast<const float*>(grad_scale), maximize ? 1 : 0, decoupled ? 1 : 0};
   void* s = reinterpret_cast<void*>(stream);
+  size_t first = 0;
   for_each_group(op, params, grads, exp_avgs, exp_avg_sqs, steps, numels, param_dtype, grad_dtype, chunk,
                  [&](const MultiTensorArgs& a, int64_t) {
                    if (increment_step) check_cuda(step_increment_launch(a, s), op);
-                   check_cuda(adamw_launch(a, h, s), op);
+                   check_cuda(adamw_launch(with_shadows(op, a, shadows, shadow_dtype, first), h, s), op);
                  });
 }
 
 // momentum_buffers: empty for plain SGD.  lr_ptr: 0, or a device fp32 scalar read instead of lr.
 void sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers, const Dims& numels, int param_dtype,
          int grad_dtype, double lr, uintptr_t lr_ptr, double momentum, double dampening, double weight_decay,
-         bool nesterov, bool first_step, uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream) {
+         bool nesterov, bool first_step, uintptr_t grad_scale, bool maximize, int64_t chunk, uintptr_t stream,
+         const Ptrs& shadows, int shadow_dtype) {
   const char* op = "sgd";
   if (params.size() != grads.size()) fail(op, "params and grads must have the same length");
+  if (!shadows.empty() && shadows.size() != grads.size()) fail(op, "shadows must be empty or one per tensor");
   if (!momentum_buffers.empty()) {
     if (momentum_buffers.size() != grads.size()) fail(op, "momentum_buffers and grads must have the same length");
     for (size_t i = 0; i < momentum_buffers.size(); ++i)
@@ -655,8 +674,12 @@ void sgd(const Ptrs& params, const Ptrs& grads, const Ptrs& momentum_buffers, co
   }
   SGDHyper h{lr, momentum, dampening, weight_decay, nesterov ? 1 : 0, first_step ? 1 : 0, maximize ? 1 : 0,
              reinterpret_cast<const float*>(lr_ptr), reinterpret_cast<const float*>(grad_scale)};
+  size_t first = 0;
   for_each_group(op, params, grads, momentum_buffers, Ptrs(), Ptrs(), numels, param_dtype, grad_dtype, chunk,
-                 [&](const MultiTensorArgs& a, int64_t) { check_cuda(sgd_launch(a, h, reinterpret_cast<void*>(stream)), op); });
+                 [&](const MultiTensorArgs& a, int64_t) {
+                   check_cuda(sgd_launch(with_shadows(op, a, shadows, shadow_dtype, first),
+                                         h, reinterpret_cast<void*>(stream)), op);
+                 });
 }
 
 // Every tensor (all of one dtype) multiplied in place by the device fp32 scalar at scale.

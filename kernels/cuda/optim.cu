@@ -64,6 +64,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const MultiTensorArgs a
   const float coupled_wd = h.decoupled ? 0.0f : wd;
   const float eps = static_cast<float>(h.eps);
   const float scale = (h.grad_scale ? *h.grad_scale : 1.0f) * (h.maximize ? -1.0f : 1.0f);
+  void* shadow = a.shadow[t];
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const float p0 = widen(p[i]);
     const float g = load_as<float>(a.grad[t], a.grad_dtype, i) * scale + coupled_wd * p0;
@@ -75,6 +76,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const MultiTensorArgs a
     p[i] = narrow<T>(pi);
     m[i] = narrow<T>(mi);
     v[i] = narrow<T>(vi);
+    if (shadow) store_from<float>(shadow, a.shadow_dtype, i, pi);
   }
 }
 
@@ -90,6 +92,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const MultiTensorArgs a, 
   const float mom = static_cast<float>(h.momentum);
   const float damp = static_cast<float>(h.dampening), wd = static_cast<float>(h.weight_decay);
   const float scale = (h.grad_scale ? *h.grad_scale : 1.0f) * (h.maximize ? -1.0f : 1.0f);
+  void* shadow = a.shadow[t];
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     const float pi = widen(p[i]);
     float g = load_as<float>(a.grad[t], a.grad_dtype, i) * scale + wd * pi;
@@ -99,6 +102,7 @@ __global__ void __launch_bounds__(kThreads) sgd_kernel(const MultiTensorArgs a, 
       g = h.nesterov ? g + mom * b : b;
     }
     p[i] = narrow<T>(pi - lr * g);
+    if (shadow) store_from<float>(shadow, a.shadow_dtype, i, pi - lr * g);
   }
 }
 

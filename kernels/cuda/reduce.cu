@@ -23,6 +23,9 @@
 // every run and the launch pair is graph-capturable.  Without a large enough
 // workspace the split shrinks (down to one launch), never the correctness.
 //
+// Contiguous row sums/means (fp32 accumulation, last dimension, 16-byte rows)
+// take row_sum_vec_kernel instead: a warp per row with 16-byte loads.
+//
 // Accumulation is fp32 for half and fp32 inputs, fp64 for fp64, int64 for
 // integer sums.  Lanes visit r in increasing order and ties combine towards
 // the lower index, so argmax/argmin return the first extremum (also across
@@ -278,6 +281,47 @@ __global__ void __launch_bounds__(kThreads) reduce_finish_kernel(const ReduceArg
   }
 }
 
+// Sum/mean over the last dimension of contiguous rows (bias-free row sums,
+// per-row losses): one warp per row reading 16-byte vectors, lanes summing
+// their vectors in order, then a butterfly over the warp; 8 rows per block.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) row_sum_vec_kernel(const ReduceArgs a) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t nvec = a.n_reduce / kVec;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < a.n_out;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const T*>(a.in) + row * a.kept_strides[0]);
+    float acc = 0.f;
+#pragma unroll 4
+    for (int64_t v = lane; v < nvec; v += 32) {
+      const uint4 raw = p[v];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) acc += widen(e[k]);
+    }
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) SumOp<float>::store(a, row, acc);
+  }
+}
+
+// Whether row_sum_vec_kernel<T> takes a: contiguous rows of a 16-byte multiple, 16-byte aligned.
+template <typename T>
+bool row_sum_vec_fits(const ReduceArgs& a) {
+  constexpr int64_t kVec = 16 / sizeof(T);
+  return a.inner && a.n_red == 1 && a.red_strides[0] == 1 && a.n_kept == 1 && a.n_reduce % kVec == 0 &&
+         a.kept_strides[0] % kVec == 0 && reinterpret_cast<uintptr_t>(a.in) % 16 == 0;
+}
+
+template <typename T>
+int launch_row_sum_vec(const ReduceArgs& a, cudaStream_t s) {
+  const int64_t cap = int64_t(1) << 20;
+  int64_t blocks = (a.n_out + kThreads / 32 - 1) / (kThreads / 32);
+  row_sum_vec_kernel<T><<<static_cast<unsigned>(blocks < cap ? blocks : cap), kThreads, 0, s>>>(a);
+  return cudaGetLastError();
+}
+
 // The smallest power of two >= v, but at most cap.
 int pow2_at_most(int64_t v, int cap) {
   int p = 1;
@@ -326,6 +370,12 @@ int launch(const ReduceArgs& a, cudaStream_t s) {
 template <typename C>
 int launch_sum(const ReduceArgs& a, cudaStream_t s) {
   if constexpr (std::is_same<C, float>::value) {
+    switch (a.in_dtype) {
+      case kF32: if (row_sum_vec_fits<float>(a)) return launch_row_sum_vec<float>(a, s); break;
+      case kBF16: if (row_sum_vec_fits<__nv_bfloat16>(a)) return launch_row_sum_vec<__nv_bfloat16>(a, s); break;
+      case kF16: if (row_sum_vec_fits<__half>(a)) return launch_row_sum_vec<__half>(a, s); break;
+      default: break;
+    }
     switch (a.in_dtype) {
       case kF32: return launch<SumOp<C>, C, float>(a, s);
       case kBF16: return launch<SumOp<C>, C, __nv_bfloat16>(a, s);

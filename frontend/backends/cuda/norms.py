@@ -1,5 +1,8 @@
-"""LayerNorm and RMSNorm forward and backward (kernels/cuda/norms.cu); the weight and
-bias gradients reduce in two fixed-order stages, no atomics.
+"""LayerNorm and RMSNorm forward and backward, plain and with the residual add fused
+in (ops/fused_norms.py): the CuTeDSL kernels (kernels/cute/norms.py) where a
+specialization takes the call (last-dimension norms of a specialized row length,
+float32 weight and bias), else the CUDA C++ kernels (kernels/cuda/norms.cu).
+Either way the weight and bias gradients reduce in two fixed-order stages, no atomics.
 """
 from ... import dtypes as dt
 from ...device import CUDA
@@ -16,10 +19,14 @@ def _param_ptr(p, stream):
     return _ptr(p), p._dtype.index, p  # the tensor is returned to keep a contiguous copy alive
 
 
-def _norm(x, nd, weight, bias, eps, rms):
+def _norm(x, nd, weight, bias, eps, rms, cute=True):
     dev = x._storage.device
     stream = _stream(dev.index)
     x = _contig(x, stream)
+    if cute and nd == 1:
+        done = _cute_forward(x, None, weight, bias, eps, rms, x._dtype)
+        if done is not None:
+            return done[0], done[2], done[3]
     shape = x._shape
     n = numel_of(shape[len(shape) - nd:])
     rows = numel_of(shape[:len(shape) - nd])
@@ -46,10 +53,14 @@ def rms_norm(x, nd, weight, eps):
     return y, rstd
 
 
-def _norm_backward(dy, x, weight, mean, rstd, nd, want_dweight, want_dbias, rms):
+def _norm_backward(dy, x, weight, mean, rstd, nd, want_dweight, want_dbias, rms, cute=True):
     dev = x._storage.device
     stream = _stream(dev.index)
     x = _contig(x, stream)
+    if cute and nd == 1 and want_dweight:
+        done = _cute_backward(_contig(dy, stream), None, x, weight, mean, rstd, rms, x._dtype, None, want_dbias)
+        if done is not None:
+            return done[0], done[2], done[3]
     dy = _contig(dy if dy._dtype is x._dtype else _cast_new(dy, x._dtype, stream), stream)
     if dy._shape != x._shape:
         raise ValueError(f"norm backward: dy shape {list(dy._shape)} differs from x shape {list(x._shape)}")
@@ -88,3 +99,124 @@ def rms_norm_backward(dy, x, nd, weight, rstd, want_dweight=True):
     """(dx, dweight) of rms_norm from its saved rstd (CUDA only)."""
     dx, dweight, _ = _norm_backward(dy, x, weight, None, rstd, nd, want_dweight and weight is not None, False, True)
     return dx, dweight
+
+
+# ---- fused residual add + norm (ops.add_layer_norm / add_rms_norm) -------------------------------
+# The CuTeDSL kernels (kernels/cute/norms.py) take contiguous rows whose length
+# has a specialization, float32 weight/bias and the dtype combinations listed
+# there; _C.cute_norm* return "" when they cannot take a call, and these
+# functions then compose the CUDA C++ kernels (an add, the norm, a cast).
+_CUTE_DTYPE = {dt.bfloat16: 1, dt.float32: 2}  # kNormBF16, kNormF32 of kernels/cuda/norm_cute_args.h
+_CTAS_PER_SM = 2
+_NUM_SMS = 132  # H100 SXM / H200; more CTAs than rows blocks only add zero partials
+_CUTE_THREADS = 128
+
+
+def _cute_ready(weight, bias, rms, *tensors):
+    if weight is None or weight._dtype is not dt.float32 or not weight.is_contiguous():
+        return False
+    if not rms and (bias is None or bias._dtype is not dt.float32 or not bias.is_contiguous()):
+        return False
+    return all(t is None or (t._dtype in _CUTE_DTYPE and t.is_contiguous()) for t in tensors)
+
+
+def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
+    """(y, new residual, mean or None, rstd) from the CuTeDSL kernel, or None when it cannot take the call."""
+    shape = x._shape
+    rows = numel_of(shape[:-1])
+    if not rows or out_dtype not in _CUTE_DTYPE or not _cute_ready(weight, bias, rms, x, residual):
+        return None
+    dev = x._storage.device
+    stream = _stream(dev.index)
+    s_dtype = dt.promote_types(x._dtype, residual._dtype) if residual is not None else x._dtype
+    stat_shape = shape[:-1] + (1,)
+    y = _empty(shape, out_dtype, dev, stream)
+    s = _empty(shape, s_dtype, dev, stream) if residual is not None else x
+    mean = None if rms else _empty(stat_shape, dt.float32, dev, stream)
+    rstd = _empty(stat_shape, dt.float32, dev, stream)
+    ran = _lib().cute_norm(_ptr(x), _ptr(residual) if residual is not None else 0,
+                           _ptr(s) if residual is not None else 0, _ptr(y), _ptr(weight), 0 if rms else _ptr(bias),
+                           0 if rms else _ptr(mean), _ptr(rstd), rows, shape[-1], _CUTE_DTYPE[x._dtype],
+                           _CUTE_DTYPE[residual._dtype] if residual is not None else 0, _CUTE_DTYPE[out_dtype], rms,
+                           float(eps), stream)
+    return (y, s, mean, rstd) if ran else None
+
+
+def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias):
+    """(dx, dresidual or None, dweight, dbias or None) from the CuTeDSL kernels, or None when they
+    cannot take the call.  dbias partials are computed for LayerNorm whether or not a bias exists."""
+    shape = s._shape
+    n = shape[-1]
+    rows = numel_of(shape[:-1])
+    two = res_dtype is not None and x_dtype is not res_dtype  # ds is written in both dtypes
+    if not rows or not _cute_ready(weight, None, True, s, dy, dres) or (dres is not None and dres._dtype is not s._dtype) \
+            or (two and x_dtype not in _CUTE_DTYPE) or (mean is not None and not mean.is_contiguous()) \
+            or not rstd.is_contiguous():
+        return None
+    dev = s._storage.device
+    stream = _stream(dev.index)
+    ds = _empty(shape, s._dtype, dev, stream)
+    dx2 = _empty(shape, x_dtype, dev, stream) if two else None
+    slots = _CUTE_THREADS // _threads_per_row(n, s._dtype, dy._dtype, x_dtype if two else None)
+    ctas = max(1, min(_CTAS_PER_SM * _NUM_SMS, -(-rows // slots)))
+    pw = _empty((ctas, n), dt.float32, dev, stream)
+    pb = None if rms else _empty((ctas, n), dt.float32, dev, stream)
+    ran = _lib().cute_norm_backward(_ptr(s), _ptr(dy), _ptr(dres) if dres is not None else 0, _ptr(ds),
+                                    _ptr(dx2) if two else 0, _ptr(weight), 0 if rms else _ptr(mean), _ptr(rstd),
+                                    _ptr(pw), 0 if rms else _ptr(pb), ctas, rows, n, _CUTE_DTYPE[s._dtype],
+                                    _CUTE_DTYPE[dy._dtype], _CUTE_DTYPE[x_dtype] if two else 0, rms, stream)
+    if not ran:
+        return None
+    dweight = _empty((n,), dt.float32, dev, stream)
+    dbias = None if rms else _empty((n,), dt.float32, dev, stream)
+    _lib().cute_norm_finish(_ptr(pw), 0 if rms else _ptr(pb), _ptr(dweight), 0 if rms else _ptr(dbias), ctas, n, rms,
+                            stream)
+    return (dx2 if two else ds), (None if res_dtype is None else ds), dweight, (dbias if want_dbias else None)
+
+
+@register("add_norm", CUDA)
+def add_norm(x, residual, weight, bias, eps, rms, out_dtype):
+    """(normed, new residual, mean or None, rstd) over the last dimension; see ops/fused_norms.py."""
+    done = _cute_forward(x, residual, weight, bias, eps, rms, out_dtype)
+    if done is not None:
+        return done
+    from ...ops import codes as C
+    from .pointwise import binary
+    s_dtype = dt.promote_types(x._dtype, residual._dtype) if residual is not None else x._dtype
+    s = binary(C.ADD, x, residual, _work_dtype(s_dtype), s_dtype) if residual is not None else x
+    y, mean, rstd = _norm(s, 1, weight, bias, eps, rms, cute=False)
+    return (y if y._dtype is out_dtype else _cast_new(y, out_dtype, _stream(x._storage.device.index))), s, mean, rstd
+
+
+@register("add_norm_backward", CUDA)
+def add_norm_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dweight, want_dbias):
+    """(dx, dresidual, dweight, dbias) of add_norm; dres (the new residual's gradient) may be None.
+
+    dresidual is None without a residual; dweight/dbias None when not wanted."""
+    if want_dweight:
+        done = _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias)
+        if done is not None:
+            return done
+    stream = _stream(s._storage.device.index)
+    ds, dweight, dbias = _norm_backward(dy, s, weight, mean, rstd, 1, want_dweight and weight is not None,
+                                        want_dbias and not rms, rms, cute=False)
+    if dres is not None:
+        from ...ops import codes as C
+        from .pointwise import binary
+        ds = binary(C.ADD, ds, dres, _work_dtype(ds._dtype), ds._dtype)
+    dx = ds if ds._dtype is x_dtype else _cast_new(ds, x_dtype, stream)
+    dresidual = None if res_dtype is None else (ds if ds._dtype is res_dtype else _cast_new(ds, res_dtype, stream))
+    return dx, dresidual, dweight, dbias
+
+
+def _work_dtype(dtype):
+    return dt.float64 if dtype is dt.float64 else dt.float32
+
+
+def _threads_per_row(n, *dtypes):
+    """Threads sharing a row in the CuTeDSL norms (row_tiling in kernels/cute/norms.py)."""
+    vec = 8 if any(d is not None and d.itemsize == 2 for d in dtypes) else 4
+    chunks, tpr = n // vec, 32
+    while tpr > 1 and chunks % tpr:
+        tpr //= 2
+    return tpr

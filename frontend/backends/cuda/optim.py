@@ -56,7 +56,8 @@ def _lr_args(lr, name, dev):
 
 @register("adamw_multi_tensor", CUDA)
 def adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
-                       maximize=False, grad_scale=None, decoupled=True, increment_step=False):
+                       maximize=False, grad_scale=None, decoupled=True, increment_step=False, shadows=None,
+                       shadow_dtype=None):
     """Adam(W) on every parameter in place, 48 tensors per launch (torch.optim.AdamW's update).
 
     lr: a float, or a one-element float32 CUDA tensor read on the device (a
@@ -69,6 +70,9 @@ def adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, e
     capturable path. decoupled: AdamW's decay p *= 1 - lr*wd (True) or Adam's
     g += wd*p (False). grad_scale: None or a one-element float32 CUDA tensor
     every gradient is multiplied by (the clipping coefficient of grad_norm_clip).
+    shadows: None, or per parameter None or a contiguous shadow_dtype (bfloat16/float16)
+    tensor of its shape that the kernel also writes the updated parameter into
+    (the low-precision copy autocast reads: optim/weight_shadows.py).
     """
     if not params:
         return
@@ -95,12 +99,35 @@ def adamw_multi_tensor(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, e
     lr, lr_ptr = _lr_args(lr, name, dev)
     _lib().adamw(pp, gp, mp, vp, numels, pdt.index, gdt.index, lr, lr_ptr, float(beta1), float(beta2), float(eps),
                  float(weight_decay), bool(decoupled), float(step), step_ptrs, bool(increment_step),
-                 _scalar_ptr(grad_scale, name, "grad_scale", dev), bool(maximize), _MT_CHUNK, _stream(dev.index))
+                 _scalar_ptr(grad_scale, name, "grad_scale", dev), bool(maximize), _MT_CHUNK, _stream(dev.index),
+                 *_shadow_args(name, params, shadows, shadow_dtype))
+
+
+def _shadow_args(name, params, shadows, shadow_dtype):
+    """(pointer per parameter, 0 for none; dtype index) of the low-precision copies to write."""
+    if shadows is None or all(s is None for s in shadows):
+        return [], 0
+    if len(shadows) != len(params):
+        raise ValueError(f"{name}: {len(shadows)} shadows for {len(params)} parameters")
+    if shadow_dtype not in (dt.bfloat16, dt.float16):
+        raise ValueError(f"{name}: shadow_dtype must be bfloat16 or float16, got {shadow_dtype}")
+    ptrs = []
+    for i, (p, s) in enumerate(zip(params, shadows)):
+        if s is None:
+            ptrs.append(0)
+            continue
+        if not _is_cuda(s) or not s.is_contiguous() or s._dtype is not shadow_dtype or s._shape != p._shape \
+                or s._storage.device != p._storage.device:
+            raise ValueError(f"{name}: shadow {i} must be a contiguous {shadow_dtype} CUDA tensor of shape "
+                             f"{list(p._shape)} on {p._storage.device}")
+        ptrs.append(_ptr(s))
+    return ptrs, shadow_dtype.index
 
 
 @register("sgd_multi_tensor", CUDA)
 def sgd_multi_tensor(params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                     nesterov=False, first_step=False, maximize=False, grad_scale=None):
+                     nesterov=False, first_step=False, maximize=False, grad_scale=None, shadows=None,
+                     shadow_dtype=None):
     """SGD (momentum, dampening, Nesterov, weight decay) on every parameter in place, as torch.optim.SGD.
 
     lr: a float, or a one-element float32 CUDA tensor read on the device.
@@ -120,7 +147,7 @@ def sgd_multi_tensor(params, grads, momentum_buffers, lr, momentum=0.0, dampenin
     lr, lr_ptr = _lr_args(lr, name, dev)
     _lib().sgd(pp, gp, bp, numels, pdt.index, gdt.index, lr, lr_ptr, float(momentum), float(dampening),
                float(weight_decay), bool(nesterov), bool(first_step), _scalar_ptr(grad_scale, name, "grad_scale", dev),
-               bool(maximize), _MT_CHUNK, _stream(dev.index))
+               bool(maximize), _MT_CHUNK, _stream(dev.index), *_shadow_args(name, params, shadows, shadow_dtype))
 
 
 @register("multi_tensor_scale", CUDA)

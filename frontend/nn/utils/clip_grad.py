@@ -6,11 +6,18 @@ fused path: grad_norm_clip (two launches: per-chunk partial sums, then one
 block that writes the norm and the clipping coefficient) and
 multi_tensor_scale (one launch per 48 gradients, reading the coefficient on the
 device). Other norms, error_if_nonfinite and everything else are composite.
+Optimizer.clip_grad_norm_ skips the scaling pass: the fused optimizers read the
+coefficient as their gradient scale.
 """
 from ... import dtypes as dt
 from ... import ops
 from ...tensor import Tensor
 from ...autograd import grad_mode
+from ...device import CUDA
+from ...dispatch import kernel
+
+_K_NORM_CLIP = kernel("grad_norm_clip")
+_K_SCALE = kernel("multi_tensor_scale")
 
 _FUSED_DTYPES = (dt.float32, dt.float16, dt.bfloat16)
 
@@ -28,18 +35,27 @@ def _fusable(grads):
     return all(g.device == g0.device and g.dtype is g0.dtype and g.is_contiguous() for g in grads)
 
 
+def fused_norm_and_coefficient(grads, max_norm, norm_type=2.0):
+    """(total 2-norm in the gradients' dtype, float32 clipping coefficient of one element), both on
+    the device, from grad_norm_clip's two launches; None where the fused kernel cannot take grads."""
+    if float(norm_type) != 2.0 or not grads or not _fusable(grads):
+        return None
+    norm_and_coef = _K_NORM_CLIP.impl[CUDA](grads, float(max_norm))
+    # computed in float32; returned in the gradients' dtype, as torch's total norm is
+    return norm_and_coef[0].to(grads[0].dtype), norm_and_coef[1:]
+
+
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     grads = _grads(parameters)
     if not grads:
         return ops.tensor(0.0)
     norm_type = float(norm_type)
     with grad_mode.no_grad():
-        if norm_type == 2.0 and not error_if_nonfinite and _fusable(grads):
-            from ...backends.cuda import grad_norm_clip, multi_tensor_scale
-            norm_and_coef = grad_norm_clip(grads, float(max_norm))
-            multi_tensor_scale(grads, norm_and_coef[1:])
-            # computed in float32; returned in the gradients' dtype, as torch's total norm is
-            return norm_and_coef[0].to(grads[0].dtype)
+        found = None if error_if_nonfinite else fused_norm_and_coefficient(grads, max_norm, norm_type)
+        if found is not None:
+            total, coef = found
+            _K_SCALE.impl[CUDA](grads, coef)
+            return total
         if norm_type == float("inf"):
             norms = [ops.amax(ops.abs(g)).to(grads[0].dtype) for g in grads]
             total = ops.amax(ops.stack(norms))
