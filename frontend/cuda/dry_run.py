@@ -11,10 +11,11 @@ Inside the block:
 - `cutegrad._C` is replaced by `RecordingKernels`: every attribute is a function
   that appends `(name, args, kwargs)` to `dry.calls` and returns None, so a kernel
   entry added to `_C` later is recorded without changing this module. Entries
-  whose callers use a result get one from `RETURNS` (gemm: a kernel name,
-  load_kernels: 0, gemm_specializations: []); `dry.kernels.returns(name, fn)`
-  adds one. Entries named `set_*` configure the module (the GEMM's workspace
-  allocator): they are accepted and not recorded, since they launch nothing.
+  whose callers use a result get one from `RETURNS` (gemm: a kernel name);
+  `dry.kernels.returns(name, fn)` adds one. Entries that launch nothing are
+  answered without being recorded: the queries in `QUERIES` (load_kernels,
+  gemm_specializations, attention_backward_workspace) and the `set_*` entries
+  that configure the module (the GEMM's workspace allocator).
 - the CUDA driver is `DryDriver` (cutegrad.cuda.dry_driver): no GPU is touched;
   copies and memsets queued on a stream are recorded in `dry.work`.
 - every device's caching allocator runs over `SimulatedMemory` (`dry.allocator(i)`),
@@ -36,11 +37,24 @@ from .dry_driver import DryDriver
 
 _device = sys.modules[current_device.__module__]  # the package's name `device` is the context manager
 
-# Results of the _C entries whose callers read one.
+def _attention_backward_workspace(batch, sq, hq, sk, head_dim, deterministic):
+    # kernels/cuda/attention_bwd_bindings.cpp's formula with kernels/cute/attention_bwd.py's
+    # 64-row query and 128-key blocks: sizes only shape the simulated allocations.
+    sq_pad = -(-sq // 64) * 64
+    parts = -(-sk // 128) if deterministic else 1
+    return batch * hq * sq_pad, parts * batch * hq * sq_pad * head_dim, parts
+
+
+# Results of the kernel entries whose callers read one (recorded like every launch).
 RETURNS = {
     "gemm": lambda *args, **kwargs: "dry_run",
+}
+# Entries that launch nothing and only answer a question (module loading, the kernel
+# table, workspace sizes): answered, never recorded, so launch counts stay launches.
+QUERIES = {
     "load_kernels": lambda *args, **kwargs: 0,
     "gemm_specializations": lambda *args, **kwargs: [],
+    "attention_backward_workspace": _attention_backward_workspace,
 }
 
 
@@ -61,9 +75,11 @@ class RecordingKernels:
             raise AttributeError(name)
         calls = self.calls
         answer = self._returns.get(name)
-        if name.startswith("set_"):
+        if name.startswith("set_") or name in QUERIES:
+            query = QUERIES.get(name, lambda *args, **kwargs: None)
+
             def record(*args, **kwargs):
-                return None
+                return query(*args, **kwargs)
         elif answer is None:
             def record(*args, **kwargs):
                 calls.append((name, args, kwargs))
