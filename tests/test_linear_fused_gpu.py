@@ -100,7 +100,7 @@ def test_heads_take_the_narrow_tensor_core_tiles():
         assert_close(d, want, cg.bfloat16, f"head N={n}", k=256)
 
 
-@pytest.mark.parametrize("precision,tol", [("highest", 2e-6), ("high", 1e-4), ("medium", 1e-2)])
+@pytest.mark.parametrize("precision,tol", [("highest", 2e-6), ("high", 4e-3), ("medium", 1e-2)])
 def test_float32_matmul_precision(precision, tol):
     rng = np.random.default_rng(1)
     a = cg.tensor(rng.standard_normal((300, 520)), dtype=cg.float32)
