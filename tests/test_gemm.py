@@ -181,8 +181,9 @@ def reference(a, b, epilogue, d_old=None, bias=None, aux=None, out_dtype="fp32")
 
 
 def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major, epilogue="none",
-             accumulate=False, align=8, path="auto", tile_n=0, split_k=0):
-    """Run one GEMM on fresh random data; returns (kernel name, max relative error).
+             accumulate=False, align=8, path="auto", tile_n=0, split_k=0, return_output=False):
+    """Run one GEMM on fresh random data; returns (kernel name, max relative error) and, with
+    return_output, D as well.
     D is poisoned with NaN (or holds the accumulate input) and its row padding
     with a sentinel that must survive; so is aux when the epilogue writes it."""
     a_val = quantize(rng.standard_normal((batch, m, k)), dtype)
@@ -232,7 +233,7 @@ def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major,
         assert not np.isnan(aux_out[:, :, :n]).any(), f"{name} left NaN in the stored pre-activation"
         pscale = max(np.abs(preact).max(initial=0.0), 1e-6)
         err = max(err, float(np.abs(aux_out[:, :, :n] - preact).max(initial=0.0) / pscale))
-    return name, err
+    return (name, err, out) if return_output else (name, err)
 
 
 # ---- tests ---------------------------------------------------------------------
@@ -347,6 +348,37 @@ def test_split_k(C, dev, epilogue, layout, accumulate, path):
     if path == "auto":
         assert "gemm_sm_90a" in name or _sm(dev) != 90, name
     assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
+
+
+# The data-parallel + split-K hybrid (kernels/cuda/module.cpp plan_split): gpt2-small's fc1 / fc2
+# weight-gradient shapes cut by rows / columns, and the forward / input-gradient layouts with the
+# epilogues whose bias / aux pointers the column / row cut moves.
+HYBRID_CASES = [((3072, 768, 8192), ("m", "n"), "none", False), ((768, 3072, 8192), ("m", "n"), "none", True),
+                ((768, 3072, 8192), ("k", "k"), "bias", False), ((3072, 768, 8192), ("k", "n"), "gelu_bwd", False)]
+
+
+@pytest.mark.parametrize("shape,layout,epilogue,accumulate", HYBRID_CASES, ids=str)
+@pytest.mark.gpu
+@needs_gpu
+def test_split_k_hybrid_is_right_and_deterministic(C, dev, shape, layout, epilogue, accumulate):
+    from cuda.bindings import driver as cu
+
+    if _sm(dev) != 90:
+        pytest.skip("the hybrid runs the tensor-core kernels (sm_90a)")
+    m, n, k = shape
+    sms = dev._check(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0))
+    plan = C.raw.gemm_split_plan(m, n, k, 1, sms, 8 if "k" in layout else 1)
+    if not (plan[0] or plan[1]):
+        pytest.skip(f"no hybrid for {shape} on {sms} SMs: plan {plan}")
+    outs = []
+    for _ in range(2):  # the same data twice: the fixed slice order gives the same bits
+        name, err, out = run_gemm(dev, C, np.random.default_rng(11), batch=1, m=m, n=n, k=k, dtype="bf16",
+                                  out_dtype="bf16", a_major=layout[0], b_major=layout[1], epilogue=epilogue,
+                                  accumulate=accumulate, return_output=True)
+        assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
+        outs.append(out)
+    assert name.count("gemm_sm_90a") == 2 and f"+splitk{plan[2]}:" in name, (name, plan)
+    assert np.array_equal(outs[0], outs[1]), f"{name}: two runs differ"
 
 
 NARROW_CASES = [(1, 1000, 10, 256, "none"), (1, 4096, 36, 128, "bias"), (2, 300, 64, 72, "bias"), (1, 129, 17, 40, "none")]
