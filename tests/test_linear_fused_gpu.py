@@ -116,6 +116,30 @@ def test_float32_matmul_precision(precision, tol):
     assert err < tol, f"{precision}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("name", ["linear", "mlp_gelu_residual"])
+def test_high_precision_linear_forward_and_backward_on_tf32(name):
+    """fp32 layers at "high": every GEMM (forward epilogues, the input gradient with its K-major
+    weight copy, the weight gradient with both operands copied) runs TF32: values and every
+    gradient within TF32 error of float64."""
+    rng = np.random.default_rng(3)
+    shape, fin, hid, fout = (6, 40, 264), 264, 520, 264
+    args = [leaf(rng, s, cg.float32, "cuda") for s in (shape, (hid, fin), (hid,), (fout, hid), (fout,), shape[:-1] + (fout,))]
+    ref = [as_f64_leaf(a) for a in args]
+    FNS[name](*ref).square().sum().backward()
+    cg.set_float32_matmul_precision("high")
+    try:
+        FNS[name](*args).square().sum().backward()
+    finally:
+        cg.set_float32_matmul_precision("highest")
+    for a, r in zip(args, ref):
+        if r.grad is None:
+            continue
+        got, want = f64(a.grad), r.grad.numpy()
+        assert not np.isnan(got).any()
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+        assert err < 1e-2, f"{name}: gradient of {tuple(a.shape)}: relative error {err:.2e}"
+
+
 def test_split_k_weight_gradient_workspace_comes_from_the_caching_allocator():
     """A weight gradient with few output tiles and a long K splits; its fp32 workspace is an
     allocator block (counted in the allocator's stats), and the result is right."""
