@@ -41,12 +41,14 @@ class Emulator:
 
     def __init__(self):
         self.calls = []
+        self.shapes = []  # (a_shape, a_strides) of each call
 
     def __call__(self, a, a_shape, a_strides, b, b_shape, b_strides, d, d_shape, d_strides, dtype, out_dtype,
                  epilogue, bias, aux, aux_strides, accumulate, stream, path, tile_n, split_k, device):
         assert isinstance(dtype, int) and isinstance(out_dtype, int) and isinstance(epilogue, int)
         name = EPI[epilogue]
         self.calls.append((name, accumulate, "tf32" if dtype == TF32 else ITEM[dtype].name, ITEM[out_dtype].name))
+        self.shapes.append((a_shape, a_strides))
         batch, m, k = a_shape
         assert b_shape[:2] == (batch, k) and d_shape == (batch, m, b_shape[2])
         n = b_shape[2]
@@ -97,6 +99,7 @@ def emulated(monkeypatch):
     monkeypatch.setattr(linalg, "_contig", lambda x, stream: x.contiguous())
     monkeypatch.setattr(linalg, "_fill", lambda out, value, stream: out._np.fill(value))
     monkeypatch.setattr(linalg, "_cast_new", lambda x, dtype, stream: x.to(dtype))
+    monkeypatch.setattr(linalg, "_copy_into", lambda dst, src, stream: dst.copy_(src))
     return emu
 
 
@@ -237,6 +240,29 @@ def test_high_precision_runs_every_linear_gemm_on_tf32(emulated):
     gw = _at_precision("high", linalg.linear_weight_grad, g, x, cg.float32, into)
     assert gw is into and emulated.calls == [("none", True, "tf32", "float32")]
     assert _rel_err(gw, want) < 4e-3
+
+
+@pytest.mark.parametrize("out_f,accumulate", [(10, False), (36, True), (7, False), (16, True)], ids=str)
+def test_narrow_head_weight_gradient_is_padded_for_the_tensor_cores(emulated, out_f, accumulate):
+    """dY with 10 / 36 / 7-wide rows (not 16-byte multiples): the GEMM sees dY^T padded to a
+    multiple of 8 rows (16 bytes of bf16) with aligned strides, its extra output rows are dropped
+    (they start as NaN here and must not leak), and an existing gradient is accumulated into."""
+    rng = np.random.default_rng(out_f)
+    rows = linalg._PAD_MIN_ROWS + 3
+    g, x = rand(rng, (rows, out_f), cg.bfloat16), rand(rng, (rows, 24), cg.bfloat16)
+    into = rand(rng, (out_f, 24), cg.float32) if accumulate else None
+    want = cpu_impl("linear_weight_grad")(g, x, cg.float32, into.clone() if accumulate else None)
+    got = linalg.linear_weight_grad(g, x, cg.float32, into)
+    (name, acc, _, _), = emulated.calls
+    assert acc is accumulate and (got is into) == accumulate
+    m_pad = -(-out_f // 8) * 8
+    assert emulated.shapes[-1][0] == (1, m_pad, rows), emulated.shapes[-1]
+    a_strides = emulated.shapes[-1][1]
+    assert a_strides[1] == 1 and a_strides[2] % 8 == 0, a_strides  # M-major, 16-byte aligned K stride
+    close(got, want, cg.float32)
+    small = linalg.linear_weight_grad(g[:100], x[:100], cg.float32, None)  # few rows: no padding
+    assert emulated.shapes[-1][0] == (1, out_f, 100)
+    close(small, cpu_impl("linear_weight_grad")(g[:100], x[:100], cg.float32, None), cg.float32)
 
 
 def test_k_major_copy_keeps_values_and_moves_k_innermost(emulated):

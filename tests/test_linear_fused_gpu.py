@@ -55,7 +55,8 @@ FNS = {
 }
 # (input shape, in, hidden/out, out of fc2): aligned, odd, narrow heads, 1-D input
 SHAPES = [((4, 64, 128), 128, 256, 128), ((3, 37, 40), 40, 72, 40), ((1000, 256), 256, 10, 10),
-          ((64, 64, 128), 128, 36, 36), ((7,), 7, 5, 7), ((513, 264), 264, 520, 264)]
+          ((64, 64, 128), 128, 36, 36), ((7,), 7, 5, 7), ((513, 264), 264, 520, 264),
+          ((2, 1030, 256), 256, 10, 10)]  # >= 1024 rows: the 10-wide head's weight gradient is padded
 
 
 @pytest.mark.parametrize("name", FNS)

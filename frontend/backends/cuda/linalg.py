@@ -21,14 +21,18 @@ from ...dispatch import register
 from ...ops.broadcast import broadcast_shapes
 from ...tensor import make, numel_of
 from .. import precision
-from .launch import (_GEMM_MAX_BATCH, _DeviceStorage, _allocator, _bstrides, _cast_new, _contig, _empty, _fill,
-                     _lib, _ptr, _stream)
+from .launch import (_GEMM_MAX_BATCH, _DeviceStorage, _allocator, _bstrides, _cast_new, _contig, _copy_into, _empty,
+                     _fill, _lib, _ptr, _stream)
 
 _CODE = {dt.bfloat16: DTYPES["bf16"], dt.float16: DTYPES["fp16"], dt.float32: DTYPES["fp32"]}
 _TF32 = DTYPES["tf32"]
 _NONE, _BIAS, _GELU_BWD = EPILOGUES["none"], EPILOGUES["bias"], EPILOGUES["gelu_bwd"]
 _RESIDUAL, _BIAS_RESIDUAL, _BIAS_GELU_AUX = EPILOGUES["residual"], EPILOGUES["bias_residual"], EPILOGUES["bias_gelu_aux"]
 _AUTO = 0
+# A weight gradient whose dY rows are not 16-byte multiples (classifier heads: 10 or 36 outputs)
+# is padded for the tensor-core path once it has at least this many rows (below, the SIMT GEMM is
+# about as fast as the two extra copies).
+_PAD_MIN_ROWS = 1024
 _gemm_fn = None
 
 
@@ -245,6 +249,25 @@ def linear_input_grad(g, weight, preact):
     return out
 
 
+def _padded_head(g, out, accumulate, stream):
+    """(g', d) for a weight gradient whose dY (rows, out_features) has rows that are not 16-byte
+    multiples (a 10- or 36-wide head), which TMA cannot read as the M-major A = dY^T: g' is dY
+    copied into rows padded to 16 bytes and d an output with as many rows (holding `out` when
+    accumulating).  The padding columns are never written: they only feed the rows of d past
+    out_features, which are dropped.  Returns (g, out) unchanged when no padding is needed."""
+    rows, out_f = g._shape
+    per16 = 16 // g._dtype.itemsize
+    if g._strides[1] == 1 and g._strides[0] % per16 == 0 and out_f % per16 == 0:
+        return g, out
+    m_pad = -(-out_f // per16) * per16
+    padded = _empty((rows, m_pad), g._dtype, g._storage.device, stream)
+    _copy_into(make(padded._storage, g._shape, padded._strides, 0, g._dtype), g, stream)
+    d = _empty((m_pad, out._shape[1]), out._dtype, out._storage.device, stream)
+    if accumulate:
+        _copy_into(make(d._storage, out._shape, d._strides, 0, d._dtype), out, stream)
+    return padded, d
+
+
 @register("linear_weight_grad", CUDA)
 def linear_weight_grad(g, x, out_dtype, into):
     """g^T x over all rows: (out_features, in_features) in out_dtype, no transposed copies (except
@@ -266,10 +289,17 @@ def linear_weight_grad(g, x, out_dtype, into):
     g = make(g._storage, (rows, out_f), (g_ld, 1), g._offset, g._dtype)
     x = make(x._storage, (rows, in_f), (x_ld, 1), x._offset, x._dtype)
     g, x, in_code = _operands(g, x, 0, 0, stream)  # K runs along the rows of both
+    d = out
+    if in_code != _TF32 and g._dtype.itemsize == 2 and rows >= _PAD_MIN_ROWS and (x._strides[0] * 2) % 16 == 0 \
+            and (in_f * 2) % 16 == 0:  # (otherwise X keeps this GEMM off the tensor cores anyway)
+        g, d = _padded_head(g, out, accumulate, stream)
+    m_pad = g._shape[1]
     (g_sr, g_sc), (x_sr, x_sc) = g._strides, x._strides
-    _gemm()(_ptr(g), (1, out_f, rows), (0, g_sc, g_sr), _ptr(x), (1, rows, in_f), (0, x_sr, x_sc), _ptr(out),
-            (1, out_f, in_f), (out_f * in_f, out._strides[0], 1), in_code, _CODE[out._dtype], _NONE, 0, 0, None,
+    _gemm()(_ptr(g), (1, m_pad, rows), (0, g_sc, g_sr), _ptr(x), (1, rows, in_f), (0, x_sr, x_sc), _ptr(d),
+            (1, m_pad, in_f), (m_pad * in_f, d._strides[0], 1), in_code, _CODE[out._dtype], _NONE, 0, 0, None,
             accumulate, stream, _AUTO, 0, 0, dev.index)
+    if d is not out:
+        _copy_into(out, make(d._storage, out._shape, d._strides, d._offset, d._dtype), stream)
     if accumulate:
         out._storage.version += 1
     return out
