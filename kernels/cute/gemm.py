@@ -60,8 +60,10 @@ TF32
 ----
 The "high" float32 matmul precision multiplies fp32 operands on TF32 tensor
 cores (``wgmma.mma_async.m64nNk8.f32.tf32.tf32``, SASS ``HGMMA.64xNx8.F32.TF32``).
-TMA brings the fp32 bits into shared memory unchanged and the MMA reads them
-as TF32 (the low 13 mantissa bits do not take part).  A pipeline stage holds
+The operand tensors are typed TFloat32 (fp32 in memory; the TMA descriptors
+carry the tfloat32 data type) and the MMA reads them as TF32: 10 of the 23
+mantissa bits take part (whether they are rounded or truncated is for the GPU
+run to show; the tests bound the error by 2^-9 relative either way).  A pipeline stage holds
 32 K values (128 bytes per row, one 128-byte swizzle atom), so a stage moves
 as many bytes as a 16-bit stage of 64.  CuTeDSL 4.8.1 has no public TF32
 warpgroup op (``cute.nvgpu.warpgroup.MmaF16BF16Op`` checks for 16-bit types,
