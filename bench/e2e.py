@@ -25,7 +25,7 @@ Modes (MODES):
 - torch-eager-fp32 / -bf16: the same step in PyTorch (torch.autocast for
   bf16). AdamW is `fused=True`, PyTorch's fastest built-in AdamW (cutegrad's
   is a fused multi-tensor kernel too); SGD is PyTorch's default (foreach).
-  TF32 is off for fp32 matmuls (PyTorch's default; cutegrad has no TF32 path).
+  TF32 is off for fp32 matmuls (the default of both: cutegrad runs TF32 only at "high").
 - torch-compile-bf16: the forward and loss through `torch.compile` (default
   mode); backward, clipping and the fused optimizer step as in eager.
 - cutegrad-compile-bf16: `cutegrad.compile(model)`, as a torch user writes

@@ -9,10 +9,10 @@ DESIGN.md, plus 4096^3 and 8192^3, bf16.  The classifier heads (N = 10 and
 Linear really has (no transposes) for both libraries.  Extra rows (not in the
 geomean): the MLP's first Linear with the bias+GELU epilogue fused (and with
 the pre-activation stored for the backward), against torch.addmm + gelu; and
-fp32 GEMMs: full fp32 against cuBLAS fp32 (TF32 off), and the "high" (three
-bf16 products of the hi/lo split) and "medium" (operands rounded to bf16)
-float32 matmul precisions, tensor cores with fp32 output, against cuBLAS TF32
-(the DSL we build with has no TF32 warpgroup MMA); and the host time of one
+fp32 GEMMs: full fp32 against cuBLAS fp32 (TF32 off), and the "high" (TF32
+wgmma; in the weight-gradient layout with the two K-major operand copies the
+backend makes) and "medium" (operands rounded to bf16) float32 matmul
+precisions, tensor cores with fp32 output, against cuBLAS TF32; and the host time of one
 `_C.gemm` call against torch.matmul's.  Timing: CUDA events
 around a batch of launches, median over reps; small problems rotate through
 enough input copies to defeat the L2 cache.  Writes
@@ -88,43 +88,44 @@ def time_ms(torch, fn, sets, reps):
 
 
 FP32_CASES = [("reverse.head.fwd", 64 * 64, 36, 128), ("vit.head.fwd", 256 * 80, 10, 256),
-              ("vit.fc1.fwd", 256 * 80, 1024, 256), ("minigpt.fc2.fwd", 64 * 128, 256, 1024), ("square.4096", 4096, 4096, 4096)]
+              ("vit.fc1.fwd", 256 * 80, 1024, 256), ("minigpt.fc2.fwd", 64 * 128, 256, 1024), ("square.4096", 4096, 4096, 4096),
+              ("gpt2-small.fc1.wgrad", 3072, 768, 8 * 1024)]
 
 
 def fp32_rows(torch, gemm, stream, args):
-    """fp32 GEMMs (forward layout): full fp32 vs cuBLAS with TF32 off; the "high" (bf16 hi/lo
-    split, three products) and "medium" (bf16-rounded operands) paths on tensor cores with fp32
-    output, their cast kernels included, vs cuBLAS TF32."""
+    """fp32 GEMMs (forward layout; the wgrad case in the weight-gradient layout): full fp32 vs
+    cuBLAS with TF32 off; the "high" (TF32 wgmma; MN-major operands copied K-major first, as the
+    backend does) and "medium" (bf16-rounded operands) paths on tensor cores with fp32 output,
+    their copy / cast kernels included, vs cuBLAS TF32."""
     rows = []
     for name, m, n, k in FP32_CASES:
         for mode in ("highest", "high", "medium"):
             label = f"fp32-{mode}.{name}"
             if args.only and args.only not in label:
                 continue
-            a, b = make_operands(torch, m, n, k, "k", "k", torch.float32)
+            wgrad = name.endswith(".wgrad")
+            a, b = make_operands(torch, m, n, k, "m" if wgrad else "k", "n" if wgrad else "k", torch.float32)
             d = torch.empty(m, n, device="cuda", dtype=torch.float32)
-            a16, b16 = torch.empty_like(a, dtype=torch.bfloat16), torch.empty(n, k, device="cuda", dtype=torch.bfloat16).t()
+            a16, b16 = torch.empty(m, k, device="cuda", dtype=torch.bfloat16), torch.empty(n, k, device="cuda", dtype=torch.bfloat16).t()
+            a_k, b_k = torch.empty(m, k, device="cuda"), torch.empty(n, k, device="cuda").t()  # K-major copies
 
-            a_lo, b_lo = torch.empty_like(a16), torch.empty_like(b16)
-
-            def one(x, y, dn, acc, m=m, n=n, k=k, d=d):
+            def one(x, y, dn, m=m, n=n, k=k, d=d):
                 return gemm(x.data_ptr(), (1, m, k), (0, x.stride(0), x.stride(1)), y.data_ptr(), (1, k, n),
                             (0, y.stride(0), y.stride(1)), d.data_ptr(), (1, m, n), (0, d.stride(0), 1),
-                            dn, "fp32", accumulate=acc, stream=stream)
+                            dn, "fp32", stream=stream)
 
-            def ours_call(mode=mode, a=a, b=b, a16=a16, b16=b16, a_lo=a_lo, b_lo=b_lo):
+            def ours_call(mode=mode, a=a, b=b, a16=a16, b16=b16, a_k=a_k, b_k=b_k, wgrad=wgrad):
                 if mode == "highest":
-                    return one(a, b, "fp32", False)
-                a16.copy_(a)
-                b16.copy_(b)
+                    return one(a, b, "fp32")
                 if mode == "medium":
-                    return one(a16, b16, "bf16", False)
-                # "high": x = hi + lo in bfloat16, three products (the backend's split, same kernel count)
-                torch.sub(a, a16, out=a_lo)
-                torch.sub(b, b16, out=b_lo)
-                one(a_lo, b16, "bf16", False)
-                one(a16, b_lo, "bf16", True)
-                return one(a16, b16, "bf16", True)
+                    a16.copy_(a)
+                    b16.copy_(b)
+                    return one(a16, b16, "bf16")
+                if wgrad:  # TF32 reads both operands K-major: the backend copies them first
+                    a_k.copy_(a)
+                    b_k.copy_(b)
+                    return one(a_k, b_k, "tf32")
+                return one(a, b, "tf32")
 
             def theirs_call(a=a, b=b, d=d):
                 torch.matmul(a, b, out=d)
@@ -132,7 +133,7 @@ def fp32_rows(torch, gemm, stream, args):
             kernel = ours_call()
             ref = torch.matmul(a.double(), b.double())
             err = ((d.double() - ref).abs().max() / ref.abs().max()).item()
-            if not err < {"highest": 1e-5, "high": 1e-4, "medium": 1e-2}[mode]:
+            if not err < {"highest": 1e-5, "high": 4e-3, "medium": 1e-2}[mode]:
                 raise SystemExit(f"{label}: cutegrad result wrong (relative error {err:.2e})")
             flops = 2.0 * m * n * k
             ours = flops / time_ms(torch, lambda: ours_call(), [()], args.reps) / 1e9

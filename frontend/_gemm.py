@@ -11,7 +11,8 @@ in kernels/cuda/gemm_args.h.  `gemm()` here accepts the names, for tests,
 benchmarks and interactive use.
 """
 
-DTYPES = {"bf16": 0, "fp16": 1, "fp32": 2}
+# "tf32": fp32 operands that may run on TF32 tensor cores (an operand dtype only).
+DTYPES = {"bf16": 0, "fp16": 1, "fp32": 2, "tf32": 3}
 EPILOGUES = {"none": 0, "bias": 1, "gelu": 2, "bias_gelu": 3, "gelu_bwd": 4, "residual": 5, "bias_residual": 6,
              "bias_gelu_aux": 7}
 PATHS = {"auto": 0, "tensor_core": 1, "simt": 2}

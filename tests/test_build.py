@@ -108,6 +108,20 @@ def test_narrow_gemm_tiles_store_d_without_tma():
 
 
 @needs_build
+def test_tf32_gemm_specializations_issue_tf32_wgmma():
+    """fp32 operands at the "high" precision: every tf32 specialization's tensor-core instructions
+    are HGMMA ... F32.TF32 with K = 8 (no bf16/fp16 HGMMA, no FFMA mainloop in their place)."""
+    manifest = json.load(open(MANIFEST))
+    objects = [o for o in manifest["objects"] if "gemm_sm_90a_tf32_" in os.path.basename(o)]
+    assert len(objects) == 9, objects
+    for name, listing in sass_listings(objects):
+        hgmma = set(re.findall(r"HGMMA\.(\d+)x(\d+)x(\d+)\.F32\.(\w+)", listing))
+        assert hgmma, f"{name}: no HGMMA"
+        tile_n = re.search(r"_128x(\d+)_", name).group(1)
+        assert hgmma == {("64", tile_n, "8", "TF32")}, f"{name}: {hgmma}"
+
+
+@needs_build
 def test_cuda_cpp_kernels_in_extension_use_no_local_memory():
     from cutegrad import _C
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOLERANCE = {"bf16": 1e-2, "fp16": 5e-3, "fp32": 1e-3}
+TOLERANCE = {"bf16": 1e-2, "fp16": 5e-3, "fp32": 1e-3, "tf32": 1e-3}
 GELU_K0 = math.sqrt(2.0 / math.pi)
 GELU_K1 = 0.044715
 
@@ -30,8 +30,8 @@ def gemm_kernel_module():
 # ---- dtype encodings (bf16 kept as raw uint16 bits) -------------------------
 
 def encode(values, dtype):
-    """float64 array -> storage array of the given dtype."""
-    if dtype == "fp32":
+    """float64 array -> storage array of the given dtype (tf32: fp32 storage)."""
+    if dtype in ("fp32", "tf32"):
         return values.astype(np.float32)
     if dtype == "fp16":
         return values.astype(np.float16)
@@ -46,7 +46,17 @@ def decode(storage, dtype):
     return storage.astype(np.float64)
 
 
+def tf32_truncate(values):
+    """fp32 values with the low 13 mantissa bits cleared: exactly representable in TF32."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32) & np.uint32(0xFFFFE000)
+    return bits.view(np.float32).astype(np.float64)
+
+
 def quantize(values, dtype):
+    """values rounded to what dtype holds (tf32: test data exact in TF32, so a TF32 kernel's
+    products are exact and only its accumulation order differs from the reference)."""
+    if dtype == "tf32":
+        return tf32_truncate(values)
     return decode(encode(values, dtype), dtype)
 
 
@@ -171,8 +181,9 @@ def reference(a, b, epilogue, d_old=None, bias=None, aux=None, out_dtype="fp32")
 
 
 def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major, epilogue="none",
-             accumulate=False, align=8, path="auto", tile_n=0, split_k=0):
-    """Run one GEMM on fresh random data; returns (kernel name, max relative error).
+             accumulate=False, align=8, path="auto", tile_n=0, split_k=0, return_output=False):
+    """Run one GEMM on fresh random data; returns (kernel name, max relative error) and, with
+    return_output, D as well.
     D is poisoned with NaN (or holds the accumulate input) and its row padding
     with a sentinel that must survive; so is aux when the epilogue writes it."""
     a_val = quantize(rng.standard_normal((batch, m, k)), dtype)
@@ -222,7 +233,7 @@ def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major,
         assert not np.isnan(aux_out[:, :, :n]).any(), f"{name} left NaN in the stored pre-activation"
         pscale = max(np.abs(preact).max(initial=0.0), 1e-6)
         err = max(err, float(np.abs(aux_out[:, :, :n] - preact).max(initial=0.0) / pscale))
-    return name, err
+    return (name, err, out) if return_output else (name, err)
 
 
 # ---- tests ---------------------------------------------------------------------
@@ -339,6 +350,37 @@ def test_split_k(C, dev, epilogue, layout, accumulate, path):
     assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
 
 
+# The data-parallel + split-K hybrid (kernels/cuda/module.cpp plan_split): gpt2-small's fc1 / fc2
+# weight-gradient shapes cut by rows / columns, and the forward / input-gradient layouts with the
+# epilogues whose bias / aux pointers the column / row cut moves.
+HYBRID_CASES = [((3072, 768, 8192), ("m", "n"), "none", False), ((768, 3072, 8192), ("m", "n"), "none", True),
+                ((768, 3072, 8192), ("k", "k"), "bias", False), ((3072, 768, 8192), ("k", "n"), "gelu_bwd", False)]
+
+
+@pytest.mark.parametrize("shape,layout,epilogue,accumulate", HYBRID_CASES, ids=str)
+@pytest.mark.gpu
+@needs_gpu
+def test_split_k_hybrid_is_right_and_deterministic(C, dev, shape, layout, epilogue, accumulate):
+    from cuda.bindings import driver as cu
+
+    if _sm(dev) != 90:
+        pytest.skip("the hybrid runs the tensor-core kernels (sm_90a)")
+    m, n, k = shape
+    sms = dev._check(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, 0))
+    plan = C.raw.gemm_split_plan(m, n, k, 1, sms, 8 if "k" in layout else 1)
+    if not (plan[0] or plan[1]):
+        pytest.skip(f"no hybrid for {shape} on {sms} SMs: plan {plan}")
+    outs = []
+    for _ in range(2):  # the same data twice: the fixed slice order gives the same bits
+        name, err, out = run_gemm(dev, C, np.random.default_rng(11), batch=1, m=m, n=n, k=k, dtype="bf16",
+                                  out_dtype="bf16", a_major=layout[0], b_major=layout[1], epilogue=epilogue,
+                                  accumulate=accumulate, return_output=True)
+        assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
+        outs.append(out)
+    assert name.count("gemm_sm_90a") == 2 and f"+splitk{plan[2]}:" in name, (name, plan)
+    assert np.array_equal(outs[0], outs[1]), f"{name}: two runs differ"
+
+
 NARROW_CASES = [(1, 1000, 10, 256, "none"), (1, 4096, 36, 128, "bias"), (2, 300, 64, 72, "bias"), (1, 129, 17, 40, "none")]
 
 
@@ -417,10 +459,14 @@ def test_bad_shapes_and_options_raise(C):
 
 def test_integer_codes_are_validated_by_the_native_entry(C):
     """_C.gemm itself takes integer codes; out-of-range ones raise before anything runs."""
-    with pytest.raises(TypeError, match="unsupported dtype code 3"):
-        _call(C, dtype=3)
+    with pytest.raises(TypeError, match="unsupported dtype code 4"):
+        _call(C, dtype=4)
     with pytest.raises(TypeError, match="unsupported out_dtype code -1"):
         _call(C, out_dtype=-1)
+    with pytest.raises(TypeError, match="unsupported out_dtype code 3"):  # tf32 is an operand dtype only
+        _call(C, dtype=3, out_dtype=3)
+    with pytest.raises(ValueError, match="tf32 operands need out_dtype fp32"):
+        _call(C, dtype=3, out_dtype=0)
     with pytest.raises(ValueError, match="unknown epilogue code 8"):
         _call(C, epilogue=8)
     with pytest.raises(ValueError, match="path code must be"):
@@ -454,6 +500,29 @@ def test_split_k_option_is_validated(C):
         _call(C, split_k=3)
     with pytest.raises(ValueError, match="split_k must be"):
         _call(C, split_k=-1)
+
+
+@pytest.mark.parametrize("m,n,k", [(300, 264, 520), (129, 136, 1000), (4096, 4096, 4096)], ids=str)
+@pytest.mark.gpu
+@needs_gpu
+def test_tf32_products_of_full_fp32_data(C, dev, m, n, k):
+    """fp32 data that TF32 cannot hold exactly: the TF32 kernel runs (its name says so) and its
+    error is that of 10-bit operands (above fp32's, below bf16's)."""
+    if _sm(dev) != 90:
+        pytest.skip("the TF32 kernels are built for sm_90a")
+    rng = np.random.default_rng(m + n + k)
+    a_val, b_val = rng.standard_normal((1, m, k)).astype(np.float32), rng.standard_normal((1, k, n)).astype(np.float32)
+    pa, pb = dev.upload(np.ascontiguousarray(a_val)), dev.upload(np.ascontiguousarray(b_val.transpose(0, 2, 1)))
+    d_host = np.full((m, n), np.nan, dtype=np.float32)
+    pd = dev.upload(d_host)
+    name = C.gemm(pa, (1, m, k), (m * k, k, 1), pb, (1, k, n), (n * k, 1, k), pd, (1, m, n), (m * n, n, 1),
+                  "tf32", "fp32", split_k=1)
+    out = dev.download(pd, d_host).astype(np.float64)
+    dev.free_all()
+    assert "_tf32_fp32_ak_bk_" in name, name
+    want = a_val[0].astype(np.float64) @ b_val[0].astype(np.float64)
+    err = np.abs(out - want).max() / np.abs(want).max()
+    assert 1e-6 < err < 4e-3, f"{name}: relative error {err:.2e}"
 
 
 def test_extension_holds_every_specialization(C):

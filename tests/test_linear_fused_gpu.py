@@ -55,7 +55,8 @@ FNS = {
 }
 # (input shape, in, hidden/out, out of fc2): aligned, odd, narrow heads, 1-D input
 SHAPES = [((4, 64, 128), 128, 256, 128), ((3, 37, 40), 40, 72, 40), ((1000, 256), 256, 10, 10),
-          ((64, 64, 128), 128, 36, 36), ((7,), 7, 5, 7), ((513, 264), 264, 520, 264)]
+          ((64, 64, 128), 128, 36, 36), ((7,), 7, 5, 7), ((513, 264), 264, 520, 264),
+          ((2, 1030, 256), 256, 10, 10)]  # >= 1024 rows: the 10-wide head's weight gradient is padded
 
 
 @pytest.mark.parametrize("name", FNS)
@@ -100,7 +101,7 @@ def test_heads_take_the_narrow_tensor_core_tiles():
         assert_close(d, want, cg.bfloat16, f"head N={n}", k=256)
 
 
-@pytest.mark.parametrize("precision,tol", [("highest", 2e-6), ("high", 1e-4), ("medium", 1e-2)])
+@pytest.mark.parametrize("precision,tol", [("highest", 2e-6), ("high", 4e-3), ("medium", 1e-2)])
 def test_float32_matmul_precision(precision, tol):
     rng = np.random.default_rng(1)
     a = cg.tensor(rng.standard_normal((300, 520)), dtype=cg.float32)
@@ -114,6 +115,30 @@ def test_float32_matmul_precision(precision, tol):
     assert got.dtype is cg.float32
     err = np.abs(f64(got) - want).max() / np.abs(want).max()
     assert err < tol, f"{precision}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp_gelu_residual"])
+def test_high_precision_linear_forward_and_backward_on_tf32(name):
+    """fp32 layers at "high": every GEMM (forward epilogues, the input gradient with its K-major
+    weight copy, the weight gradient with both operands copied) runs TF32: values and every
+    gradient within TF32 error of float64."""
+    rng = np.random.default_rng(3)
+    shape, fin, hid, fout = (6, 40, 264), 264, 520, 264
+    args = [leaf(rng, s, cg.float32, "cuda") for s in (shape, (hid, fin), (hid,), (fout, hid), (fout,), shape[:-1] + (fout,))]
+    ref = [as_f64_leaf(a) for a in args]
+    FNS[name](*ref).square().sum().backward()
+    cg.set_float32_matmul_precision("high")
+    try:
+        FNS[name](*args).square().sum().backward()
+    finally:
+        cg.set_float32_matmul_precision("highest")
+    for a, r in zip(args, ref):
+        if r.grad is None:
+            continue
+        got, want = f64(a.grad), r.grad.numpy()
+        assert not np.isnan(got).any()
+        err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+        assert err < 1e-2, f"{name}: gradient of {tuple(a.shape)}: relative error {err:.2e}"
 
 
 def test_split_k_weight_gradient_workspace_comes_from_the_caching_allocator():

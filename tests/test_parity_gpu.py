@@ -7,7 +7,7 @@ gradient clipping and warmup + cosine schedule; PyTorch starts from cutegrad's i
 weights (bench/torch_models.py, through safetensors) and sees the same batches.
 
 - fp32: losses within 1e-3 relative at every step, TF32 off on the PyTorch side
-  (cutegrad has no TF32 path, so both do full float32 matmuls).
+  (cutegrad at its default "highest" precision, so both do full float32 matmuls).
 - bf16: `cutegrad.autocast("cuda", dtype=cutegrad.bfloat16)` against
   `torch.autocast("cuda", dtype=torch.bfloat16)`, float32 weights in both: within 2e-2.
 - graphed: the step `cutegrad.train.make_step` builds, captured with

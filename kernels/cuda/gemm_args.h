@@ -13,7 +13,9 @@
 
 namespace cutegrad {
 
-enum class DType : int { bf16 = 0, fp16 = 1, fp32 = 2 };
+// tf32: fp32 operands in memory that may be multiplied on TF32 tensor cores (the "high"
+// float32 matmul precision); the SIMT fallback treats them as fp32.  Never an output dtype.
+enum class DType : int { bf16 = 0, fp16 = 1, fp32 = 2, tf32 = 3 };
 // The integers are the Python boundary's codes too (cutegrad._gemm.EPILOGUES).
 // residual / bias_residual add aux[m, n] last; bias_gelu_aux writes the
 // pre-activation (A @ B + bias, rounded to the output dtype) to aux and

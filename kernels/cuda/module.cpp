@@ -24,6 +24,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <mutex>
@@ -50,11 +51,12 @@ const char* dtype_name(DType d) {
     case DType::bf16: return "bf16";
     case DType::fp16: return "fp16";
     case DType::fp32: return "fp32";
+    case DType::tf32: return "tf32";
   }
   return "?";
 }
 
-int dtype_bytes(DType d) { return d == DType::fp32 ? 4 : 2; }
+int dtype_bytes(DType d) { return d == DType::fp32 || d == DType::tf32 ? 4 : 2; }
 
 const char* epilogue_name(Epilogue e) {
   switch (e) {
@@ -72,10 +74,11 @@ const char* epilogue_name(Epilogue e) {
 
 [[noreturn]] void fail(const std::string& msg) { throw nb::value_error(("gemm: " + msg).c_str()); }
 
-DType to_dtype(int code, const char* what) {
-  if (code < 0 || code > 2)
+DType to_dtype(int code, const char* what, bool tf32_allowed) {
+  if (code < 0 || code > (tf32_allowed ? 3 : 2))
     throw nb::type_error((std::string("gemm: unsupported ") + what + " code " + std::to_string(code) +
-                          " (expected 0 = bf16, 1 = fp16, 2 = fp32)").c_str());
+                          (tf32_allowed ? " (expected 0 = bf16, 1 = fp16, 2 = fp32, 3 = tf32)"
+                                        : " (expected 0 = bf16, 1 = fp16, 2 = fp32)")).c_str());
   return static_cast<DType>(code);
 }
 
@@ -185,7 +188,7 @@ int tile_slot(int tile_n) {
 
 int table_index(int sm_slot, DType in, DType out, char a_major, char b_major, int tile_n, Epilogue e, bool acc) {
   int i = sm_slot;
-  i = i * 3 + static_cast<int>(in);
+  i = i * 4 + static_cast<int>(in);
   i = i * 3 + static_cast<int>(out);
   i = i * 2 + (a_major == 'm');
   i = i * 2 + (b_major == 'n');
@@ -193,7 +196,7 @@ int table_index(int sm_slot, DType in, DType out, char a_major, char b_major, in
   i = i * kNumEpilogues + static_cast<int>(e);
   return i * 2 + acc;
 }
-constexpr int kTableSize = 1 * 3 * 3 * 2 * 2 * kTileSlots * kNumEpilogues * 2;
+constexpr int kTableSize = 1 * 4 * 3 * 2 * 2 * kTileSlots * kNumEpilogues * 2;
 
 const std::array<const GemmKernelEntry*, kTableSize>& kernel_table() {
   static const std::array<const GemmKernelEntry*, kTableSize> table = [] {
@@ -220,7 +223,7 @@ enum class NoTensorCore {
 const char* reason_text(NoTensorCore r) {
   switch (r) {
     case NoTensorCore::none: return "";
-    case NoTensorCore::fp32_inputs: return "fp32 inputs have no tensor-core specialization";
+    case NoTensorCore::fp32_inputs: return "fp32 inputs run on tensor cores only as tf32 (the \"high\" precision)";
     case NoTensorCore::arch: return "the tensor-core GEMM is built for sm_90a only";
     case NoTensorCore::alignment: return "A, B and D must be 16-byte aligned";
     case NoTensorCore::bias_alignment: return "bias must be 16-byte aligned";
@@ -257,30 +260,64 @@ int choose_tile_n(const GemmArgs& g, int num_sms) {
   return cost256 < cost128 ? 256 : 128;
 }
 
-// Split-K: when the output has too few tiles to fill the SMs (weight
-// gradients: small M x N, long K), run S K-slices as a batched GEMM into an
-// fp32 workspace and reduce.  Cost model in units of one 128x128 tile doing
-// one K step on one SM (~6.1 ns on an H100, measured): waves * K/S plus the
-// reduction's memory traffic and two extra launches.  Split only for a clear
-// (> 15%) gain, and only into slices that divide K (and are multiples of 64
-// for the tensor-core path).
-int choose_split(const GemmArgs& g, int num_sms, bool tensor_core) {
-  if (g.batch != 1 || g.k < 256) return 1;
+// Split plan for outputs with too few tiles to fill the SMs (weight gradients: small M x N,
+// long K).  A pure function of the shape (tests call it through _C.gemm_split_plan):
+//   * splits S > 1: the rows from dp_rows on run as S equal K-slices, a batch of fp32 partial
+//     products in a workspace, summed in slice order 0..S-1 by one reduction kernel that also
+//     applies the epilogue (deterministic: no atomics, the order never depends on timing);
+//   * dp_rows (or dp_cols) > 0 with S > 1 (the wave tail): the first dp_rows rows (dp_cols
+//     columns), whole 128-wide tiles filling whole waves, run unsplit first; only the remaining
+//     tiles are split: the data-parallel + split-K hybrid of stream-K schedules, e.g. 144 tiles on
+//     132 SMs run as one full wave plus 12 tiles split 8 ways (one more short wave) instead of
+//     two full waves.  Rows or columns: whichever cut fills the waves better.
+// Cost model in units of one 128x128 tile advancing one K element on one SM (~6.1 ns on an H100,
+// measured): waves * K-slice length (rounded up to whole 64-wide K blocks), plus the partials'
+// memory traffic and the extra launches.  The best plan must beat unsplit by 15%.  Slices must
+// divide K, be >= 128 long and keep the TMA batch stride 16-byte aligned (k_align: 8 for a
+// K-major 16-bit operand, 4 for K-major fp32/tf32, 1 otherwise; 0 for the SIMT path, which
+// needs nothing, treated as 1).
+struct SplitPlan {
+  int64_t dp_rows = 0;
+  int64_t dp_cols = 0;
+  int splits = 1;
+};
+
+SplitPlan plan_split(int64_t m, int64_t n, int64_t k, int64_t batch, int num_sms, int64_t k_align) {
+  SplitPlan plan;
+  if (batch != 1 || k < 256 || m <= 0 || n <= 0 || num_sms <= 0) return plan;
   const double unit_s = 6.1e-9, bytes_per_s = 2.0e12, launch_s = 6e-6;
-  const int64_t tiles = ((g.m + 127) / 128) * ((g.n + 127) / 128);
-  auto cost = [&](int64_t s) {
-    double waves = static_cast<double>((tiles * s + num_sms - 1) / num_sms);
-    double reduce = s == 1 ? 0.0 : ((s * 4.0 + 4.0) * g.m * g.n / bytes_per_s + launch_s) / unit_s;
-    return waves * static_cast<double>(g.k / s) + reduce;
-  };
-  int best = 1;
-  double best_cost = cost(1) * 0.85;
+  const int64_t tiles_m = (m + 127) / 128, tiles_n = (n + 127) / 128, tiles = tiles_m * tiles_n;
+  auto waves = [&](int64_t t) { return static_cast<double>((t + num_sms - 1) / num_sms); };
+  auto k_len = [](int64_t len) { return static_cast<double>((len + 63) / 64 * 64); };
+  auto reduce = [&](int64_t rows, int s) { return ((s * 4.0 + 4.0) * rows * n / bytes_per_s + launch_s) / unit_s; };
+  // Unsplit: the better of 128x128 and 128x256 tiles (choose_tile_n's model).
+  double unsplit = waves(tiles) * k_len(k);
+  if (n > 128) unsplit = std::min(unsplit, 1.8 * waves(tiles_m * ((n + 255) / 256)) * k_len(k));
+  // Rows (columns) that run unsplit in the hybrid: whole tile rows (columns) within whole waves.
+  const int64_t full = tiles > num_sms ? (tiles / num_sms) * num_sms : 0;
+  const int64_t dp_tile_rows = full / tiles_n, dp_tile_cols = full / tiles_m;
+  double best_cost = unsplit * 0.85;
+  const int64_t align = std::max<int64_t>(k_align, 1);
   for (int s = 2; s <= 32; ++s) {
-    if (g.k % s != 0 || g.k / s < 128 || (tensor_core && (g.k / s) % 64 != 0)) continue;
-    double c = cost(s);
-    if (c < best_cost) best = s, best_cost = c;
+    if (k % s != 0 || k / s < 128 || (k / s) % align != 0) continue;
+    const double chunk = k_len(k / s);
+    const double split_all = waves(tiles * s) * chunk + reduce(m, s);
+    if (split_all < best_cost) best_cost = split_all, plan = SplitPlan{0, 0, s};
+    // hybrid: dp_tiles whole tiles unsplit, tail_tiles (tail_elems outputs) split s ways
+    auto hybrid = [&](int64_t dp_tiles, int64_t tail_tiles, int64_t tail_elems) {
+      return waves(dp_tiles) * k_len(k) + waves(tail_tiles * s) * chunk +
+             ((s * 4.0 + 4.0) * tail_elems / bytes_per_s + 2 * launch_s) / unit_s;
+    };
+    if (dp_tile_rows > 0 && dp_tile_rows < tiles_m) {
+      const double c = hybrid(dp_tile_rows * tiles_n, (tiles_m - dp_tile_rows) * tiles_n, (m - dp_tile_rows * 128) * n);
+      if (c < best_cost) best_cost = c, plan = SplitPlan{dp_tile_rows * 128, 0, s};
+    }
+    if (dp_tile_cols > 0 && dp_tile_cols < tiles_n) {
+      const double c = hybrid(dp_tile_cols * tiles_m, (tiles_n - dp_tile_cols) * tiles_m, (n - dp_tile_cols * 128) * m);
+      if (c < best_cost) best_cost = c, plan = SplitPlan{0, dp_tile_cols * 128, s};
+    }
   }
-  return best;
+  return plan;
 }
 
 Choice choose_kernel(const GemmArgs& g, char a_major, char b_major, int tile_n, const DeviceInfo& dev) {
@@ -340,8 +377,10 @@ const char* run_one(GemmArgs g, char a_major, char b_major, Path path, int tile_
       choice.why_not = NoTensorCore::too_small;
     } else {
       choice = choose_kernel(g, a_major, b_major, tn, dev);
-      // Narrow tiles exist for the forward layout and plain / bias epilogues only.
-      if (!choice.kernel && tile_n == 0 && tn < 128) choice = choose_kernel(g, a_major, b_major, 128, dev);
+      // Narrow tiles exist for the forward layout and plain / bias epilogues only, TF32 128x256
+      // tiles for the plain and bias epilogues only: otherwise the 128x128 tile.
+      if (!choice.kernel && tile_n == 0 && tn != 128 && choice.why_not == NoTensorCore::no_specialization)
+        choice = choose_kernel(g, a_major, b_major, 128, dev);
     }
     if (!choice.kernel && path == Path::tensor_core)
       fail("tensor-core path requested but unavailable: " + why_not_text(choice, g, a_major, b_major, tn));
@@ -360,6 +399,7 @@ const char* run_one(GemmArgs g, char a_major, char b_major, Path path, int tile_
     check_cuda(cudaGetLastError(), "launch of ", choice.kernel->name);
     return choice.kernel->name;
   }
+  if (g.in_dtype == DType::tf32) g.in_dtype = DType::fp32;  // the SIMT kernel multiplies in full fp32
   check_cuda(gemm_fallback_launch(g, s), "launch of ", "gemm_simt");
   return "simt";
 }
@@ -403,8 +443,9 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
                  uintptr_t bias, uintptr_t aux, std::optional<Triple> aux_strides, bool accumulate,
                  uintptr_t stream, int path_code, int tile_n, int split_k, int device) {
   GemmArgs g{};
-  g.in_dtype = to_dtype(dtype, "dtype");
-  g.out_dtype = to_dtype(out_dtype, "out_dtype");
+  g.in_dtype = to_dtype(dtype, "dtype", true);
+  g.out_dtype = to_dtype(out_dtype, "out_dtype", false);
+  if (g.in_dtype == DType::tf32 && g.out_dtype != DType::fp32) fail("tf32 operands need out_dtype fp32");
   if (epilogue < 0 || epilogue >= kNumEpilogues)
     fail("unknown epilogue code " + std::to_string(epilogue) + " (expected 0.." + std::to_string(kNumEpilogues - 1) + ")");
   g.epilogue = static_cast<Epilogue>(epilogue);
@@ -480,9 +521,9 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   g.max_ctas = dev.num_sms;
   void* s = reinterpret_cast<void*>(stream);
 
-  int splits = 1;
+  SplitPlan plan;
   if (split_k > 1) {
-    splits = split_k;
+    plan.splits = split_k;
   } else if (split_k == 0 && path != Path::simt && g.batch == 1 && g.k >= 256) {
     GemmArgs probe = g;  // what the partial-product GEMM would look like
     probe.out_dtype = DType::fp32;
@@ -491,11 +532,35 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
     probe.d = nullptr;
     probe.d_sm = (g.n + 7) / 8 * 8;
     const bool tensor_core = choose_kernel(probe, a_major, b_major, 128, dev).kernel != nullptr;
-    splits = choose_split(g, dev.num_sms, tensor_core);
+    const int64_t k_align = !tensor_core ? 1 : (a_major == 'k' || b_major == 'k') ? 16 / dtype_bytes(g.in_dtype) : 1;
+    plan = plan_split(g.m, g.n, g.k, g.batch, dev.num_sms, k_align);
   }
-  if (splits == 1) return run_one(g, a_major, b_major, path, tile_n, dev, s);
+  if (plan.splits == 1) return run_one(g, a_major, b_major, path, tile_n, dev, s);
 
-  // K-slices as a batch of fp32 partial products, then reduce + epilogue.
+  std::string dp_name;
+  if (plan.dp_rows > 0 || plan.dp_cols > 0) {
+    // The hybrid's whole waves: the leading rows (columns) unsplit on 128x128 tiles (the plan's
+    // model), then the tail as a GEMM of its own (operand, output, bias and aux pointers moved).
+    GemmArgs head = g;
+    if (plan.dp_rows > 0) head.m = plan.dp_rows;
+    else head.n = plan.dp_cols;
+    dp_name = std::string(run_one(head, a_major, b_major, path, tile_n ? tile_n : 128, dev, s)) + "+";
+    const int in_b = dtype_bytes(g.in_dtype), out_b = dtype_bytes(g.out_dtype);
+    if (plan.dp_rows > 0) {
+      g.a = static_cast<const char*>(g.a) + plan.dp_rows * g.a_sm * in_b;
+      g.d = static_cast<char*>(g.d) + plan.dp_rows * g.d_sm * out_b;
+      if (uses_aux) g.aux = static_cast<const char*>(g.aux) + plan.dp_rows * g.aux_sm * out_b;
+      g.m -= plan.dp_rows;
+    } else {
+      g.b = static_cast<const char*>(g.b) + plan.dp_cols * g.b_sn * in_b;
+      g.d = static_cast<char*>(g.d) + plan.dp_cols * out_b;
+      if (epilogue_adds_bias(g.epilogue)) g.bias = static_cast<const char*>(g.bias) + plan.dp_cols * out_b;
+      if (uses_aux) g.aux = static_cast<const char*>(g.aux) + plan.dp_cols * out_b;
+      g.n -= plan.dp_cols;
+    }
+  }
+  const int splits = plan.splits;
+  // K-slices as a batch of fp32 partial products, then reduce (slice order 0..S-1) + epilogue.
   const int64_t ws_ld = (g.n + 7) / 8 * 8;
   Workspace ws(static_cast<size_t>(splits) * g.m * ws_ld * sizeof(float), device, static_cast<cudaStream_t>(s));
   GemmArgs part = g;
@@ -514,7 +579,7 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
   const char* name = run_one(part, a_major, b_major, path, tile_n, dev, s);
   check_cuda(gemm_splitk_reduce(g, static_cast<const float*>(ws.ptr), ws_ld, splits, s), "launch of ",
              "gemm_splitk_reduce");
-  return "splitk" + std::to_string(splits) + ":" + name + "+reduce";
+  return dp_name + "splitk" + std::to_string(splits) + ":" + name + "+reduce";
 }
 
 nb::list gemm_specializations() {
@@ -554,6 +619,16 @@ NB_MODULE(_C, m) {
       nb::arg("fn").none(),
       "fn(nbytes, device, stream) -> (address, owner): split-K workspaces come from it (owner dropped after the "
       "launches frees the block on that stream); None restores cudaMallocAsync.");
+  m.def(
+      "gemm_split_plan",
+      [](int64_t m, int64_t n, int64_t k, int64_t batch, int num_sms, int64_t k_align) {
+        SplitPlan p = plan_split(m, n, k, batch, num_sms, k_align);
+        return std::make_tuple(p.dp_rows, p.dp_cols, p.splits);
+      },
+      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("batch"), nb::arg("num_sms"), nb::arg("k_align"),
+      "(dp_rows, dp_cols, splits) the heuristic picks for D = A @ B (M x N, K long) on num_sms SMs: the first "
+      "dp_rows rows (dp_cols columns) unsplit, the rest in `splits` K-slices (k_align: the slice-length multiple the tensor-core path needs). "
+      "Pure function of its arguments; needs no GPU.");
   m.def("gemm_specializations", &gemm_specializations, "The AOT CuTeDSL GEMM specializations built into this module.");
   for (const Bindings::Entry& e : Bindings::all()) e.add(m);
   m.def(

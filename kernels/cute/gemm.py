@@ -52,10 +52,28 @@ Constraints (checked in C++ before launch, otherwise the SIMT fallback runs)
   the narrow tiles) a multiple of 16 bytes: on an H100, D with N = 127 inside a padded buffer had its padding
   columns overwritten, so such shapes take the fallback;
 * operand dtypes equal (bf16 or fp16); output dtype = input dtype or fp32;
-  bias and pre-activation tensors have the output dtype.
+  bias and pre-activation tensors have the output dtype;
+* tf32 specializations: fp32 operands in memory, both K-major (PTX allows
+  the wgmma transpose bits for 16-bit types only), fp32 output.
+
+TF32
+----
+The "high" float32 matmul precision multiplies fp32 operands on TF32 tensor
+cores (``wgmma.mma_async.m64nNk8.f32.tf32.tf32``, SASS ``HGMMA.64xNx8.F32.TF32``).
+The operand tensors are typed TFloat32 (fp32 in memory; the TMA descriptors
+carry the tfloat32 data type) and the MMA reads them as TF32: 10 of the 23
+mantissa bits take part (whether they are rounded or truncated is for the GPU
+run to show; the tests bound the error by 2^-9 relative either way).  A pipeline stage holds
+32 K values (128 bytes per row, one 128-byte swizzle atom), so a stage moves
+as many bytes as a 16-bit stage of 64.  CuTeDSL 4.8.1 has no public TF32
+warpgroup op (``cute.nvgpu.warpgroup.MmaF16BF16Op`` checks for 16-bit types,
+``utils.hopper_helpers.make_trivial_tiled_mma`` has no TF32 branch); its
+dialect's ``MmaAtomSM90Type`` does take TF32, and ``_tf32_tiled_mma`` builds
+the atom from it.
 
 Split-K lives outside the kernel: kernels/cuda/module.cpp runs K-slices as a
-batch through an fp32-output specialization and reduces them in CUDA C++.
+batch through an fp32-output specialization and reduces them in CUDA C++
+(with the data-parallel + split-K hybrid for a wave tail, see plan_split).
 
 Specializations
 ---------------
@@ -69,7 +87,8 @@ input-gradient layout (A K-major, B N-major) the gelu_bwd epilogue, the
 residual epilogues also with fp32 output (an fp32 residual stream under
 autocast), bf16 -> fp32 bias / bias_gelu_aux / gelu_bwd (fp32 layers at the
 "medium" and "high" float32 matmul precisions), and the narrow 128x16 / 128x32 / 128x64 tiles on the forward layout
-with the none and bias epilogues: 118 in all.  Each spec's ``name`` is the C symbol prefix the build exports.
+with the none and bias epilogues, and the nine ``TF32_SPECS`` (tf32 -> fp32,
+forward layout): 127 in all.  Each spec's ``name`` is the C symbol prefix the build exports.
 """
 
 import math
@@ -84,6 +103,15 @@ TILES = ((128, 256), (128, 128))
 # multiples, so these write D with predicated per-element stores, not TMA.
 NARROW_TILES = ((128, 16), (128, 32), (128, 64))
 NARROW_EPILOGUES = ("none", "bias")
+# TF32 specializations (tile_m, tile_n, epilogue, accumulate): every epilogue a fused Linear
+# uses on 128x128 tiles, the plain GEMM and the bias forward also on 128x256.  A call whose
+# heuristic tile has no TF32 specialization takes the 128x128 one (kernels/cuda/module.cpp).
+TF32_SPECS = (
+    (128, 256, "none", False), (128, 256, "bias", False),
+    (128, 128, "none", False), (128, 128, "none", True), (128, 128, "bias", False),
+    (128, 128, "bias_gelu_aux", False), (128, 128, "residual", False), (128, 128, "bias_residual", False),
+    (128, 128, "gelu_bwd", False),
+)
 GROUP_M = 8
 K_BLOCK = 64
 SMEM_BYTES = 232448  # sm_90 opt-in maximum per block
@@ -93,7 +121,7 @@ SMEM_BYTES = 232448  # sm_90 opt-in maximum per block
 class GemmSpec:
     """One AOT specialization; every field is baked into the compiled kernel."""
 
-    ab_dtype: str  # "bf16" | "fp16"
+    ab_dtype: str  # "bf16" | "fp16" | "tf32" (fp32 in memory, TF32 tensor-core products)
     out_dtype: str  # "bf16" | "fp16" | "fp32"
     a_major: str  # "k" | "m"
     b_major: str  # "k" | "n"
@@ -140,6 +168,10 @@ def specializations(archs=("sm_90a",)):
             for tm, tn in NARROW_TILES:
                 for epi in NARROW_EPILOGUES:
                     specs.append(GemmSpec(ab, ab, "k", "k", tm, tn, epi, False, arch))
+        # fp32 operands on TF32 tensor cores ("high" float32 matmul precision): both operands
+        # K-major (the backend copies an MN-major operand), fp32 output.
+        for tm, tn, epi, acc in TF32_SPECS:
+            specs.append(GemmSpec("tf32", "fp32", "k", "k", tm, tn, epi, acc, arch))
     return specs
 
 
@@ -147,7 +179,52 @@ SPECS = specializations()
 
 
 def _cutlass_dtype(cutlass, name):
-    return {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16, "fp32": cutlass.Float32}[name]
+    return {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16, "fp32": cutlass.Float32, "tf32": cutlass.TFloat32}[name]
+
+
+def k_block(ab_dtype: str) -> int:
+    """K extent of one pipeline stage: 128 bytes of each operand row (one 128-byte swizzle atom)."""
+    return 32 if ab_dtype == "tf32" else K_BLOCK
+
+
+def _tf32_tiled_mma(tile_n):
+    """Warpgroup MMA with TF32 operands read from shared memory (``wgmma.mma_async
+    .m64nNk8.f32.tf32.tf32``), two atoms along M as the 16-bit path uses.
+
+    CuTeDSL 4.8.1's public ``warpgroup.MmaF16BF16Op`` accepts only 16-bit operands and
+    ``make_trivial_tiled_mma`` has no TF32 branch, but the SM90 MMA atom type of the
+    cute_nvgpu dialect it builds (``MmaAtomSM90Type``) takes any element types; TF32
+    needs K = 8 per instruction and both operands K-major (PTX allows the transpose
+    bits only for 16-bit types)."""
+    import cutlass
+    import cutlass._mlir.dialects.cute_nvgpu as cute_nvgpu_ir
+    import cutlass.cute as cute
+    from cutlass.cute.atom import make_atom
+    from cutlass.cute.core import _pack_shape
+    from cutlass.cute.nvgpu import OperandMajorMode
+    from cutlass.cute.nvgpu.warpgroup import MmaF16BF16Trait, MmaOp, OperandSource
+
+    class MmaTF32Op(MmaOp):
+        descriptive_name = "warpgroup TF32 MMA Operation"
+
+        def _make_trait(self, *, loc=None, ip=None, **kwargs):
+            ty = cute_nvgpu_ir.MmaAtomSM90Type.get(
+                _pack_shape(self.shape_mnk, loc=loc, ip=ip).type.attribute,
+                self.a_major_mode._to_ir(),
+                self.b_major_mode._to_ir(),
+                self.a_dtype.mlir_type,
+                self.b_dtype.mlir_type,
+                self.acc_dtype.mlir_type,
+                self.a_src._to_ir(),
+            )
+            # The trait class only carries the accumulate field, which every SM90 atom has.
+            return MmaF16BF16Trait(make_atom(ty, [cutlass.Boolean(False).ir_value(loc=loc, ip=ip)], loc=loc, ip=ip))
+
+    op = MmaTF32Op(
+        cutlass.TFloat32, cutlass.TFloat32, cutlass.Float32, (64, tile_n, 8),
+        OperandSource.SMEM, OperandMajorMode.K, OperandMajorMode.K,
+    )
+    return cute.make_tiled_mma(cute.make_mma_atom(op), (2, 1, 1))
 
 
 def build_kernel(spec: GemmSpec):
@@ -164,7 +241,7 @@ def build_kernel(spec: GemmSpec):
     ab_dtype = _cutlass_dtype(cutlass, spec.ab_dtype)
     out_dtype = _cutlass_dtype(cutlass, spec.out_dtype)
     acc_dtype = cutlass.Float32
-    tile_m, tile_n, tile_k = spec.tile_m, spec.tile_n, K_BLOCK
+    tile_m, tile_n, tile_k = spec.tile_m, spec.tile_n, k_block(spec.ab_dtype)
     epilogue = spec.epilogue
     accumulate = spec.accumulate
     use_bias = epilogue in ("bias", "bias_gelu", "bias_residual", "bias_gelu_aux")
@@ -444,15 +521,18 @@ def build_kernel(spec: GemmSpec):
         max_ctas: cutlass.Int32,
         stream: cuda.CUstream,
     ):
-        mma = sm90.make_trivial_tiled_mma(
-            ab_dtype,
-            ab_dtype,
-            a_layout_enum.sm90_mma_major_mode(),
-            b_layout_enum.sm90_mma_major_mode(),
-            acc_dtype,
-            (2, 1, 1),
-            tiler_mn=(64, tile_n),
-        )
+        if cutlass.const_expr(spec.ab_dtype == "tf32"):
+            mma = _tf32_tiled_mma(tile_n)
+        else:
+            mma = sm90.make_trivial_tiled_mma(
+                ab_dtype,
+                ab_dtype,
+                a_layout_enum.sm90_mma_major_mode(),
+                b_layout_enum.sm90_mma_major_mode(),
+                acc_dtype,
+                (2, 1, 1),
+                tiler_mn=(64, tile_n),
+            )
         tile_mnk = (tile_m, tile_n, tile_k)
         a_staged = sm90.make_smem_layout_a(a_layout_enum, tile_mnk, ab_dtype, ab_stages)
         b_staged = sm90.make_smem_layout_b(b_layout_enum, tile_mnk, ab_dtype, ab_stages)
@@ -526,7 +606,7 @@ def emit_registry(entries):
     loader and a launcher that fills the header's tensor structs: extents
     (M, K, L) / (N, K, L) / (M, N, L) and the two dynamic strides of each
     operand (leading dimension, batch stride)."""
-    dt = {"bf16": "DType::bf16", "fp16": "DType::fp16", "fp32": "DType::fp32"}
+    dt = {"bf16": "DType::bf16", "fp16": "DType::fp16", "fp32": "DType::fp32", "tf32": "DType::tf32"}
     out = [
         "// Generated by kernels/cute/aot.py from kernels/cute/gemm.py; do not edit.",
         "#include <cuda_runtime.h>",

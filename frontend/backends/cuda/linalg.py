@@ -7,30 +7,32 @@ caching allocator on the call's stream (registered with `_C` on first use), whic
 part of a CUDA graph's private pool under capture.
 
 fp32 GEMMs follow `cutegrad.get_float32_matmul_precision()`: "highest" (the default) runs in
-fp32 FMA; "medium" rounds the operands to bfloat16 and runs the tensor-core GEMM with fp32
-accumulation and output; "high" (also what `backends.cuda.matmul.allow_tf32 = True` selects)
-writes each operand as the sum of two bfloat16 numbers, x = hi + lo, and sums three tensor-core
-products, lo*hi + hi*lo + hi*hi, into the fp32 output (about 16 mantissa bits: PyTorch's
-definition of "high" allows exactly this).  The DSL release we build with has no TF32
-warpgroup MMA.  At "high", epilogues other than none and bias (the bias rides on the last
-product through the residual epilogue, reading the partial sum from D itself) run in fp32.
+fp32 FMA; "high" (also what `backends.cuda.matmul.allow_tf32 = True` selects) runs the fp32
+operands on TF32 tensor cores (wgmma kind tf32, fp32 accumulation and output, every fused
+epilogue), which read both operands K-major: an operand stored the other way (the weight in an
+input gradient, both operands of a weight gradient) is first copied K-major, one copy kernel
+each; "medium" rounds the operands to bfloat16 and runs the bfloat16 tensor-core GEMM with fp32
+accumulation and output (PyTorch permits bfloat16 at "medium").
 """
 from ... import dtypes as dt
 from ..._gemm import DTYPES, EPILOGUES
-from ...device import CUDA
+from ...device import CUDA, device as _device
 from ...dispatch import register
 from ...ops.broadcast import broadcast_shapes
 from ...tensor import make, numel_of
-from ...ops import codes as C
 from .. import precision
-from .pointwise import binary
-from .launch import (_GEMM_MAX_BATCH, _DeviceStorage, _allocator, _bstrides, _cast_new, _contig, _empty, _fill,
-                     _lib, _ptr, _stream)
+from .launch import (_GEMM_MAX_BATCH, _DeviceStorage, _allocator, _bstrides, _cast_new, _contig, _copy_into, _empty,
+                     _fill, _lib, _ptr, _stream)
 
 _CODE = {dt.bfloat16: DTYPES["bf16"], dt.float16: DTYPES["fp16"], dt.float32: DTYPES["fp32"]}
+_TF32 = DTYPES["tf32"]
 _NONE, _BIAS, _GELU_BWD = EPILOGUES["none"], EPILOGUES["bias"], EPILOGUES["gelu_bwd"]
 _RESIDUAL, _BIAS_RESIDUAL, _BIAS_GELU_AUX = EPILOGUES["residual"], EPILOGUES["bias_residual"], EPILOGUES["bias_gelu_aux"]
 _AUTO = 0
+# A weight gradient whose dY rows are not 16-byte multiples (classifier heads: 10 or 36 outputs)
+# is padded for the tensor-core path once it has at least this many rows (below, the SIMT GEMM is
+# about as fast as the two extra copies).
+_PAD_MIN_ROWS = 1024
 _gemm_fn = None
 
 
@@ -48,7 +50,7 @@ def _workspace(nbytes, device, stream):
     """(address, owner) of nbytes from the caching allocator on `stream`; dropping owner frees it
     in stream order after the split-K kernels already enqueued there."""
     alloc = _allocator(device)
-    owner = _DeviceStorage(alloc.malloc(nbytes, stream), alloc, device)
+    owner = _DeviceStorage(alloc.malloc(nbytes, stream), alloc, _device(device))
     return owner.data.ptr, owner
 
 
@@ -68,40 +70,32 @@ def _collapse(shape, strides):
     return 0 if s is None else s
 
 
-def _bf16_split(x, stream):
-    """(hi, lo): bfloat16 tensors with hi + lo = x to about 16 mantissa bits (two kernels)."""
-    hi = _cast_new(x, dt.bfloat16, stream)
-    return hi, binary(C.SUB, x, hi, dt.float32, dt.bfloat16)
+def _k_major(t, k_dim, stream):
+    """t, or a copy of it with dimension k_dim innermost in memory (same shape, other strides)."""
+    k_dim %= len(t._shape)
+    if t._strides[k_dim] == 1 or t._shape[k_dim] <= 1:
+        return t
+    order = [d for d in range(len(t._shape)) if d != k_dim] + [k_dim]
+    moved = _contig(make(t._storage, tuple(t._shape[d] for d in order), tuple(t._strides[d] for d in order),
+                         t._offset, t._dtype), stream)
+    strides = [0] * len(order)
+    for pos, d in enumerate(order):
+        strides[d] = moved._strides[pos]
+    return make(moved._storage, t._shape, tuple(strides), moved._offset, t._dtype)
 
 
-def _products(a, b, epilogue, stream):
-    """The operand pairs whose GEMM products sum to a @ b under the float32 matmul precision:
-    [(a, b)] normally; bfloat16 copies for "medium"; for "high" with a none or bias epilogue,
-    the three products of the bfloat16 split (the largest last, where the epilogue runs)."""
+def _operands(a, b, a_k_dim, b_k_dim, stream):
+    """(a, b, operand code) under the float32 matmul precision: unchanged for 16-bit operands and
+    at "highest"; bfloat16 copies at "medium"; K-major fp32 operands with the tf32 code at "high"
+    (TF32 wgmma reads both operands K-major; a_k_dim / b_k_dim name each one's K dimension)."""
     if a._dtype is not dt.float32:
-        return ((a, b),)
+        return a, b, _CODE[a._dtype]
     mode = precision.get_float32_matmul_precision()
     if mode == "medium":
-        return ((_cast_new(a, dt.bfloat16, stream), _cast_new(b, dt.bfloat16, stream)),)
-    if mode == "high" and epilogue in (_NONE, _BIAS):
-        a_hi, a_lo = _bf16_split(a, stream)
-        b_hi, b_lo = _bf16_split(b, stream)
-        return ((a_lo, b_hi), (a_hi, b_lo), (a_hi, b_hi))
-    return ((a, b),)
-
-
-def _sum_products(pairs, launch, epilogue, bias, aux, aux_strides, accumulate, d_ptr, d_strides):
-    """Launch one GEMM per operand pair into D: the first with the caller's accumulate flag, the
-    rest accumulating; the epilogue on the last (a bias there reads the partial sum as a
-    residual, aux = D itself, since no accumulate + bias kernel exists)."""
-    last = len(pairs) - 1
-    for i, (a, b) in enumerate(pairs):
-        if i < last:
-            launch(a, b, _NONE, 0, 0, None, accumulate or i > 0)
-        elif last and epilogue == _BIAS:
-            launch(a, b, _BIAS_RESIDUAL, bias, d_ptr, d_strides, False)
-        else:
-            launch(a, b, epilogue, bias, aux, aux_strides, accumulate or i > 0)
+        return _cast_new(a, dt.bfloat16, stream), _cast_new(b, dt.bfloat16, stream), _CODE[dt.bfloat16]
+    if mode == "high":
+        return _k_major(a, a_k_dim, stream), _k_major(b, b_k_dim, stream), _TF32
+    return a, b, _CODE[dt.float32]
 
 
 @register("matmul", CUDA)
@@ -118,13 +112,9 @@ def matmul(a, b, out_dtype):
     nb = numel_of(batch)
     if not (nb and m and n):
         return out
-    # The bfloat16 products of an fp32 GEMM are dense copies with one layout; a broadcast batch
-    # would need each copy expanded, so those stay in fp32.
-    same_batch = len(b._shape) == 2 or a._shape[:-2] == b._shape[:-2]
-    pairs = _products(a, b, _NONE, stream) if same_batch else ((a, b),)
-    a, b = pairs[0]
+    a, b, in_code = _operands(a, b, -1, -2, stream)
     gemm = _gemm()
-    in_code, out_code = _CODE[a._dtype], _CODE[out_dtype]
+    out_code = _CODE[out_dtype]
     a_st = _bstrides(a, batch + (m, k))
     b_st = _bstrides(b, batch + (k, n))
     a_sm, a_sk = a_st[-2:]
@@ -144,11 +134,9 @@ def matmul(a, b, out_dtype):
         if fold is not None:
             mm = nb * m
 
-            def launch(pa, pb, epilogue, bias, aux, aux_strides, accumulate):
-                gemm(_ptr(pa), (1, mm, k), (mm * k, fold if mm > 1 else k, 1), _ptr(pb), (1, k, n),
-                     (k * n, b_sk, b_sn), _ptr(out), (1, mm, n), (mm * n, n, 1), in_code, out_code, epilogue, bias,
-                     aux, aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
-            _sum_products(pairs if len(pairs) > 1 else ((a, b),), launch, _NONE, 0, 0, None, False, 0, None)
+            gemm(_ptr(a), (1, mm, k), (mm * k, fold if mm > 1 else k, 1), _ptr(b), (1, k, n),
+                 (k * n, b_sk, b_sn), _ptr(out), (1, mm, n), (mm * n, n, 1), in_code, out_code, _NONE, 0,
+                 0, None, False, stream, _AUTO, 0, 0, dev.index)
             return out
     a_batch_stride = _collapse(batch, a_st[:-2])
     if a_batch_stride is None:
@@ -161,18 +149,13 @@ def matmul(a, b, out_dtype):
         b_st = b._strides
         b_sk, b_sn = b_st[-2:]
         b_batch_stride = k * n
-    if len(pairs) == 1:
-        pairs = ((a, b),)
     isz_a, isz_b, isz_o = a._dtype.itemsize, b._dtype.itemsize, out_dtype.itemsize
     for start in range(0, nb, _GEMM_MAX_BATCH):
         cnt = min(_GEMM_MAX_BATCH, nb - start)
-
-        def launch(pa, pb, epilogue, bias, aux, aux_strides, accumulate, start=start, cnt=cnt):
-            gemm(_ptr(pa) + start * a_batch_stride * isz_a, (cnt, m, k), (a_batch_stride, a_sm, a_sk),
-                 _ptr(pb) + start * b_batch_stride * isz_b, (cnt, k, n), (b_batch_stride, b_sk, b_sn),
-                 _ptr(out) + start * m * n * isz_o, (cnt, m, n), (m * n, n, 1), in_code, out_code, epilogue, bias,
-                 aux, aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
-        _sum_products(pairs, launch, _NONE, 0, 0, None, False, 0, None)
+        gemm(_ptr(a) + start * a_batch_stride * isz_a, (cnt, m, k), (a_batch_stride, a_sm, a_sk),
+             _ptr(b) + start * b_batch_stride * isz_b, (cnt, k, n), (b_batch_stride, b_sk, b_sn),
+             _ptr(out) + start * m * n * isz_o, (cnt, m, n), (m * n, n, 1), in_code, out_code, _NONE, 0,
+             0, None, False, stream, _AUTO, 0, 0, dev.index)
     return out
 
 
@@ -225,12 +208,9 @@ def linear(x, weight, bias, residual, gelu, out_dtype):
         epilogue = _BIAS_RESIDUAL if bias is not None else _RESIDUAL
     else:
         epilogue = _BIAS if bias is not None else _NONE
-    pairs = _products(x, weight, epilogue, stream)
-    x, w = pairs[0]
+    x, w, in_code = _operands(x, weight, -1, 1, stream)  # w is B^T: K runs along in_features
     x, x_ld = _rows(x, stream)
     w, w_sk, w_sn = _weight_strides(w, stream)
-    if len(pairs) == 1:
-        pairs = ((x, w),)
     aux, aux_strides = 0, None
     if gelu:
         aux, aux_strides = _ptr(preact), (rows * out_f, out_f, 1)
@@ -239,14 +219,9 @@ def linear(x, weight, bias, residual, gelu, out_dtype):
         aux, aux_strides = _ptr(residual), (rows * r_ld, r_ld, 1)
     if bias is not None and bias._strides[0] != 1 and out_f > 1:
         bias = _contig(bias, stream)
-    in_code, out_code, gemm = _CODE[x._dtype], _CODE[out_dtype], _gemm()
-
-    def launch(px, pw, epilogue, bias_ptr, aux, aux_strides, accumulate):
-        gemm(_ptr(px), (1, rows, in_f), (rows * x_ld, x_ld, 1), _ptr(pw), (1, in_f, out_f), (0, w_sk, w_sn),
-             _ptr(out), (1, rows, out_f), (rows * out_f, out_f, 1), in_code, out_code, epilogue, bias_ptr, aux,
-             aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
-    _sum_products(pairs, launch, epilogue, _ptr(bias) if bias is not None else 0, aux, aux_strides, False,
-                  _ptr(out), (rows * out_f, out_f, 1))
+    _gemm()(_ptr(x), (1, rows, in_f), (rows * x_ld, x_ld, 1), _ptr(w), (1, in_f, out_f), (0, w_sk, w_sn),
+            _ptr(out), (1, rows, out_f), (rows * out_f, out_f, 1), in_code, _CODE[out_dtype], epilogue,
+            _ptr(bias) if bias is not None else 0, aux, aux_strides, False, stream, _AUTO, 0, 0, dev.index)
     return out, preact
 
 
@@ -261,30 +236,42 @@ def linear_input_grad(g, weight, preact):
     if not (rows and in_f):
         return out
     epilogue = _GELU_BWD if preact is not None else _NONE
-    pairs = _products(g, weight, epilogue, stream)
-    g, w = pairs[0]
+    g, w, in_code = _operands(g, weight, -1, 0, stream)  # B = W: K runs along out_features
     g, g_ld = _rows(g, stream)
-    w, w_sk, w_sn = _weight_strides(w, stream)  # B = W: K runs along out_features, N along in_features
-    if len(pairs) == 1:
-        pairs = ((g, w),)
+    w, w_sk, w_sn = _weight_strides(w, stream)  # N runs along in_features
     aux, aux_strides = 0, None
     if preact is not None:
         preact, p_ld = _rows(preact, stream)
         aux, aux_strides = _ptr(preact), (rows * p_ld, p_ld, 1)
-    in_code, out_code, gemm = _CODE[g._dtype], _CODE[out._dtype], _gemm()
-
-    def launch(pg, pw, epilogue, bias, aux, aux_strides, accumulate):
-        gemm(_ptr(pg), (1, rows, out_f), (rows * g_ld, g_ld, 1), _ptr(pw), (1, out_f, in_f), (0, w_sn, w_sk),
-             _ptr(out), (1, rows, in_f), (rows * in_f, in_f, 1), in_code, out_code, epilogue, bias, aux,
-             aux_strides, accumulate, stream, _AUTO, 0, 0, dev.index)
-    _sum_products(pairs, launch, epilogue, 0, aux, aux_strides, False, 0, None)
+    _gemm()(_ptr(g), (1, rows, out_f), (rows * g_ld, g_ld, 1), _ptr(w), (1, out_f, in_f), (0, w_sn, w_sk),
+            _ptr(out), (1, rows, in_f), (rows * in_f, in_f, 1), in_code, _CODE[out._dtype], epilogue, 0, aux,
+            aux_strides, False, stream, _AUTO, 0, 0, dev.index)
     return out
+
+
+def _padded_head(g, out, accumulate, stream):
+    """(g', d) for a weight gradient whose dY (rows, out_features) has rows that are not 16-byte
+    multiples (a 10- or 36-wide head), which TMA cannot read as the M-major A = dY^T: g' is dY
+    copied into rows padded to 16 bytes and d an output with as many rows (holding `out` when
+    accumulating).  The padding columns are never written: they only feed the rows of d past
+    out_features, which are dropped.  Returns (g, out) unchanged when no padding is needed."""
+    rows, out_f = g._shape
+    per16 = 16 // g._dtype.itemsize
+    if g._strides[1] == 1 and g._strides[0] % per16 == 0 and out_f % per16 == 0:
+        return g, out
+    m_pad = -(-out_f // per16) * per16
+    padded = _empty((rows, m_pad), g._dtype, g._storage.device, stream)
+    _copy_into(make(padded._storage, g._shape, padded._strides, 0, g._dtype), g, stream)
+    d = _empty((m_pad, out._shape[1]), out._dtype, out._storage.device, stream)
+    if accumulate:
+        _copy_into(make(d._storage, out._shape, d._strides, 0, d._dtype), out, stream)
+    return padded, d
 
 
 @register("linear_weight_grad", CUDA)
 def linear_weight_grad(g, x, out_dtype, into):
-    """g^T x over all rows: (out_features, in_features) in out_dtype, no transposed copies; with
-    `into`, accumulated into it by the GEMM (beta = 1)."""
+    """g^T x over all rows: (out_features, in_features) in out_dtype, no transposed copies (except
+    the K-major operand copies of TF32); with `into`, accumulated into it by the GEMM (beta = 1)."""
     dev = g._storage.device
     stream = _stream(dev.index)
     out_f, in_f = g._shape[-1], x._shape[-1]
@@ -297,19 +284,22 @@ def linear_weight_grad(g, x, out_dtype, into):
         if not accumulate:
             _fill(out, 0.0, stream)
         return out
-    pairs = _products(g, x, _NONE, stream)
-    g, x = pairs[0]
     g, g_ld = _rows(g, stream)
     x, x_ld = _rows(x, stream)
-    if len(pairs) == 1:
-        pairs = ((g, x),)
-    in_code, out_code, gemm = _CODE[g._dtype], _CODE[out._dtype], _gemm()
-
-    def launch(pg, px, epilogue, bias, aux, aux_strides, acc):
-        gemm(_ptr(pg), (1, out_f, rows), (rows * g_ld, 1, g_ld), _ptr(px), (1, rows, in_f), (rows * x_ld, x_ld, 1),
-             _ptr(out), (1, out_f, in_f), (out_f * in_f, out._strides[0], 1), in_code, out_code, epilogue, bias,
-             aux, aux_strides, acc, stream, _AUTO, 0, 0, dev.index)
-    _sum_products(pairs, launch, _NONE, 0, 0, None, accumulate, 0, None)
+    g = make(g._storage, (rows, out_f), (g_ld, 1), g._offset, g._dtype)
+    x = make(x._storage, (rows, in_f), (x_ld, 1), x._offset, x._dtype)
+    g, x, in_code = _operands(g, x, 0, 0, stream)  # K runs along the rows of both
+    d = out
+    if in_code != _TF32 and g._dtype.itemsize == 2 and rows >= _PAD_MIN_ROWS and (x._strides[0] * 2) % 16 == 0 \
+            and (in_f * 2) % 16 == 0:  # (otherwise X keeps this GEMM off the tensor cores anyway)
+        g, d = _padded_head(g, out, accumulate, stream)
+    m_pad = g._shape[1]
+    (g_sr, g_sc), (x_sr, x_sc) = g._strides, x._strides
+    _gemm()(_ptr(g), (1, m_pad, rows), (0, g_sc, g_sr), _ptr(x), (1, rows, in_f), (0, x_sr, x_sc), _ptr(d),
+            (1, m_pad, in_f), (m_pad * in_f, d._strides[0], 1), in_code, _CODE[out._dtype], _NONE, 0, 0, None,
+            accumulate, stream, _AUTO, 0, 0, dev.index)
+    if d is not out:
+        _copy_into(out, make(d._storage, out._shape, d._strides, d._offset, d._dtype), stream)
     if accumulate:
         out._storage.version += 1
     return out
