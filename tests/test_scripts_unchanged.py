@@ -34,6 +34,16 @@ from torch_alias_harness import run_script
 
 torch = pytest.importorskip("torch")
 
+
+@pytest.fixture(autouse=True)
+def _restore_matmul_switches():
+    """The scripts set process-wide precision switches (tf32, matmul precision); later tests get the defaults."""
+    saved = [(lib.get_float32_matmul_precision(), lib.backends.cudnn.allow_tf32) for lib in (cutegrad, torch)]
+    yield
+    for lib, (precision, cudnn_tf32) in zip((cutegrad, torch), saved):
+        lib.set_float32_matmul_precision(precision)
+        lib.backends.cudnn.allow_tf32 = cudnn_tf32
+
 NANOGPT = r'''
 import argparse
 import inspect
@@ -322,6 +332,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 torch.manual_seed(0)
+torch.set_float32_matmul_precision("high")
 rng = np.random.default_rng(0)
 x = torch.from_numpy(rng.standard_normal((96, 16)).astype(np.float32))
 y = torch.from_numpy((rng.standard_normal((96, 16)) @ rng.standard_normal(16) > 0).astype(np.int64))
@@ -363,6 +374,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import (BatchSampler, DataLoader, RandomSampler, SequentialSampler, SubsetRandomSampler,
                               TensorDataset, WeightedRandomSampler, random_split)
+from torch.utils.data.distributed import DistributedSampler
 
 
 def seed_worker(worker_id):
@@ -387,6 +399,15 @@ class_counts = np.bincount(labels.numpy(), minlength=2)
 weights = [1.0 / class_counts[int(labels[i])] for i in val_set.indices]
 val_loader = DataLoader(val_set, batch_size=6, sampler=WeightedRandomSampler(weights, num_samples=30))
 index_batches = list(BatchSampler(SequentialSampler(range(10)), batch_size=4, drop_last=False))
+sampler_rank0 = DistributedSampler(train_set, num_replicas=2, rank=0, seed=0)
+sampler_rank1 = DistributedSampler(train_set, num_replicas=2, rank=1, seed=0)
+shard_loader = DataLoader(train_set, batch_size=15, sampler=sampler_rank0)
+shards, shard_ids = [], []
+for epoch in range(2):
+    sampler_rank0.set_epoch(epoch)
+    sampler_rank1.set_epoch(epoch)
+    shards.append((list(sampler_rank0), list(sampler_rank1)))
+    shard_ids.append([i for _, _, idb in shard_loader for i in idb.tolist()])
 subset_order = list(SubsetRandomSampler([2, 4, 6, 8]))
 
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
@@ -509,6 +530,7 @@ def test_amp_and_grad_scaler_script_matches_torch(tmp_path):
     ref0 = run_script(AMP_SCALER, [str(pt)], "torch")
     cutegrad.save({k: cutegrad.tensor(v.detach().numpy()) for k, v in sd.items()}, st)
     ours = run_script(AMP_SCALER, [str(st)], "cutegrad")
+    assert cutegrad.get_float32_matmul_precision() == "high" and cutegrad.backends.cuda.matmul.allow_tf32
     assert ours["scales"] == ref0["scales"] and ours["scales"][-1] > ours["scales"][0]
     assert ours["state"] == ref0["state"]
     # bfloat16 matmuls (and torch's CPU autocast keeping more ops in bf16) differ in the last bits
@@ -528,6 +550,15 @@ def test_data_pipeline_script_runs_like_torch():
         assert ns["accuracy"] > 0.7
     assert ours["lengths"] == ref["lengths"] == (90, 30, 9, 5)
     assert ours["index_batches"] == ref["index_batches"]
+    # DistributedSampler draws torch's permutation: the same shards for the same seed and epoch
+    assert ours["shards"] == ref["shards"]
+    for rank0, rank1 in ours["shards"]:
+        assert len(rank0) == len(rank1) == 45 and not set(rank0) & set(rank1)
+        assert sorted(rank0 + rank1) == list(range(90))
+    assert ours["shards"][0] != ours["shards"][1]  # set_epoch reshuffles
+    assert len(ours["shard_loader"]) == len(ref["shard_loader"]) == 3
+    for ns in (ref, ours):  # the loader follows its sampler's epoch, yielding rank 0's samples
+        assert ns["shard_ids"] == [[int(ns["train_set"].indices[i]) for i in rank0] for rank0, _ in ns["shards"]]
     assert sorted(ours["subset_order"]) == sorted(ref["subset_order"]) == [2, 4, 6, 8]
     assert not set(ours["train_set"].indices) & set(ours["val_set"].indices)
     ours["train_loader"]._pool.close()
