@@ -3,28 +3,38 @@ with `import torch` resolving to cutegrad (tests/torch_alias_harness.py), and
 compared with the same text run by real torch on the CPU.
 
 - NANOGPT: nanoGPT's train.py in small (its model.py structure, argparse
-  config, `torch.manual_seed`/`torch.cuda.manual_seed`, device and dtype
-  selection with `torch.cuda.is_available()`/`is_bf16_supported()`,
+  config, its DDP block: `RANK` in the environment, `init_process_group`,
+  `DDP(model, device_ids=[ddp_local_rank])`, `require_backward_grad_sync`,
+  `raw_model = model.module`, `destroy_process_group`; seeds,
+  `torch.backends.cuda.matmul.allow_tf32`/`cudnn.allow_tf32`, device and
+  dtype selection with `torch.cuda.is_available()`/`is_bf16_supported()`,
   `torch.amp.autocast` context, `torch.cuda.amp.GradScaler(enabled=...)`,
   AdamW param groups with the `fused` probe, `torch.compile`, cosine LR
   written into param groups, gradient accumulation, `scaler.unscale_` +
-  `clip_grad_norm_`, `@torch.no_grad()` evaluation, `torch.save`/`torch.load`
-  of the state_dict, a DataLoader over a Dataset with a SequentialSampler,
-  `pin_memory().to(device, non_blocking=True)` on CUDA). Both runs start from
-  the same weights (the harness saves torch's initial state_dict in each
-  library's format and passes `--init_from`); losses match torch's within
-  float32 rounding.
-- AMP_SCALER: bfloat16 autocast on the CPU (`torch.autocast` as a decorator
-  and `torch.amp.autocast` as a context), `torch.amp.GradScaler("cpu")` with
+  `clip_grad_norm_`, `@torch.no_grad()` evaluation, a nested checkpoint
+  `torch.save({"model", "optimizer", "iter_num"})` and
+  `torch.load(map_location=device, weights_only=True)` with nanoGPT's
+  `_orig_mod.` stripping, a DataLoader with a SequentialSampler or a
+  DistributedSampler, `pin_memory().to(device, non_blocking=True)` on CUDA).
+  Both runs start from the same weights (the harness saves torch's initial
+  state_dict in each library's format and passes `--init_from`); losses
+  match torch's within float32 rounding. The DDP path runs for real:
+  `cutegrad launch` with 2 CPU processes ("cpu" backend) against 1 process
+  at the same global batch.
+- AMP_SCALER: `torch.set_float32_matmul_precision("high")`, bfloat16 autocast
+  on the CPU (`torch.autocast` as a decorator and `torch.amp.autocast` as a
+  context), `torch.amp.GradScaler("cpu")` with
   growth every 3 steps, an LR scheduler: losses within bfloat16 rounding,
   the scale sequence equal.
 - DATA: the data side as trainers write it: `random_split` with a seeded
   `torch.Generator`, `DataLoader(sampler=RandomSampler(...), num_workers=2,
   persistent_workers=True, worker_init_fn, pin_memory=torch.cuda.is_available())`,
   `WeightedRandomSampler`, `BatchSampler`, `SubsetRandomSampler`,
-  `torch.compile(mode="reduce-overhead")`. Random orders differ between the
-  libraries by design, so this one checks what must agree: every epoch sees
-  each training sample once, the sampler lengths and sets, and both runs learn.
+  `torch.compile(mode="reduce-overhead")`, two ranks' `DistributedSampler`s
+  with `set_epoch` (shards equal to torch's). Other random orders differ
+  between the libraries by design, so this one checks what must agree: every
+  epoch sees each training sample once, the sampler lengths and sets, and
+  both runs learn.
 """
 import numpy as np
 import pytest
