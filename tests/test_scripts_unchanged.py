@@ -19,7 +19,7 @@ compared with the same text run by real torch on the CPU.
   Both runs start from the same weights (the harness saves torch's initial
   state_dict in each library's format and passes `--init_from`); losses
   match torch's within float32 rounding. The DDP path runs for real:
-  `cutegrad launch` with 2 CPU processes ("cpu" backend) against 1 process
+  `cutegrad launch` with 2 CPU processes (`backend="gloo"`, cutegrad's "cpu") against 1 process
   at the same global batch.
 - AMP_SCALER: `torch.set_float32_matmul_precision("high")`, bfloat16 autocast
   on the CPU (`torch.autocast` as a decorator and `torch.amp.autocast` as a
@@ -36,6 +36,12 @@ compared with the same text run by real torch on the CPU.
   epoch sees each training sample once, the sampler lengths and sets, and
   both runs learn.
 """
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -498,16 +504,12 @@ if ns["master_process"]:
 
 
 def test_nanogpt_style_script_trains_data_parallel_with_two_processes(tmp_path):
-    """nanoGPT's DDP path for real: `cutegrad launch` starts 2 CPU processes ("cpu" backend), each with half of
-    the global batch (batch 4, gradient accumulation 2 -> 1 per rank, DistributedSampler shards); the weights
-    after 12 steps and the validation losses equal a 1-process run's within float32 rounding (the gradients of
-    each step are summed in another order; Adam magnifies that in weights near zero, hence the atol)."""
-    import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
-    args = ["--max_iters", "12", "--backend", "cpu"]
+    """nanoGPT's DDP path for real: `cutegrad launch` starts 2 CPU processes ("gloo": the "cpu" backend),
+    each with half of the global batch (batch 4, gradient accumulation 2 -> 1 per rank, DistributedSampler
+    shards); the weights after 12 steps and the validation losses equal a 1-process run's within float32
+    rounding (the gradients of each step are summed in another order; Adam magnifies that in weights near
+    zero, hence the atol)."""
+    args = ["--max_iters", "12", "--backend", "gloo"]  # torch's CPU backend name; cutegrad's "cpu" backend
     pt, st = shared_init(tmp_path, NANOGPT, ["--out_dir", str(tmp_path / "init"), "--max_iters", "0"])
     single = run_script(NANOGPT, args + ["--out_dir", str(tmp_path / "one"), "--init_from", str(st)], "cutegrad")
     assert not single["ddp"]
