@@ -50,8 +50,8 @@ Tensor.reshape_as = lambda self, other: ops.reshape(self, other._shape)
 Tensor.gelu = lambda self, approximate="none": ops.gelu(self, approximate)
 Tensor.silu = _method(ops.silu)
 Tensor.cpu = lambda self: ops.to_device(self, "cpu")
-Tensor.cuda = lambda self, device=None: ops.to_device(self, "cuda" if device is None else
-                                                      (f"cuda:{device}" if isinstance(device, int) else device))
+Tensor.cuda = lambda self, device=None, non_blocking=False: ops.to_device(
+    self, "cuda" if device is None else (f"cuda:{device}" if isinstance(device, int) else device), non_blocking)
 Tensor.float = lambda self: ops.to_dtype(self, dt.float32)
 Tensor.double = lambda self: ops.to_dtype(self, dt.float64)
 Tensor.half = lambda self: ops.to_dtype(self, dt.float16)

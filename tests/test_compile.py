@@ -435,3 +435,20 @@ def test_gpu_compiled_model_inside_graphed_step():
         g = graphs.graphed(step, (data[0],), warmup=3)
         results.append([float(g(d)) for d in data])
     np.testing.assert_allclose(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_module_compile_method_compiles_in_place_like_torch(rng):
+    """nn.Module.compile(**kwargs): torch's in-place form; returns None, the module's calls go through the
+    compiled callable (captured and replayed here by the recording engine), with losses equal to eager."""
+    torch = pytest.importorskip("torch")
+    assert torch.nn.Linear(2, 2).compile(backend="eager") is None  # torch's form, for comparison
+    eager, model = twin_models()
+    engine = RecordingEngine()
+    assert model.compile(options={"warmup": 1}, _engine=engine) is None
+    assert isinstance(model.forward, CompiledCallable)
+    data = batches(rng, 5)
+    assert train(model, data) == train(eager, data)
+    assert [g.replays for g in engine.graphs] == [4, 4]  # one warm-up call, then forward and backward replayed
+    plain = MLP()
+    assert plain.compile(mode="max-autotune-no-cudagraphs") is None and not isinstance(plain.forward,
+                                                                                        CompiledCallable)

@@ -143,3 +143,26 @@ def test_gpu_dataloader_pins_batches(rng):
             assert xb.is_pinned() and yb.is_pinned()
             got.append(xb.to("cuda", non_blocking=True))
         np.testing.assert_array_equal(np.concatenate([g.cpu().numpy() for g in got]), x)
+
+
+def test_tensor_cuda_takes_torchs_arguments(monkeypatch):
+    """Tensor.cuda(device=None, non_blocking=False): torch's parameters, passed on to the device copy."""
+    torch = pytest.importorskip("torch")
+    assert "cuda(device=None, non_blocking=False" in torch.Tensor.cuda.__doc__  # torch's parameters, in order
+    calls = []
+    monkeypatch.setattr(cutegrad.ops, "to_device", lambda t, device, non_blocking=False: calls.append(
+        (device, non_blocking)) or t)
+    t = cutegrad.ones(3)
+    t.cuda()
+    t.cuda(1, non_blocking=True)
+    t.cuda(device="cuda:0", non_blocking=False)
+    assert calls == [("cuda", False), ("cuda:1", True), ("cuda:0", False)]
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_tensor_cuda_non_blocking_uploads_from_pinned_memory(rng):
+    host = cutegrad.tensor(rng.standard_normal((64, 9)), dtype=cutegrad.float32).pin_memory()
+    dev = host.cuda(non_blocking=True)
+    assert pinned_tensors.pinned_buffer_of(host)._event is not None  # one queued DMA, recorded on the buffer
+    np.testing.assert_array_equal(dev.cpu().numpy(), host.numpy())

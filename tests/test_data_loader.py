@@ -178,7 +178,6 @@ def test_worker_exception_reaches_consumer(prefetch):
 
 
 def test_collate_dtypes_and_structures():
-    Pair = namedtuple("Pair", "x y")
     samples = [
         {"img": np.full((2, 2), i, dtype=np.float64), "lbl": i, "w": float(i), "h": np.float16(i), "m": bool(i % 2), "pair": Pair(np.int32(i), [i, i])}
         for i in range(3)
@@ -285,3 +284,112 @@ def test_to_tensors_keeps_structure_and_bools():
     out = to_tensors({"m": np.array([True, False]), "x": (np.ones((2, 3), np.float32)[:, ::2], "name")})
     assert out["m"].dtype == cutegrad.bool and out["m"].numpy().tolist() == [True, False]
     assert tuple(out["x"][0].shape) == (2, 2) and out["x"][1] == "name"
+
+
+# IterableDataset, ConcatDataset and DataLoader(batch_size=None): torch.utils.data's semantics, compared with torch.
+
+def _as_lists(tree):
+    """Batches of either library as nested Python lists (tensors -> tolist, tuples -> lists)."""
+    if hasattr(tree, "tolist"):
+        return ["tensor", str(tree.dtype).split(".")[-1], tree.tolist()]
+    if isinstance(tree, dict):
+        return {k: _as_lists(v) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):  # cutegrad's default_collate keeps tuples where torch's makes lists
+        return [_as_lists(x) for x in tree]
+    return tree
+
+
+def _stream_class(base):
+    class Stream(base):
+        """Samples (row, label) from a generator; the length only when `n` is given."""
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter((r, np.int64(i % 3)) for i, r in enumerate(self.rows))
+
+    return Stream
+
+
+@pytest.mark.parametrize("batch_size,drop_last", [(3, False), (3, True), (4, False), (None, False), (7, False)])
+def test_iterable_dataset_batches_consecutive_samples_like_torch(batch_size, drop_last):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader as TorchLoader, IterableDataset as TorchIterable
+    from cutegrad.utils.data import IterableDataset
+    rows = np.random.default_rng(3).standard_normal((10, 2)).astype(np.float32)
+    ours = DataLoader(_stream_class(IterableDataset)(rows), batch_size=batch_size, drop_last=drop_last)
+    ref = TorchLoader(_stream_class(TorchIterable)(rows), batch_size=batch_size, drop_last=drop_last)
+    for _ in range(2):  # a fresh pass over the stream each epoch
+        got, want = [_as_lists(b) for b in ours], [_as_lists(b) for b in ref]
+        assert len(got) == len(want) > 0
+        for g, w in zip(got, want):
+            assert g[0][:2] == w[0][:2] and g[1] == w[1]
+            np.testing.assert_allclose(g[0][2], w[0][2], rtol=1e-6)
+    with pytest.raises(TypeError):  # no __len__ on the dataset: no len() of the loader, as torch's
+        len(ours)
+    with pytest.raises(TypeError):
+        len(ref)
+
+
+def test_iterable_dataset_length_and_argument_errors_follow_torch():
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader as TorchLoader, IterableDataset as TorchIterable
+    from cutegrad.utils.data import IterableDataset
+
+    def sized(base, n):
+        cls = _stream_class(base)
+        cls.__len__ = lambda self: n
+        return cls(np.zeros((n, 2), np.float32))
+
+    for n, bs, drop in [(10, 3, False), (10, 3, True), (9, 3, True), (5, None, False)]:
+        assert len(DataLoader(sized(IterableDataset, n), batch_size=bs, drop_last=drop)) == \
+            len(TorchLoader(sized(TorchIterable, n), batch_size=bs, drop_last=drop))
+    ds = sized(IterableDataset, 4)
+    for kw in ({"shuffle": True}, {"sampler": [0, 1]}, {"batch_sampler": [[0]]}):
+        with pytest.raises(ValueError, match="IterableDataset: expected unspecified " + next(iter(kw))):
+            DataLoader(ds, **kw)
+    with pytest.raises(NotImplementedError, match="num_workers=0"):
+        DataLoader(ds, num_workers=2)
+
+
+def test_concat_dataset_indexes_like_torch():
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import ConcatDataset as TorchConcat
+    from cutegrad.utils.data import ConcatDataset
+    parts = [list(range(3)), list(range(10, 15)), [], list(range(20, 22))]
+    ours, ref = ConcatDataset(parts), TorchConcat(parts)
+    assert len(ours) == len(ref) == 10 and ours.cumulative_sizes == ref.cumulative_sizes
+    for i in range(-10, 10):
+        assert ours[i] == ref[i]
+    for bad in (10, -11):
+        with pytest.raises((IndexError, ValueError)):
+            ours[bad]
+        with pytest.raises((IndexError, ValueError)):
+            ref[bad]
+    both = TensorDataset(np.arange(4)) + TensorDataset(np.arange(4, 6))
+    assert isinstance(both, ConcatDataset) and [int(both[i][0]) for i in range(6)] == list(range(6))
+    assert [b.tolist() for (b,) in DataLoader(both, batch_size=4)] == [[0, 1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="empty"):
+        ConcatDataset([])
+
+
+Pair = namedtuple("Pair", "x y")  # at module level: worker processes pickle it
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batch_size_none_converts_each_sample_like_torch(num_workers):
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader as TorchLoader
+    samples = [(np.arange(3, dtype=np.int32) + i, np.float64(i) / 2, i, "s%d" % i, {"k": np.ones(2) * i},
+                Pair(np.float32(i), [np.int64(i)])) for i in range(4)]
+    ours = DataLoader(samples, batch_size=None, num_workers=num_workers)
+    ref = TorchLoader(samples, batch_size=None, num_workers=num_workers)
+    assert len(ours) == len(ref) == 4 and ours.batch_size is None and ours.batch_sampler is None
+    assert [_as_lists(b) for b in ours] == [_as_lists(b) for b in ref]
+    shuffled = DataLoader(list(range(6)), batch_size=None, shuffle=True, seed=1)
+    assert sorted(shuffled) == list(range(6))
+    custom = DataLoader(samples, batch_size=None, collate_fn=lambda s: s[2] * 10)
+    assert list(custom) == [0, 10, 20, 30]
+    with pytest.raises(ValueError, match="mutually exclusive with drop_last"):
+        DataLoader(samples, batch_size=None, drop_last=True)

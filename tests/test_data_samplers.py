@@ -260,3 +260,20 @@ def test_random_split_like_torch(lengths):
     g1, g2 = cutegrad.Generator().manual_seed(4), cutegrad.Generator().manual_seed(4)
     assert [list(s.indices) for s in cdata.random_split(range(23), lengths, generator=g1)] == \
         [list(s.indices) for s in cdata.random_split(range(23), lengths, generator=g2)]
+
+
+@pytest.mark.parametrize("n,world", [(10, 2), (101, 3), (7, 4), (1, 2), (64, 8)])
+def test_distributed_sampler_equals_torchs_index_for_index(n, world):
+    """The same shards as torch's DistributedSampler for every seed, epoch, shuffle and drop_last."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data.distributed import DistributedSampler as TorchSampler
+    from cutegrad.utils.data.distributed import DistributedSampler
+    for seed, shuffle, drop_last in [(0, True, False), (11, True, True), (2 ** 33 + 5, True, False),
+                                     (3, False, False), (3, False, True)]:
+        for epoch in (0, 1, 7):
+            for rank in range(world):
+                ours = DistributedSampler(range(n), world, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+                ref = TorchSampler(range(n), world, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+                ours.set_epoch(epoch)
+                ref.set_epoch(epoch)
+                assert list(ours) == list(ref) and len(ours) == len(ref), (seed, shuffle, drop_last, epoch, rank)

@@ -82,3 +82,20 @@ def test_unused_parameters_and_bad_arguments_are_named(world_of_one):
 def test_ddp_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         DistributedDataParallel(_mlp())
+
+
+def test_gloo_names_the_cpu_backend():
+    """torch's CPU scripts say init_process_group("gloo"): the "cpu" backend answers to it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=30)
+    try:
+        assert dist.get_backend() == "cpu"
+        t = cg.tensor(np.arange(5, dtype=np.float32))
+        dist.all_reduce(t)
+        np.testing.assert_array_equal(t.numpy(), np.arange(5, dtype=np.float32))
+    finally:
+        dist.destroy_process_group()
+    with pytest.raises(ValueError, match="unknown backend 'mpi'"):
+        dist.init_process_group("mpi")

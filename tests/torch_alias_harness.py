@@ -18,7 +18,8 @@ import importlib
 import sys
 
 _ALIASED = ("nn", "nn.functional", "nn.init", "nn.utils", "optim", "optim.lr_scheduler", "utils", "utils.data",
-            "amp", "cuda", "cuda.amp", "autograd", "backends")
+            "amp", "cuda", "cuda.amp", "autograd", "backends", "distributed", "nn.parallel",
+            "utils.data.distributed")
 
 
 def _cutegrad_modules():

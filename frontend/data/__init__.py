@@ -9,9 +9,9 @@ from .cache import cache_dir
 from .char_tokenizer import CharTokenizer
 from .cifar import CIFAR10, CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, find_cifar10, read_cifar10
 from .corpus import Corpus, embedded_corpus, resolve_corpus
-from .dataset import Dataset, Subset, TensorDataset, random_split
+from .dataset import ConcatDataset, Dataset, IterableDataset, Subset, TensorDataset, random_split
 from .images import ImageData, resolve_image_data
-from .loader import DataLoader, collate_numpy, default_collate, to_tensor, to_tensors
+from .loader import DataLoader, collate_numpy, default_collate, default_convert, to_tensor, to_tensors
 from .samplers import (BatchSampler, RandomSampler, Sampler, SequentialSampler, SubsetRandomSampler,
                        WeightedRandomSampler)
 from .workers import get_worker_info
@@ -57,4 +57,5 @@ __all__ = [
     "BatchSampler", "RandomSampler", "Sampler", "SequentialSampler", "SubsetRandomSampler", "WeightedRandomSampler",
     "get_worker_info", "random_split",
     "DistributedSampler",
+    "ConcatDataset", "IterableDataset", "default_convert",
 ]

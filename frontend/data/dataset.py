@@ -10,6 +10,7 @@ which keeps big image batches out of a Python loop.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 import warnings
@@ -17,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["Dataset", "TensorDataset", "Subset", "random_split"]
+__all__ = ["ConcatDataset", "Dataset", "IterableDataset", "TensorDataset", "Subset", "random_split"]
 
 
 class Dataset:
@@ -28,6 +29,49 @@ class Dataset:
 
     def __getitem__(self, index: int) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must define __getitem__")
+
+    def __add__(self, other: "Dataset") -> "ConcatDataset":
+        return ConcatDataset([self, other])
+
+
+class IterableDataset:
+    """Base class of iterable-style datasets (a stream of samples): subclasses define `__iter__`.
+
+    The DataLoader draws samples from `iter(dataset)` in order (no sampler, no
+    shuffle) and batches consecutive ones. `__len__` is optional; when defined,
+    `len(loader)` is computed from it, as torch's.
+    """
+
+    def __iter__(self):
+        raise NotImplementedError(f"{type(self).__name__} must define __iter__")
+
+
+class ConcatDataset(Dataset):
+    """Map-style datasets end to end: index i runs through the first, then the second, ... (torch's)."""
+
+    def __init__(self, datasets: Sequence[Dataset]):
+        self.datasets = list(datasets)
+        if not self.datasets:
+            raise ValueError("ConcatDataset: datasets should not be an empty iterable")
+        for d in self.datasets:
+            if isinstance(d, IterableDataset):
+                raise TypeError("ConcatDataset does not support IterableDataset")
+        self.cumulative_sizes = list(itertools.accumulate(len(d) for d in self.datasets))
+
+    def __len__(self) -> int:
+        return self.cumulative_sizes[-1]
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self)
+        if index < 0:
+            if -index > n:
+                raise ValueError("absolute value of index should not exceed dataset length")
+            index += n
+        if index >= n:
+            raise IndexError(f"ConcatDataset: index {index} is out of range for length {n}")
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        start = self.cumulative_sizes[which - 1] if which else 0
+        return self.datasets[which][index - start]
 
 
 def _as_array(x: Any) -> np.ndarray:

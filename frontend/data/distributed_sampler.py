@@ -1,12 +1,15 @@
 """DistributedSampler: each rank's share of a dataset's indices, as torch.utils.data.DistributedSampler.
 
-Epoch `e` with seed `s` orders the indices by `np.random.default_rng([s, e]).permutation(n)`
-(the DataLoader's own shuffle rule) when shuffling, `arange(n)` otherwise.  With
-`drop_last=False` the order is padded by repeating its head until its length
-divides by `num_replicas`; with `drop_last=True` the tail is cut instead.  Rank
-`r` takes positions r, r + R, r + 2R, ... so the ranks' shares are disjoint
-(without padding) and of equal length, and together cover the dataset.  Call
-`set_epoch(e)` before each epoch so every rank draws the same permutation.
+Epoch `e` with seed `s` orders the indices exactly as torch's sampler does
+when shuffling: `torch.randperm(n)` from a generator seeded with `s + e`
+(`torch_randperm` below reproduces it), `arange(n)` otherwise; so a job that
+mixes the libraries, or compares with a torch run, sees the same shards.
+With `drop_last=False` the order is padded by repeating its head until its
+length divides by `num_replicas`; with `drop_last=True` the tail is cut
+instead.  Rank `r` takes positions r, r + R, r + 2R, ... so the ranks' shares
+are disjoint (without padding) and of equal length, and together cover the
+dataset.  Call `set_epoch(e)` before each epoch so every rank draws the same
+permutation.
 """
 from __future__ import annotations
 
@@ -14,7 +17,26 @@ import math
 
 import numpy as np
 
-__all__ = ["DistributedSampler"]
+__all__ = ["DistributedSampler", "torch_randperm"]
+
+
+def torch_randperm(n, seed):
+    """torch.randperm(n) on the CPU from a generator seeded with `seed`, bit for bit.
+
+    torch's CPU generator is MT19937 seeded by the standard 32-bit init (the
+    one NumPy's legacy RandomState uses); for n below 2**32 / 20 its randperm
+    is a Fisher-Yates pass swapping position i with i + (next 32-bit draw %
+    (n - i)).  The swaps are sequential, hence the Python loop: about a
+    second per million indices, once per epoch.
+    """
+    state = np.random.RandomState(seed & 0xFFFFFFFF).get_state(legacy=False)["state"]
+    bits = np.random.MT19937()
+    bits.state = {"bit_generator": "MT19937", "state": state}
+    perm = list(range(n))
+    for i, draw in enumerate(bits.random_raw(max(n - 1, 0)).tolist()):
+        j = i + draw % (n - i)
+        perm[i], perm[j] = perm[j], perm[i]
+    return np.asarray(perm, dtype=np.int64)
 
 
 class DistributedSampler:
@@ -47,7 +69,7 @@ class DistributedSampler:
 
     def indices(self):
         n = len(self.dataset)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = torch_randperm(n, self.seed + self.epoch) if self.shuffle else np.arange(n)
         if self.total_size > n:
             order = np.resize(order, self.total_size)  # repeats the head cyclically
         else:

@@ -29,6 +29,7 @@ Design:
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -38,11 +39,12 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .dataset import Dataset
+from .dataset import Dataset, IterableDataset
 from .samplers import BatchSampler, RandomSampler, Sampler, SequentialSampler
 from .workers import WorkerPool
 
-__all__ = ["DataLoader", "collate_numpy", "default_collate", "make_batch_function", "to_tensor", "to_tensors"]
+__all__ = ["DataLoader", "collate_numpy", "default_collate", "default_convert", "make_batch_function", "to_tensor",
+           "to_tensors"]
 
 
 def _batch_dtype(arr: np.ndarray) -> np.ndarray:
@@ -121,7 +123,8 @@ def to_tensor(arr: np.ndarray):
     """One NumPy array -> a cutegrad CPU tensor (the only NumPy/tensor boundary of `cutegrad.data`)."""
     import cutegrad
 
-    return cutegrad.from_numpy(np.ascontiguousarray(arr))
+    # ascontiguousarray would turn a 0-d array into shape (1,)
+    return cutegrad.from_numpy(arr if arr.flags.c_contiguous else np.ascontiguousarray(arr))
 
 
 def to_tensors(tree: Any) -> Any:
@@ -132,6 +135,33 @@ def to_tensors(tree: Any) -> Any:
 def default_collate(samples: Sequence[Any]) -> Any:
     """`collate_numpy` followed by `to_tensors`."""
     return to_tensors(collate_numpy(samples))
+
+
+def default_convert(data: Any) -> Any:
+    """One sample, unbatched (torch's default_convert): NumPy arrays and scalars become tensors of their dtype.
+
+    Containers are walked (a plain tuple becomes a list, as torch's); strings,
+    Python numbers and everything else are returned as they are.
+    """
+    if isinstance(data, (np.ndarray, np.generic)):
+        return data if data.dtype.kind in "USO" else to_tensor(np.asarray(data))
+    if isinstance(data, dict):
+        return {k: default_convert(v) for k, v in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(default_convert(x) for x in data))
+    if isinstance(data, (tuple, list)):
+        return [default_convert(x) for x in data]
+    return data
+
+
+class _FirstSample:
+    """collate for loaders without batching: the 'batch' of one index is that sample, through `convert`."""
+
+    def __init__(self, convert: Optional[Callable]):
+        self.convert = convert
+
+    def __call__(self, samples: list) -> Any:
+        return samples[0] if self.convert is None else self.convert(samples[0])
 
 
 _BATCH, _ERROR, _END = 0, 1, 2
@@ -290,8 +320,12 @@ class DataLoader:
     Args (torch's, in torch's order):
         dataset: anything with `__len__` and `__getitem__`; if it also has
             `get_batch(indices)` and no `collate_fn` is given, whole batches are
-            fetched through it.
-        batch_size: samples per batch (>= 1).
+            fetched through it. Or an IterableDataset: samples in its
+            iteration order, consecutive ones batched (no sampler or shuffle;
+            num_workers=0 only).
+        batch_size: samples per batch (>= 1); None turns batching off: each
+            sample goes alone through `collate_fn` (default `default_convert`:
+            NumPy arrays become tensors, nothing is stacked).
         shuffle: visit samples in a fresh random order every epoch. Without a
             `generator` the order is `np.random.default_rng([seed, epoch])`'s
             permutation (see `seed`); with one, a RandomSampler drawing from it.
@@ -328,10 +362,22 @@ class DataLoader:
                  multiprocessing_context=None, generator=None, *, prefetch_factor: Optional[int] = None,
                  persistent_workers: bool = False, pin_memory_device: str = "", in_order: bool = True,
                  seed: Optional[int] = None, prefetch: int = 2):
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise TypeError(f"DataLoader: dataset must define __len__ and __getitem__, got {type(dataset).__name__}")
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"DataLoader: batch_size must be a positive integer, got {batch_size!r}")
+        iterable = isinstance(dataset, IterableDataset)
+        if not iterable and (not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__")):
+            raise TypeError(f"DataLoader: dataset must define __len__ and __getitem__ (or be an IterableDataset), "
+                            f"got {type(dataset).__name__}")
+        if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+            raise ValueError(f"DataLoader: batch_size must be a positive integer or None, got {batch_size!r}")
+        if batch_size is None and drop_last:
+            raise ValueError("batch_size=None option disables auto-batching and is mutually exclusive with drop_last")
+        if iterable:
+            for name, value in (("shuffle", shuffle), ("sampler", sampler), ("batch_sampler", batch_sampler)):
+                if value not in (None, False):
+                    raise ValueError(f"DataLoader with IterableDataset: expected unspecified {name} option, but got "
+                                     f"{name}={value!r}")
+            if num_workers:
+                raise NotImplementedError("DataLoader: an IterableDataset is read in this process only "
+                                          "(num_workers=0)")
         if not _is_int(prefetch) or prefetch < 0:
             raise ValueError(f"DataLoader: prefetch must be a non-negative integer, got {prefetch!r}")
         if not _is_int(num_workers) or num_workers < 0:
@@ -359,7 +405,8 @@ class DataLoader:
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"DataLoader: collate_fn must be callable, got {type(collate_fn).__name__}")
         self.dataset = dataset
-        self.batch_size = None if batch_sampler is not None else int(batch_size)
+        self.batch_size = None if batch_sampler is not None or batch_size is None else int(batch_size)
+        self._iterable = iterable
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)
         self.seed = int(seed)
@@ -379,7 +426,9 @@ class DataLoader:
                 warnings.warn("'pin_memory' argument is set as true but no accelerator is found, then device "
                               "pinned memory won't be used.", stacklevel=2)
                 self.pin_memory = False
-        if sampler is None:
+        if iterable:
+            sampler = None
+        elif sampler is None:
             if not self.shuffle:
                 sampler = SequentialSampler(dataset)
             elif generator is not None:
@@ -387,13 +436,24 @@ class DataLoader:
             else:
                 sampler = _SeededShuffle(self)
         self.sampler = sampler
-        self.batch_sampler = batch_sampler if batch_sampler is not None else \
-            BatchSampler(sampler, self.batch_size, self.drop_last)
+        self._auto_batch = batch_sampler is not None or batch_size is not None
+        if iterable or not self._auto_batch:
+            self.batch_sampler = None
+            # unbatched map-style loading runs on index "batches" of one sample each
+            self._index_lists = None if iterable else BatchSampler(sampler, 1, False)
+        else:
+            self.batch_sampler = self._index_lists = batch_sampler if batch_sampler is not None else \
+                BatchSampler(sampler, self.batch_size, self.drop_last)
         self.epoch = 0
         self._pool = None
 
     def __len__(self) -> int:
-        return len(self.batch_sampler)
+        if not self._iterable:
+            return len(self._index_lists)
+        n = len(self.dataset)  # a TypeError when the IterableDataset has no __len__, as torch's
+        if self.batch_size is None:
+            return n
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next `iter()` run epoch `epoch` (its permutation); passed on to a sampler that has set_epoch."""
@@ -414,21 +474,30 @@ class DataLoader:
         """The index arrays of the batches of epoch `epoch`."""
         saved, self.epoch = self.epoch, epoch
         try:
-            return [np.asarray(b, dtype=np.int64) for b in self.batch_sampler]
+            return [np.asarray(b, dtype=np.int64) for b in self._index_lists]
         finally:
             self.epoch = saved
 
     def _use_get_batch(self) -> bool:
-        return self.collate_fn is None and getattr(self.dataset, "get_batch", None) is not None
+        return self._auto_batch and self.collate_fn is None and getattr(self.dataset, "get_batch", None) is not None
+
+    def _collate(self, in_worker: bool = False) -> Optional[Callable]:
+        if self._auto_batch:
+            return self.collate_fn
+        # a worker hands the raw sample back; the parent converts it (tensors are made in the parent)
+        return _FirstSample(self.collate_fn or (None if in_worker else default_convert))
 
     def _batch_maker(self) -> Callable[[np.ndarray], Any]:
-        make = make_batch_function(self.dataset, self.collate_fn, self._use_get_batch())
+        make = make_batch_function(self.dataset, self._collate(), self._use_get_batch())
         if self.pin_memory:
             return lambda idx: _pin_tree(make(idx))
         return make
 
     def _finish_worker_batch(self) -> Callable[[Any], Any]:
-        convert = to_tensors if self.collate_fn is None else (lambda b: b)
+        if self.collate_fn is not None:
+            convert = lambda b: b  # noqa: E731
+        else:
+            convert = to_tensors if self._auto_batch else default_convert
         if self.pin_memory:
             return lambda b: _pin_tree(convert(b))
         return convert
@@ -437,10 +506,28 @@ class DataLoader:
         from .. import random as _random
         gen = self.generator.numpy() if self.generator is not None else _random.cpu_generator().numpy()
         base_seed = int(gen.integers(0, 2 ** 62))
-        return WorkerPool(self.dataset, self.collate_fn, self._use_get_batch(), self.num_workers, base_seed,
-                          self.worker_init_fn, self.multiprocessing_context)
+        return WorkerPool(self.dataset, self._collate(in_worker=True), self._use_get_batch(), self.num_workers,
+                          base_seed, self.worker_init_fn, self.multiprocessing_context)
+
+    def _stream_batches(self) -> Iterator[Any]:
+        samples = iter(self.dataset)
+        if self.batch_size is None:
+            convert = self.collate_fn or default_convert
+            chunks = ([s] for s in samples)
+            make = lambda chunk: convert(chunk[0])  # noqa: E731
+        else:
+            make = self.collate_fn or default_collate
+            chunks = iter(lambda: list(itertools.islice(samples, self.batch_size)), [])
+        for chunk in chunks:
+            if self.drop_last and len(chunk) < self.batch_size:
+                return
+            batch = make(chunk)
+            yield _pin_tree(batch) if self.pin_memory else batch
 
     def __iter__(self) -> Iterator[Any]:
+        if self._iterable:
+            self.epoch += 1
+            return self._stream_batches()
         batches = self.index_batches(self.epoch)
         self.epoch += 1
         if self.num_workers:

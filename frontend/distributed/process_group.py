@@ -248,7 +248,7 @@ def init_process_group(backend="cpu", init_method="env://", timeout=None, world_
                        device_id=None):
     """Join the default process group: rendezvous through the TCP store, then the backend's setup.
 
-    backend: "cpu" (shared memory between local processes), "nccl", or "cute"
+    backend: "cpu" (shared memory between local processes; "gloo" is accepted as its name), "nccl", or "cute"
     (our all-reduce inside one node, NCCL for the rest).  init_method: "env://"
     (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE) or "tcp://HOST:PORT".  rank and
     world_size override the environment.  timeout: a timedelta or seconds
@@ -259,8 +259,11 @@ def init_process_group(backend="cpu", init_method="env://", timeout=None, world_
                            "(call destroy_process_group first)")
     if store is not None:
         raise ValueError("init_process_group: passing a store is not supported; use init_method")
+    if backend == "gloo":
+        backend = "cpu"  # torch's CPU backend name, so CPU scripts written for torch run unchanged
     if backend not in BACKENDS:
-        raise ValueError(f"init_process_group: unknown backend {backend!r}; choose one of {BACKENDS}")
+        raise ValueError(f"init_process_group: unknown backend {backend!r}; choose one of {BACKENDS} (or 'gloo', "
+                         f"the same as 'cpu')")
     seconds = _seconds(timeout)
     world = _env_int("WORLD_SIZE", world_size)
     me = _env_int("RANK", rank)

@@ -290,6 +290,11 @@ class Module:
     def cpu(self):
         return self.to("cpu")
 
+    def compile(self, *args, **kwargs):
+        """Compile this module in place with cutegrad.compile's arguments; returns None, as torch's."""
+        from ..compile import compile as compile_module
+        compile_module(self, *args, **kwargs)
+
     def _float_cast(self, dtype):
         from ..ops import to_dtype
         return self._apply(lambda t: to_dtype(t, dtype) if t._dtype.is_floating_point else t)

@@ -165,6 +165,15 @@ class DistributedDataParallel(Module):
             self._sync = old
 
     @property
+    def require_backward_grad_sync(self):
+        """torch's switch (nanoGPT sets it per micro-step): False makes backward accumulate locally, as no_sync."""
+        return self._sync
+
+    @require_backward_grad_sync.setter
+    def require_backward_grad_sync(self, value):
+        self._sync = bool(value)
+
+    @property
     def bucket_sizes(self):
         """Elements per bucket, in launch order (for tests and logs)."""
         return [b.flat.numel() for b in self._buckets]
