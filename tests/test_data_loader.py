@@ -393,3 +393,14 @@ def test_batch_size_none_converts_each_sample_like_torch(num_workers):
     assert list(custom) == [0, 10, 20, 30]
     with pytest.raises(ValueError, match="mutually exclusive with drop_last"):
         DataLoader(samples, batch_size=None, drop_last=True)
+
+
+def test_unpicklable_batch_from_a_worker_is_an_error_not_a_hang():
+    from cutegrad.utils.data import DataLoader
+
+    def collate(samples):
+        return lambda: samples  # a closure: no pickle can carry it to the parent
+
+    loader = DataLoader(list(range(8)), batch_size=4, num_workers=1, collate_fn=collate, timeout=60)
+    with pytest.raises(Exception, match="pickle|Pickl"):
+        next(iter(loader))

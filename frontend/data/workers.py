@@ -21,6 +21,7 @@ None, when their iterator dies (non-persistent workers) or with the parent.
 """
 from __future__ import annotations
 
+import pickle
 import queue
 import random
 import traceback
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+from multiprocessing.reduction import ForkingPickler
 
 __all__ = ["WorkerInfo", "get_worker_info", "WorkerPool"]
 
@@ -56,7 +58,6 @@ class _WorkerError:
         self.text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.worker_id = worker_id
         try:
-            import pickle
             pickle.dumps(exc)
             self.exc = exc
         except Exception:  # noqa: BLE001 - an unpicklable exception becomes a RuntimeError below
@@ -95,13 +96,19 @@ def _worker_loop(dataset, collate_fn, use_get_batch, index_queue, result_queue, 
             break
         run, number, indices = task
         if init_error is not None:
-            result_queue.put((run, number, init_error))
+            result_queue.put((run, number, _pickled(init_error)))
             continue
         try:
-            batch = make_batch(indices)
+            # Pickled here, not by the queue: its feeder thread would print an unpicklable
+            # batch's error and drop the batch, leaving the parent to wait forever.
+            payload = _pickled(make_batch(indices))
         except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises it
-            batch = _WorkerError(exc, worker_id)
-        result_queue.put((run, number, batch))
+            payload = _pickled(_WorkerError(exc, worker_id))
+        result_queue.put((run, number, payload))
+
+
+def _pickled(obj):
+    return bytes(ForkingPickler.dumps(obj))
 
 
 def _stop(processes, index_queues):
@@ -161,7 +168,7 @@ class WorkerPool:
                 got_run, got, payload = self._get(timeout)
                 if got_run == run:
                     done[got] = payload
-            payload = done.pop(number)
+            payload = pickle.loads(done.pop(number))
             if isinstance(payload, _WorkerError):
                 payload.reraise()
             yield finish(payload)
