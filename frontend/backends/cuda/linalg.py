@@ -17,14 +17,14 @@ product through the residual epilogue, reading the partial sum from D itself) ru
 """
 from ... import dtypes as dt
 from ..._gemm import DTYPES, EPILOGUES
-from ...device import CUDA
+from ...device import CUDA, device as _device
 from ...dispatch import register
 from ...ops.broadcast import broadcast_shapes
 from ...tensor import make, numel_of
 from ...ops import codes as C
 from .. import precision
 from .pointwise import binary
-from .launch import (_GEMM_MAX_BATCH, _DeviceAllocation, _allocator, _bstrides, _cast_new, _contig, _empty, _fill,
+from .launch import (_GEMM_MAX_BATCH, _DeviceStorage, _allocator, _bstrides, _cast_new, _contig, _empty, _fill,
                      _lib, _ptr, _stream)
 
 _CODE = {dt.bfloat16: DTYPES["bf16"], dt.float16: DTYPES["fp16"], dt.float32: DTYPES["fp32"]}
@@ -48,8 +48,8 @@ def _workspace(nbytes, device, stream):
     """(address, owner) of nbytes from the caching allocator on `stream`; dropping owner frees it
     in stream order after the split-K kernels already enqueued there."""
     alloc = _allocator(device)
-    owner = _DeviceAllocation(alloc.malloc(nbytes, stream), alloc, nbytes, device)
-    return owner.ptr, owner
+    owner = _DeviceStorage(alloc.malloc(nbytes, stream), alloc, _device(device))
+    return owner.data.ptr, owner
 
 
 def _collapse(shape, strides):
