@@ -121,6 +121,26 @@ def test_two_devices(rng):
         assert dry.allocator(0).memory_stats()["allocated_bytes.all.current"] == 0
 
 
+def test_bf16_attention_backward_runs_with_workspaces_sized_like_C(dry_cuda):
+    q, k, v = (cutegrad.randn(2, 3, 70, 32, device="cuda", dtype=cutegrad.bfloat16).requires_grad_()
+               for _ in range(3))
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    assert dry_cuda.count("attention_backward") == 1
+    assert [g.shape for g in (q.grad, k.grad, v.grad)] == [q.shape] * 3
+
+
+@pytest.mark.parametrize("args", [(2, 65, 4, 129, 64, False), (2, 65, 4, 129, 64, True), (1, 1, 1, 1, 32, True),
+                                  (3, 128, 2, 257, 128, True)])
+def test_attention_backward_workspace_stand_in_matches_C(args):
+    from cutegrad._gemm import native
+    from cutegrad.cuda.dry_run import RETURNS
+    try:
+        lib = native()
+    except ImportError as e:
+        pytest.skip(f"cutegrad._C is not built here: {e}")
+    assert RETURNS["attention_backward_workspace"](*args) == tuple(lib.attention_backward_workspace(*args))
+
+
 def test_training_step_allocations_take_the_fast_path(dry_cuda):
     """Once a step repeats, its allocations are exact-size hits of the allocator's fast path."""
     from cutegrad.models import build_model

@@ -12,7 +12,8 @@ Inside the block:
   that appends `(name, args, kwargs)` to `dry.calls` and returns None, so a kernel
   entry added to `_C` later is recorded without changing this module. Entries
   whose callers use a result get one from `RETURNS` (gemm: a kernel name,
-  load_kernels: 0, gemm_specializations: []); `dry.kernels.returns(name, fn)`
+  load_kernels: 0, gemm_specializations: [],
+  attention_backward_workspace: its sizes); `dry.kernels.returns(name, fn)`
   adds one.
 - the CUDA driver is `DryDriver` (cutegrad.cuda.dry_driver): no GPU is touched;
   copies and memsets queued on a stream are recorded in `dry.work`.
@@ -35,11 +36,24 @@ from .dry_driver import DryDriver
 
 _device = sys.modules[current_device.__module__]  # the package's name `device` is the context manager
 
+# The attention backward's tile sizes (kernels/cute/attention_bwd.py BLOCK_M, BLOCK_N), which size
+# its workspaces; tests/test_cuda_dry_run.py checks the stand-in below against _C's own entry.
+_ATTN_BWD_BLOCK_M, _ATTN_BWD_BLOCK_N = 64, 128
+
+
+def _attention_backward_workspace(batch, sq, hq, sk, head_dim, deterministic):
+    """(lse2/delta elements, dq accumulator elements, dq parts), as _C.attention_backward_workspace."""
+    sq_pad = -(-sq // _ATTN_BWD_BLOCK_M) * _ATTN_BWD_BLOCK_M
+    parts = -(-sk // _ATTN_BWD_BLOCK_N) if deterministic else 1
+    return batch * hq * sq_pad, parts * batch * hq * sq_pad * head_dim, parts
+
+
 # Results of the _C entries whose callers read one.
 RETURNS = {
     "gemm": lambda *args, **kwargs: "dry_run",
     "load_kernels": lambda *args, **kwargs: 0,
     "gemm_specializations": lambda *args, **kwargs: [],
+    "attention_backward_workspace": _attention_backward_workspace,
 }
 
 
@@ -135,6 +149,8 @@ class DryRun:
             (_allocator_module(), "_default_allocators"): allocators,
             (_launch_module(), "_allocators"): {}, (_launch_module(), "_native"): self.kernels,
             (_gemm_module(), "_native"): self.kernels,
+            # the recorded gemm never asks for a split-K workspace: no allocator callback to register
+            (_linalg_module(), "_gemm_fn"): self.kernels.gemm,
             (_rng_module(), "_default_generators"): {},
             (_driver._tls, None): {}, (_device._tls, None): {}, (streams._tls, None): {},
         }
@@ -170,6 +186,11 @@ def _launch_module():
 def _gemm_module():
     from cutegrad import _gemm
     return _gemm
+
+
+def _linalg_module():
+    from cutegrad.backends.cuda import linalg
+    return linalg
 
 
 def _rng_module():
