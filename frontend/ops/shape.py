@@ -7,7 +7,8 @@ import builtins
 from ..dispatch import kernel
 from ..tensor import Tensor, make, contiguous_strides, numel_of
 from ..autograd import grad_mode
-from ..autograd.engine import Node
+from ..autograd.engine import Node, edge
+from ..autograd.function import _OutputSlot
 
 _K_CAT = kernel("cat").impl
 _state = grad_mode.state
@@ -432,11 +433,11 @@ def split(x, split_size_or_sections, dim=0):
         if builtins.sum(sizes) != size:
             raise RuntimeError(f"split_with_sizes expects split_sizes to sum exactly to {size} (input tensor's size "
                                f"at dimension {d}), but got split_sizes={sizes}")
-    out, start = [], 0
+    keys, start = [], 0
     for s in sizes:
-        out.append(narrow(x, d, start, s))
+        keys.append((slice(None),) * d + (slice(start, start + s),))
         start += s
-    return tuple(out)
+    return _pieces(x, keys)
 
 
 def chunk(x, chunks, dim=0):
@@ -449,7 +450,52 @@ def chunk(x, chunks, dim=0):
 
 def unbind(x, dim=0):
     d = x._wrap_dim(dim)
-    return tuple(select(x, d, i) for i in range(x._shape[d]))
+    return _pieces(x, [(slice(None),) * d + (i,) for i in range(x._shape[d])])
+
+
+class PiecesBackward(Node):
+    """The gradient of split / chunk / unbind: the pieces' gradients written side by side into
+    one tensor of the input's shape (one allocation and a copy per piece, where a backward per
+    piece would fill an input-sized tensor with zeros for each and sum them). Each piece's
+    grad_fn is an _OutputSlot feeding its gradient into this node's slot for it."""
+    __slots__ = ("in_shape", "in_dtype", "keys")
+
+    def backward(self, slots):
+        from .creation import empty, zeros
+        from .pointwise import add
+        grads = slots.grads
+        if _state.enabled:  # create_graph: the same gradient from differentiable ops
+            total = None
+            for g, key in zip(grads, self.keys):
+                if g is not None:
+                    gx = index_backward_basic(g, self.in_shape, self.in_dtype, key)
+                    total = gx if total is None else add(total, gx)
+            return (total,)
+        dev = next(g for g in grads if g is not None)._storage.device
+        make_grad = empty if all(g is not None for g in grads) else zeros  # the pieces tile the input
+        gx = make_grad(self.in_shape, dtype=self.in_dtype, device=dev)
+        copy = kernel("copy_").impl[dev.backend]
+        for g, key in zip(grads, self.keys):
+            if g is not None:
+                copy(_view(gx, *basic_index_meta(gx, key)), g)
+        return (gx,)
+
+
+def _pieces(x, keys):
+    """The views x[key] for each key (covering x along one dim), with one PiecesBackward."""
+    outs = tuple(_view(x, *basic_index_meta(x, key)) for key in keys)
+    if not (x._requires_grad and _state.enabled):
+        return outs
+    node = PiecesBackward()
+    node.in_shape, node.in_dtype, node.keys = x._shape, x._dtype, keys
+    node.next_functions = (edge(x),)
+    for i, out in enumerate(outs):
+        slot = _OutputSlot()
+        slot.index, slot.count, slot.next_functions = i, len(outs), (node,)
+        out.grad_fn = slot
+        out._requires_grad = True
+        out._base_fn = out._base.grad_fn  # the base history this view's node hangs off
+    return outs
 
 
 class CatBackward(Node):
