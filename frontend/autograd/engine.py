@@ -152,12 +152,10 @@ class AccumulateGrad(Node):
             # stride 0): `.grad` must own dense memory, or an in-place update
             # of it (optimizers, grad.add_) would write one element many times.
             grad = grad.contiguous()
-        if not grad_mode.state.enabled:
+        if not _grad_state.enabled:
             grad = grad.detach()
-        if var.grad is None:
-            var.grad = grad
-        else:
-            var.grad = var.grad + grad
+        old = var._grad
+        var.grad = grad if old is None else old + grad
         return ()
 
 

@@ -147,7 +147,11 @@ class PermuteBackward(Node):
         self.inverse = inverse
 
     def backward(self, g):
-        return (permute(g, self.inverse),)
+        inv = self.inverse
+        if _state.enabled or len(g._shape) != len(inv):  # create_graph (recorded), or permute's error
+            return (permute(g, inv),)
+        # inv is a permutation of g's dims: permute's checks would pass
+        return (_view(g, [g._shape[d] for d in inv], [g._strides[d] for d in inv], g._offset),)
 
 
 def permute(x, *dims):
