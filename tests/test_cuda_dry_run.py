@@ -55,6 +55,18 @@ def test_backward_counts_are_deterministic(dry_cuda):
     assert first["elementwise"] == 3 and first["reduce"] == 2
 
 
+@pytest.mark.parametrize("op,launches", [("mul", 1), ("div", 1), ("sub", 0)])
+def test_backward_computes_no_gradient_for_an_input_that_needs_none(dry_cuda, op, launches):
+    """x op c with only x requiring grad: the backward launches x's gradient alone (sub's is g itself)."""
+    x = cutegrad.empty(4, 32, device="cuda").requires_grad_()
+    c = cutegrad.empty(4, 32, device="cuda")
+    y = getattr(x, op)(c)
+    dry_cuda.reset()
+    y.backward(cutegrad.empty(4, 32, device="cuda"))
+    assert dry_cuda.count("elementwise") == launches + 1  # + the copy of the given gradient (backward clones it)
+    assert x.grad.shape == x.shape
+
+
 def test_values_read_back_are_zeros(dry_cuda):
     x = cutegrad.tensor(np.arange(6, dtype=np.float32), device="cuda")
     assert dry_cuda.launches() == {"cuMemcpyHtoDAsync": 1}
