@@ -281,3 +281,20 @@ def test_pieces_hooks_double_backward_and_in_place_writes():
     p1.mul_(3)  # (torch refuses this; cutegrad's views allow it) the other piece's history follows
     (p0.sum() + p1.sum()).backward()
     np.testing.assert_allclose(f64(y.grad), np.outer(np.ones(3), [1, 1, 3, 3]), rtol=1e-12)
+
+
+def test_pieces_gradient_follows_the_input_layout():
+    """unbind of a transposed view: the gradient reaching the tensor before the transpose is
+    contiguous (laid out like the input's memory), so the reshape before it needs no copy."""
+    rng = np.random.default_rng(13)
+    arr = rng.standard_normal((2, 5, 12))
+    x = cg.tensor(arr, dtype=cg.float64, requires_grad=True)
+    r = x.reshape(2, 5, 3, 2, 2)
+    seen = []
+    r.register_hook(lambda g: seen.append(g))
+    q, k, v = r.transpose(1, 3).unbind(2)  # (2, 2, 5, 2) each
+    weights = [rng.standard_normal(q.shape) for _ in range(3)]
+    _pieces_loss((q, k, v), weights).backward()
+    assert seen[0].shape == (2, 5, 3, 2, 2) and seen[0].is_contiguous()
+    expect = np.stack(weights, axis=2).transpose(0, 3, 2, 1, 4).reshape(2, 5, 12)
+    np.testing.assert_array_equal(f64(x.grad), expect)

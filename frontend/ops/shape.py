@@ -11,6 +11,7 @@ from ..autograd.engine import Node, edge
 from ..autograd.function import _OutputSlot
 
 _K_CAT = kernel("cat").impl
+_K_COPY = kernel("copy_").impl
 _state = grad_mode.state
 
 
@@ -461,28 +462,49 @@ class PiecesBackward(Node):
     """The gradient of split / chunk / unbind: the pieces' gradients written side by side into
     one tensor of the input's shape (one allocation and a copy per piece, where a backward per
     piece would fill an input-sized tensor with zeros for each and sum them). Each piece's
-    grad_fn is an _OutputSlot feeding its gradient into this node's slot for it."""
-    __slots__ = ("in_shape", "in_dtype", "keys")
+    grad_fn is an _OutputSlot feeding its gradient into this node's slot for it.
+
+    The gradient is laid out in the input's memory order: the pieces of a permuted view (q, k,
+    v of a transposed projection) then give a gradient that permutes back to a contiguous
+    tensor, and the reshape before the permute needs no copy."""
+    __slots__ = ("in_shape", "in_strides", "in_dtype", "keys")
 
     def backward(self, slots):
-        from .creation import empty, zeros
-        from .pointwise import add
         grads = slots.grads
         if _state.enabled:  # create_graph: the same gradient from differentiable ops
+            from .pointwise import add
             total = None
             for g, key in zip(grads, self.keys):
                 if g is not None:
                     gx = index_backward_basic(g, self.in_shape, self.in_dtype, key)
                     total = gx if total is None else add(total, gx)
             return (total,)
+        from .creation import empty, zeros
         dev = next(g for g in grads if g is not None)._storage.device
-        make_grad = empty if all(g is not None for g in grads) else zeros  # the pieces tile the input
-        gx = make_grad(self.in_shape, dtype=self.in_dtype, device=dev)
-        copy = kernel("copy_").impl[dev.backend]
+        if all(g is not None for g in grads):  # the pieces tile the input: nothing to fill
+            strides = _dense_strides_in_order_of(self.in_shape, self.in_strides)
+            flat = empty((numel_of(self.in_shape),), dtype=self.in_dtype, device=dev)
+            gx = make(flat._storage, self.in_shape, strides, 0, self.in_dtype)
+        else:
+            gx = zeros(self.in_shape, dtype=self.in_dtype, device=dev)
+        copy = _K_COPY[dev.backend]
         for g, key in zip(grads, self.keys):
             if g is not None:
                 copy(_view(gx, *basic_index_meta(gx, key)), g)
         return (gx,)
+
+
+def _dense_strides_in_order_of(shape, strides):
+    """Strides of a dense tensor of `shape` whose dims follow the memory order of `strides`
+    (smallest stride innermost); contiguous strides for a contiguous `strides`."""
+    if contiguous_strides(shape) == strides:
+        return contiguous_strides(shape)
+    out = [0] * len(shape)
+    acc = 1
+    for d in sorted(range(len(shape)), key=lambda d: (strides[d], -d)):  # ties: the later dim inner
+        out[d] = acc
+        acc *= shape[d] if shape[d] > 1 else 1
+    return tuple(out)
 
 
 def _pieces(x, keys):
@@ -491,7 +513,7 @@ def _pieces(x, keys):
     if not (x._requires_grad and _state.enabled):
         return outs
     node = PiecesBackward()
-    node.in_shape, node.in_dtype, node.keys = x._shape, x._dtype, keys
+    node.in_shape, node.in_strides, node.in_dtype, node.keys = x._shape, x._strides, x._dtype, keys
     node.next_functions = (edge(x),)
     for i, out in enumerate(outs):
         slot = _OutputSlot()
