@@ -145,12 +145,12 @@ def test_bf16_attention_backward_runs_with_workspaces_sized_like_C(dry_cuda):
                                   (3, 128, 2, 257, 128, True)])
 def test_attention_backward_workspace_stand_in_matches_C(args):
     from cutegrad._gemm import native
-    from cutegrad.cuda.dry_run import RETURNS
+    from cutegrad.cuda.dry_run import QUERIES
     try:
         lib = native()
     except ImportError as e:
         pytest.skip(f"cutegrad._C is not built here: {e}")
-    assert RETURNS["attention_backward_workspace"](*args) == tuple(lib.attention_backward_workspace(*args))
+    assert QUERIES["attention_backward_workspace"](*args) == tuple(lib.attention_backward_workspace(*args))
 
 
 def test_training_step_allocations_take_the_fast_path(dry_cuda):

@@ -11,10 +11,11 @@ Inside the block:
 - `cutegrad._C` is replaced by `RecordingKernels`: every attribute is a function
   that appends `(name, args, kwargs)` to `dry.calls` and returns None, so a kernel
   entry added to `_C` later is recorded without changing this module. Entries
-  whose callers use a result get one from `RETURNS` (gemm: a kernel name,
-  load_kernels: 0, gemm_specializations: [],
-  attention_backward_workspace: its sizes); `dry.kernels.returns(name, fn)`
-  adds one.
+  whose callers use a result get one from `RETURNS` (gemm: a kernel name);
+  `dry.kernels.returns(name, fn)` adds one. Entries that launch nothing are
+  answered without being recorded: the queries in `QUERIES` (load_kernels,
+  gemm_specializations, attention_backward_workspace) and the `set_*` entries
+  that configure the module (the GEMM's workspace allocator).
 - the CUDA driver is `DryDriver` (cutegrad.cuda.dry_driver): no GPU is touched;
   copies and memsets queued on a stream are recorded in `dry.work`.
 - every device's caching allocator runs over `SimulatedMemory` (`dry.allocator(i)`),
@@ -36,21 +37,21 @@ from .dry_driver import DryDriver
 
 _device = sys.modules[current_device.__module__]  # the package's name `device` is the context manager
 
-# The attention backward's tile sizes (kernels/cute/attention_bwd.py BLOCK_M, BLOCK_N), which size
-# its workspaces; tests/test_cuda_dry_run.py checks the stand-in below against _C's own entry.
-_ATTN_BWD_BLOCK_M, _ATTN_BWD_BLOCK_N = 64, 128
-
-
 def _attention_backward_workspace(batch, sq, hq, sk, head_dim, deterministic):
-    """(lse2/delta elements, dq accumulator elements, dq parts), as _C.attention_backward_workspace."""
-    sq_pad = -(-sq // _ATTN_BWD_BLOCK_M) * _ATTN_BWD_BLOCK_M
-    parts = -(-sk // _ATTN_BWD_BLOCK_N) if deterministic else 1
+    # kernels/cuda/attention_bwd_bindings.cpp's formula with kernels/cute/attention_bwd.py's
+    # 64-row query and 128-key blocks: sizes only shape the simulated allocations.
+    sq_pad = -(-sq // 64) * 64
+    parts = -(-sk // 128) if deterministic else 1
     return batch * hq * sq_pad, parts * batch * hq * sq_pad * head_dim, parts
 
 
-# Results of the _C entries whose callers read one.
+# Results of the kernel entries whose callers read one (recorded like every launch).
 RETURNS = {
     "gemm": lambda *args, **kwargs: "dry_run",
+}
+# Entries that launch nothing and only answer a question (module loading, the kernel
+# table, workspace sizes): answered, never recorded, so launch counts stay launches.
+QUERIES = {
     "load_kernels": lambda *args, **kwargs: 0,
     "gemm_specializations": lambda *args, **kwargs: [],
     "attention_backward_workspace": _attention_backward_workspace,
@@ -74,7 +75,12 @@ class RecordingKernels:
             raise AttributeError(name)
         calls = self.calls
         answer = self._returns.get(name)
-        if answer is None:
+        if name.startswith("set_") or name in QUERIES:
+            query = QUERIES.get(name, lambda *args, **kwargs: None)
+
+            def record(*args, **kwargs):
+                return query(*args, **kwargs)
+        elif answer is None:
             def record(*args, **kwargs):
                 calls.append((name, args, kwargs))
         else:
@@ -148,9 +154,7 @@ class DryRun:
             (index_errors, "_records"): {}, (pinned, "_free"): {},
             (_allocator_module(), "_default_allocators"): allocators,
             (_launch_module(), "_allocators"): {}, (_launch_module(), "_native"): self.kernels,
-            (_gemm_module(), "_native"): self.kernels,
-            # the recorded gemm never asks for a split-K workspace: no allocator callback to register
-            (_linalg_module(), "_gemm_fn"): self.kernels.gemm,
+            (_gemm_module(), "_native"): self.kernels, (_linalg_module(), "_gemm_fn"): None,
             (_rng_module(), "_default_generators"): {},
             (_driver._tls, None): {}, (_device._tls, None): {}, (streams._tls, None): {},
         }
@@ -183,14 +187,14 @@ def _launch_module():
     return launch
 
 
-def _gemm_module():
-    from cutegrad import _gemm
-    return _gemm
-
-
 def _linalg_module():
     from cutegrad.backends.cuda import linalg
     return linalg
+
+
+def _gemm_module():
+    from cutegrad import _gemm
+    return _gemm
 
 
 def _rng_module():
