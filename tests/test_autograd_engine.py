@@ -600,3 +600,88 @@ def test_custom_function_with_several_outputs():
     s.sum().backward()  # c unused: its gradient arrives as zeros
     np.testing.assert_allclose(grad_np(x), np.cos(xv), rtol=1e-12)
     assert cg.autograd.gradcheck(lambda a: SinCos.apply(a)[:2], (leaf([0.3, -0.8]),))
+
+
+class SeesAccumulateFlag(Function):
+    """Identity whose backward records grad_mode.state.accumulate_into_leaves."""
+    seen = []
+
+    @staticmethod
+    def forward(ctx, a):
+        return a * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        from cutegrad.autograd import grad_mode
+        SeesAccumulateFlag.seen.append(grad_mode.state.accumulate_into_leaves)
+        return g
+
+
+def _flag_during(run):
+    from cutegrad.autograd import grad_mode
+    SeesAccumulateFlag.seen = []
+    run()
+    assert grad_mode.state.accumulate_into_leaves is False, "the flag must not outlive the backward"
+    return SeesAccumulateFlag.seen
+
+
+def test_accumulate_into_leaves_only_while_backward_sums_every_leaf_into_grad():
+    x = leaf([1.0, 2.0])
+    loss = lambda: SeesAccumulateFlag.apply(x).sum()  # noqa: E731
+    assert _flag_during(lambda: loss().backward()) == [True]
+    assert _flag_during(lambda: cg.autograd.backward(loss(), inputs=[x])) == [False]
+    assert _flag_during(lambda: cg.autograd.grad(loss(), x)) == [False]
+    assert _flag_during(lambda: loss().backward(create_graph=True)) == [False]
+
+
+def test_accumulate_flag_is_restored_after_a_nested_backward_and_an_error():
+    from cutegrad.autograd import grad_mode
+    x, y = leaf([1.0, 2.0]), leaf([3.0])
+    seen = []
+
+    def hook(g):
+        with cg.enable_grad():  # a nested autograd.grad inside the outer backward
+            cg.autograd.grad((y * y).sum(), y)
+        seen.append(grad_mode.state.accumulate_into_leaves)
+        return g
+
+    out = SeesAccumulateFlag.apply(x)
+    out.register_hook(hook)
+    assert _flag_during(lambda: out.sum().backward()) == [True]
+    assert seen == [True]
+
+    class Fails(Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a * 1
+
+        @staticmethod
+        def backward(ctx, g):
+            raise ValueError("backward failed")
+
+    with pytest.raises(ValueError, match="backward failed"):
+        Fails.apply(x).sum().backward()
+    assert grad_mode.state.accumulate_into_leaves is False
+
+
+def test_linear_weight_gradient_adds_into_an_existing_grad_during_backward():
+    """The fused linear's weight-gradient GEMM adds into .grad in place (beta = 1) under a plain
+    backward(); with inputs=, a leaf hook or create_graph the values are the same, out of place."""
+    F = cg.nn.functional
+    rng = np.random.default_rng(4)
+    xv, wv, bv = rng.standard_normal((3, 4)), rng.standard_normal((5, 4)), rng.standard_normal(5)
+    expect = 2 * np.ones((3, 5)).T @ xv
+    for how in ("backward", "inputs", "hook", "create_graph"):
+        x, w, b = leaf(xv), leaf(wv), leaf(bv)
+        F.linear(x, w, b).sum().backward()
+        first = w.grad
+        if how == "hook":
+            w.register_hook(lambda g: g)
+        y = F.linear(x, w, b).sum()
+        if how == "inputs":
+            y.backward(inputs=[w, b])
+        else:
+            y.backward(create_graph=how == "create_graph")
+        assert (w.grad is first) == (how == "backward"), how
+        np.testing.assert_allclose(w.grad.detach().numpy(), expect, rtol=1e-12)
+        np.testing.assert_allclose(b.grad.detach().numpy(), [6.0] * 5, rtol=1e-12)

@@ -55,6 +55,18 @@ def test_backward_counts_are_deterministic(dry_cuda):
     assert first["elementwise"] == 3 and first["reduce"] == 2
 
 
+@pytest.mark.parametrize("op,launches", [("mul", 1), ("div", 1), ("sub", 0)])
+def test_backward_computes_no_gradient_for_an_input_that_needs_none(dry_cuda, op, launches):
+    """x op c with only x requiring grad: the backward launches x's gradient alone (sub's is g itself)."""
+    x = cutegrad.empty(4, 32, device="cuda").requires_grad_()
+    c = cutegrad.empty(4, 32, device="cuda")
+    y = getattr(x, op)(c)
+    dry_cuda.reset()
+    y.backward(cutegrad.empty(4, 32, device="cuda"))
+    assert dry_cuda.count("elementwise") == launches + 1  # + the copy of the given gradient (backward clones it)
+    assert x.grad.shape == x.shape
+
+
 def test_values_read_back_are_zeros(dry_cuda):
     x = cutegrad.tensor(np.arange(6, dtype=np.float32), device="cuda")
     assert dry_cuda.launches() == {"cuMemcpyHtoDAsync": 1}
@@ -119,6 +131,26 @@ def test_two_devices(rng):
         assert y.device == cutegrad.device("cuda:1")
         assert dry.allocator(1).memory_stats()["allocated_bytes.all.current"] == 1024
         assert dry.allocator(0).memory_stats()["allocated_bytes.all.current"] == 0
+
+
+def test_bf16_attention_backward_runs_with_workspaces_sized_like_C(dry_cuda):
+    q, k, v = (cutegrad.randn(2, 3, 70, 32, device="cuda", dtype=cutegrad.bfloat16).requires_grad_()
+               for _ in range(3))
+    F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+    assert dry_cuda.count("attention_backward") == 1
+    assert [g.shape for g in (q.grad, k.grad, v.grad)] == [q.shape] * 3
+
+
+@pytest.mark.parametrize("args", [(2, 65, 4, 129, 64, False), (2, 65, 4, 129, 64, True), (1, 1, 1, 1, 32, True),
+                                  (3, 128, 2, 257, 128, True)])
+def test_attention_backward_workspace_stand_in_matches_C(args):
+    from cutegrad._gemm import native
+    from cutegrad.cuda.dry_run import QUERIES
+    try:
+        lib = native()
+    except ImportError as e:
+        pytest.skip(f"cutegrad._C is not built here: {e}")
+    assert QUERIES["attention_backward_workspace"](*args) == tuple(lib.attention_backward_workspace(*args))
 
 
 def test_training_step_allocations_take_the_fast_path(dry_cuda):

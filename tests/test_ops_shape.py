@@ -220,3 +220,81 @@ def test_shape_metadata():
     assert len(t) == 2 and t[1:].storage_offset() == 15
     assert isinstance(t.shape, cg.Size) and repr(t.shape) == "cutegrad.Size([2, 3, 5])"
     assert cg.zeros(3, 1, 2).stride() == (2, 2, 1)
+
+
+def _pieces_loss(parts, weights):
+    """sum_i sum(parts[i] * weights[i]) over the pieces whose weight is not None."""
+    total = None
+    for p, w in zip(parts, weights):
+        if w is not None:
+            term = (p * cg.tensor(w)).sum()
+            total = term if total is None else total + term
+    return total
+
+
+@pytest.mark.parametrize("how", ["unbind", "split", "split_sizes", "chunk"])
+@pytest.mark.parametrize("used", ["all", "some"])
+def test_pieces_gradients_land_in_their_regions(how, used):
+    """split / chunk / unbind share one backward node: every piece's gradient lands in its own
+    region of x.grad, unused pieces' regions are zero, and the pieces are still views of x."""
+    rng = np.random.default_rng(11)
+    arr = rng.standard_normal((4, 7, 3))
+    x = cg.tensor(arr, dtype=cg.float64, requires_grad=True)
+    parts, nps = {
+        "unbind": (lambda: x.unbind(1), lambda a: [a[:, i] for i in range(7)]),
+        "split": (lambda: x.split(3, dim=1), lambda a: np.split(a, [3, 6], axis=1)),
+        "split_sizes": (lambda: x.split([2, 0, 5], dim=1), lambda a: np.split(a, [2, 2], axis=1)),
+        "chunk": (lambda: x.chunk(2, dim=-1), lambda a: np.split(a, [2], axis=2)),
+    }[how]
+    parts = parts()
+    assert all(_shares(p, x) for p in parts)
+    weights = [rng.standard_normal(p.shape) for p in parts]
+    if used == "some":
+        weights = [w if i % 2 == 0 else None for i, w in enumerate(weights)]
+    _pieces_loss(parts, weights).backward()
+    expect = np.zeros_like(arr)
+    for region, w in zip(nps(expect), weights):
+        if w is not None:
+            region += w
+    np.testing.assert_array_equal(f64(x.grad), expect)
+
+
+def test_pieces_hooks_double_backward_and_in_place_writes():
+    rng = np.random.default_rng(12)
+    arr = rng.standard_normal((3, 4))
+    x = cg.tensor(arr, dtype=cg.float64, requires_grad=True)
+    a, b, c = x.unbind(1)[:3]
+    seen = []
+    b.register_hook(lambda g: seen.append(f64(g)) or g * 2)
+    (a * a + b * b).sum().backward(create_graph=True)  # x.grad = 2x in columns 0, 1 (times 2 for the hook)
+    expect = np.zeros_like(arr)
+    expect[:, 0], expect[:, 1] = 2 * arr[:, 0], 4 * arr[:, 1]
+    np.testing.assert_allclose(f64(x.grad.detach()), expect, rtol=1e-12)
+    np.testing.assert_allclose(seen[0], 2 * arr[:, 1], rtol=1e-12)
+    # d/dx of sum(2 x0 + 4 x1); the hook doubles b's gradient again on this pass (torch: 8 too)
+    (gg,) = cg.autograd.grad(x.grad.sum(), x)
+    np.testing.assert_allclose(f64(gg), np.outer(np.ones(3), [2, 8, 0, 0]), rtol=1e-12)
+
+    y = cg.tensor(arr, dtype=cg.float64, requires_grad=True)
+    base = y * 1
+    p0, p1 = base.split(2, dim=1)
+    p1.mul_(3)  # (torch refuses this; cutegrad's views allow it) the other piece's history follows
+    (p0.sum() + p1.sum()).backward()
+    np.testing.assert_allclose(f64(y.grad), np.outer(np.ones(3), [1, 1, 3, 3]), rtol=1e-12)
+
+
+def test_pieces_gradient_follows_the_input_layout():
+    """unbind of a transposed view: the gradient reaching the tensor before the transpose is
+    contiguous (laid out like the input's memory), so the reshape before it needs no copy."""
+    rng = np.random.default_rng(13)
+    arr = rng.standard_normal((2, 5, 12))
+    x = cg.tensor(arr, dtype=cg.float64, requires_grad=True)
+    r = x.reshape(2, 5, 3, 2, 2)
+    seen = []
+    r.register_hook(lambda g: seen.append(g))
+    q, k, v = r.transpose(1, 3).unbind(2)  # (2, 2, 5, 2) each
+    weights = [rng.standard_normal(q.shape) for _ in range(3)]
+    _pieces_loss((q, k, v), weights).backward()
+    assert seen[0].shape == (2, 5, 3, 2, 2) and seen[0].is_contiguous()
+    expect = np.stack(weights, axis=2).transpose(0, 3, 2, 1, 4).reshape(2, 5, 12)
+    np.testing.assert_array_equal(f64(x.grad), expect)

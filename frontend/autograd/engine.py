@@ -152,12 +152,10 @@ class AccumulateGrad(Node):
             # stride 0): `.grad` must own dense memory, or an in-place update
             # of it (optimizers, grad.add_) would write one element many times.
             grad = grad.contiguous()
-        if not grad_mode.state.enabled:
+        if not _grad_state.enabled:
             grad = grad.detach()
-        if var.grad is None:
-            var.grad = grad
-        else:
-            var.grad = var.grad + grad
+        old = var._grad
+        var.grad = grad if old is None else old + grad
         return ()
 
 
@@ -282,47 +280,57 @@ def run_backward(roots, root_grads, retain_graph, create_graph, capture=None):
     for r, g in zip(roots, root_grads):
         buffers[r] = g if r not in buffers else buffers[r] + g
     ready = [r for r in dict.fromkeys(roots) if deps[r] == 0]
-    with grad_mode.set_grad_enabled(create_graph):
-        while ready:
-            node = ready.pop()
-            grad = buffers.pop(node, None)
-            if grad is None:  # every consumer returned None: nothing flows on
-                for nxt in node.next_functions:
-                    if nxt is not None:
-                        _arrive(nxt, deps, ready)
-                continue
-            if node._pre_hooks:
-                for hook in list(node._pre_hooks):
-                    res = hook(grad)
-                    if res is not None:
-                        grad = res
-            if capture is not None and node in capture:
-                captured[capture[node]] = grad
-                if isinstance(node, AccumulateGrad):
-                    continue
-            if needed is not None and node not in needed:
-                continue
-            grads = node.backward(grad)
-            if not retain_graph:
-                node.release()
-            edges = node.next_functions
-            for i, (nxt, g) in enumerate(zip(edges, grads)):
-                if nxt is None:
-                    continue
-                if g is not None:
-                    # One gradient object handed to two places must not alias:
-                    # leaves keep `.grad` and optimizers mutate it in place.
-                    for j in range(i):
-                        if grads[j] is g and edges[j] is not None:
-                            g = g.clone()
-                            break
-                    prev = buffers.get(nxt)
-                    buffers[nxt] = g if prev is None else prev + g
-                n = deps[nxt] - 1  # _arrive, inlined: this loop runs once per edge of the graph
-                deps[nxt] = n
-                if n == 0:
-                    ready.append(nxt)
+    outer_accumulate = _grad_state.accumulate_into_leaves
+    _grad_state.accumulate_into_leaves = capture is None and not create_graph
+    try:
+        with grad_mode.set_grad_enabled(create_graph):
+            _run_ready(ready, deps, buffers, retain_graph, capture, captured, needed)
+    finally:  # a backward run inside a node or hook must not leave its own setting behind
+        _grad_state.accumulate_into_leaves = outer_accumulate
     return captured
+
+
+def _run_ready(ready, deps, buffers, retain_graph, capture, captured, needed):
+    """run_backward's loop: run each node once its consumers have all delivered."""
+    while ready:
+        node = ready.pop()
+        grad = buffers.pop(node, None)
+        if grad is None:  # every consumer returned None: nothing flows on
+            for nxt in node.next_functions:
+                if nxt is not None:
+                    _arrive(nxt, deps, ready)
+            continue
+        if node._pre_hooks:
+            for hook in list(node._pre_hooks):
+                res = hook(grad)
+                if res is not None:
+                    grad = res
+        if capture is not None and node in capture:
+            captured[capture[node]] = grad
+            if isinstance(node, AccumulateGrad):
+                continue
+        if needed is not None and node not in needed:
+            continue
+        grads = node.backward(grad)
+        if not retain_graph:
+            node.release()
+        edges = node.next_functions
+        for i, (nxt, g) in enumerate(zip(edges, grads)):
+            if nxt is None:
+                continue
+            if g is not None:
+                # One gradient object handed to two places must not alias:
+                # leaves keep `.grad` and optimizers mutate it in place.
+                for j in range(i):
+                    if grads[j] is g and edges[j] is not None:
+                        g = g.clone()
+                        break
+                prev = buffers.get(nxt)
+                buffers[nxt] = g if prev is None else prev + g
+            n = deps[nxt] - 1  # _arrive, inlined: this loop runs once per edge of the graph
+            deps[nxt] = n
+            if n == 0:
+                ready.append(nxt)
 
 
 def _arrive(nxt, deps, ready):

@@ -4,6 +4,12 @@ import threading
 
 class _State(threading.local):
     enabled = True
+    # True while the engine runs a backward() whose every reached leaf sums its gradient into
+    # `.grad` and nothing else sees it (no inputs=, not autograd.grad, not create_graph). A node
+    # may then add its contribution for a leaf whose AccumulateGrad has no hooks straight into
+    # that leaf's existing dense `.grad`, in place, and pass None along that edge instead
+    # (PyTorch's AccumulateGrad also adds into an existing `.grad` in place outside grad mode).
+    accumulate_into_leaves = False
 
 
 state = _State()

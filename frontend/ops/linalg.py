@@ -6,9 +6,10 @@ from .. import dtypes as dt
 from ..dispatch import kernel
 from ..tensor import Tensor
 from ..autograd import grad_mode
-from ..autograd.engine import Node, attach
+from ..autograd.engine import AccumulateGrad, Node, attach
 from ..autocast import gate as _AC, lower as _lower
 from .broadcast import broadcast_shapes, sum_to
+from .conversion import CastBackward  # the backward's per-edge tests: imported once, not per call
 from .shape import unsqueeze, squeeze, transpose, reshape
 
 _K_MATMUL = kernel("matmul").impl
@@ -197,7 +198,6 @@ def _out_dtype(x, bias, residual):
 def _grad_dtype(edge, default):
     """dtype for the gradient flowing into `edge`: fp32 when the input is an autocast copy of an
     fp32 tensor (the cast's backward then costs nothing), else `default`."""
-    from .conversion import CastBackward
     if isinstance(edge, CastBackward) and edge.src_dtype is dt.float32:
         return dt.float32
     return default
@@ -213,8 +213,6 @@ def _accumulation_target(edge, dtype, like):
     .grad of the right dtype on the same device that records no history."""
     if not getattr(_state, "accumulate_into_leaves", False):
         return None
-    from ..autograd.engine import AccumulateGrad
-    from .conversion import CastBackward
     if isinstance(edge, CastBackward):
         if edge._pre_hooks or edge.src_dtype is not dt.float32:
             return None

@@ -358,8 +358,9 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     _param_check(weight, shape, "weight", "layer_norm")
     _param_check(bias, shape, "bias", "layer_norm")
     y, mean, rstd = _K_LAYER_NORM[x._storage.device.backend](x, nd, weight, bias, eps)
-    ins = [x] + [p for p in (weight, bias) if p is not None]
-    if _state.enabled and any(t._requires_grad for t in ins):
+    if _state.enabled and (x._requires_grad or (weight is not None and weight._requires_grad) or
+                           (bias is not None and bias._requires_grad)):
+        ins = [x] + [p for p in (weight, bias) if p is not None]
         node = LayerNormBackward()
         node.nd, node.has_w, node.has_b, node.eps = nd, weight is not None, bias is not None, eps
         node.dtypes = tuple(t._dtype for t in ins)

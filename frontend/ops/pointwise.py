@@ -68,6 +68,14 @@ class _BinaryNode(Node):
         else:
             self.b_meta, self.b_scalar = None, b
 
+    def _wants(self):
+        """(a's gradient is needed, b's is): the operand is a Tensor with an edge. The engine drops
+        what a node returns for an input that needs no gradient (a None edge), so it is not computed."""
+        edges = self.next_functions
+        if self.a_meta is None:
+            return False, edges[0] is not None
+        return edges[0] is not None, self.b_meta is not None and edges[1] is not None
+
     def _pack(self, ga, gb):
         out = []
         if self.a_meta is not None:
@@ -88,7 +96,7 @@ class SubBackward(_BinaryNode):
     __slots__ = ()
 
     def backward(self, g):
-        return self._pack(g, neg(g) if self.b_meta is not None else None)
+        return self._pack(g, neg(g) if self._wants()[1] else None)
 
 
 class MulBackward(_BinaryNode):
@@ -96,8 +104,8 @@ class MulBackward(_BinaryNode):
 
     def backward(self, g):
         a, b = self._operands()
-        return self._pack(mul(g, b) if self.a_meta is not None else None,
-                          mul(g, a) if self.b_meta is not None else None)
+        want_a, want_b = self._wants()
+        return self._pack(mul(g, b) if want_a else None, mul(g, a) if want_b else None)
 
     def _operands(self):
         saved = self.saved_tensors
@@ -112,8 +120,9 @@ class DivBackward(MulBackward):
 
     def backward(self, g):
         a, b = self._operands()
-        ga = div(g, b) if self.a_meta is not None else None
-        gb = neg(div(mul(g, a), mul(b, b))) if self.b_meta is not None else None
+        want_a, want_b = self._wants()
+        ga = div(g, b) if want_a else None
+        gb = neg(div(mul(g, a), mul(b, b))) if want_b else None
         return self._pack(ga, gb)
 
 
@@ -122,11 +131,12 @@ class PowBackward(MulBackward):
 
     def backward(self, g):
         a, b = self._operands()
+        want_a, want_b = self._wants()
         ga = gb = None
-        if self.a_meta is not None:
+        if want_a:
             bm1 = sub(b, 1) if isinstance(b, Tensor) else b - 1
             ga = mul(g, mul(pow(a, bm1), b))
-        if self.b_meta is not None:
+        if want_b:
             # d/db a^b = a^b log(a), taken as 0 where a == 0 (torch's convention for b >= 0)
             if isinstance(a, Tensor):
                 la = log(where(eq(a, 0), 1.0, a))
@@ -147,9 +157,10 @@ class MaxMinBackward(MulBackward):
         tie = eq(a, b)
         ga = gb = None
         wa = add(pick_a.to(g._dtype), mul(tie.to(g._dtype), 0.5))
-        if self.a_meta is not None:
+        want_a, want_b = self._wants()
+        if want_a:
             ga = mul(g, wa)
-        if self.b_meta is not None:
+        if want_b:
             gb = mul(g, rsub(wa, 1.0))
         return self._pack(ga, gb)
 
@@ -165,8 +176,9 @@ class RemainderBackward(MulBackward):
     def backward(self, g):
         # a % b = a - floor(a / b) * b
         a, b = self._operands()
-        ga = g if self.a_meta is not None else None
-        gb = mul(neg(g), _unary(C.FLOOR, div(a, b), None)) if self.b_meta is not None else None
+        want_a, want_b = self._wants()
+        ga = g if want_a else None
+        gb = mul(neg(g), _unary(C.FLOOR, div(a, b), None)) if want_b else None
         return self._pack(ga, gb)
 
 

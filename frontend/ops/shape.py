@@ -7,9 +7,11 @@ import builtins
 from ..dispatch import kernel
 from ..tensor import Tensor, make, contiguous_strides, numel_of
 from ..autograd import grad_mode
-from ..autograd.engine import Node
+from ..autograd.engine import Node, edge
+from ..autograd.function import _OutputSlot
 
 _K_CAT = kernel("cat").impl
+_K_COPY = kernel("copy_").impl
 _state = grad_mode.state
 
 
@@ -146,7 +148,11 @@ class PermuteBackward(Node):
         self.inverse = inverse
 
     def backward(self, g):
-        return (permute(g, self.inverse),)
+        inv = self.inverse
+        if _state.enabled or len(g._shape) != len(inv):  # create_graph (recorded), or permute's error
+            return (permute(g, inv),)
+        # inv is a permutation of g's dims: permute's checks would pass
+        return (_view(g, [g._shape[d] for d in inv], [g._strides[d] for d in inv], g._offset),)
 
 
 def permute(x, *dims):
@@ -432,11 +438,11 @@ def split(x, split_size_or_sections, dim=0):
         if builtins.sum(sizes) != size:
             raise RuntimeError(f"split_with_sizes expects split_sizes to sum exactly to {size} (input tensor's size "
                                f"at dimension {d}), but got split_sizes={sizes}")
-    out, start = [], 0
+    keys, start = [], 0
     for s in sizes:
-        out.append(narrow(x, d, start, s))
+        keys.append((slice(None),) * d + (slice(start, start + s),))
         start += s
-    return tuple(out)
+    return _pieces(x, keys)
 
 
 def chunk(x, chunks, dim=0):
@@ -449,7 +455,73 @@ def chunk(x, chunks, dim=0):
 
 def unbind(x, dim=0):
     d = x._wrap_dim(dim)
-    return tuple(select(x, d, i) for i in range(x._shape[d]))
+    return _pieces(x, [(slice(None),) * d + (i,) for i in range(x._shape[d])])
+
+
+class PiecesBackward(Node):
+    """The gradient of split / chunk / unbind: the pieces' gradients written side by side into
+    one tensor of the input's shape (one allocation and a copy per piece, where a backward per
+    piece would fill an input-sized tensor with zeros for each and sum them). Each piece's
+    grad_fn is an _OutputSlot feeding its gradient into this node's slot for it.
+
+    The gradient is laid out in the input's memory order: the pieces of a permuted view (q, k,
+    v of a transposed projection) then give a gradient that permutes back to a contiguous
+    tensor, and the reshape before the permute needs no copy."""
+    __slots__ = ("in_shape", "in_strides", "in_dtype", "keys")
+
+    def backward(self, slots):
+        grads = slots.grads
+        if _state.enabled:  # create_graph: the same gradient from differentiable ops
+            from .pointwise import add
+            total = None
+            for g, key in zip(grads, self.keys):
+                if g is not None:
+                    gx = index_backward_basic(g, self.in_shape, self.in_dtype, key)
+                    total = gx if total is None else add(total, gx)
+            return (total,)
+        from .creation import empty, zeros
+        dev = next(g for g in grads if g is not None)._storage.device
+        if all(g is not None for g in grads):  # the pieces tile the input: nothing to fill
+            strides = _dense_strides_in_order_of(self.in_shape, self.in_strides)
+            flat = empty((numel_of(self.in_shape),), dtype=self.in_dtype, device=dev)
+            gx = make(flat._storage, self.in_shape, strides, 0, self.in_dtype)
+        else:
+            gx = zeros(self.in_shape, dtype=self.in_dtype, device=dev)
+        copy = _K_COPY[dev.backend]
+        for g, key in zip(grads, self.keys):
+            if g is not None:
+                copy(_view(gx, *basic_index_meta(gx, key)), g)
+        return (gx,)
+
+
+def _dense_strides_in_order_of(shape, strides):
+    """Strides of a dense tensor of `shape` whose dims follow the memory order of `strides`
+    (smallest stride innermost); contiguous strides for a contiguous `strides`."""
+    if contiguous_strides(shape) == strides:
+        return contiguous_strides(shape)
+    out = [0] * len(shape)
+    acc = 1
+    for d in sorted(range(len(shape)), key=lambda d: (strides[d], -d)):  # ties: the later dim inner
+        out[d] = acc
+        acc *= shape[d] if shape[d] > 1 else 1
+    return tuple(out)
+
+
+def _pieces(x, keys):
+    """The views x[key] for each key (covering x along one dim), with one PiecesBackward."""
+    outs = tuple(_view(x, *basic_index_meta(x, key)) for key in keys)
+    if not (x._requires_grad and _state.enabled):
+        return outs
+    node = PiecesBackward()
+    node.in_shape, node.in_strides, node.in_dtype, node.keys = x._shape, x._strides, x._dtype, keys
+    node.next_functions = (edge(x),)
+    for i, out in enumerate(outs):
+        slot = _OutputSlot()
+        slot.index, slot.count, slot.next_functions = i, len(outs), (node,)
+        out.grad_fn = slot
+        out._requires_grad = True
+        out._base_fn = out._base.grad_fn  # the base history this view's node hangs off
+    return outs
 
 
 class CatBackward(Node):

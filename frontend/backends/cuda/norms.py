@@ -7,7 +7,7 @@ Either way the weight and bias gradients reduce in two fixed-order stages, no at
 from ... import dtypes as dt
 from ...device import CUDA
 from ...dispatch import register
-from ...tensor import numel_of
+from ...tensor import contiguous_strides, make, numel_of
 from .launch import _cast_new, _contig, _empty, _lib, _ptr, _stream
 from .reduction import _split_workspace_bytes
 
@@ -33,8 +33,13 @@ def _norm(x, nd, weight, bias, eps, rms, cute=True):
     stat = dt.float64 if x._dtype is dt.float64 else dt.float32
     stat_shape = shape[:len(shape) - nd] + (1,) * nd
     y = _empty(shape, x._dtype, dev, stream)
-    mean = None if rms else _empty(stat_shape, stat, dev, stream)
-    rstd = _empty(stat_shape, stat, dev, stream)
+    if rms:
+        mean, rstd = None, _empty(stat_shape, stat, dev, stream)
+    else:  # one allocation for both statistics: mean in its first `rows` elements, rstd after them
+        stats = _empty((2 * rows,), stat, dev, stream)
+        strides = contiguous_strides(stat_shape)
+        mean = make(stats._storage, stat_shape, strides, 0, stat)
+        rstd = make(stats._storage, stat_shape, strides, rows, stat)
     wp, wd, _w = _param_ptr(weight, stream)
     bp, bd, _b = _param_ptr(bias, stream)
     _lib().norm(_ptr(x), _ptr(y), x._dtype.index, rows, n, wp, wd, bp, bd, 0 if rms else _ptr(mean), _ptr(rstd),
