@@ -22,12 +22,13 @@ on an sm_90 GPU: a call whose row length and dtypes have a specialization
 """
 import argparse
 import collections
-import importlib.util
 import json
 import math
 import os
 import sys
 from dataclasses import replace
+
+from bench.dry_norms import answer_as_sm90, norm_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("reverse", "vit", "minigpt", "gpt2-small")
@@ -51,57 +52,10 @@ LAUNCHES_PER_CALL = {
     # two-stage reductions take a workspace
     "reduce": lambda a: 2 if a[-2] else 1,
     # a call without a specialization launches nothing (the caller falls back)
-    "cute_norm": lambda a: 1 if _norms().forward(*a) else 0,
-    "cute_norm_backward": lambda a: 1 if _norms().backward(*a) else 0,
+    "cute_norm": lambda a: 1 if norm_table().forward(*a) else 0,
+    "cute_norm_backward": lambda a: 1 if norm_table().backward(*a) else 0,
 }
 NOT_KERNELS = {"load_kernels", "gemm_specializations", "cute_norm_specializations"}
-
-
-def _cute_norm_family():
-    path = os.path.join(ROOT, "kernels", "cute", "norms.py")
-    spec = importlib.util.spec_from_file_location("cutegrad_kernels_cute_norms", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _NormTable:
-    """The CuTeDSL norm kernels an sm_90 build has: what `_C.cute_norm*` would answer."""
-
-    def __init__(self):
-        family = _cute_norm_family()
-        self.spec = family.NormSpec
-        self.names = {s.name for s in family.specializations(("sm_90a",))}
-
-    def forward(self, *a):
-        rms, n, x, res, y = a[13], a[9], a[10], a[11], a[12]
-        name = self.spec("fwd", "rms" if rms else "layer", n, _NORM_DTYPE[x], _NORM_DTYPE[res], _NORM_DTYPE[y]).name
-        return name if name in self.names else ""
-
-    def backward(self, *a):
-        rms, n, s, dy, dx2, dres = a[16], a[12], a[13], a[14], a[15], a[2]
-        name = self.spec("bwd", "rms" if rms else "layer", n, _NORM_DTYPE[s], _NORM_DTYPE[dx2], _NORM_DTYPE[dy],
-                         bool(dres)).name
-        return name if name in self.names else ""
-
-
-_NORM_DTYPE = {0: "", 1: "bf16", 2: "fp32"}
-_norm_table = None
-
-
-def _norms():
-    global _norm_table
-    if _norm_table is None:
-        _norm_table = _NormTable()
-    return _norm_table
-
-
-def _norm_answers(dry):
-    """Make the dry run's cute_norm* entries answer as the built table would on sm_90."""
-    table = _norms()
-    dry.kernels.returns("cute_norm", table.forward)
-    dry.kernels.returns("cute_norm_backward", table.backward)
-    dry.kernels.returns("cute_norm_finish", lambda *a: "norm_finish")
 
 
 def _kernel_name(name, args):
@@ -144,7 +98,7 @@ def measure(preset):
 
     clip = preset.clip_grad_norm or 1.0
     with cg.cuda.dry_run() as dry:
-        _norm_answers(dry)
+        answer_as_sm90(dry)
         model = build_model(preset.model).to("cuda")
         opt = build_optimizer(model, preset.optimizer)
         inputs, targets = _inputs(cg, preset)

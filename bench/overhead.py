@@ -252,7 +252,9 @@ def run_dry(args, cutegrad, torch):
             before = {r["name"]: r for r in json.load(f)["rows"]}
     rows = []
     print(f"{'op':<70} {'cutegrad us':>12} {'torch us':>10} {'ratio':>7} {'launches':>8}   (min over batches)")
+    from bench.dry_norms import answer_as_sm90
     with cutegrad.cuda.dry_run() as dry:
+        answer_as_sm90(dry)  # the CuTeDSL norms an sm_90 build has, not a None that adds the fallback
         cutegrad.manual_seed(0)
         ours = dry_cases(cutegrad)
         theirs = torch_one_element_cases(torch)
