@@ -14,6 +14,7 @@ from cutegrad import dtypes as dt
 from cutegrad.autograd import gradcheck
 from cutegrad.device import CPU, CUDA
 from cutegrad.dispatch import kernel
+from gpu_entry_skip import skip_reason
 from cutegrad.ops import fused_dropout as D
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "reference" / "attention.py"
@@ -123,20 +124,7 @@ def test_dry_run_fused_only_for_float_dtypes(dry_cuda):
 
 # ---- on a GPU ---------------------------------------------------------------------------
 
-def _gpu_skip_reason():
-    try:
-        import cutegrad.cuda as cuda
-        if not cuda.is_available():
-            return "needs a CUDA GPU and driver"
-        from cutegrad import _C
-        if not hasattr(_C, "dropout"):
-            return "cutegrad._C was built without the fused dropout"
-    except Exception as exc:  # no driver library, or the extension is not built
-        return f"needs a CUDA GPU and cutegrad._C: {type(exc).__name__}: {exc}"
-    return None
-
-
-_SKIP = _gpu_skip_reason()
+_SKIP = skip_reason("dropout")
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
