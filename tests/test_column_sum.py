@@ -1,17 +1,15 @@
 """The one-launch bias gradient ("column_sum", kernels/cuda/column_sum.cu): the linear family's
 backward uses it on the (dry-run) CUDA device, its launch arguments, the persistent zeroed
 counters, every fallback to the reduction, and GPU tests (marker gpu) against float64 NumPy."""
-import numpy as np
-import pytest
-
 import cutegrad as cg
 import cutegrad.nn.functional as F
+import numpy as np
+import pytest
 from cutegrad import dtypes as dt
+from cutegrad.backends.cuda import column_sum as CS
 from cutegrad.device import CUDA
 from cutegrad.dispatch import kernel
 from gpu_entry_skip import skip_reason
-
-from cutegrad.backends.cuda import column_sum as CS
 
 
 def test_splits_fill_about_two_waves():
@@ -103,7 +101,7 @@ def test_gpu_matches_float64(rows, cols, in_dtype, out_dtype):
     acc = 1e-14 if dt.float64 in (in_dtype, out_dtype) else 4e-6
     bound = OUT_EPS[out_dtype] * np.abs(ref) + acc * np.abs(g64).sum(0) + 1e-300
     assert got[0].shape == (cols,) and (np.abs(got[0] - ref) <= bound).all()
-    stream, entry = next(((k, v) for k, v in CS._counters.items() if k[0] == g.device.index), (None, None))
+    entry = next((v for k, v in CS._counters.items() if k[0] == g.device.index), None)
     if entry is not None:
         assert not entry[1].cpu().numpy().any(), "a launch must leave the counters zeroed"
 

@@ -5,17 +5,16 @@ launches and arguments, and GPU tests (marker gpu) against the model."""
 import importlib.util
 import pathlib
 
-import numpy as np
-import pytest
-
 import cutegrad as cg
 import cutegrad.nn.functional as F
+import numpy as np
+import pytest
 from cutegrad import dtypes as dt
 from cutegrad.autograd import gradcheck
 from cutegrad.device import CPU, CUDA
 from cutegrad.dispatch import kernel
-from gpu_entry_skip import skip_reason
 from cutegrad.ops import fused_dropout as D
+from gpu_entry_skip import skip_reason
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "reference" / "attention.py"
 _spec = importlib.util.spec_from_file_location("attention_model_for_dropout", _PATH)
