@@ -329,3 +329,107 @@ def test_bench_cases_and_flops():
             (256, 6, 65, 64, False)} <= got
     assert bench.attention_flops(1, 1, 10, 4, False, "fwd") == 1600.0
     assert bench.attention_flops(1, 1, 10, 4, True, "fwd+bwd") == 800.0 * 3.5
+
+
+# ---- qkv_attention: q, k and v packed in one (B, S, 3, H, D) projection output ----------------
+
+def _packed_pair(rng, B, S, H, D):
+    return _pair(rng, (B, S, 3, H, D))
+
+
+def _torch_unpacked(tqkv, **kw):
+    return TF.scaled_dot_product_attention(*tqkv.transpose(1, 3).unbind(2), **kw)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("B,S,H,D", [(2, 5, 3, 8), (1, 17, 2, 16), (3, 1, 1, 4)])
+def test_qkv_attention_composite_matches_torch(B, S, H, D, causal):
+    rng = np.random.default_rng(B * 100 + S + causal)
+    qkv, tqkv = _packed_pair(rng, B, S, H, D)
+    out = F.qkv_attention(qkv, is_causal=causal, scale=0.4)
+    ref = _torch_unpacked(tqkv, is_causal=causal, scale=0.4)
+    assert out.shape == (B, H, S, D)
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-12, atol=1e-13)
+    w = rng.standard_normal(ref.shape)
+    (out * cg.tensor(w)).sum().backward()
+    (ref * torch.tensor(w)).sum().backward()
+    _grads_match((qkv,), (tqkv,), 1e-10, 1e-12)
+
+
+def test_qkv_attention_fused_node_takes_the_packed_tensor(flash_on_cpu):
+    rng = np.random.default_rng(21)
+    qkv, tqkv = _packed_pair(rng, 2, 33, 3, 16)
+    out = F.qkv_attention(qkv, is_causal=True)
+    # the kernel read (B, S, H, D) views straight out of the packed tensor
+    assert flash_on_cpu == [((2, 33, 3, 16), (33 * 3 * 3 * 16, 3 * 3 * 16, 16, 1),
+                             (2, 33, 3, 16), (33 * 3 * 3 * 16, 3 * 3 * 16, 16, 1))]
+    node = out.grad_fn.next_functions[0]
+    assert node.name() == "FlashAttentionBackward" and len(node.next_functions) == 1
+    ref = _torch_unpacked(tqkv, is_causal=True)
+    np.testing.assert_allclose(out.detach().numpy(), ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    w = rng.standard_normal(ref.shape)
+    (out * cg.tensor(w)).sum().backward()
+    (ref * torch.tensor(w)).sum().backward()
+    _grads_match((qkv,), (tqkv,), 1e-9, 1e-11)
+
+
+def test_qkv_attention_fused_node_gradcheck(flash_on_cpu):
+    rng = np.random.default_rng(22)
+    x = cg.tensor(rng.standard_normal((1, 5, 24)), requires_grad=True)
+    for causal in (False, True):
+        # the packed tensor as a model makes it: a view of a projection's output
+        assert gradcheck(lambda t: F.qkv_attention((t * 1.5).reshape(1, 5, 3, 1, 8), is_causal=causal), (x,))
+    assert flash_on_cpu
+
+
+def test_qkv_attention_fused_backward_writes_one_buffer(flash_on_cpu):
+    """With the backend's fused backward, dq, dk and dv are its slots of one (B, S, 3, H, D)
+    gradient: the kernel gets them as grads_into and the node returns the buffer itself."""
+    seen = []
+
+    def sdpa_flash_backward(q, k, v, out, lse, dout, scale, is_causal, dropout_p, rng_state, grads_into=None):
+        grads = A.flash_backward_composite(q, k, v, out, lse, dout, scale, is_causal)
+        seen.append([(t.shape, t.stride()) for t in grads_into])
+        for dst, src in zip(grads_into, grads):
+            dst.copy_(src)
+        return grads_into
+
+    impl = kernel("sdpa_flash_backward").impl
+    old, impl[CPU] = impl[CPU], sdpa_flash_backward
+    rng = np.random.default_rng(23)
+    qkv, tqkv = _packed_pair(rng, 2, 9, 2, 8)
+    try:
+        F.qkv_attention(qkv, scale=0.3).sum().backward()
+    finally:
+        impl[CPU] = old
+    _torch_unpacked(tqkv, scale=0.3).sum().backward()
+    slot = ((2, 9, 2, 8), (9 * 3 * 2 * 8, 3 * 2 * 8, 8, 1))
+    assert seen == [[slot, slot, slot]]
+    _grads_match((qkv,), (tqkv,), 1e-9, 1e-11)
+
+
+def test_qkv_attention_bad_input():
+    with pytest.raises(RuntimeError, match=r"qkv must be \(B, S, 3, H, D\), got shape \[2, 4, 8, 16\]"):
+        F.qkv_attention(cg.zeros(2, 4, 8, 16))
+    with pytest.raises(RuntimeError, match=r"got shape \[2, 4, 2, 1, 8\]"):
+        F.qkv_attention(cg.zeros(2, 4, 2, 1, 8))
+    with pytest.raises(TypeError, match="must be Tensor"):
+        F.qkv_attention(np.zeros((2, 4, 3, 1, 8)))
+
+
+def test_qkv_attention_backward_on_cuda_is_one_launch(dry_cuda):
+    """On the (dry-run) CUDA device the packed gradient costs the attention backward alone:
+    no zero-filled buffers, slot copies or adds."""
+    B, S, H, D = 2, 64, 4, 64
+    qkv = cg.randn(B, S, 3, H, D, device="cuda", dtype=cg.bfloat16, requires_grad=True)
+    out = F.qkv_attention(qkv, is_causal=True)
+    dout = cg.randn(B, H, S, D, device="cuda", dtype=cg.bfloat16)
+    dry_cuda.reset()
+    out.backward(dout)
+    # the engine's copy of the given root gradient (a leaf's .grad must not alias it), then the kernel
+    assert dry_cuda.names() == ["elementwise", "attention_backward"] and dry_cuda.work == []
+    args = dry_cuda.calls[1][1]
+    slot = [S * 3 * H * D, 3 * H * D, D, 1]
+    assert [list(a) for a in (args[15], args[17], args[19])] == [slot, slot, slot]
+    assert args[16] - args[14] == args[18] - args[16] == H * D * 2  # dq, dk, dv: adjacent bf16 slots
+    assert qkv.grad.shape == (B, S, 3, H, D)

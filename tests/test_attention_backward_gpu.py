@@ -261,3 +261,40 @@ def test_dropout_needs_the_forwards_rng_state():
     args, _ = _problem(rng, 1, 16, 16, 1, 1, 64, dt.bfloat16, False, 0.125)
     with pytest.raises(RuntimeError, match="needs the forward's rng_state"):
         _fused()(*args, 0.125, False, 0.1, None)
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("causal", [False, True])
+def test_grads_into_the_slots_of_one_packed_buffer(causal):
+    """grads_into: dq, dk, dv written into the (B, S, 3, H, D) gradient of a packed projection
+    (F.qkv_attention's backward), NaN-poisoned first; every slot holds the dense reference."""
+    rng = np.random.default_rng(31 + causal)
+    args, refs = _problem(rng, 2, 129, 129, 4, 4, 64, dt.bfloat16, causal, 0.125)
+    dqkv = cutegrad.full((2, 129, 3, 4, 64), float("nan"), dtype=dt.bfloat16, device="cuda")
+    slots = tuple(dqkv[:, :, i] for i in range(3))
+    got = _fused()(*args, 0.125, causal, 0.0, None, grads_into=slots)
+    assert all(g is s for g, s in zip(got, slots))
+    _check([dqkv[:, :, i] for i in range(3)], refs, dt.bfloat16)
+
+
+@gpu
+@needs_sm90
+def test_qkv_attention_matches_the_unpacked_call():
+    """F.qkv_attention on a packed bf16 projection: the same output and the same packed gradient
+    (up to the atomic dQ reduction's rounding) as scaled_dot_product_attention on its views."""
+    import cutegrad.nn.functional as F
+    rng = np.random.default_rng(33)
+    base = cutegrad.tensor(rng.standard_normal((2, 100, 3 * 4 * 64)), dtype=dt.bfloat16).to("cuda")
+    w = cutegrad.tensor(rng.standard_normal((2, 4, 100, 64)), dtype=dt.bfloat16).to("cuda")
+    grads, outs = [], []
+    for packed in (True, False):
+        x = base.detach().requires_grad_(True)
+        qkv = x.reshape(2, 100, 3, 4, 64)
+        out = (F.qkv_attention(qkv, is_causal=True) if packed else
+               F.scaled_dot_product_attention(*qkv.transpose(1, 3).unbind(2), is_causal=True))
+        (out.float() * w.float()).sum().backward()
+        outs.append(_f64(out))
+        grads.append(_f64(x.grad))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    assert np.abs(grads[0] - grads[1]).max() <= TOL[dt.bfloat16] * np.abs(grads[1]).max()

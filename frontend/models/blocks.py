@@ -35,12 +35,12 @@ class SelfAttention(nn.Module):
     def forward(self, x):
         B, T, C = x.shape
         hs = C // self.n_heads
-        # q, k and v are (B, heads, T, hs) views of the projection's (B, T, 3, heads, hs)
-        # output: the fused attention kernel reads them in place and writes y as
-        # (B, T, heads, hs), so the transpose + reshape below is free too.
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.n_heads, hs).transpose(1, 3).unbind(2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=self.causal)
+        # q, k and v stay packed in the projection's (B, T, 3, heads, hs) output: the fused
+        # attention kernel reads them in place, its backward writes their gradients into one
+        # buffer shaped like it, and y comes back as a (B, heads, T, hs) view of (B, T, heads, hs),
+        # so the transpose + reshape below is free too.
+        qkv = self.qkv(x).reshape(B, T, 3, self.n_heads, hs)
+        y = F.qkv_attention(qkv, dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.proj(y))
 

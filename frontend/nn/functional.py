@@ -41,3 +41,7 @@ def silu(input, inplace=False):  # noqa: F811
 
 __all__ += ["conv2d", "unfold", "fold", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "pad", "batch_norm",
             "normalize", "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"]
+
+from ..ops.attention import qkv_attention  # noqa: E402  (fused: q, k, v packed in one projection output)
+
+__all__ += ["qkv_attention"]

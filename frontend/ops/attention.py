@@ -239,8 +239,11 @@ def _broadcasts_into(mask_shape, shape):
         return False
 
 
-def _flash(query, key, value, scale, is_causal, dropout_p, generator, needs_grad):
-    """The fused path: (B, H, S, D) arguments read as (B, S, H, D) views, O returned as a (B, H, Sq, D) view."""
+def _flash(query, key, value, scale, is_causal, dropout_p, generator, needs_grad, packed=None):
+    """The fused path: (B, H, S, D) arguments read as (B, S, H, D) views, O returned as a (B, H, Sq, D) view.
+
+    packed: the (B, S, 3, H, D) tensor that query, key and value are (detached) views of
+    (qkv_attention); the node then has it as its single input and its gradient is one buffer."""
     q, k, v = (S.transpose(t, 1, 2) for t in (query, key, value))
     backend = query._storage.device.backend
     out, lse, rng_state = _K_FLASH[backend](q.detach(), k.detach(), v.detach(), scale, is_causal, dropout_p,
@@ -248,24 +251,65 @@ def _flash(query, key, value, scale, is_causal, dropout_p, generator, needs_grad
     if needs_grad:
         node = FlashAttentionBackward()
         node.scale, node.causal, node.dropout_p, node.rng_state = scale, is_causal, dropout_p, rng_state
+        node.packed = packed is not None
         node.save(q, k, v, out, lse)
-        attach(out, node, (q, k, v))
+        attach(out, node, (packed,) if node.packed else (q, k, v))
     return S.transpose(out, 1, 2)
 
 
 class FlashAttentionBackward(Node):
-    """Gradient of the fused attention from q, k, v, O and the LSE (no saved scores)."""
-    __slots__ = ("scale", "causal", "dropout_p", "rng_state")
+    """Gradient of the fused attention from q, k, v, O and the LSE (no saved scores).
+    packed: the input is one (B, S, 3, H, D) tensor and the gradient is shaped like it."""
+    __slots__ = ("scale", "causal", "dropout_p", "rng_state", "packed")
 
     def backward(self, g):
         q, k, v, out, lse = self.saved_tensors
         fused = _K_FLASH_BWD[q._storage.device.backend]
         if not _state.enabled and not getattr(fused, "missing", False):
-            return fused(q, k, v, out, lse, g, self.scale, self.causal, self.dropout_p, self.rng_state)
+            if not self.packed:
+                return fused(q, k, v, out, lse, g, self.scale, self.causal, self.dropout_p, self.rng_state)
+            # dq, dk and dv are written straight into their slots of one (B, S, 3, H, D) buffer
+            from .creation import empty
+            B, Sq, H, D = q._shape
+            dqkv = empty((B, Sq, 3, H, D), dtype=q._dtype, device=q._storage.device)
+            fused(q, k, v, out, lse, g, self.scale, self.causal, self.dropout_p, self.rng_state,
+                  grads_into=tuple(S.select(dqkv, 2, i) for i in range(3)))
+            return (dqkv,)
         if self.dropout_p > 0.0:
             raise RuntimeError(f"{_NAME}: the backward of fused attention with dropout needs the fused backward "
                                "kernel (only it regenerates the dropout mask); create_graph is not supported there")
-        return flash_backward_composite(q, k, v, out, lse, g, self.scale, self.causal)
+        grads = flash_backward_composite(q, k, v, out, lse, g, self.scale, self.causal)
+        return (S.stack(grads, 2),) if self.packed else grads
+
+
+def qkv_attention(qkv, dropout_p=0.0, is_causal=False, scale=None, generator=None):
+    """Self-attention over q, k and v packed in one (B, S, 3, H, D) tensor (a fused q/k/v
+    projection's output reshaped), returned as (B, H, S, D).
+
+    Equal to scaled_dot_product_attention(*qkv.transpose(1, 3).unbind(2), ...) in values and
+    gradients.  On the fused path the autograd node takes qkv itself as its input and the
+    backward kernel writes dq, dk and dv into their slots of one gradient shaped like qkv: no
+    zero-filled buffers, copies or adds assemble the projection's gradient from three views."""
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv_attention(): argument 'qkv' must be Tensor, not {type(qkv).__name__}")
+    if len(qkv._shape) != 5 or qkv._shape[2] != 3:
+        raise RuntimeError(f"qkv_attention(): qkv must be (B, S, 3, H, D), got shape {list(qkv._shape)}")
+    if _AC.armed:
+        (qkv,) = _ac_lower(qkv)
+        return _ac_call_excluded(qkv, _qkv_attention, qkv, dropout_p, is_causal, scale, generator)
+    return _qkv_attention(qkv, dropout_p, is_causal, scale, generator)
+
+
+def _qkv_attention(qkv, dropout_p, is_causal, scale, generator):
+    q, k, v = S.unbind(S.transpose(qkv.detach(), 1, 3), 2)
+    _check(q, k, v, None, dropout_p, is_causal, False)
+    needs_grad = _state.enabled and qkv._requires_grad
+    path, _ = sdpa_path(q, k, v, None, dropout_p, is_causal, False, flash_caps(qkv._storage.device), needs_grad)
+    if path != "flash":
+        q, k, v = S.unbind(S.transpose(qkv, 1, 3), 2)
+        return _sdpa(q, k, v, None, dropout_p, is_causal, scale, False, generator)
+    s = float(scale) if scale is not None else 1.0 / math.sqrt(q._shape[-1])
+    return _flash(q, k, v, s, is_causal, dropout_p, generator, needs_grad, packed=qkv)
 
 
 def flash_backward_composite(q, k, v, out, lse, dout, scale, is_causal):

@@ -250,9 +250,23 @@ def _gemm_grads(g, x, weight, bias, edges, preact_of_x=None):
         if into is not None:
             gw = None  # already added into .grad by the GEMM: nothing more flows to the leaf
     if edges[2] is not None:
-        from .reduction import sum as _sum
-        gb = _sum(g, tuple(range(len(g._shape) - 1)), dtype=_grad_dtype(edges[2], bias._dtype))
+        gb = _bias_grad(g, _grad_dtype(edges[2], bias._dtype))
     return gx, gw, gb
+
+
+_K_COLUMN_SUM = kernel("column_sum").impl
+
+
+def _bias_grad(g, dtype):
+    """g summed over every dim but the last, as dtype: one launch where the backend has
+    "column_sum" (CUDA; it answers None where it cannot), else a reduction."""
+    impl = _K_COLUMN_SUM[g._storage.device.backend]
+    if not getattr(impl, "missing", False) and g.is_contiguous() and g._shape:
+        gb = impl(g, dtype)
+        if gb is not None:
+            return gb
+    from .reduction import sum as _sum
+    return _sum(g, tuple(range(len(g._shape) - 1)), dtype=dtype)
 
 
 def _composite_grads(g, x, weight, bias, gelu):

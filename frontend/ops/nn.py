@@ -445,6 +445,9 @@ def dropout(input, p=0.5, training=True, generator=None):
         return x
     if p == 1.0:
         return P.mul(x, 0.0)
+    from .fused_dropout import fused_dropout, takes_fused_dropout
+    if takes_fused_dropout(x):
+        return fused_dropout(x, p, generator)  # mask made and applied in one kernel each way
     dev = x._storage.device
     mask = _K_DROPOUT_MASK[dev.backend](x._shape, 1.0 - p, x._dtype, dev, generator)
     return P.mul(x, mask)

@@ -1,4 +1,4 @@
-// Random tensors from counter-based Philox4x32-10: uniform, normal, randint
+// Random tensors from counter-based Philox4x32-10 (philox.h): uniform, normal, randint
 // and the scaled Bernoulli mask of dropout.
 //
 // Design: value v of a launch is lane v % 4 of Philox(key = seed,
@@ -18,6 +18,7 @@
 
 #include "dtype_access.h"
 #include "ops_args.h"
+#include "philox.h"
 
 namespace cutegrad {
 namespace ops {
@@ -25,28 +26,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ uint4 philox(uint64_t seed, uint64_t counter) {
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  return make_uint4(c0, c1, c2, c3);
-}
-
-__device__ __forceinline__ float unit(uint32_t x) { return static_cast<float>(x >> 8) * (1.0f / 16777216.0f); }
-
 __global__ void __launch_bounds__(kThreads) random_kernel(const RandomArgs a) {
-  const uint64_t seed = a.seed_ptr ? *static_cast<const uint64_t*>(a.seed_ptr) : a.seed;
-  const uint64_t offset = (a.offset_ptr ? *static_cast<const uint64_t*>(a.offset_ptr) : 0) + a.offset;
+  const uint64_t seed = philox_seed(a.seed, a.seed_ptr);
+  const uint64_t offset = philox_offset(a.offset, a.offset_ptr);
   const int64_t groups = (a.n + 3) / 4;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -87,10 +69,7 @@ __global__ void __launch_bounds__(kThreads) random_kernel(const RandomArgs a) {
 
 int random_launch(const RandomArgs& a, void* stream) {
   if (a.n == 0) return cudaSuccess;
-  int64_t blocks = ((a.n + 3) / 4 + kThreads - 1) / kThreads;
-  const int64_t cap = int64_t(1) << 20;
-  if (blocks > cap) blocks = cap;
-  random_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
+  random_kernel<<<philox_grid(a.n, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a);
   return cudaGetLastError();
 }
 

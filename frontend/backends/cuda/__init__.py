@@ -36,6 +36,8 @@ from .cross_entropy import cross_entropy_rows, cross_entropy_rows_backward
 from ..precision import cuda_matmul as matmul  # cutegrad.backends.cuda.matmul.allow_tf32, as in torch
 from .optim import adamw_multi_tensor, sgd_multi_tensor, multi_tensor_scale, grad_norm_clip
 from . import attention  # noqa: F401  (registers sdpa_flash and the fused-attention device check)
+from . import dropout  # noqa: F401  (registers dropout_fused and its backward)
+from . import column_sum  # noqa: F401  (registers column_sum, the one-launch bias gradient)
 
 __all__ = ["set_poison_outputs", "softmax_causal", "softmax_backward", "layer_norm_backward", "rms_norm_backward",
            "cross_entropy_rows", "cross_entropy_rows_backward", "adamw_multi_tensor", "sgd_multi_tensor",

@@ -75,10 +75,30 @@ def _check(q, k, v, out, lse, dout):
         raise RuntimeError(f"{name}: lse is on {lse._storage.device}, q on {q._storage.device}")
 
 
+def _check_grads_into(q, k, v, grads):
+    name = "sdpa_flash_backward"
+    if len(grads) != 3:
+        raise RuntimeError(f"{name}: grads_into must be (dq, dk, dv), got {len(grads)} tensors")
+    for label, t, like in (("dq", grads[0], q), ("dk", grads[1], k), ("dv", grads[2], v)):
+        if t._shape != like._shape or t._dtype is not like._dtype or t._storage.device is not like._storage.device:
+            raise RuntimeError(f"{name}: grads_into {label} must be {like._dtype} {list(like._shape)} on "
+                               f"{like._storage.device}, got {t._dtype} {list(t._shape)} on {t._storage.device}")
+        if t._strides[3] != 1:
+            raise RuntimeError(f"{name}: grads_into {label} must have unit stride on the head dim, got strides "
+                               f"{list(t._strides)}")
+
+
 @register("sdpa_flash_backward", CUDA)
-def sdpa_flash_backward(q, k, v, out, lse, dout, scale, is_causal, dropout_p, rng_state, deterministic=None):
-    """(dq, dk, dv) of fused attention; see the module docstring."""
+def sdpa_flash_backward(q, k, v, out, lse, dout, scale, is_causal, dropout_p, rng_state, deterministic=None,
+                        grads_into=None):
+    """(dq, dk, dv) of fused attention; see the module docstring.
+
+    grads_into: (dq, dk, dv) tensors shaped like q, k, v (any strides with a unit head-dim
+    stride, e.g. the slots of one (B, S, 3, H, D) buffer) that the kernels write instead of
+    new ones; they are returned."""
     _check(q, k, v, out, lse, dout)
+    if grads_into is not None:
+        _check_grads_into(q, k, v, grads_into)
     philox = (0, 0, 0, 0)
     if dropout_p > 0.0:
         if rng_state is None or len(rng_state) != 4:
@@ -101,9 +121,12 @@ def sdpa_flash_backward(q, k, v, out, lse, dout, scale, is_causal, dropout_p, rn
     delta = _empty((stat_elems,), dt.float32, dev, stream)
     dq_acc = _empty((acc_elems,), dt.float32, dev, stream)
     rng = _empty((2,), dt.int64, dev, stream) if dropout_p > 0.0 else None
-    dq = _empty(q._shape, q._dtype, dev, stream)
-    dk = _empty(k._shape, k._dtype, dev, stream)
-    dv = _empty(v._shape, v._dtype, dev, stream)
+    if grads_into is not None:
+        dq, dk, dv = grads_into
+    else:
+        dq = _empty(q._shape, q._dtype, dev, stream)
+        dk = _empty(k._shape, k._dtype, dev, stream)
+        dv = _empty(v._shape, v._dtype, dev, stream)
     lib.attention_backward(_ptr(q), q._shape, q._strides, _ptr(k), k._shape, k._strides, _ptr(v), v._strides,
                            _ptr(out), out._strides, _ptr(dout), dout._strides, _ptr(lse), lse._strides,
                            _ptr(dq), dq._strides, _ptr(dk), dk._strides, _ptr(dv), dv._strides,
