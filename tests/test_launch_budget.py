@@ -36,6 +36,23 @@ def test_counting_rules_cover_multi_kernel_entries():
     # 100 parameters: three groups of 48, each an increment launch and an update launch
     assert launches.LAUNCHES_PER_CALL["adamw"]([None, [0] * 100] + [None] * 14 + [True]) == 6
     assert launches.LAUNCHES_PER_CALL["grad_norm"]([[0] * 49]) == 3
-    calls = [("gemm", (), {}), ("load_kernels", (), {}), ("elementwise", (5,), {})]
+    short_k = (0, (1, 64, 64), (), 0, (1, 64, 64)) + (0,) * 12 + (0, 0, 0)
+    calls = [("gemm", short_k, {}), ("load_kernels", (), {}), ("elementwise", (5,), {})]
     assert launches.count(calls, [("cuMemsetD32Async", ())]) == {"gemm": 1, "elementwise:copy": 1,
                                                                  "driver:cuMemsetD32Async": 1}
+    assert launches.LAUNCHES_PER_CALL["attention_backward"](()) == 3
+
+
+def test_a_gemm_counts_the_split_k_kernels_its_plan_launches():
+    from cutegrad import _C
+    gemm = launches.LAUNCHES_PER_CALL["gemm"]
+
+    def call(m, n, k, batch=1, path=0, split_k=0):
+        return (0, (batch, m, k), (), 0, (batch, k, n)) + (0,) * 12 + (path, 0, split_k)
+
+    assert gemm(call(4096, 768, 768)) == 1  # K too short to split
+    assert gemm(call(768, 768, 8192, split_k=4)) == 2  # slices + the fixed-order reduction
+    assert gemm(call(768, 768, 8192, path=2)) == 1  # SIMT never splits
+    assert gemm(call(768, 768, 8192, batch=2)) == 1
+    dp_rows, dp_cols, splits = _C.gemm_split_plan(768, 3072, 8192, 1, launches.H200_SMS, 8)
+    assert gemm(call(768, 3072, 8192)) == (1 if splits == 1 else 2 + bool(dp_rows or dp_cols))
