@@ -29,8 +29,8 @@ def test_env_rendezvous_names_what_is_missing(monkeypatch):
 
 def test_bad_arguments():
     url = f"tcp://127.0.0.1:{_free_port()}"
-    with pytest.raises(ValueError, match="unknown backend 'gloo'"):
-        dist.init_process_group("gloo", init_method=url, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="unknown backend 'mpi'"):
+        dist.init_process_group("mpi", init_method=url, rank=0, world_size=1)
     with pytest.raises(ValueError, match=r"rank 3 is outside \[0, 2\)"):
         dist.init_process_group("cpu", init_method=url, rank=3, world_size=2)
     with pytest.raises(ValueError, match="timeout must be positive"):
