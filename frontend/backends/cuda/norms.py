@@ -124,14 +124,6 @@ _NUM_SMS = 132  # H100 SXM / H200; more CTAs than rows blocks only add zero part
 _CUTE_THREADS = 128
 
 
-def _cute_ready(weight, bias, rms, *tensors):
-    if weight is None or weight._dtype is not dt.float32 or not weight.is_contiguous():
-        return False
-    if not rms and (bias is None or bias._dtype is not dt.float32 or not bias.is_contiguous()):
-        return False
-    return all(t is None or (t._dtype in _CUTE_DTYPE and t.is_contiguous()) for t in tensors)
-
-
 class _ForwardPlan:
     """What a CuTeDSL norm forward of one (shape, dtypes, kind) needs besides its tensors."""
     __slots__ = ("rows", "n", "strides", "s_dtype", "stat_shape", "stat_strides", "codes")
@@ -200,34 +192,69 @@ def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
     return (y, s, mean, rstd) if ran else None
 
 
-def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias):
-    """(dx, dresidual or None, dweight, dbias or None) from the CuTeDSL kernels, or None when they
-    cannot take the call.  dbias partials are computed for LayerNorm whether or not a bias exists."""
-    shape = s._shape
-    n = shape[-1]
+class _BackwardPlan:
+    """What a CuTeDSL norm backward of one (shape, dtypes, kind) needs besides its tensors."""
+    __slots__ = ("rows", "n", "strides", "two", "ctas", "pb_offset", "codes")
+
+
+_BWD_PLANS = {}  # (shape, s dtype, dy dtype, dres dtype or None, x dtype, residual dtype, rms) -> plan or False
+
+
+def _backward_plan(key):
+    shape, s_dtype, dy_dtype, dres_dtype, x_dtype, res_dtype, rms = key
     rows = numel_of(shape[:-1])
     two = res_dtype is not None and x_dtype is not res_dtype  # ds is written in both dtypes
-    if not rows or not _cute_ready(weight, None, True, s, dy, dres) or (dres is not None and dres._dtype is not s._dtype) \
-            or (two and x_dtype not in _CUTE_DTYPE) or (mean is not None and not mean.is_contiguous()) \
-            or not rstd.is_contiguous():
+    if not rows or s_dtype not in _CUTE_DTYPE or dy_dtype not in _CUTE_DTYPE or \
+            (dres_dtype is not None and dres_dtype is not s_dtype) or (two and x_dtype not in _CUTE_DTYPE):
+        plan = False
+    else:
+        plan = _BackwardPlan()
+        n = shape[-1]
+        plan.rows, plan.n, plan.strides, plan.two = rows, n, contiguous_strides(shape), two
+        slots = _CUTE_THREADS // _threads_per_row(n, s_dtype, dy_dtype, x_dtype if two else None)
+        plan.ctas = max(1, min(_CTAS_PER_SM * _NUM_SMS, -(-rows // slots)))
+        plan.pb_offset = -(-plan.ctas * n // 4) * 4  # the dbias partials start 16-byte aligned after dweight's
+        plan.codes = (_CUTE_DTYPE[s_dtype], _CUTE_DTYPE[dy_dtype], _CUTE_DTYPE[x_dtype] if two else 0)
+    if len(_BWD_PLANS) < 1024:
+        _BWD_PLANS[key] = plan
+    return plan
+
+
+def _dense(t, strides):
+    return t._strides is strides or t.is_contiguous()
+
+
+def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias):
+    """(dx, dresidual or None, dweight, dbias or None) from the CuTeDSL kernels, or None when they
+    cannot take the call.  dbias partials are computed for LayerNorm whether or not a bias exists;
+    the dweight and dbias partials share one allocation."""
+    shape = s._shape
+    key = (shape, s._dtype, dy._dtype, dres._dtype if dres is not None else None, x_dtype, res_dtype, rms)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = _backward_plan(key)
+    strides = plan.strides if plan else None
+    if not plan or weight is None or not _param_ready(weight) or not _dense(s, strides) or \
+            not _dense(dy, strides) or (dres is not None and not _dense(dres, strides)) or \
+            (mean is not None and not mean.is_contiguous()) or not rstd.is_contiguous():
         return None
     dev = s._storage.device
     stream = _stream(dev.index)
+    n, ctas, two = plan.n, plan.ctas, plan.two
     ds = _empty(shape, s._dtype, dev, stream)
     dx2 = _empty(shape, x_dtype, dev, stream) if two else None
-    slots = _CUTE_THREADS // _threads_per_row(n, s._dtype, dy._dtype, x_dtype if two else None)
-    ctas = max(1, min(_CTAS_PER_SM * _NUM_SMS, -(-rows // slots)))
-    pw = _empty((ctas, n), dt.float32, dev, stream)
-    pb = None if rms else _empty((ctas, n), dt.float32, dev, stream)
-    ran = _lib().cute_norm_backward(_ptr(s), _ptr(dy), _ptr(dres) if dres is not None else 0, _ptr(ds),
-                                    _ptr(dx2) if two else 0, _ptr(weight), 0 if rms else _ptr(mean), _ptr(rstd),
-                                    _ptr(pw), 0 if rms else _ptr(pb), ctas, rows, n, _CUTE_DTYPE[s._dtype],
-                                    _CUTE_DTYPE[dy._dtype], _CUTE_DTYPE[x_dtype] if two else 0, rms, stream)
+    partials = _empty((ctas * n if rms else plan.pb_offset + ctas * n,), dt.float32, dev, stream)
+    pw = partials._storage.data.ptr
+    pb = 0 if rms else pw + 4 * plan.pb_offset
+    cs, cdy, cx2 = plan.codes
+    ran = _lib().cute_norm_backward(_ptr(s), _ptr(dy), _ptr(dres) if dres is not None else 0, ds._storage.data.ptr,
+                                    dx2._storage.data.ptr if two else 0, _ptr(weight), 0 if rms else _ptr(mean),
+                                    _ptr(rstd), pw, pb, ctas, plan.rows, n, cs, cdy, cx2, rms, stream)
     if not ran:
         return None
     dweight = _empty((n,), dt.float32, dev, stream)
     dbias = None if rms else _empty((n,), dt.float32, dev, stream)
-    _lib().cute_norm_finish(_ptr(pw), 0 if rms else _ptr(pb), _ptr(dweight), 0 if rms else _ptr(dbias), ctas, n, rms,
+    _lib().cute_norm_finish(pw, pb, dweight._storage.data.ptr, 0 if rms else dbias._storage.data.ptr, ctas, n, rms,
                             stream)
     return (dx2 if two else ds), (None if res_dtype is None else ds), dweight, (dbias if want_dbias else None)
 
