@@ -7,7 +7,7 @@ Either way the weight and bias gradients reduce in two fixed-order stages, no at
 from ... import dtypes as dt
 from ...device import CUDA
 from ...dispatch import register
-from ...tensor import contiguous_strides, make, numel_of
+from ...tensor import _STRIDES, contiguous_strides, make, numel_of
 from .launch import _cast_new, _contig, _empty, _lib, _ptr, _stream
 from .reduction import _split_workspace_bytes
 
@@ -44,11 +44,15 @@ def _norm(x, nd, weight, bias, eps, rms):
     return y, mean, rstd
 
 
+def _dense_rows(x):
+    """x, or a contiguous copy of a strided x (the CuTeDSL kernels read dense rows)."""
+    return x if x._strides is _STRIDES.get(x._shape) else _contig(x, _stream(x._storage.device.index))
+
+
 @register("layer_norm", CUDA)
 def layer_norm(x, nd, weight, bias, eps):
     if nd == 1:  # the common case straight to the CuTeDSL kernel
-        x = _contig(x, _stream(x._storage.device.index))
-        done = _cute_forward(x, None, weight, bias, eps, False, x._dtype)
+        done = _cute_forward(_dense_rows(x), None, weight, bias, eps, False, x._dtype)
         if done is not None:
             return done[0], done[2], done[3]
     return _norm(x, nd, weight, bias, eps, False)
@@ -57,8 +61,7 @@ def layer_norm(x, nd, weight, bias, eps):
 @register("rms_norm", CUDA)
 def rms_norm(x, nd, weight, eps):
     if nd == 1:
-        x = _contig(x, _stream(x._storage.device.index))
-        done = _cute_forward(x, None, weight, None, eps, True, x._dtype)
+        done = _cute_forward(_dense_rows(x), None, weight, None, eps, True, x._dtype)
         if done is not None:
             return done[0], done[3]
     y, _, rstd = _norm(x, nd, weight, None, eps, True)
