@@ -11,10 +11,10 @@ def zero_grads(params, set_to_none=True):
     """Drop (default) or zero the .grad of each tensor in params: the one
     rule shared by Module.zero_grad and Optimizer.zero_grad."""
     for p in params:
-        if p.grad is None:
+        if p._grad is None:  # Tensor.grad's storage: dropping a gradient needs none of the setter's checks
             continue
         if set_to_none:
-            p.grad = None
+            p._grad = None
         else:
             p.grad = p.grad.detach()
             p.grad.zero_()
