@@ -21,23 +21,36 @@ def _cute_norm_family():
 
 
 class _NormTable:
-    """The CuTeDSL norm kernels an sm_90 build has: what `_C.cute_norm*` would answer."""
+    """The CuTeDSL norm kernels an sm_90 build has: what `_C.cute_norm*` would answer.
+
+    Answers are remembered per key: the real entry looks its table up in C++, so
+    building a spec and its name on every call would bill the benchmark's own
+    stand-in to the norm's host cost."""
 
     def __init__(self):
         family = _cute_norm_family()
         self.spec = family.NormSpec
         self.names = {s.name for s in family.specializations(("sm_90a",))}
+        self._answers = {}
 
     def forward(self, *a):
-        rms, n, x, res, y = a[13], a[9], a[10], a[11], a[12]
-        name = self.spec("fwd", "rms" if rms else "layer", n, NORM_DTYPE[x], NORM_DTYPE[res], NORM_DTYPE[y]).name
-        return name if name in self.names else ""
+        key = ("fwd", a[13], a[9], a[10], a[11], a[12])
+        name = self._answers.get(key)
+        if name is None:
+            rms, n, x, res, y = key[1:]
+            name = self.spec("fwd", "rms" if rms else "layer", n, NORM_DTYPE[x], NORM_DTYPE[res], NORM_DTYPE[y]).name
+            name = self._answers[key] = name if name in self.names else ""
+        return name
 
     def backward(self, *a):
-        rms, n, s, dy, dx2, dres = a[16], a[12], a[13], a[14], a[15], a[2]
-        name = self.spec("bwd", "rms" if rms else "layer", n, NORM_DTYPE[s], NORM_DTYPE[dx2], NORM_DTYPE[dy],
-                         bool(dres)).name
-        return name if name in self.names else ""
+        key = ("bwd", a[16], a[12], a[13], a[14], a[15], bool(a[2]))
+        name = self._answers.get(key)
+        if name is None:
+            rms, n, s, dy, dx2, dres = key[1:]
+            name = self.spec("bwd", "rms" if rms else "layer", n, NORM_DTYPE[s], NORM_DTYPE[dx2], NORM_DTYPE[dy],
+                             dres).name
+            name = self._answers[key] = name if name in self.names else ""
+        return name
 
 
 NORM_DTYPE = {0: "", 1: "bf16", 2: "fp32"}

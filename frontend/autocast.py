@@ -177,10 +177,17 @@ def _cast_cached(t, dtype):
     return out
 
 
+_weight_shadows = None  # cutegrad.optim.weight_shadows, imported on first use
+
+
 def _cast_parameter(t, dtype):
     """A CUDA parameter's cast from its copy kept across steps (optim/weight_shadows.py:
     the fused optimizers write it), so a training step launches no cast; made and kept on a miss."""
-    from .optim import weight_shadows  # not at import time: cutegrad.optim imports the ops, which import this
+    global _weight_shadows
+    weight_shadows = _weight_shadows
+    if weight_shadows is None:  # not at import time: cutegrad.optim imports the ops, which import this
+        from .optim import weight_shadows
+        _weight_shadows = weight_shadows
     shadow = weight_shadows.lookup(t, dtype)
     if shadow is None:
         out = to_dtype(t, dtype)

@@ -363,7 +363,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         ins = [x] + [p for p in (weight, bias) if p is not None]
         node = LayerNormBackward()
         node.nd, node.has_w, node.has_b, node.eps = nd, weight is not None, bias is not None, eps
-        node.dtypes = tuple(t._dtype for t in ins)
+        node.dtypes = (x._dtype,) + ((weight._dtype,) if weight is not None else ()) + \
+            ((bias._dtype,) if bias is not None else ())
         node.save(x, weight, mean, rstd)
         attach(y, node, ins)
     return y

@@ -22,8 +22,9 @@ def _dims(x, dim):
     n = len(x._shape)
     if dim is None:
         return tuple(range(n))
-    if isinstance(dim, int):
-        dim = (dim,)
+    if isinstance(dim, int):  # the common case: one dim, nothing to sort or deduplicate
+        d = x._wrap_dim(dim)
+        return (d,) if n else ()
     dims = tuple(sorted(x._wrap_dim(d) for d in dim))
     if n == 0:
         return ()  # a 0-dim tensor's dim 0 / -1 reduces nothing, as in torch

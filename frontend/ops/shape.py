@@ -331,11 +331,17 @@ def as_strided(x, size, stride, storage_offset=0):
 # --- basic indexing (views) ------------------------------------------------------
 def basic_index_meta(x, key):
     """(shape, strides, offset) of x[key] for ints/slices/None/Ellipsis keys."""
-    n_spec = builtins.sum(1 for k in key if k is not None and k is not Ellipsis)
+    n_none, n_ellipsis = 0, 0
+    for k in key:
+        if k is None:
+            n_none += 1
+        elif k is Ellipsis:
+            n_ellipsis += 1
+    n_spec = len(key) - n_none - n_ellipsis
     ndim = len(x._shape)
     if n_spec > ndim:
         raise IndexError(f"too many indices for tensor of dimension {ndim}")
-    if builtins.sum(1 for k in key if k is Ellipsis) > 1:
+    if n_ellipsis > 1:
         raise IndexError("an index can only have a single ellipsis ('...')")
     shape, strides = [], []
     offset = x._offset

@@ -7,7 +7,7 @@ Either way the weight and bias gradients reduce in two fixed-order stages, no at
 from ... import dtypes as dt
 from ...device import CUDA
 from ...dispatch import register
-from ...tensor import contiguous_strides, make, numel_of
+from ...tensor import _STRIDES, contiguous_strides, make, numel_of
 from .launch import _cast_new, _contig, _empty, _lib, _ptr, _stream
 from .reduction import _split_workspace_bytes
 
@@ -19,14 +19,11 @@ def _param_ptr(p, stream):
     return _ptr(p), p._dtype.index, p  # the tensor is returned to keep a contiguous copy alive
 
 
-def _norm(x, nd, weight, bias, eps, rms, cute=True):
+def _norm(x, nd, weight, bias, eps, rms):
+    """The CUDA C++ norm kernel (callers try the CuTeDSL one first where nd == 1)."""
     dev = x._storage.device
     stream = _stream(dev.index)
     x = _contig(x, stream)
-    if cute and nd == 1:
-        done = _cute_forward(x, None, weight, bias, eps, rms, x._dtype)
-        if done is not None:
-            return done[0], done[2], done[3]
     shape = x._shape
     n = numel_of(shape[len(shape) - nd:])
     rows = numel_of(shape[:len(shape) - nd])
@@ -47,13 +44,26 @@ def _norm(x, nd, weight, bias, eps, rms, cute=True):
     return y, mean, rstd
 
 
+def _dense_rows(x):
+    """x, or a contiguous copy of a strided x (the CuTeDSL kernels read dense rows)."""
+    return x if x._strides is _STRIDES.get(x._shape) else _contig(x, _stream(x._storage.device.index))
+
+
 @register("layer_norm", CUDA)
 def layer_norm(x, nd, weight, bias, eps):
+    if nd == 1:  # the common case straight to the CuTeDSL kernel
+        done = _cute_forward(_dense_rows(x), None, weight, bias, eps, False, x._dtype)
+        if done is not None:
+            return done[0], done[2], done[3]
     return _norm(x, nd, weight, bias, eps, False)
 
 
 @register("rms_norm", CUDA)
 def rms_norm(x, nd, weight, eps):
+    if nd == 1:
+        done = _cute_forward(_dense_rows(x), None, weight, None, eps, True, x._dtype)
+        if done is not None:
+            return done[0], done[3]
     y, _, rstd = _norm(x, nd, weight, None, eps, True)
     return y, rstd
 
@@ -117,64 +127,137 @@ _NUM_SMS = 132  # H100 SXM / H200; more CTAs than rows blocks only add zero part
 _CUTE_THREADS = 128
 
 
-def _cute_ready(weight, bias, rms, *tensors):
-    if weight is None or weight._dtype is not dt.float32 or not weight.is_contiguous():
-        return False
-    if not rms and (bias is None or bias._dtype is not dt.float32 or not bias.is_contiguous()):
-        return False
-    return all(t is None or (t._dtype in _CUTE_DTYPE and t.is_contiguous()) for t in tensors)
+class _ForwardPlan:
+    """What a CuTeDSL norm forward of one (shape, dtypes, kind) needs besides its tensors."""
+    __slots__ = ("rows", "n", "strides", "s_dtype", "stat_shape", "stat_strides", "codes")
+
+
+_FWD_PLANS = {}  # (shape, x dtype, residual dtype or None, out dtype, rms) -> _ForwardPlan, or False: no kernel
+
+
+def _forward_plan(key):
+    shape, x_dtype, res_dtype, out_dtype, rms = key
+    rows = numel_of(shape[:-1])
+    if not rows or out_dtype not in _CUTE_DTYPE or x_dtype not in _CUTE_DTYPE or \
+            (res_dtype is not None and res_dtype not in _CUTE_DTYPE):
+        plan = False
+    else:
+        plan = _ForwardPlan()
+        plan.rows, plan.n, plan.strides = rows, shape[-1], contiguous_strides(shape)
+        plan.s_dtype = dt.promote_types(x_dtype, res_dtype) if res_dtype is not None else x_dtype
+        plan.stat_shape = shape[:-1] + (1,)
+        plan.stat_strides = contiguous_strides(plan.stat_shape)
+        plan.codes = (_CUTE_DTYPE[x_dtype], _CUTE_DTYPE[res_dtype] if res_dtype is not None else 0,
+                      _CUTE_DTYPE[out_dtype])
+    if len(_FWD_PLANS) < 1024:
+        _FWD_PLANS[key] = plan
+    return plan
+
+
+def _param_ready(p):
+    """A float32 parameter the CuTeDSL kernels read as a dense row (its shape was checked by the op)."""
+    return p._dtype is dt.float32 and (p._strides == (1,) or p.is_contiguous())
 
 
 def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
-    """(y, new residual, mean or None, rstd) from the CuTeDSL kernel, or None when it cannot take the call."""
+    """(y, new residual, mean or None, rstd) from the CuTeDSL kernel, or None when it cannot take the call.
+
+    Everything that depends only on the shape and dtypes comes from a plan kept per
+    key; mean and rstd share one allocation (mean first, rstd `rows` elements on)."""
     shape = x._shape
-    rows = numel_of(shape[:-1])
-    if not rows or out_dtype not in _CUTE_DTYPE or not _cute_ready(weight, bias, rms, x, residual):
+    key = (shape, x._dtype, residual._dtype if residual is not None else None, out_dtype, rms)
+    plan = _FWD_PLANS.get(key)
+    if plan is None:
+        plan = _forward_plan(key)
+    if not plan or weight is None or not _param_ready(weight) or \
+            (not rms and (bias is None or not _param_ready(bias))) or \
+            (x._strides is not plan.strides and not x.is_contiguous()) or \
+            (residual is not None and residual._strides != plan.strides and not residual.is_contiguous()):
         return None
     dev = x._storage.device
     stream = _stream(dev.index)
-    s_dtype = dt.promote_types(x._dtype, residual._dtype) if residual is not None else x._dtype
-    stat_shape = shape[:-1] + (1,)
+    rows = plan.rows
     y = _empty(shape, out_dtype, dev, stream)
-    s = _empty(shape, s_dtype, dev, stream) if residual is not None else x
-    mean = None if rms else _empty(stat_shape, dt.float32, dev, stream)
-    rstd = _empty(stat_shape, dt.float32, dev, stream)
+    s = _empty(shape, plan.s_dtype, dev, stream) if residual is not None else x
+    if rms:
+        mean, rstd = None, _empty(plan.stat_shape, dt.float32, dev, stream)
+        mean_p, rstd_p = 0, rstd._storage.data.ptr
+    else:
+        stats = _empty((2 * rows,), dt.float32, dev, stream)._storage
+        mean = make(stats, plan.stat_shape, plan.stat_strides, 0, dt.float32)
+        rstd = make(stats, plan.stat_shape, plan.stat_strides, rows, dt.float32)
+        mean_p = stats.data.ptr
+        rstd_p = mean_p + 4 * rows
+    cx, cr, cy = plan.codes
     ran = _lib().cute_norm(_ptr(x), _ptr(residual) if residual is not None else 0,
-                           _ptr(s) if residual is not None else 0, _ptr(y), _ptr(weight), 0 if rms else _ptr(bias),
-                           0 if rms else _ptr(mean), _ptr(rstd), rows, shape[-1], _CUTE_DTYPE[x._dtype],
-                           _CUTE_DTYPE[residual._dtype] if residual is not None else 0, _CUTE_DTYPE[out_dtype], rms,
-                           float(eps), stream)
+                           s._storage.data.ptr if residual is not None else 0, y._storage.data.ptr, _ptr(weight),
+                           0 if rms else _ptr(bias), mean_p, rstd_p, rows, plan.n, cx, cr, cy, rms, float(eps), stream)
     return (y, s, mean, rstd) if ran else None
+
+
+class _BackwardPlan:
+    """What a CuTeDSL norm backward of one (shape, dtypes, kind) needs besides its tensors."""
+    __slots__ = ("rows", "n", "strides", "two", "ctas", "pb_offset", "codes")
+
+
+_BWD_PLANS = {}  # (shape, s dtype, dy dtype, dres dtype or None, x dtype, residual dtype, rms) -> plan or False
+
+
+def _backward_plan(key):
+    shape, s_dtype, dy_dtype, dres_dtype, x_dtype, res_dtype, rms = key
+    rows = numel_of(shape[:-1])
+    two = res_dtype is not None and x_dtype is not res_dtype  # ds is written in both dtypes
+    if not rows or s_dtype not in _CUTE_DTYPE or dy_dtype not in _CUTE_DTYPE or \
+            (dres_dtype is not None and dres_dtype is not s_dtype) or (two and x_dtype not in _CUTE_DTYPE):
+        plan = False
+    else:
+        plan = _BackwardPlan()
+        n = shape[-1]
+        plan.rows, plan.n, plan.strides, plan.two = rows, n, contiguous_strides(shape), two
+        slots = _CUTE_THREADS // _threads_per_row(n, s_dtype, dy_dtype, x_dtype if two else None)
+        plan.ctas = max(1, min(_CTAS_PER_SM * _NUM_SMS, -(-rows // slots)))
+        plan.pb_offset = -(-plan.ctas * n // 4) * 4  # the dbias partials start 16-byte aligned after dweight's
+        plan.codes = (_CUTE_DTYPE[s_dtype], _CUTE_DTYPE[dy_dtype], _CUTE_DTYPE[x_dtype] if two else 0)
+    if len(_BWD_PLANS) < 1024:
+        _BWD_PLANS[key] = plan
+    return plan
+
+
+def _dense(t, strides):
+    return t._strides is strides or t.is_contiguous()
 
 
 def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias):
     """(dx, dresidual or None, dweight, dbias or None) from the CuTeDSL kernels, or None when they
-    cannot take the call.  dbias partials are computed for LayerNorm whether or not a bias exists."""
+    cannot take the call.  dbias partials are computed for LayerNorm whether or not a bias exists;
+    the dweight and dbias partials share one allocation."""
     shape = s._shape
-    n = shape[-1]
-    rows = numel_of(shape[:-1])
-    two = res_dtype is not None and x_dtype is not res_dtype  # ds is written in both dtypes
-    if not rows or not _cute_ready(weight, None, True, s, dy, dres) or (dres is not None and dres._dtype is not s._dtype) \
-            or (two and x_dtype not in _CUTE_DTYPE) or (mean is not None and not mean.is_contiguous()) \
-            or not rstd.is_contiguous():
+    key = (shape, s._dtype, dy._dtype, dres._dtype if dres is not None else None, x_dtype, res_dtype, rms)
+    plan = _BWD_PLANS.get(key)
+    if plan is None:
+        plan = _backward_plan(key)
+    strides = plan.strides if plan else None
+    if not plan or weight is None or not _param_ready(weight) or not _dense(s, strides) or \
+            not _dense(dy, strides) or (dres is not None and not _dense(dres, strides)) or \
+            (mean is not None and not mean.is_contiguous()) or not rstd.is_contiguous():
         return None
     dev = s._storage.device
     stream = _stream(dev.index)
+    n, ctas, two = plan.n, plan.ctas, plan.two
     ds = _empty(shape, s._dtype, dev, stream)
     dx2 = _empty(shape, x_dtype, dev, stream) if two else None
-    slots = _CUTE_THREADS // _threads_per_row(n, s._dtype, dy._dtype, x_dtype if two else None)
-    ctas = max(1, min(_CTAS_PER_SM * _NUM_SMS, -(-rows // slots)))
-    pw = _empty((ctas, n), dt.float32, dev, stream)
-    pb = None if rms else _empty((ctas, n), dt.float32, dev, stream)
-    ran = _lib().cute_norm_backward(_ptr(s), _ptr(dy), _ptr(dres) if dres is not None else 0, _ptr(ds),
-                                    _ptr(dx2) if two else 0, _ptr(weight), 0 if rms else _ptr(mean), _ptr(rstd),
-                                    _ptr(pw), 0 if rms else _ptr(pb), ctas, rows, n, _CUTE_DTYPE[s._dtype],
-                                    _CUTE_DTYPE[dy._dtype], _CUTE_DTYPE[x_dtype] if two else 0, rms, stream)
+    partials = _empty((ctas * n if rms else plan.pb_offset + ctas * n,), dt.float32, dev, stream)
+    pw = partials._storage.data.ptr
+    pb = 0 if rms else pw + 4 * plan.pb_offset
+    cs, cdy, cx2 = plan.codes
+    ran = _lib().cute_norm_backward(_ptr(s), _ptr(dy), _ptr(dres) if dres is not None else 0, ds._storage.data.ptr,
+                                    dx2._storage.data.ptr if two else 0, _ptr(weight), 0 if rms else _ptr(mean),
+                                    _ptr(rstd), pw, pb, ctas, plan.rows, n, cs, cdy, cx2, rms, stream)
     if not ran:
         return None
     dweight = _empty((n,), dt.float32, dev, stream)
     dbias = None if rms else _empty((n,), dt.float32, dev, stream)
-    _lib().cute_norm_finish(_ptr(pw), 0 if rms else _ptr(pb), _ptr(dweight), 0 if rms else _ptr(dbias), ctas, n, rms,
+    _lib().cute_norm_finish(pw, pb, dweight._storage.data.ptr, 0 if rms else dbias._storage.data.ptr, ctas, n, rms,
                             stream)
     return (dx2 if two else ds), (None if res_dtype is None else ds), dweight, (dbias if want_dbias else None)
 
@@ -189,7 +272,7 @@ def add_norm(x, residual, weight, bias, eps, rms, out_dtype):
     from .pointwise import binary
     s_dtype = dt.promote_types(x._dtype, residual._dtype) if residual is not None else x._dtype
     s = binary(C.ADD, x, residual, _work_dtype(s_dtype), s_dtype) if residual is not None else x
-    y, mean, rstd = _norm(s, 1, weight, bias, eps, rms, cute=False)
+    y, mean, rstd = _norm(s, 1, weight, bias, eps, rms)
     return (y if y._dtype is out_dtype else _cast_new(y, out_dtype, _stream(x._storage.device.index))), s, mean, rstd
 
 
@@ -204,7 +287,7 @@ def add_norm_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, 
             return done
     stream = _stream(s._storage.device.index)
     ds, dweight, dbias = _norm_backward(dy, s, weight, mean, rstd, 1, want_dweight and weight is not None,
-                                        want_dbias and not rms, rms, cute=False)
+                                        want_dbias and not rms, rms)
     if dres is not None:
         from ...ops import codes as C
         from .pointwise import binary
