@@ -155,6 +155,7 @@ class DryRun:
             (_allocator_module(), "_default_allocators"): allocators,
             (_launch_module(), "_allocators"): {}, (_launch_module(), "_native"): self.kernels,
             (_gemm_module(), "_native"): self.kernels, (_linalg_module(), "_gemm_fn"): None,
+            (_column_sum_module(), "_counters"): {},
             (_rng_module(), "_default_generators"): {},
             (_driver._tls, None): {}, (_device._tls, None): {}, (streams._tls, None): {},
         }
@@ -185,6 +186,11 @@ def _allocator_module():
 def _launch_module():
     from cutegrad.backends.cuda import launch
     return launch
+
+
+def _column_sum_module():
+    from cutegrad.backends.cuda import column_sum
+    return column_sum
 
 
 def _linalg_module():
