@@ -52,7 +52,8 @@ def _dense_rows(x):
 @register("layer_norm", CUDA)
 def layer_norm(x, nd, weight, bias, eps):
     if nd == 1:  # the common case straight to the CuTeDSL kernel
-        done = _cute_forward(_dense_rows(x), None, weight, bias, eps, False, x._dtype)
+        done = _cute_forward(x if x._strides is _STRIDES.get(x._shape) else _dense_rows(x),
+                             None, weight, bias, eps, False, x._dtype)
         if done is not None:
             return done[0], done[2], done[3]
     return _norm(x, nd, weight, bias, eps, False)
@@ -154,6 +155,9 @@ def _forward_plan(key):
     return plan
 
 
+_F32 = dt.float32
+
+
 def _param_ready(p):
     """A float32 parameter the CuTeDSL kernels read as a dense row (its shape was checked by the op)."""
     return p._dtype is dt.float32 and (p._strides == (1,) or p.is_contiguous())
@@ -169,8 +173,11 @@ def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
     plan = _FWD_PLANS.get(key)
     if plan is None:
         plan = _forward_plan(key)
-    if not plan or weight is None or not _param_ready(weight) or \
-            (not rms and (bias is None or not _param_ready(bias))) or \
+    # _param_ready's common case (a float32 row of stride 1) is tested inline.
+    if not plan or weight is None or \
+            not (weight._strides == (1,) and weight._dtype is _F32 or _param_ready(weight)) or \
+            (not rms and (bias is None or
+                          not (bias._strides == (1,) and bias._dtype is _F32 or _param_ready(bias)))) or \
             (x._strides is not plan.strides and not x.is_contiguous()) or \
             (residual is not None and residual._strides != plan.strides and not residual.is_contiguous()):
         return None
