@@ -72,11 +72,18 @@ class Module:
         self.__dict__.pop(name, None)
 
     def __getattr__(self, name):
+        # Reached for every parameter and child module a forward reads: the
+        # three stores are tested unrolled, not through a loop over their names.
         d = self.__dict__
-        for store in ("_parameters", "_buffers", "_modules"):
-            s = d.get(store)
-            if s is not None and name in s:
-                return s[name]
+        s = d.get("_parameters")
+        if s is not None and name in s:
+            return s[name]
+        s = d.get("_buffers")
+        if s is not None and name in s:
+            return s[name]
+        s = d.get("_modules")
+        if s is not None and name in s:
+            return s[name]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name):
