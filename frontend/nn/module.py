@@ -266,14 +266,14 @@ class Module:
         stack = [self]
         while stack:
             m = stack.pop()
-            if id(m) in seen_modules:
+            if m is None or id(m) in seen_modules:  # a child slot may hold None
                 continue
             seen_modules.add(id(m))
             for p in m._parameters.values():
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
-            stack.extend([c for c in m._modules.values() if c is not None])
+            stack.extend(m._modules.values())
         return out
 
     def _apply(self, fn):
