@@ -35,6 +35,7 @@ build the node, `save`, `attach` -- keeps working.
 import weakref
 
 from . import grad_mode
+from ..tensor import _STRIDES, make
 
 _grad_state = grad_mode.state
 
@@ -82,7 +83,6 @@ class Node:
     def save_with_output(self, out, *tensors):
         """Save inputs plus this node's own output, stored without a reference
         back to the node so no cycle keeps memory alive."""
-        from ..tensor import make
         alias = make(out._storage, out._shape, out._strides, out._offset, out._dtype)
         self._saved = tuple([(t, t._storage.version, False) if t is not None else None for t in tensors] +
                             [(alias, out._storage.version, True)])
@@ -113,7 +113,6 @@ class Node:
                     f"operation: [{t._dtype} tensor of shape {list(t._shape)}] is at version "
                     f"{t._storage.version}; expected version {version} instead.")
             if is_output and grad_mode.state.enabled:
-                from ..tensor import make
                 t = make(t._storage, t._shape, t._strides, t._offset, t._dtype)
                 t.grad_fn = self
                 t._requires_grad = True
@@ -147,13 +146,13 @@ class AccumulateGrad(Node):
         var = self.variable
         if grad._shape != var._shape:
             raise RuntimeError(f"gradient of shape {list(grad._shape)} does not match leaf of shape {list(var._shape)}")
-        if not grad.is_contiguous():
+        if grad._strides is not _STRIDES.get(grad._shape) and not grad.is_contiguous():
             # Backward formulas hand out views (a sum's gradient is an expand,
             # stride 0): `.grad` must own dense memory, or an in-place update
             # of it (optimizers, grad.add_) would write one element many times.
             grad = grad.contiguous()
         if not _grad_state.enabled:
-            grad = grad.detach()
+            grad = make(grad._storage, grad._shape, grad._strides, grad._offset, grad._dtype)  # grad.detach()
         old = var._grad
         var.grad = grad if old is None else old + grad
         return ()
@@ -321,10 +320,11 @@ def _run_ready(ready, deps, buffers, retain_graph, capture, captured, needed):
             if g is not None:
                 # One gradient object handed to two places must not alias:
                 # leaves keep `.grad` and optimizers mutate it in place.
-                for j in range(i):
-                    if grads[j] is g and edges[j] is not None:
-                        g = g.clone()
-                        break
+                if i:
+                    for j in range(i):
+                        if grads[j] is g and edges[j] is not None:
+                            g = g.clone()
+                            break
                 prev = buffers.get(nxt)
                 buffers[nxt] = g if prev is None else prev + g
             n = deps[nxt] - 1  # _arrive, inlined: this loop runs once per edge of the graph

@@ -72,11 +72,18 @@ class Module:
         self.__dict__.pop(name, None)
 
     def __getattr__(self, name):
+        # Reached for every parameter and child module a forward reads: the
+        # three stores are tested unrolled, not through a loop over their names.
         d = self.__dict__
-        for store in ("_parameters", "_buffers", "_modules"):
-            s = d.get(store)
-            if s is not None and name in s:
-                return s[name]
+        s = d.get("_parameters")
+        if s is not None and name in s:
+            return s[name]
+        s = d.get("_buffers")
+        if s is not None and name in s:
+            return s[name]
+        s = d.get("_modules")
+        if s is not None and name in s:
+            return s[name]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
     def __delattr__(self, name):
@@ -259,14 +266,14 @@ class Module:
         stack = [self]
         while stack:
             m = stack.pop()
-            if id(m) in seen_modules:
+            if m is None or id(m) in seen_modules:  # a child slot may hold None
                 continue
             seen_modules.add(id(m))
             for p in m._parameters.values():
                 if p is not None and id(p) not in seen:
                     seen.add(id(p))
                     out.append(p)
-            stack.extend([c for c in m._modules.values() if c is not None])
+            stack.extend(m._modules.values())
         return out
 
     def _apply(self, fn):

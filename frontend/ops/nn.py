@@ -353,10 +353,19 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if _AC.armed:
         input, weight, bias = _ac_fp32(input, weight, bias)
     x = input
-    _float_input(x, "layer_norm")
-    shape, nd = _norm_shape(x, normalized_shape, "layer_norm")
-    _param_check(weight, shape, "weight", "layer_norm")
-    _param_check(bias, shape, "bias", "layer_norm")
+    if not isinstance(x, Tensor) or not x._dtype.is_floating_point:
+        _float_input(x, "layer_norm")
+    # The checks' common case inline (a tuple that matches x, parameters of that shape);
+    # anything else goes through the helpers, which normalise or raise.
+    nd = len(normalized_shape) if normalized_shape.__class__ is tuple else 0
+    if nd and x._shape[len(x._shape) - nd:] == normalized_shape and len(x._shape) >= nd:
+        shape = normalized_shape
+    else:
+        shape, nd = _norm_shape(x, normalized_shape, "layer_norm")
+    if weight is not None and weight._shape != shape:
+        _param_check(weight, shape, "weight", "layer_norm")
+    if bias is not None and bias._shape != shape:
+        _param_check(bias, shape, "bias", "layer_norm")
     y, mean, rstd = _K_LAYER_NORM[x._storage.device.backend](x, nd, weight, bias, eps)
     if _state.enabled and (x._requires_grad or (weight is not None and weight._requires_grad) or
                            (bias is not None and bias._requires_grad)):

@@ -46,7 +46,11 @@ def _reshape_geometry(x, shape, opname):
     """
     sizes = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
     # only plain ints as keys: a 0-dim tensor in the request could change value in place
-    key = (tuple(sizes), x._shape, x._strides) if all(s.__class__ is int for s in sizes) else None
+    key = (tuple(sizes), x._shape, x._strides)
+    for s in sizes:  # a loop, not all(<generator>): this runs on every reshape of a step
+        if s.__class__ is not int:
+            key = None
+            break
     hit = _VIEW_GEOMETRY.get(key) if key is not None else None
     if hit is None:
         new = _infer_shape(shape, numel_of(x._shape), opname)
@@ -181,7 +185,9 @@ def transpose(x, dim0, dim1):
         x._wrap_dim(dim0)
         x._wrap_dim(dim1)
         return x
-    d0, d1 = x._wrap_dim(dim0), x._wrap_dim(dim1)
+    # _wrap_dim's in-range int case inline; anything else goes through it (and raises there)
+    d0 = (dim0 + n if dim0 < 0 else dim0) if dim0.__class__ is int and -n <= dim0 < n else x._wrap_dim(dim0)
+    d1 = (dim1 + n if dim1 < 0 else dim1) if dim1.__class__ is int and -n <= dim1 < n else x._wrap_dim(dim1)
     shape, strides = list(x._shape), list(x._strides)
     shape[d0], shape[d1] = shape[d1], shape[d0]
     strides[d0], strides[d1] = strides[d1], strides[d0]

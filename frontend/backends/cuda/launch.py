@@ -85,7 +85,13 @@ def _empty(shape, dtype, dev, stream):
         _driver.call("cuMemsetD8Async", block.ptr, 0xFF, nbytes, _driver.driver().CUstream(stream))
     storage = _new_object(_DeviceStorage)  # DeviceStorage(block, alloc, dev) without its __init__ frame
     storage.data, storage.device, storage.version, storage.allocator = block, dev, 0, alloc
-    return make(storage, shape, _STRIDES.get(shape) or contiguous_strides(shape), 0, dtype)
+    # tensor.make inlined: a CUDA output has no NumPy view and no base.
+    t = _new_object(Tensor)
+    t._storage, t._shape, t._strides, t._offset, t._dtype = (
+        storage, shape, _STRIDES.get(shape) or contiguous_strides(shape), 0, dtype)
+    t._np = t._grad = t.grad_fn = t._base = t._hooks = t._accum = t._base_fn = None
+    t._requires_grad = t._retains_grad = False
+    return t
 
 
 def _ptr(t):

@@ -19,7 +19,7 @@ from ..._gemm import DTYPES, EPILOGUES
 from ...device import CUDA, device as _device
 from ...dispatch import register
 from ...ops.broadcast import broadcast_shapes
-from ...tensor import make, numel_of
+from ...tensor import _STRIDES, make, numel_of
 from .. import precision
 from .launch import (_GEMM_MAX_BATCH, _DeviceStorage, _allocator, _bstrides, _cast_new, _contig, _copy_into, _empty,
                      _fill, _lib, _ptr, _stream)
@@ -168,7 +168,10 @@ def _expand_view(t, shape):
 def _rows(t, stream):
     """(t or a dense copy, row stride) with t's leading dims flattened into rows and a unit stride
     along the last dim."""
-    if t._shape[-1] > 1 and t._strides[-1] != 1:
+    k = t._shape[-1]
+    if k > 1 and t._strides is _STRIDES.get(t._shape):  # dense (every kernel output): rows k apart
+        return t, k
+    if k > 1 and t._strides[-1] != 1:
         t = _contig(t, stream)
     rs = _collapse(t._shape[:-1], t._strides[:-1])
     if rs is None:

@@ -8,7 +8,8 @@ from ... import dtypes as dt
 from ...device import CUDA
 from ...dispatch import register
 from ...tensor import _STRIDES, contiguous_strides, make, numel_of
-from .launch import _cast_new, _contig, _empty, _lib, _ptr, _stream
+from . import launch as _launch
+from .launch import _cast_new, _contig, _empty, _lib, _ptr, _stream, _stream_tls
 from .reduction import _split_workspace_bytes
 
 
@@ -52,7 +53,8 @@ def _dense_rows(x):
 @register("layer_norm", CUDA)
 def layer_norm(x, nd, weight, bias, eps):
     if nd == 1:  # the common case straight to the CuTeDSL kernel
-        done = _cute_forward(_dense_rows(x), None, weight, bias, eps, False, x._dtype)
+        done = _cute_forward(x if x._strides is _STRIDES.get(x._shape) else _dense_rows(x),
+                             None, weight, bias, eps, False, x._dtype)
         if done is not None:
             return done[0], done[2], done[3]
     return _norm(x, nd, weight, bias, eps, False)
@@ -154,6 +156,9 @@ def _forward_plan(key):
     return plan
 
 
+_F32 = dt.float32
+
+
 def _param_ready(p):
     """A float32 parameter the CuTeDSL kernels read as a dense row (its shape was checked by the op)."""
     return p._dtype is dt.float32 and (p._strides == (1,) or p.is_contiguous())
@@ -169,13 +174,18 @@ def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
     plan = _FWD_PLANS.get(key)
     if plan is None:
         plan = _forward_plan(key)
-    if not plan or weight is None or not _param_ready(weight) or \
-            (not rms and (bias is None or not _param_ready(bias))) or \
+    # _param_ready's common case (a float32 row of stride 1) is tested inline.
+    if not plan or weight is None or \
+            not (weight._strides == (1,) and weight._dtype is _F32 or _param_ready(weight)) or \
+            (not rms and (bias is None or
+                          not (bias._strides == (1,) and bias._dtype is _F32 or _param_ready(bias)))) or \
             (x._strides is not plan.strides and not x.is_contiguous()) or \
             (residual is not None and residual._strides != plan.strides and not residual.is_contiguous()):
         return None
     dev = x._storage.device
-    stream = _stream(dev.index)
+    cur = _stream_tls.current  # _stream(dev.index), inlined
+    cur = cur.get(dev.index) if cur is not None else None
+    stream = cur.handle if cur is not None else 0
     rows = plan.rows
     y = _empty(shape, out_dtype, dev, stream)
     s = _empty(shape, plan.s_dtype, dev, stream) if residual is not None else x
@@ -189,9 +199,12 @@ def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
         mean_p = stats.data.ptr
         rstd_p = mean_p + 4 * rows
     cx, cr, cy = plan.codes
-    ran = _lib().cute_norm(_ptr(x), _ptr(residual) if residual is not None else 0,
-                           s._storage.data.ptr if residual is not None else 0, y._storage.data.ptr, _ptr(weight),
-                           0 if rms else _ptr(bias), mean_p, rstd_p, rows, plan.n, cx, cr, cy, rms, float(eps), stream)
+    # _lib() and the _ptr of x, weight and bias inline: this runs once per norm of a step.
+    ran = (_launch._native or _lib()).cute_norm(
+        x._storage.data.ptr + x._offset * x._dtype.itemsize, _ptr(residual) if residual is not None else 0,
+        s._storage.data.ptr if residual is not None else 0, y._storage.data.ptr,
+        weight._storage.data.ptr + weight._offset * 4, 0 if rms else bias._storage.data.ptr + bias._offset * 4,
+        mean_p, rstd_p, rows, plan.n, cx, cr, cy, rms, float(eps), stream)
     return (y, s, mean, rstd) if ran else None
 
 
