@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from test_build import ROOT, cuda_tool, embedded_cubins, run_tool
+from test_build import ROOT, cuda_tool, sass_listings
 
 pytest.importorskip("cutlass", reason="the CuTeDSL compiler (nvidia-cutlass-dsl) is needed to compile the kernels")
 
@@ -37,15 +37,8 @@ def compiled():
                                  capture_output=True, text=True, timeout=600)
             assert run.returncode == 0, run.stderr[-3000:]
             names[arch] = run.stdout.split()
-        listings = {}
-        for arch, specs in names.items():
-            for name in specs:
-                (cubin,) = embedded_cubins(open(os.path.join(out, name, name + ".o"), "rb").read())
-                path = os.path.join(out, name + ".cubin")
-                with open(path, "wb") as f:
-                    f.write(cubin)
-                listings[name] = run_tool(["-res-usage", "-sass", path])
-        yield names, listings
+        objects = [os.path.join(out, name, name + ".o") for specs in names.values() for name in specs]
+        yield names, {obj[:-2]: listing for obj, listing in sass_listings(objects)}
 
 
 def test_every_specialization_compiles_for_both_arches(compiled):

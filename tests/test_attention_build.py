@@ -5,12 +5,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_build import MANIFEST, embedded_cubins, local_bytes, needs_build, run_tool  # noqa: E402
+from test_build import MANIFEST, local_bytes, needs_build, sass_listings  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(MANIFEST), "..", "..", "kernels", "cute"))
 import attention_fwd  # noqa: E402
@@ -18,17 +17,8 @@ import attention_fwd  # noqa: E402
 
 def _listings():
     manifest = json.load(open(MANIFEST))
-    objects = {os.path.basename(o)[:-2]: o for o in manifest["objects"] if "attention_fwd_sm_90a_" in o}
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, obj in sorted(objects.items()):
-            cubins = embedded_cubins(open(obj, "rb").read())
-            assert len(cubins) == 1, f"{obj}: expected one embedded cubin, found {len(cubins)}"
-            path = os.path.join(tmp, name + ".cubin")
-            with open(path, "wb") as f:
-                f.write(cubins[0])
-            out[name] = run_tool(["-res-usage", "-sass", path])
-    return out
+    objects = sorted(o for o in manifest["objects"] if "attention_fwd_sm_90a_" in o)
+    return {name[:-2]: listing for name, listing in sass_listings(objects)}
 
 
 @needs_build

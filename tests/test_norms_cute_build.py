@@ -2,12 +2,9 @@
 the extension's table, reads and writes its rows with 16-byte vector accesses
 and uses no local memory (the row stays in registers without spilling)."""
 
-import concurrent.futures
 import json
 import os
 import re
-import sys
-import tempfile
 
 import pytest
 
@@ -15,7 +12,7 @@ from norms_loading import load_norms_module  # noqa: E402
 
 norm_family = load_norms_module("cute")
 
-from test_build import MANIFEST, embedded_cubins, local_bytes, needs_build, run_tool  # noqa: E402
+from test_build import MANIFEST, local_bytes, needs_build, sass_listings  # noqa: E402
 
 
 def test_row_tiling_covers_each_row_once_with_16_byte_vectors():
@@ -45,19 +42,9 @@ def test_every_norm_specialization_is_built_vectorized_and_spill_free():
     assert len(objects) == len(norm_family.SPECS)
     from cutegrad import _C
     assert {d["name"] for d in _C.cute_norm_specializations()} == {s.name for s in norm_family.SPECS}
-    with tempfile.TemporaryDirectory() as tmp:
+    for name, listing in sass_listings(objects):
+        usage = local_bytes(listing)
+        assert usage and max(usage) == 0, f"{name}: local memory {usage}"
+        if "_finish_" not in name:
+            assert "LDG.E.128" in listing and "STG.E.128" in listing, f"{name}: no 16-byte row accesses"
 
-        def inspect(obj):
-            cubins = embedded_cubins(open(obj, "rb").read())
-            assert len(cubins) == 1, f"{obj}: expected one embedded cubin, found {len(cubins)}"
-            path = os.path.join(tmp, os.path.basename(obj) + ".cubin")
-            with open(path, "wb") as f:
-                f.write(cubins[0])
-            return os.path.basename(obj), run_tool(["-res-usage", "-sass", path])
-
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            for name, listing in pool.map(inspect, objects):
-                usage = local_bytes(listing)
-                assert usage and max(usage) == 0, f"{name}: local memory {usage}"
-                if "_finish_" not in name:
-                    assert "LDG.E.128" in listing and "STG.E.128" in listing, f"{name}: no 16-byte row accesses"
