@@ -531,9 +531,9 @@ def train(workload, device=None, steps=None, batch_size=None, dtype=None, seed=N
                         mixed_precision(device, precision))
 
     def save_training_state(step):
-        losses.flush()
         if not writer:
             return
+        losses.flush()
         save_state(out, {"preset": preset.to_dict(), "dtype": precision, "seed": seed, "data": data,
                          "data_meta": work.data_meta, "step": step, "losses": losses.values,
                          "train_time_s": trained_s + time.perf_counter() - t_train, "random": random_state(device),
