@@ -127,6 +127,7 @@ LAUNCH_APIS = frozenset({
     "cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel", "cudaGraphLaunch",
     "cuLaunchKernel", "cuLaunchKernelEx", "cuLaunchCooperativeKernel", "cuGraphLaunch",
 })
+TOP_KERNELS = 10  # rows of the per-step profile
 WINDOW = "bench.e2e.window"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -230,6 +231,11 @@ def kernel_stats(trace, steps):
     kernels, copies, fills = of("kernel"), of("gpu_memcpy"), of("gpu_memset")
     api = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and inside(e)]
     launches = [e for e in api if e.get("name") in LAUNCH_APIS]
+    by_name = {}
+    for e in kernels + copies + fills:
+        count, us = by_name.get(e.get("name", "?"), (0, 0.0))
+        by_name[e.get("name", "?")] = (count + 1, us + float(e.get("dur", 0)))
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP_KERNELS]
     return {
         "kernels_per_step": round(len(kernels) / steps, 2),
         "kernel_ms_per_step": round(sum(float(e.get("dur", 0)) for e in kernels) / 1e3 / steps, 4),
@@ -241,6 +247,8 @@ def kernel_stats(trace, steps):
         "launch_calls_per_step": round(len(launches) / steps, 2) if api else None,
         "profiled_steps": steps,
         "window_found": bool(windows),
+        # the profile of the step: its most expensive device activities, [name, calls/step, ms/step]
+        "top_kernels": [[name, round(n / steps, 2), round(us / 1e3 / steps, 4)] for name, (n, us) in top],
     }
 
 
@@ -802,6 +810,7 @@ def render_markdown(result):
                          f"{_cell(e, 'kernels_per_step')} | {_cell(e, 'launch_calls_per_step')} | "
                          f"{_cell(e, 'host_ms_per_step')} | {_cell(e, 'allocator_ms_per_step')} | "
                          f"{_cell(e, 'allocs_per_step')} | {loss} |")
+    lines += _profile_section(result)
     lines += ["", "## Workloads", ""]
     for name, w in result["workloads"].items():
         if "error" in w:
@@ -817,6 +826,36 @@ def render_markdown(result):
     if problems:
         lines += ["", "## Errors and skipped modes", ""] + problems
     return "\n".join(lines) + "\n"
+
+
+def _short(name, width=90):
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def _profile_section(result):
+    """The graphed bf16 step's top kernels next to PyTorch's fastest mode's, per workload."""
+    lines = []
+    for name, w in result["workloads"].items():
+        ms = w.get("modes", {})
+        ours = ms.get("cutegrad-graphed-bf16") or {}
+        theirs_mode, _ = best(ms, "torch")
+        theirs = ms.get(theirs_mode) or {}
+        if not ours.get("top_kernels") or not theirs.get("top_kernels"):
+            continue
+        if not lines:
+            lines += ["", "## Profile: top kernels of one step", "",
+                      f"CUPTI through torch.profiler over {result['settings'].get('profile_steps')} steps; "
+                      "cutegrad's graphed bf16 step against PyTorch's fastest mode; ms and calls per step.", ""]
+        lines += [f"### {name}: cutegrad-graphed-bf16 ({ours.get('kernel_ms_per_step')} kernel-ms) vs "
+                  f"{theirs_mode} ({theirs.get('kernel_ms_per_step')} kernel-ms)", "",
+                  "| # | cutegrad kernel | calls | ms | PyTorch kernel | calls | ms |", "|---:|---|---:|---:|---|---:|---:|"]
+        a, b = ours["top_kernels"], theirs["top_kernels"]
+        for i in range(max(len(a), len(b))):
+            left = f"`{_short(a[i][0])}` | {a[i][1]} | {a[i][2]:.3f}" if i < len(a) else " | |"
+            right = f"`{_short(b[i][0])}` | {b[i][1]} | {b[i][2]:.3f}" if i < len(b) else " | |"
+            lines.append(f"| {i + 1} | {left} | {right} |")
+        lines.append("")
+    return lines
 
 
 def render_chart(result, path):

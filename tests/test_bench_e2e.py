@@ -129,6 +129,9 @@ def test_kernel_stats_counts_what_lies_in_the_window():
     assert math.isclose(s["kernel_ms_per_step"], (40 + 20 + 60) / 1e3 / 2)
     assert s["memcpy_per_step"] == 0.5 and s["memset_per_step"] == 0.5
     assert s["launch_calls_per_step"] == 1.0  # cuLaunchKernel + cudaLaunchKernel, not the sync
+    # the profile: every device activity in the window, most expensive first, per step
+    assert s["top_kernels"] == [["adamw", 0.5, 0.03], ["gemm", 0.5, 0.02], ["add", 0.5, 0.01],
+                                ["Memcpy DtoD", 0.5, 0.0015], ["Memset", 0.5, 0.0005]]
 
 
 def test_kernel_stats_without_window_or_api_events():
@@ -285,6 +288,8 @@ def synthetic_result():
               "versions": {"cutegrad": "0.1.0", "python": "3.12.3", "torch": "2.11.0", "cuda": "13.0"},
               "date": "2026-11-22T07:00:00+00:00", "command": "python -m bench.e2e",
               "settings": {"steps": 50}, "modes": {m: {} for m in modes}, "workloads": w}
+    w["reverse"]["modes"]["cutegrad-graphed-bf16"]["top_kernels"] = [["gemm_bf16", 4.0, 0.3], ["adamw", 1.0, 0.1]]
+    w["reverse"]["modes"]["torch-cudagraph-bf16"]["top_kernels"] = [["sm90_xmma_gemm_" + "x" * 100, 4.0, 0.5]]
     result["rows"] = e2e.comparison_rows(result)
     return result
 
@@ -316,6 +321,11 @@ def test_render_writes_table_and_chart_from_json_alone(tmp_path, capsys):
     assert "- vit: setup: OSError: no data" in md and "batch 4 (preset: 8)" in md
     assert "| reverse | torch-eager-fp32 | 4.000 | 2.000 | 100 | 100 | 1.000 | n/a | 40.0 | 2.5000 |" in md
     assert "| reverse | cutegrad-graphed-bf16 | 0.800 | 0.400 | 100 | 100 | 1.000 | 0.200 | 40.0 | 2.5000 |" in md
+    # the profile section: our graphed step's top kernels beside PyTorch's fastest mode's, long names cut
+    assert "### reverse: cutegrad-graphed-bf16 (0.4 kernel-ms) vs torch-cudagraph-bf16 (0.5 kernel-ms)" in md
+    assert f"| 1 | `gemm_bf16` | 4.0 | 0.300 | `sm90_xmma_gemm_{'x' * 72}...` | 4.0 | 0.500 |" in md
+    assert "| 2 | `adamw` | 1.0 | 0.100 |  | | |" in md
+    assert "### gpt2-small" not in md  # no profile there
     try:
         import matplotlib  # noqa: F401  (only whether it is there matters)
     except ImportError:
