@@ -259,13 +259,16 @@ PyObject* fast_free(PyObject* self_obj, PyObject* const* args, Py_ssize_t nargs,
 // bind_layout(Block, Segment, BlockPool, ALLOCATED, QUICK)
 Py_ssize_t slot_offset(PyTypeObject* type, const char* name) {
   PyObject* descr = PyObject_GetAttrString(reinterpret_cast<PyObject*>(type), name);
-  if (descr == nullptr) return -1;
   Py_ssize_t offset = -1;
-  if (Py_TYPE(descr) == &PyMemberDescr_Type) {
-    PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(descr)->d_member;
-    if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) offset = m->offset;
+  if (descr == nullptr) {
+    PyErr_Clear();
+  } else {
+    if (Py_TYPE(descr) == &PyMemberDescr_Type) {
+      PyMemberDef* m = reinterpret_cast<PyMemberDescrObject*>(descr)->d_member;
+      if (m->type == T_OBJECT_EX && !(m->flags & READONLY)) offset = m->offset;
+    }
+    Py_DECREF(descr);
   }
-  Py_DECREF(descr);
   if (offset < 0)
     PyErr_Format(PyExc_TypeError, "AllocatorFastPath.bind_layout: %s.%s is not a writable __slots__ entry",
                  type->tp_name, name);
