@@ -28,6 +28,16 @@
 // plain object slot) and the Block state codes; until it has run every call
 // takes the Python path.
 //
+// _C.device_tensor(alloc, shape, dtype, device, stream) builds a kernel's
+// output the way frontend/backends/cuda/launch.py:_empty does in Python (which
+// stays the path without _C and with poisoned outputs): nbytes from the shape,
+// alloc.malloc(nbytes, stream), a DeviceStorage around the block and a
+// contiguous Tensor around the storage, their __slots__ written directly.
+// bind_device_tensor(Tensor, DeviceStorage, DType, strides cache,
+// contiguous_strides) checks that the slots it writes are all the classes have.
+// Neither entry launches anything: the dry-run stand-in of _C never sees them
+// (the allocator and launch.py import them from the real module).
+//
 // Locking: the same token protocol as the Python policy (caching.py,
 // "locking"): the token is popped from `_token` for the duration of a hit and
 // pushed back after it, then `_pending_frees` is drained if a free queued
@@ -36,6 +46,8 @@
 #include <nanobind/nanobind.h>
 #include <structmember.h>
 
+#include <algorithm>
+#include <string>
 #include <vector>
 
 #include "bindings.h"
@@ -270,8 +282,7 @@ Py_ssize_t slot_offset(PyTypeObject* type, const char* name) {
     Py_DECREF(descr);
   }
   if (offset < 0)
-    PyErr_Format(PyExc_TypeError, "AllocatorFastPath.bind_layout: %s.%s is not a writable __slots__ entry",
-                 type->tp_name, name);
+    PyErr_Format(PyExc_TypeError, "%s.%s is not a writable __slots__ entry", type->tp_name, name);
   return offset;
 }
 
@@ -316,6 +327,197 @@ PyObject* bind_layout(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_XDECREF(old.allocated);
   Py_XDECREF(old.quick);
   Py_RETURN_NONE;
+}
+
+// ---------------------------------------------------------------------------- device_tensor
+struct TensorLayout {
+  PyTypeObject* tensor = nullptr;
+  PyTypeObject* storage = nullptr;
+  PyTypeObject* dtype = nullptr;
+  PyObject* strides_cache = nullptr;       // tensor._STRIDES: shape -> contiguous strides
+  PyObject* contiguous_strides = nullptr;  // tensor.contiguous_strides, for a shape not cached
+  Py_ssize_t storage_of, shape, strides, offset, dtype_of, np, requires_grad, grad, grad_fn, base, hooks,
+      retains_grad, accum, base_fn;         // Tensor
+  Py_ssize_t data, device, version, allocator;  // DeviceStorage
+  Py_ssize_t itemsize;                          // DType
+};
+TensorLayout tensor_layout;
+PyObject* s_malloc;
+PyObject* s_free;
+
+// The names in __slots__ over a class's MRO (without __weakref__ and __dict__).
+bool collect_slots(PyTypeObject* type, std::vector<std::string>& names) {
+  PyObject* mro = type->tp_mro;
+  for (Py_ssize_t i = 0; mro != nullptr && i < PyTuple_GET_SIZE(mro); ++i) {
+    PyObject* cls = PyTuple_GET_ITEM(mro, i);
+    PyObject* slots = PyDict_GetItemString(reinterpret_cast<PyTypeObject*>(cls)->tp_dict, "__slots__");
+    if (slots == nullptr) continue;
+    PyObject* seq = PyUnicode_Check(slots) ? PyTuple_Pack(1, slots) : PySequence_Tuple(slots);
+    if (seq == nullptr) return false;
+    for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(seq); ++j) {
+      const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(seq, j));
+      if (name == nullptr) {
+        Py_DECREF(seq);
+        return false;
+      }
+      if (std::string(name) != "__weakref__" && std::string(name) != "__dict__") names.emplace_back(name);
+    }
+    Py_DECREF(seq);
+  }
+  return true;
+}
+
+struct SlotSpec {
+  const char* name;
+  Py_ssize_t* offset;
+};
+
+// Offsets of `wanted`, which must be exactly the slots `type` has: a slot added to
+// the class later would otherwise be left unset by device_tensor.
+bool bind_slots(PyTypeObject* type, const std::vector<SlotSpec>& wanted) {
+  std::vector<std::string> names;
+  if (!collect_slots(type, names)) return false;
+  std::sort(names.begin(), names.end());
+  std::vector<std::string> expected;
+  for (const auto& w : wanted) expected.emplace_back(w.name);
+  std::sort(expected.begin(), expected.end());
+  if (names != expected) {
+    PyErr_Format(PyExc_TypeError, "bind_device_tensor: %s's __slots__ are not the ones device_tensor writes; "
+                 "update kernels/cuda/allocator_bindings.cpp with the class", type->tp_name);
+    return false;
+  }
+  for (const auto& w : wanted)
+    if ((*w.offset = slot_offset(type, w.name)) < 0) return false;
+  return true;
+}
+
+PyObject* bind_device_tensor(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 5 || !PyType_Check(args[0]) || !PyType_Check(args[1]) || !PyType_Check(args[2]) ||
+      !PyDict_CheckExact(args[3]) || !PyCallable_Check(args[4])) {
+    PyErr_SetString(PyExc_TypeError, "bind_device_tensor(Tensor, DeviceStorage, DType, strides cache (dict), "
+                                     "contiguous_strides)");
+    return nullptr;
+  }
+  TensorLayout l;
+  l.tensor = reinterpret_cast<PyTypeObject*>(args[0]);
+  l.storage = reinterpret_cast<PyTypeObject*>(args[1]);
+  l.dtype = reinterpret_cast<PyTypeObject*>(args[2]);
+  if (!bind_slots(l.tensor, {{"_storage", &l.storage_of}, {"_shape", &l.shape}, {"_strides", &l.strides},
+                             {"_offset", &l.offset}, {"_dtype", &l.dtype_of}, {"_np", &l.np},
+                             {"_requires_grad", &l.requires_grad}, {"_grad", &l.grad}, {"grad_fn", &l.grad_fn},
+                             {"_base", &l.base}, {"_hooks", &l.hooks}, {"_retains_grad", &l.retains_grad},
+                             {"_accum", &l.accum}, {"_base_fn", &l.base_fn}}) ||
+      !bind_slots(l.storage, {{"data", &l.data}, {"device", &l.device}, {"version", &l.version},
+                              {"allocator", &l.allocator}}))
+    return nullptr;
+  if ((l.itemsize = slot_offset(l.dtype, "itemsize")) < 0) return nullptr;
+  l.strides_cache = args[3];
+  l.contiguous_strides = args[4];
+  for (PyObject* o : {reinterpret_cast<PyObject*>(l.tensor), reinterpret_cast<PyObject*>(l.storage),
+                      reinterpret_cast<PyObject*>(l.dtype), l.strides_cache, l.contiguous_strides})
+    Py_INCREF(o);
+  TensorLayout old = tensor_layout;
+  tensor_layout = l;
+  for (PyObject* o : {reinterpret_cast<PyObject*>(old.tensor), reinterpret_cast<PyObject*>(old.storage),
+                      reinterpret_cast<PyObject*>(old.dtype), old.strides_cache, old.contiguous_strides})
+    Py_XDECREF(o);
+  Py_RETURN_NONE;
+}
+
+// dtype.itemsize * prod(shape), as the Python loop computes it (generic arithmetic
+// for anything but small ints).
+PyObject* output_nbytes(PyObject* shape, PyObject* dtype) {
+  const TensorLayout& l = tensor_layout;
+  PyObject* itemsize = Py_TYPE(dtype) == l.dtype ? slot(dtype, l.itemsize) : nullptr;
+  PyObject* nbytes = itemsize != nullptr ? (Py_INCREF(itemsize), itemsize)
+                                         : PyObject_GetAttrString(dtype, "itemsize");
+  if (nbytes == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(shape); ++i) {
+    PyObject* n = PyTuple_GET_ITEM(shape, i);
+    long long a, b, product;
+    int overflow_a = 0, overflow_b = 0;
+    if (PyLong_CheckExact(nbytes) && PyLong_CheckExact(n) &&
+        (a = PyLong_AsLongLongAndOverflow(nbytes, &overflow_a), !overflow_a) &&
+        (b = PyLong_AsLongLongAndOverflow(n, &overflow_b), !overflow_b) &&
+        !__builtin_mul_overflow(a, b, &product)) {
+      Py_SETREF(nbytes, PyLong_FromLongLong(product));
+    } else {
+      Py_SETREF(nbytes, PyNumber_Multiply(nbytes, n));
+    }
+    if (nbytes == nullptr) return nullptr;
+  }
+  return nbytes;
+}
+
+PyObject* device_tensor(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  const TensorLayout& l = tensor_layout;
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "device_tensor(allocator, shape, dtype, device, stream)");
+    return nullptr;
+  }
+  if (l.tensor == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "device_tensor: bind_device_tensor was not called");
+    return nullptr;
+  }
+  PyObject *alloc = args[0], *shape = args[1], *dtype = args[2], *device = args[3], *stream = args[4];
+  if (!PyTuple_Check(shape)) {
+    PyErr_Format(PyExc_TypeError, "device_tensor: shape must be a tuple, got %s", Py_TYPE(shape)->tp_name);
+    return nullptr;
+  }
+  PyObject* nbytes = output_nbytes(shape, dtype);
+  if (nbytes == nullptr) return nullptr;
+  PyObject* call[] = {alloc, nbytes, stream};  // alloc.malloc: an instance attribute (a timer) still counts
+  PyObject* block = PyObject_VectorcallMethod(s_malloc, call, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+  Py_DECREF(nbytes);
+  if (block == nullptr) return nullptr;
+  PyObject* storage = l.storage->tp_alloc(l.storage, 0);
+  if (storage == nullptr) {
+    PyObject* free_call[] = {alloc, block};
+    Py_XDECREF(PyObject_VectorcallMethod(s_free, free_call, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr));
+    Py_DECREF(block);
+    return nullptr;
+  }
+  // From here a failure drops the storage, whose finalizer gives the block back.
+  slot(storage, l.data) = block;
+  Py_INCREF(device);
+  slot(storage, l.device) = device;
+  Py_INCREF(zero);
+  slot(storage, l.version) = zero;
+  Py_INCREF(alloc);
+  slot(storage, l.allocator) = alloc;
+  PyObject* strides = PyDict_GetItemWithError(l.strides_cache, shape);
+  if (strides != nullptr && PyObject_IsTrue(strides) == 1) {
+    Py_INCREF(strides);
+  } else {
+    strides = PyErr_Occurred() ? nullptr : PyObject_CallOneArg(l.contiguous_strides, shape);
+    if (strides == nullptr) {
+      Py_DECREF(storage);
+      return nullptr;
+    }
+  }
+  PyObject* t = l.tensor->tp_alloc(l.tensor, 0);
+  if (t == nullptr) {
+    Py_DECREF(strides);
+    Py_DECREF(storage);
+    return nullptr;
+  }
+  slot(t, l.storage_of) = storage;
+  slot(t, l.strides) = strides;
+  Py_INCREF(shape);
+  slot(t, l.shape) = shape;
+  Py_INCREF(zero);
+  slot(t, l.offset) = zero;
+  Py_INCREF(dtype);
+  slot(t, l.dtype_of) = dtype;
+  for (Py_ssize_t off : {l.np, l.grad, l.grad_fn, l.base, l.hooks, l.accum, l.base_fn}) {
+    Py_INCREF(Py_None);
+    slot(t, off) = Py_None;
+  }
+  for (Py_ssize_t off : {l.requires_grad, l.retains_grad}) {
+    Py_INCREF(Py_False);
+    slot(t, off) = Py_False;
+  }
+  return t;
 }
 
 PyObject* fast_new(PyTypeObject* type, PyObject*, PyObject*) {
@@ -400,6 +602,16 @@ PyType_Slot fast_slots[] = {
     {0, nullptr},
 };
 
+PyMethodDef device_tensor_def = {
+    "device_tensor", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(device_tensor)), METH_FASTCALL,
+    "device_tensor(allocator, shape, dtype, device, stream) -> Tensor: a contiguous output of allocator.malloc "
+    "(frontend/backends/cuda/launch.py:_empty)"};
+PyMethodDef bind_device_tensor_def = {
+    "bind_device_tensor", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bind_device_tensor)),
+    METH_FASTCALL,
+    "bind_device_tensor(Tensor, DeviceStorage, DType, strides cache, contiguous_strides): the classes "
+    "device_tensor builds and reads"};
+
 PyType_Spec fast_spec = {"cutegrad._C.AllocatorFastPath", sizeof(FastPath), 0,
                          Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC, fast_slots};
 
@@ -409,9 +621,17 @@ void add_allocator(nb::module_& m) {
   s_drain = PyUnicode_InternFromString("_drain_pending_frees");
   zero = PyLong_FromLong(0);
   if (!s_malloc_slow || !s_free_slow || !s_drain || !zero) throw nb::python_error();
+  s_malloc = PyUnicode_InternFromString("malloc");
+  s_free = PyUnicode_InternFromString("free");
+  if (!s_malloc || !s_free) throw nb::python_error();
   PyObject* type = PyType_FromSpec(&fast_spec);
   if (type == nullptr) throw nb::python_error();
   m.attr("AllocatorFastPath") = nb::steal(type);
+  for (PyMethodDef* def : {&device_tensor_def, &bind_device_tensor_def}) {
+    PyObject* fn = PyCFunction_NewEx(def, nullptr, m.ptr());
+    if (fn == nullptr) throw nb::python_error();
+    m.attr(def->ml_name) = nb::steal(fn);
+  }
 }
 
 static cutegrad::Bindings reg(&add_allocator, nullptr);
