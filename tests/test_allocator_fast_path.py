@@ -223,3 +223,93 @@ def test_an_op_on_the_dry_run_device_allocates_natively(dry_cuda):
         a + b
     assert (calls.mallocs, calls.frees) == (0, 0)
     assert dry_cuda.count("elementwise") == 6
+
+
+# ---------------------------------------------------------------- outputs built in C (_C.device_tensor)
+
+TENSOR_SLOTS = ("_storage", "_shape", "_strides", "_offset", "_dtype", "_np", "_requires_grad", "_grad",
+                "grad_fn", "_base", "_hooks", "_retains_grad", "_accum", "_base_fn")
+
+
+def python_empty(launch, shape, dtype, dev, stream):
+    """launch._empty with the C constructor switched off: the Python reference."""
+    native, launch._device_tensor = launch._device_tensor, None
+    try:
+        return launch._empty(shape, dtype, dev, stream)
+    finally:
+        launch._device_tensor = native
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (), (3, 0, 5), (1, 7, 1), (2, 3, 4, 5)])
+def test_device_tensor_builds_what_empty_builds_in_python(dry_cuda, shape):
+    import cutegrad
+    from cutegrad.backends.cuda import launch
+    a = cutegrad.zeros(1, device="cuda")                 # the first output binds _C.device_tensor
+    assert launch._device_tensor is not None
+    dev, alloc = a.device, dry_cuda.allocator()
+    for dtype in (cutegrad.float32, cutegrad.bfloat16, cutegrad.int64, cutegrad.bool):
+        ours, ref = launch._empty(shape, dtype, dev, 0), python_empty(launch, shape, dtype, dev, 0)
+        assert type(ours) is type(ref) and type(ours._storage) is type(ref._storage)
+        for name in TENSOR_SLOTS[1:]:
+            assert getattr(ours, name) == getattr(ref, name), name
+        st, st_ref = ours._storage, ref._storage
+        assert (st.device, st.version, st.allocator) == (st_ref.device, st_ref.version, alloc)
+        assert (st.data.requested, st.data.state, st.data.stream) == (st_ref.data.requested, ALLOCATED, 0)
+        assert ours.is_contiguous() and ours._strides is ref._strides
+    del ours, ref, st, st_ref
+    assert alloc.memory_stats()["allocation.all.current"] == 1   # only `a`: the outputs gave their blocks back
+    alloc.check_invariants()
+
+
+def test_device_tensor_takes_any_shape_the_python_path_takes(dry_cuda):
+    import cutegrad
+    from cutegrad.backends.cuda import launch
+    a = cutegrad.zeros(1, device="cuda")
+    dev, f32 = a.device, cutegrad.float32
+    t = launch._empty(a.shape.__class__((4, 8)), f32, dev, 0)          # a Size
+    assert t.shape == (4, 8) and t._storage.data.requested == 128
+    t = launch._empty((np.int64(4), 8), f32, dev, 0)                   # NumPy integers
+    assert t._storage.data.requested == 128
+    with pytest.raises(TypeError, match="shape must be a tuple"):
+        launch._device_tensor(dry_cuda.allocator(), [4, 8], f32, dev, 0)
+
+
+def test_device_tensor_calls_an_instance_malloc(dry_cuda):
+    """A malloc set on the allocator object (bench/e2e.py's timer) is the one called."""
+    import cutegrad
+    a = cutegrad.zeros(64, device="cuda")
+    alloc = dry_cuda.allocator()
+    seen = []
+    alloc.malloc = lambda nbytes, stream=0: seen.append(nbytes) or type(alloc).malloc(alloc, nbytes, stream)
+    try:
+        a + a
+    finally:
+        del alloc.malloc
+    assert seen == [256]
+
+
+def test_poisoned_outputs_are_built_in_python(dry_cuda):
+    import cutegrad
+    from cutegrad.backends.cuda import launch
+    a = cutegrad.zeros(64, device="cuda")
+    launch.set_poison_outputs(True)
+    try:
+        del dry_cuda.work[:]
+        a + a
+        assert [w[0] for w in dry_cuda.work] == ["cuMemsetD8Async"]
+    finally:
+        launch.set_poison_outputs(False)
+
+
+def test_bind_device_tensor_refuses_classes_it_does_not_fill():
+    from cutegrad import dtypes
+    from cutegrad._C import bind_device_tensor
+    from cutegrad.cuda.tensors import DeviceStorage
+    from cutegrad.tensor import Tensor, contiguous_strides
+
+    class Wider(Tensor):
+        __slots__ = ("_extra",)
+    with pytest.raises(TypeError, match="Wider's __slots__ are not the ones device_tensor writes"):
+        bind_device_tensor(Wider, DeviceStorage, dtypes.DType, {}, contiguous_strides)
+    with pytest.raises(TypeError, match="bind_device_tensor"):
+        bind_device_tensor(Tensor, DeviceStorage)

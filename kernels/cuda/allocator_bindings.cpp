@@ -83,6 +83,12 @@ inline PyObject*& slot(PyObject* obj, Py_ssize_t offset) {
   return *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(obj) + offset);
 }
 
+// Stores a new reference to `value` in a slot of a fresh object (nothing to release).
+inline void put(PyObject* obj, Py_ssize_t offset, PyObject* value) {
+  Py_INCREF(value);
+  slot(obj, offset) = value;
+}
+
 struct FastPath {
   PyObject_HEAD
   PyObject* small;     // _small: BlockPool
@@ -479,12 +485,9 @@ PyObject* device_tensor(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   // From here a failure drops the storage, whose finalizer gives the block back.
   slot(storage, l.data) = block;
-  Py_INCREF(device);
-  slot(storage, l.device) = device;
-  Py_INCREF(zero);
-  slot(storage, l.version) = zero;
-  Py_INCREF(alloc);
-  slot(storage, l.allocator) = alloc;
+  put(storage, l.device, device);
+  put(storage, l.version, zero);
+  put(storage, l.allocator, alloc);
   PyObject* strides = PyDict_GetItemWithError(l.strides_cache, shape);
   if (strides != nullptr && PyObject_IsTrue(strides) == 1) {
     Py_INCREF(strides);
@@ -503,20 +506,11 @@ PyObject* device_tensor(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   slot(t, l.storage_of) = storage;
   slot(t, l.strides) = strides;
-  Py_INCREF(shape);
-  slot(t, l.shape) = shape;
-  Py_INCREF(zero);
-  slot(t, l.offset) = zero;
-  Py_INCREF(dtype);
-  slot(t, l.dtype_of) = dtype;
-  for (Py_ssize_t off : {l.np, l.grad, l.grad_fn, l.base, l.hooks, l.accum, l.base_fn}) {
-    Py_INCREF(Py_None);
-    slot(t, off) = Py_None;
-  }
-  for (Py_ssize_t off : {l.requires_grad, l.retains_grad}) {
-    Py_INCREF(Py_False);
-    slot(t, off) = Py_False;
-  }
+  put(t, l.shape, shape);
+  put(t, l.offset, zero);
+  put(t, l.dtype_of, dtype);
+  for (Py_ssize_t off : {l.np, l.grad, l.grad_fn, l.base, l.hooks, l.accum, l.base_fn}) put(t, off, Py_None);
+  for (Py_ssize_t off : {l.requires_grad, l.retains_grad}) put(t, off, Py_False);
   return t;
 }
 
