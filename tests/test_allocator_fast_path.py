@@ -9,7 +9,7 @@ import weakref
 import numpy as np
 import pytest
 
-from cutegrad.allocator import SimulatedMemory, parse_config
+from cutegrad.allocator import OutOfMemoryError, SimulatedMemory, parse_config
 from cutegrad.allocator.block import ALLOCATED, QUICK, Block, BlockPool, Segment
 from cutegrad.allocator.caching import NATIVE_FAST_PATH, CachingAllocator, PythonCachingAllocator
 
@@ -130,6 +130,8 @@ def test_bad_calls_raise_the_python_errors():
         other.free(alloc.malloc(1000))
     with pytest.raises(TypeError):
         alloc.malloc(1, 0, 2)
+    with pytest.raises(OutOfMemoryError):
+        alloc.malloc(1 << 62)                           # past the native hit's range: Python's ladder
     alloc.check_invariants()
 
 

@@ -60,6 +60,7 @@ namespace {
 
 constexpr long long kMinBlock = 512;
 constexpr long long kSmallSize = 1 << 20;  // largest request of the small pool (caching.SMALL_SIZE)
+constexpr long long kMaxHit = 1LL << 60;   // larger requests (never cached) go to Python: no overflow here
 
 // Slot offsets of the allocator's Python classes, set by bind_layout.
 struct Layout {
@@ -183,7 +184,7 @@ PyObject* fast_malloc(PyObject* self_obj, PyObject* const* args, Py_ssize_t narg
     if (PyLong_CheckExact(nbytes_obj) && PyLong_CheckExact(stream)) {
       int overflow = 0;
       long long nbytes = PyLong_AsLongLongAndOverflow(nbytes_obj, &overflow);
-      if (!overflow && nbytes >= 0) {
+      if (!overflow && nbytes >= 0 && nbytes <= kMaxHit) {
         PyObject* token = take_token(self);
         if (token != nullptr) {
           PyObject* block = quick_hit(self, nbytes_obj, nbytes, stream);
