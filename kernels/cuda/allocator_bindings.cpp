@@ -1,9 +1,10 @@
 // _C.AllocatorFastPath: the caching allocator's hot malloc/free, in C.
 //
 // cutegrad.allocator.CachingAllocator derives from this type (or, without _C,
-// from its Python twin allocator/fast_path.py:PythonFastPath, which states the
-// same behaviour line by line). What it does natively is only the exact-size
-// hit of the deferred-coalescing fast path (docs/allocator.md, "Coalescing"):
+// from allocator/fast_path.py:PythonFastPath, which sends every call to the
+// policy, whose _quick_take and _file_quick are this same hit in Python). What
+// it does natively is only the exact-size hit of the deferred-coalescing fast
+// path (docs/allocator.md, "Coalescing" and "The native fast path"):
 //
 //   malloc(nbytes, stream=0): with the fast path open (`_slow` false), take the
 //       last block of pool.quick[stream][rounded size] and count it allocated;
@@ -117,16 +118,26 @@ PyObject* take_token(FastPath* self) {
 }
 
 // Pushes the token back (consuming `item`); then, like the Python holders, frees
-// what was queued meanwhile. Returns false with an exception set on failure.
+// what was queued meanwhile. An exception the hit raised is kept across the
+// drain, as across a `finally`; false: the drain raised (its exception replaces it).
 bool give_token(FastPath* self, PyObject* item) {
+  PyObject *type, *value, *traceback;
+  PyErr_Fetch(&type, &value, &traceback);
   int rc = PyList_Append(self->token, item);
   Py_DECREF(item);
-  if (rc < 0) return false;
-  if (self->pending != nullptr && PyList_Check(self->pending) && PyList_GET_SIZE(self->pending) > 0) {
+  bool ok = rc == 0;
+  if (ok && self->pending != nullptr && PyList_Check(self->pending) && PyList_GET_SIZE(self->pending) > 0) {
     PyObject* r = PyObject_CallMethodNoArgs(reinterpret_cast<PyObject*>(self), s_drain);
-    if (r == nullptr) return false;
-    Py_DECREF(r);
+    ok = r != nullptr;
+    Py_XDECREF(r);
   }
+  if (!ok) {
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return false;
+  }
+  PyErr_Restore(type, value, traceback);
   return true;
 }
 
