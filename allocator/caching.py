@@ -26,7 +26,10 @@ Design (after PyTorch's CUDACachingAllocator; see docs/allocator.md):
 Hot path: with no capture underway and no outstanding events, ``free`` files a
 block under its exact size without coalescing it (state QUICK) and ``malloc``
 first looks there: an alloc+free pair of a size in use is then a few dict and
-list operations. A request that misses takes best fit over the coalesced free
+list operations. That exact hit runs in C (fast_path.NativeFastPath, the base
+class of CachingAllocator; _quick_take and _file_quick are the same hit in
+Python) and calls this policy, through _malloc_slow and _free_slow, for
+everything else. A request that misses takes best fit over the coalesced free
 lists and the deferred blocks together (a deferred block that fits better is
 coalesced alone and best fit runs again); only when nothing fits are the
 deferred blocks of the smallest run of free neighbours spanning the request
@@ -51,6 +54,7 @@ from .block import (ALLOCATED, DEAD, FREE, KEY_SHIFT, PENDING, QUICK, Block, Blo
                     PrivatePool, Segment)
 from .config import UNLIMITED, AllocatorConfig, config_from_env
 from .errors import CaptureError, OutOfMemoryError
+from .fast_path import NativeFastPath, PythonFastPath
 
 MIN_BLOCK_SIZE = 512
 SMALL_SIZE = 1 << 20            # largest request served by the small pool
@@ -91,12 +95,10 @@ class _Capture:
         self.capture_id = capture_id
 
 
-class CachingAllocator:
-    """Caching allocator for one device over a memory backend.
-
-    ``malloc(nbytes, stream) -> Block`` (``.ptr``, ``.size``, ``.stream``),
-    ``free(block)``, ``record_stream(block, stream)``. A Block must not be used
-    after it was freed: its object may be recycled for another allocation.
+class CachingPolicy:
+    """Everything of the caching allocator but its ``malloc``/``free`` entries,
+    which come from the fast-path base class (fast_path.py) and call
+    ``_malloc_slow``/``_free_slow`` here whenever they do not serve an exact hit.
     """
 
     def __init__(self, memory, config: AllocatorConfig | None = None, *, poison_freed_blocks=False,
@@ -198,9 +200,9 @@ class CachingAllocator:
         if self._pending_frees:
             self._drain_pending_frees()
 
-    # ------------------------------------------------------------------ public API
-    def malloc(self, nbytes, stream=0):
-        """Allocate ``nbytes`` for use on ``stream``; returns a Block."""
+    # ------------------------------------------------------------------ malloc and free
+    def _malloc_slow(self, nbytes, stream=0):
+        """malloc, whenever the fast-path base did not serve an exact hit."""
         if nbytes.__class__ is not int or nbytes < 0:
             nbytes = self._checked_size(nbytes)
         try:
@@ -209,43 +211,42 @@ class CachingAllocator:
             self._acquire_contended()
         try:
             if not self._slow:
-                size = 512 if nbytes < 512 else (nbytes + 511) & -512
-                pool = self._small if size <= 1048576 else self._large
-                # An exact-size block freed on this stream and not yet coalesced.
-                sizes = pool.quick.get(stream)
-                if sizes is not None:
-                    blocks = sizes.get(size)
-                    if blocks:
-                        block = blocks.pop()
-                        self._n_quick -= 1
-                        block.state = 1
-                        block.requested = nbytes
-                        # No block is pending on this path, so active == allocated
-                        # and the active peaks follow from the allocated ones.
-                        n = self._n_alloc + 1
-                        self._n_alloc = n
-                        if n > self._n_alloc_peak:
-                            self._n_alloc_peak = n
-                        b = self._bytes_alloc + size
-                        self._bytes_alloc = b
-                        if b > self._bytes_alloc_peak:
-                            self._bytes_alloc_peak = b
-                        r = self._bytes_req + nbytes
-                        self._bytes_req = r
-                        if r > self._bytes_req_peak:
-                            self._bytes_req_peak = r
-                        self._n_alloc_total += 1
-                        self._bytes_alloc_total += size
-                        self._bytes_req_total += nbytes
-                        return block
+                block = self._quick_take(nbytes, stream)
+                if block is not None:
+                    return block
             return self._malloc_general(nbytes, stream)
         finally:
             self._token.append(True)
             if self._pending_frees:
                 self._drain_pending_frees()
 
-    def free(self, block):
-        """Return a block; it is reusable on its stream at once, elsewhere after its events."""
+    def _quick_take(self, nbytes, stream):
+        """The exact-size hit (the fast path; NativeFastPath.malloc does the same in C):
+        a block of the rounded size freed on ``stream`` and not yet coalesced, or None."""
+        size = 512 if nbytes < 512 else (nbytes + 511) & -512
+        pool = self._small if size <= SMALL_SIZE else self._large
+        blocks = pool.quick.get(stream, {}).get(size)
+        if not blocks:
+            return None
+        block = blocks.pop()
+        self._n_quick -= 1
+        block.state = ALLOCATED
+        block.requested = nbytes
+        # No block is pending on this path, so active == allocated and the active
+        # peaks follow from the allocated ones (memory_stats takes the max).
+        self._n_alloc += 1
+        self._n_alloc_peak = max(self._n_alloc_peak, self._n_alloc)
+        self._bytes_alloc += size
+        self._bytes_alloc_peak = max(self._bytes_alloc_peak, self._bytes_alloc)
+        self._bytes_req += nbytes
+        self._bytes_req_peak = max(self._bytes_req_peak, self._bytes_req)
+        self._n_alloc_total += 1
+        self._bytes_alloc_total += size
+        self._bytes_req_total += nbytes
+        return block
+
+    def _free_slow(self, block):
+        """free, whenever the fast-path base did not file the block itself."""
         if block.__class__ is not Block or block.state != ALLOCATED:
             raise self._bad_free(block)
         token = self._token
@@ -257,27 +258,7 @@ class CachingAllocator:
             self._drain_pending_frees()
             return
         try:
-            seg = block.segment
-            # State is checked again: another thread may have freed it meanwhile.
-            if (self._quick_free and block.state == 1 and block.stream_uses is None
-                    and self._segments.get(seg.ptr) is seg):
-                # _free's common case with _file_quick inlined (the hot path).
-                size = block.size
-                self._n_alloc -= 1
-                self._bytes_alloc -= size
-                self._bytes_req -= block.requested
-                block.state = QUICK
-                sizes = block.pool.quick.get(block.stream)
-                if sizes is None:
-                    sizes = block.pool.quick[block.stream] = {}
-                blocks = sizes.get(size)
-                if blocks is None:
-                    sizes[size] = [block]
-                else:
-                    blocks.append(block)
-                self._n_quick += 1
-            else:
-                self._free(block)
+            self._free(block)
         finally:
             token.append(True)
             if self._pending_frees:
@@ -336,11 +317,12 @@ class CachingAllocator:
             self._insert_events(block)
 
     def _file_quick(self, block):
-        """Defer coalescing: file a freed block under its exact size.
+        """Defer coalescing: file a freed block under its exact size (NativeFastPath.free
+        does the same in C, with the counting of _free).
 
         The next request of that size on that stream takes it back without a
-        split and a merge; any request that misses coalesces every deferred
-        block first (_flush_quick).
+        split and a merge; a request that misses coalesces only the deferred
+        blocks it needs (_malloc_general).
         """
         block.state = QUICK
         sizes = block.pool.quick.get(block.stream)
@@ -978,3 +960,22 @@ class CachingAllocator:
         from .invariants import check_invariants
         with self:
             check_invariants(self)
+
+
+class CachingAllocator(CachingPolicy, NativeFastPath or PythonFastPath):
+    """Caching allocator for one device over a memory backend.
+
+    ``malloc(nbytes, stream) -> Block`` (``.ptr``, ``.size``, ``.stream``),
+    ``free(block)``, ``record_stream(block, stream)``. A Block must not be used
+    after it was freed: its object may be recycled for another allocation.
+    ``malloc`` and ``free`` serve exact-size hits natively where ``cutegrad._C``
+    is built (``NATIVE_FAST_PATH``); ``PythonCachingAllocator`` is the same
+    allocator with the hit in Python.
+    """
+
+
+class PythonCachingAllocator(CachingPolicy, PythonFastPath):
+    """CachingAllocator with its exact-size hit in Python (what runs without ``_C``)."""
+
+
+NATIVE_FAST_PATH = NativeFastPath is not None

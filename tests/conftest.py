@@ -47,3 +47,20 @@ def dry_cuda():
     launch counts and host-path tests on any machine."""
     with cutegrad.cuda.dry_run() as dry:
         yield dry
+
+
+@pytest.fixture(params=["native", "python"])
+def allocator_fast_path(request, monkeypatch):
+    """Runs a test module's `CachingAllocator` both ways: with the exact-size hit in C
+    (cutegrad._C.AllocatorFastPath, the default) and with it in Python
+    (PythonCachingAllocator, what runs without _C). Use it with
+    `pytestmark = pytest.mark.usefixtures("allocator_fast_path")`."""
+    from cutegrad.allocator import caching
+    if request.param == "native":
+        if not caching.NATIVE_FAST_PATH:
+            pytest.skip("cutegrad._C (with AllocatorFastPath) is not built")
+        cls = caching.CachingAllocator
+    else:
+        cls = caching.PythonCachingAllocator
+    monkeypatch.setattr(request.module, "CachingAllocator", cls)
+    return request.param

@@ -12,6 +12,8 @@ from cutegrad.allocator import (CachingAllocator, CaptureError, OutOfMemoryError
 from cutegrad.allocator.block import ALLOCATED
 from cutegrad.allocator.caching import segment_size_for
 
+pytestmark = pytest.mark.usefixtures("allocator_fast_path")
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30

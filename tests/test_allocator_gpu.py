@@ -374,3 +374,36 @@ def test_allocation_during_real_capture_uses_private_pool(gpu):
     alloc.empty_cache()
     assert alloc.memory_snapshot() == []
     alloc.check_invariants()
+
+
+def test_native_exact_hits_on_device_memory(gpu):
+    """The native exact-size hit (cutegrad._C.AllocatorFastPath) over CudaMemory: a block
+    freed on a stream comes back on that stream without a call into the Python policy,
+    holds what the stream writes next, and the statistics match the Python twin's for
+    the same calls."""
+    from cutegrad.allocator.caching import NATIVE_FAST_PATH, PythonCachingAllocator
+    if not NATIVE_FAST_PATH:
+        pytest.skip("cutegrad._C (with AllocatorFastPath) is not built")
+    mem, cu, streams = gpu
+    s = new_stream(cu, streams)
+    native, python = CachingAllocator(mem, parse_config("")), PythonCachingAllocator(mem, parse_config(""))
+    sizes = (100, 70_000, 3 * MiB)
+    for alloc in (native, python):
+        for nbytes in sizes:
+            alloc.free(alloc.malloc(nbytes, handle(s)))
+    slow = []
+    native._malloc_slow = lambda *a: slow.append(a) or CachingAllocator._malloc_slow(native, *a)
+    for fill in range(1, 6):
+        for alloc in (native, python):
+            blocks = [alloc.malloc(nbytes, handle(s)) for nbytes in sizes]
+            for b in blocks:
+                ok(cu.cuMemsetD8Async(b.ptr, fill, b.size, s))
+            ok(cu.cuStreamSynchronize(s))
+            for b in blocks:
+                assert read_bytes(cu, b.ptr + b.size - 4, 4) == bytes([fill]) * 4
+                alloc.free(b)
+    assert slow == []
+    assert native.memory_stats() == python.memory_stats()
+    for alloc in (native, python):
+        alloc.check_invariants()
+        alloc.empty_cache()

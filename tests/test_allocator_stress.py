@@ -24,6 +24,8 @@ import pytest
 
 from cutegrad.allocator import CachingAllocator, CaptureError, OutOfMemoryError, SimulatedMemory, parse_config
 
+pytestmark = pytest.mark.usefixtures("allocator_fast_path")
+
 MiB = 1 << 20
 STREAMS = (0, 1, 2, 3)
 

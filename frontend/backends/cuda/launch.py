@@ -30,6 +30,7 @@ _DeviceStorage = _cuda_tensors.DeviceStorage
 _native = None
 _allocators = {}
 _poison = False
+_device_tensor = None  # cutegrad._C.device_tensor once bound (_bind_device_tensor)
 
 
 def _lib():
@@ -64,18 +65,37 @@ def _allocator(idx):
     if alloc is None:
         from cutegrad.allocator import get_allocator
         alloc = _allocators[idx] = get_allocator(idx)
+        _bind_device_tensor()
     return alloc
+
+
+def _bind_device_tensor():
+    """Build outputs with _C.device_tensor from the first allocation on (the real module's,
+    also on the dry-run device: it launches nothing); without _C, _empty builds them."""
+    global _device_tensor
+    if _device_tensor is not None:
+        return
+    try:
+        from cutegrad._C import bind_device_tensor, device_tensor
+    except ImportError:
+        return
+    bind_device_tensor(Tensor, _DeviceStorage, dt.DType, _STRIDES, contiguous_strides)
+    _device_tensor = device_tensor
 
 
 def _empty(shape, dtype, dev, stream):
     """A new contiguous tensor on dev, taken on `stream` (the device's current one).
 
-    Every kernel's output comes from here: the helpers it would call (numel_of,
+    Every kernel's output comes from here. _C.device_tensor does what the rest
+    of this function does, in C (kernels/cuda/allocator_bindings.cpp), unless
+    outputs are poisoned; the helpers the Python version would call (numel_of,
     driver.activate when the context is already current) are inlined.
     """
     idx = dev.index
     if _driver_tls.ctx_device != idx:
         _driver.activate(idx)
+    if _device_tensor is not None and not _poison:
+        return _device_tensor(_allocators.get(idx) or _allocator(idx), shape, dtype, dev, stream)
     nbytes = dtype.itemsize
     for n in shape:
         nbytes *= n
