@@ -43,7 +43,7 @@ class _NormTable:
         return name
 
     def backward(self, *a):
-        key = ("bwd", a[16], a[12], a[13], a[14], a[15], bool(a[2]))
+        key = ("bwd", a[17], a[13], a[14], a[15], a[16], bool(a[2]))
         name = self._answers.get(key)
         if name is None:
             rms, n, s, dy, dx2, dres = key[1:]

@@ -40,8 +40,13 @@ def test_specialized_call_is_one_forward_and_two_backward_launches(rms):
     assert [c[0] for c in bwd] == ["cute_norm_backward", "cute_norm_finish"]
     bargs = bwd[0][1]
     assert bargs[2] != 0, "the new residual's gradient is added in the kernel"
-    assert bargs[11:16] == (1000, 768, F32, BF16, BF16)  # rows, n, s, dy, and ds again in x's bf16
-    assert bargs[10] == -(-1000 // 4) and bwd[1][1][4] == bargs[10]  # one partial row per CTA of 4 row slots
+    assert bargs[12:17] == (1000, 768, F32, BF16, BF16)  # rows, n, s, dy, and ds again in x's bf16
+    assert bargs[11] == -(-1000 // 4) and bwd[1][1][6] == bargs[11]  # one partial row per CTA of 4 row slots
+    # dweight's (, dbias') and dx's partials: 16-byte aligned blocks of one allocation, read by the finish
+    pw, pb, pc = bargs[8:11]
+    block = 4 * 768 * bargs[11]
+    assert pc - pw == (block if rms else 2 * block) and pc % 16 == 0 and pb == (0 if rms else pw + block)
+    assert bwd[1][1][:3] == bargs[8:11]
     assert dx.dtype is dt.bfloat16 and dres.dtype is dt.float32 and dw.dtype is dt.float32
     assert (db is None) == rms
 
@@ -49,7 +54,7 @@ def test_specialized_call_is_one_forward_and_two_backward_launches(rms):
 def test_without_residual_the_gradient_of_x_is_ds():
     fwd, bwd, (dx, _, _, _) = _run(256, 64, dt.float32, None, False, "norm_sm_90a_x")
     assert fwd[0][1][1] == 0 and fwd[0][1][2] == 0 and fwd[0][1][10:12] == (F32, 0)
-    assert bwd[0][1][4] == 0 and bwd[0][1][15] == 0  # no second ds output
+    assert bwd[0][1][4] == 0 and bwd[0][1][16] == 0  # no second ds output
     assert dx.dtype is dt.float32
 
 
@@ -83,3 +88,45 @@ def test_plain_norms_take_the_cute_kernels_when_they_fit(rms):
         dry.reset()
         odd(x)
         assert [c[0] for c in dry.calls] == ["cute_norm", "norm"]  # nothing launched by the first: no n = 100
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_linear_bias_gradient_is_the_norm_finish_output(mlp):
+    """A Linear (or the fused MLP's fc2) feeding the add+norm launches no column sum: its bias
+    gradient is the dx column sum the norm's finish kernel writes."""
+    import cutegrad.nn.functional as F
+    with cg.cuda.dry_run() as dry:
+        for name in ("cute_norm", "cute_norm_backward", "cute_norm_finish"):
+            dry.kernels.returns(name, lambda *a: "k")
+        h = cg.randn(64, 128, device="cuda").requires_grad_()
+        res = cg.randn(64, 256, device="cuda").requires_grad_()
+        w1, b1 = cg.randn(256, 128, device="cuda").requires_grad_(), cg.zeros(256, device="cuda").requires_grad_()
+        w2, b2 = cg.randn(256, 256, device="cuda").requires_grad_(), cg.zeros(256, device="cuda").requires_grad_()
+        nw, nb = cg.ones(256, device="cuda").requires_grad_(), cg.zeros(256, device="cuda").requires_grad_()
+        x = F.mlp_gelu(h, w1, b1, w2, b2) if mlp else F.linear(h, w1, b1)
+        y, s = cg.add_layer_norm(x, res, nw, nb)
+        seeds = [cg.ones_like(y), cg.ones_like(s)]
+        dry.reset()
+        cg.autograd.backward([y, s], seeds)
+        names = [c[0] for c in dry.calls]
+        finish = [c for c in dry.calls if c[0] == "cute_norm_finish"]
+        assert len(finish) == 1
+        bias = b2 if mlp else b1
+        assert bias.grad.data_ptr() == finish[0][1][5]
+        # only fc1's bias gradient (behind the GELU backward) is reduced by a kernel of its own
+        assert names.count("column_sum") == (1 if mlp else 0)
+
+
+def test_linear_output_used_twice_gets_its_own_column_sum():
+    import cutegrad.nn.functional as F
+    with cg.cuda.dry_run() as dry:
+        for name in ("cute_norm", "cute_norm_backward", "cute_norm_finish"):
+            dry.kernels.returns(name, lambda *a: "k")
+        h = cg.randn(64, 128, device="cuda").requires_grad_()
+        lw, lb = cg.randn(256, 128, device="cuda").requires_grad_(), cg.zeros(256, device="cuda").requires_grad_()
+        x = F.linear(h, lw, lb)
+        y, s = cg.add_layer_norm(x, None, cg.ones(256, device="cuda"), cg.zeros(256, device="cuda"))
+        seeds = [cg.ones_like(y), cg.ones_like(x)]
+        dry.reset()
+        cg.autograd.backward([y, x], seeds)
+        assert [c[0] for c in dry.calls].count("column_sum") == 1

@@ -4,7 +4,9 @@ lengths, and the CUDA C++ fallback (row lengths and dtypes without a
 specialization), against the NumPy model of the kernels' exact algorithm
 (kernels/reference/norms.py) and the float64 CPU reference, outputs poisoned
 with NaN, rows not a multiple of a CTA's row slots; capture and replay in a
-CUDA graph; and the kernel that ran is the one expected."""
+CUDA graph; and the kernel that ran is the one expected.  The backward's column
+sum of dx (a Linear's bias gradient when x is its output) against the model and
+the float64 sum of the dx tensor returned, and end to end through a Linear."""
 import numpy as np
 import pytest
 
@@ -81,7 +83,7 @@ def test_forward_and_backward_match_the_model(kind, n, rows, combo):
     second = _NAME[x_dt] if res_dt and x_dt is not res_dt else ""
     tiling = (_NAME[s_dt], _NAME[out_dt], second)
     ctas = max(1, min(2 * 132, -(-rows // family.row_tiling(n, tiling)[3])))  # as the CUDA backend picks
-    ds, dw, db = model.backward(_host(dy), _host(s), _host(dres), _host(w), mmean, mrstd, kind, tiling, ctas)
+    ds, dw, db, _ = model.backward(_host(dy), _host(s), _host(dres), _host(w), mmean, mrstd, kind, tiling, ctas)
     gtol = 2e-2 if dt.bfloat16 in (x_dt, s_dt) else 1e-4
     np.testing.assert_allclose(_host(x.grad), ds, rtol=gtol, atol=gtol)
     if res is not None:
@@ -143,3 +145,117 @@ def test_capture_and_replay():
     ref = cg.layer_norm(x.float() + res, (256,), w, b)
     np.testing.assert_allclose(_host(y), _host(ref), rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(_host(s), _host(x.float() + res), rtol=1e-6)
+
+
+def _backend(name):
+    from cutegrad.device import CUDA
+    from cutegrad.dispatch import kernel
+    return kernel(name).impl[CUDA]
+
+
+BWD = [(s, dy, dx2) for s, dy, dx2 in family.BWD_COMBOS]
+
+
+def _stat(t, rows):
+    """A saved float32 statistic as the model takes it (RMSNorm saves no mean: zeros)."""
+    return np.zeros(rows, np.float32) if t is None else _host(t).ravel().astype(np.float32)
+
+
+def _bwd_inputs(rng, kind, n, rows, combo, with_dres):
+    """(dy, dres, s, w, mean, rstd, x dtype, residual dtype) for the backend's add_norm_backward, the
+    statistics from the CuTeDSL forward (the combo's s, dy and second-output dtypes)."""
+    names = {"bf16": dt.bfloat16, "fp32": dt.float32}
+    s_dt, dy_dt = names[combo[0]], names[combo[1]]
+    x_dt = names[combo[2]] if combo[2] else s_dt
+    res_dt = s_dt if combo[2] else None
+    x = _rand(rng, (rows, n), x_dt, 2.0, 0.5).cuda()
+    res = _rand(rng, (rows, n), s_dt).cuda() if res_dt else None
+    w = _rand(rng, (n,), dt.float32, 0.2, 1.0).cuda()
+    b = _rand(rng, (n,), dt.float32, 0.2).cuda()
+    _, s, mean, rstd = _backend("add_norm")(x, res, w, b if kind == "layer" else None, 1e-5, kind == "rms", dy_dt)
+    assert s.dtype is s_dt
+    dy = _rand(rng, (rows, n), dy_dt).cuda()
+    dres = _rand(rng, (rows, n), s_dt).cuda() if with_dres else None
+    return dy, dres, s, w, mean, rstd, x_dt, res_dt
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("n", [128, 768, 1024, 2048])
+@pytest.mark.parametrize("rows", [1, 7, 1001])
+@pytest.mark.parametrize("combo", BWD, ids=lambda c: "-".join(d or "none" for d in c))
+@pytest.mark.parametrize("with_dres", [False, True])
+def test_backward_dx_column_sum_matches_the_model_and_float64(kind, n, rows, combo, with_dres):
+    rng = np.random.default_rng(rows * 17 + n)
+    dy, dres, s, w, mean, rstd, x_dt, res_dt = _bwd_inputs(rng, kind, n, rows, combo, with_dres)
+    dx, dr, dw, db, dx_sum = _backend("add_norm_backward")(dy, dres, s, w, mean, rstd, kind == "rms", x_dt, res_dt,
+                                                           True, kind == "layer")
+    assert dx_sum is not None, "the CuTeDSL backward did not take the call"
+    assert dx_sum.dtype is dt.float32 and dx_sum.shape == (n,) and dx.dtype is x_dt
+    got = _host(dx_sum)
+    # the column sum of the dx tensor x receives, in float64
+    np.testing.assert_allclose(got, _host(dx).sum(0), rtol=1e-5, atol=1e-5 * np.sqrt(rows) * np.abs(_host(dx)).max())
+    ctas = max(1, min(2 * 132, -(-rows // family.row_tiling(n, combo)[3])))
+    mds, _, _, mdx_sum = model.backward(_host(dy), _host(s), _host(dres) if dres is not None else None, _host(w),
+                                        _stat(mean, rows), _stat(rstd, rows), kind, combo, ctas)
+    # the model's sum in the kernel's order: equal up to rsqrt's last bits and the roundings they flip
+    ulp = 2.0 ** -7 if x_dt is dt.bfloat16 else 2.0 ** -20
+    np.testing.assert_allclose(got, mdx_sum, rtol=1e-5, atol=ulp * np.sqrt(rows) * np.abs(mds).max())
+
+
+def test_linear_bias_gradient_equals_the_column_sum_path_and_float64(monkeypatch):
+    """bf16 autocast: a Linear into add_layer_norm; its bias gradient from the norm's finish kernel
+    equals the one the column_sum kernel computes when no sum is recorded, and the float64 CPU one."""
+    import cutegrad.nn.functional as F
+    from cutegrad.ops import grad_column_sums
+    rng = np.random.default_rng(8)
+    h = _rand(rng, (3, 333, 256), dt.float32).cuda().requires_grad_()
+    res = _rand(rng, (3, 333, 768), dt.float32).cuda().requires_grad_()
+    lw = _rand(rng, (768, 256), dt.float32, 0.05).cuda().requires_grad_()
+    lb = _rand(rng, (768,), dt.float32, 0.1).cuda().requires_grad_()
+    nw = _rand(rng, (768,), dt.float32, 0.2, 1.0).cuda().requires_grad_()
+    nb = _rand(rng, (768,), dt.float32, 0.2).cuda().requires_grad_()
+    dy = _rand(rng, (3, 333, 768), dt.bfloat16).cuda()
+
+    def run():
+        lb.grad = None
+        with cg.autocast("cuda", dtype=dt.bfloat16):
+            x = F.linear(h, lw, lb)
+            y, s = cg.add_layer_norm(x, res, nw, nb)
+        cg.autograd.backward([y], [dy])
+        return _host(lb.grad)
+
+    taken = []
+    take = grad_column_sums.take
+    monkeypatch.setattr(grad_column_sums, "take", lambda g: taken.append(take(g)) or taken[-1])
+    fused = run()
+    assert taken and taken[-1] is not None, "the Linear did not take the norm's column sum"
+    monkeypatch.setattr(grad_column_sums, "take", lambda g: None)
+    unfused = run()
+    np.testing.assert_allclose(fused, unfused, rtol=1e-4, atol=1e-3)
+    # float64 on the CPU from the same (rounded) inputs: the bias gradient is the sum of the bf16 dx
+    hc, lwc = (cg.tensor(_host(v).astype(np.float32)).to(dt.bfloat16).to(dt.float64) for v in (h, lw))
+    x64 = F.linear(hc, lwc, cg.tensor(_host(lb)).to(dt.bfloat16).to(dt.float64)).requires_grad_()
+    y64, _ = cg.add_layer_norm(x64, cg.tensor(_host(res)), cg.tensor(_host(nw)), cg.tensor(_host(nb)))
+    cg.autograd.backward([y64], [cg.tensor(_host(dy))])
+    want = _host(x64.grad).reshape(-1, 768).sum(0)
+    np.testing.assert_allclose(fused, want, rtol=2e-2, atol=2e-2 * np.sqrt(999))
+
+
+def test_capture_and_replay_of_the_backward_with_its_column_sum():
+    from cutegrad.graphs import CUDAGraph, graph
+    from cutegrad import _C
+    _C.load_kernels()
+    rng = np.random.default_rng(9)
+    dy, dres, s, w, mean, rstd, x_dt, res_dt = _bwd_inputs(rng, "layer", 768, 515, ("fp32", "bf16", "bf16"), True)
+    bwd = _backend("add_norm_backward")
+    bwd(dy, dres, s, w, mean, rstd, False, x_dt, res_dt, True, True)  # warm up
+    g = CUDAGraph()
+    with graph(g):
+        dx, _, _, _, dx_sum = bwd(dy, dres, s, w, mean, rstd, False, x_dt, res_dt, True, True)
+    for trial in range(2):
+        dy.copy_(_rand(rng, (515, 768), dt.bfloat16).cuda())
+        g.replay()
+        cg.cuda.synchronize()
+        host_dx = _host(dx)
+        np.testing.assert_allclose(_host(dx_sum), host_dx.sum(0), rtol=1e-5,
+                                   atol=1e-5 * np.sqrt(515) * np.abs(host_dx).max(), err_msg=f"replay {trial}")

@@ -1,6 +1,7 @@
 """The built CuTeDSL norms, read without a GPU: every sm_90a specialization is in
 the extension's table, reads and writes its rows with 16-byte vector accesses
-and uses no local memory (the row stays in registers without spilling)."""
+and uses no local memory arrays, and its stack frame (where ptxas spills) stays
+within a few values: the row and the running sums stay in registers, not spilled."""
 
 import json
 import os
@@ -13,6 +14,11 @@ from norms_loading import load_norms_module  # noqa: E402
 norm_family = load_norms_module("cute")
 
 from test_build import MANIFEST, local_bytes, needs_build, sass_listings  # noqa: E402
+
+# Bytes of stack a norm kernel may use: ptxas spills a few scalars (a pointer, a loop
+# bound) in the longest rows' backward; a spilled row vector or running sum would take
+# KiBs (n = 2048's backward took 2.4 KiB before it read s and dy again instead).
+STACK_BUDGET = 256
 
 
 def test_row_tiling_covers_each_row_once_with_16_byte_vectors():
@@ -45,6 +51,8 @@ def test_every_norm_specialization_is_built_vectorized_and_spill_free():
     for name, listing in sass_listings(objects):
         usage = local_bytes(listing)
         assert usage and max(usage) == 0, f"{name}: local memory {usage}"
+        stack = [int(x) for x in re.findall(r"STACK:(\d+)", listing)]
+        assert stack and max(stack) <= STACK_BUDGET, f"{name}: stack frame {stack} bytes"
         if "_finish_" not in name:
             assert "LDG.E.128" in listing and "STG.E.128" in listing, f"{name}: no 16-byte row accesses"
 

@@ -71,14 +71,34 @@ def test_backward_model_matches_float64(kind, n, rows, dtypes, partial_rows, wit
     dres = _as(rng.normal(0.0, 1.0, (rows, n)), dtypes[0]) if with_dres else None
     w = _as(rng.normal(1.0, 0.3, n), "fp32")
     _, _, mean, rstd = model.forward(s, None, w, w, 1e-5, kind, (dtypes[0], "", "fp32"))
-    ds, dw, db = model.backward(dy, s, dres, w, mean, rstd, kind, dtypes, partial_rows)
+    ds, dw, db, dx_sum = model.backward(dy, s, dres, w, mean, rstd, kind, dtypes, partial_rows)
     rds, rdw, rdb = _ref_backward(dy, s, dres, w, 1e-5, kind)
     np.testing.assert_allclose(ds, rds, rtol=1e-4, atol=1e-4)
+    # dx is ds as stored in x's dtype (s's here: no second output); its column sum in float64
+    rdx_sum = _as(ds.astype(np.float64), dtypes[0]).sum(0)
+    np.testing.assert_allclose(dx_sum, rdx_sum, rtol=1e-4, atol=1e-4 * np.sqrt(rows))
+    np.testing.assert_allclose(dx_sum, rds.sum(0), rtol=1e-2, atol=1e-2 * np.sqrt(rows))
     np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-4 * np.sqrt(rows))
     if kind == "layer":
         np.testing.assert_allclose(db, rdb, rtol=1e-4, atol=1e-4 * np.sqrt(rows))
     else:
         assert db is None
+
+
+@pytest.mark.parametrize("second", ["bf16", "fp32"])
+def test_dx_sum_is_the_column_sum_of_dx_as_stored_in_the_branch_dtype(second):
+    rng = np.random.default_rng(5)
+    rows, n = 41, 256
+    s = _as(rng.normal(0.0, 1.0, (rows, n)), "fp32")
+    dy = _as(rng.normal(0.0, 1.0, (rows, n)), "bf16")
+    w = _as(rng.normal(1.0, 0.3, n), "fp32")
+    _, _, mean, rstd = model.forward(s, None, w, w, 1e-5, "layer", ("fp32", "", "fp32"))
+    dtypes = ("fp32", "bf16", second)
+    ds, _, _, dx_sum = model.backward(dy, s, None, w, mean, rstd, "layer", dtypes, 3)
+    stored = _as(ds.astype(np.float64), second)  # the dx tensor x receives
+    np.testing.assert_allclose(dx_sum, stored.sum(0), rtol=1e-5, atol=1e-5 * np.sqrt(rows))
+    if second == "bf16":  # the sum is of the rounded values, not of float32 ds
+        assert not np.array_equal(dx_sum, model._param_sum(ds, 4, 3))
 
 
 def test_param_sums_cover_every_row_once_for_any_cta_count():

@@ -22,8 +22,15 @@ from both output gradients at once (on CUDA one kernel adds the residual's
 incoming gradient into the norm's dx).  The engine gives a node one output, so
 each output gets a small forwarding node that hands its gradient to the
 shared node as a `_OutputGrads` (which the engine's buffer sums field-wise).
+
+Bias gradient of the branch: when x is a Linear's output (the attention
+projection, the MLP's second Linear) that Linear's bias gradient is dx summed
+over the rows.  The CUDA kernels reduce it with dweight and dbias (no launch of
+its own), the composite backward with one sum; it is recorded for that dx
+tensor (ops/grad_column_sums.py) only when the node receiving dx takes it.
 """
 from .. import dtypes as dt
+from . import grad_column_sums
 from ..autocast import gate as _AC, state as _ac_state
 from ..autograd import grad_mode
 from ..autograd.engine import Node, attach, edge
@@ -83,14 +90,20 @@ class AddNormBackward(Node):
         else:
             fused = _K_ADD_NORM_BWD[s._storage.device.backend]
             if not _state.enabled and not getattr(fused, "missing", False):
-                dx, dr, dw, db = fused(dy, dres, s, w, mean, rstd, self.rms, x_dtype, res_dtype, self.has_w,
-                                       self.has_b)
+                dx, dr, dw, db, dx_sum = fused(dy, dres, s, w, mean, rstd, self.rms, x_dtype, res_dtype, self.has_w,
+                                               self.has_b)
+                if dx_sum is not None and grad_column_sums.wants_column_sum(self.next_functions[0]):
+                    grad_column_sums.record(dx, dx_sum)
                 return self._pack(dx, dr, dw, db)
             ds, dw, db = _composite_backward(dy, s, w, mean, rstd, self.rms, self.eps, self.has_w, self.has_b)
             if dres is not None:
                 ds = P.add(ds, dres)
         dx = ds.to(x_dtype)
         dr = ds.to(res_dtype) if self.has_res else None
+        if dy is not None and not _state.enabled and grad_column_sums.wants_column_sum(self.next_functions[0]):
+            # The composite's counterpart of the kernels' dx sum (the CPU backend's float64 reference).
+            work = dt.float64 if dx._dtype is dt.float64 else dt.float32
+            grad_column_sums.record(dx, R.sum(dx, tuple(range(len(dx._shape) - 1)), dtype=work))
         return self._pack(dx, dr, dw, db)
 
     def _pack(self, dx, dr, dw, db):

@@ -10,6 +10,7 @@ from ..autograd.engine import AccumulateGrad, Node, attach
 from ..autocast import gate as _AC, lower as _lower
 from .broadcast import broadcast_shapes, sum_to
 from .conversion import CastBackward  # the backward's per-edge tests: imported once, not per call
+from . import grad_column_sums
 from .shape import unsqueeze, squeeze, transpose, reshape
 
 _K_MATMUL = kernel("matmul").impl
@@ -258,8 +259,12 @@ _K_COLUMN_SUM = kernel("column_sum").impl
 
 
 def _bias_grad(g, dtype):
-    """g summed over every dim but the last, as dtype: one launch where the backend has
-    "column_sum" (CUDA; it answers None where it cannot), else a reduction."""
+    """g summed over every dim but the last, as dtype: no launch where the backward that produced g
+    recorded that sum for g itself (the add+norm backward, ops/grad_column_sums.py), one where the
+    backend has "column_sum" (CUDA; it answers None where it cannot), else a reduction."""
+    known = grad_column_sums.take(g)
+    if known is not None:
+        return _to(known, dtype)
     impl = _K_COLUMN_SUM[g._storage.device.backend]
     if not getattr(impl, "missing", False) and g.is_contiguous() and g._shape:
         gb = impl(g, dtype)
@@ -294,6 +299,11 @@ class LinearBackward(Node):
     Saved: x, weight, bias, and the pre-activation when act is GELU."""
     __slots__ = ("gelu", "has_residual")
 
+    @property
+    def takes_column_sum(self):
+        """The bias gradient is the column sum of the incoming gradient (ops/grad_column_sums.py)."""
+        return not self.gelu and self.next_functions[2] is not None
+
     def backward(self, g):
         x, weight, bias, preact = self.saved_tensors
         edges = self.next_functions
@@ -314,6 +324,11 @@ class MlpGeluBackward(Node):
     """y = fc2(gelu_tanh(fc1(x))) (+ residual) as one node.  Saved: x, w1, b1, the fc1
     pre-activation z, h = gelu(z), w2, b2."""
     __slots__ = ("has_residual",)
+
+    @property
+    def takes_column_sum(self):
+        """fc2's bias gradient is the column sum of the incoming gradient (ops/grad_column_sums.py)."""
+        return self.next_functions[4] is not None
 
     def backward(self, g):
         x, w1, b1, z, h, w2, b2 = self.saved_tensors

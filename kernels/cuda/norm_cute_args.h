@@ -13,8 +13,9 @@ enum NormDType : int { kNormNone = 0, kNormBF16 = 1, kNormF32 = 2 };
 // Every row tensor is contiguous (rows, n).  Forward reads x (+ res) and
 // writes res_out (= x + res), y, mean (LayerNorm), rstd.  Backward reads x
 // (the saved new residual s), dy (+ dres) and writes ds (+ dx2, ds in the
-// branch input's dtype) and partial_rows fp32 partial rows of dweight (pw)
-// and dbias (pb); finish sums them into dweight and dbias.
+// branch input's dtype) and partial_rows fp32 partial rows of dweight (pw),
+// dbias (pb) and the column sums of dx (pc: dx2 where written, else ds);
+// finish sums them into dweight, dbias and dcol.
 struct CuteNormArgs {
   const void* x = nullptr;
   const void* res = nullptr;
@@ -30,8 +31,10 @@ struct CuteNormArgs {
   void* dx2 = nullptr;
   void* pw = nullptr;
   void* pb = nullptr;
+  void* pc = nullptr;
   void* dweight = nullptr;
   void* dbias = nullptr;
+  void* dcol = nullptr;
   int64_t rows = 0;
   int64_t n = 0;
   int32_t partial_rows = 0;

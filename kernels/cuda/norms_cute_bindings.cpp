@@ -1,6 +1,6 @@
 // nanobind entry points of the CuTeDSL norms (kernels/cute/norms.py): LayerNorm
 // and RMSNorm with the residual add fused in, their backward, and the finish
-// that sums the per-CTA dweight/dbias partials.
+// that sums the per-CTA dweight/dbias/dx-column-sum partials.
 //
 // Each entry returns the name of the specialization it launched, or "" when
 // none fits (another device than sm_90, a row length or dtype combination
@@ -138,19 +138,20 @@ std::string norm_fwd(uintptr_t x, uintptr_t res, uintptr_t res_out, uintptr_t y,
 }
 
 std::string norm_bwd(uintptr_t s, uintptr_t dy, uintptr_t dres, uintptr_t ds, uintptr_t dx2, uintptr_t weight,
-                     uintptr_t mean, uintptr_t rstd, uintptr_t pw, uintptr_t pb, int64_t partial_rows, int64_t rows,
-                     int64_t n, int s_dtype, int dy_dtype, int dx2_dtype, bool rms, uintptr_t stream) {
+                     uintptr_t mean, uintptr_t rstd, uintptr_t pw, uintptr_t pb, uintptr_t pc, int64_t partial_rows,
+                     int64_t rows, int64_t n, int s_dtype, int dy_dtype, int dx2_dtype, bool rms, uintptr_t stream) {
   const char* op = "cute_norm_backward";
   check_sizes(op, rows, n);
   check_dtype(op, s_dtype, "s", false);
   check_dtype(op, dy_dtype, "dy", false);
   check_dtype(op, dx2_dtype, "dx2", true);
-  if (!s || !dy || !ds || !weight || !rstd || !pw) fail(op, "s, dy, ds, weight, rstd and the partials are required");
+  if (!s || !dy || !ds || !weight || !rstd || !pw || !pc)
+    fail(op, "s, dy, ds, weight, rstd and the dweight and dx partials are required");
   if (!rms && (!mean || !pb)) fail(op, "layer norm needs mean and the dbias partials");
   if ((dx2 != 0) != (dx2_dtype != kNormNone)) fail(op, "dx2 and its dtype go together");
   if (partial_rows < 1 || partial_rows > 65535) fail(op, "partial_rows must be in [1, 65535]");
   const CuteNormEntry* e = find(1, !rms, n, s_dtype, dx2_dtype, dy_dtype, dres != 0);
-  for (uintptr_t p : {s, dy, dres, ds, dx2, weight, pw, pb})
+  for (uintptr_t p : {s, dy, dres, ds, dx2, weight, pw, pb, pc})
     if (!aligned16(p)) e = nullptr;
   if (!e) return "";
   CuteNormArgs a;
@@ -164,25 +165,28 @@ std::string norm_bwd(uintptr_t s, uintptr_t dy, uintptr_t dres, uintptr_t ds, ui
   a.rstd = reinterpret_cast<void*>(rstd);
   a.pw = reinterpret_cast<void*>(pw);
   a.pb = reinterpret_cast<void*>(pb);
+  a.pc = reinterpret_cast<void*>(pc);
   a.partial_rows = static_cast<int32_t>(partial_rows);
   a.rows = rows;
   a.n = n;
   return run(e, a, stream);
 }
 
-std::string norm_finish(uintptr_t pw, uintptr_t pb, uintptr_t dweight, uintptr_t dbias, int64_t partial_rows,
-                        int64_t n, bool rms, uintptr_t stream) {
+std::string norm_finish(uintptr_t pw, uintptr_t pb, uintptr_t pc, uintptr_t dweight, uintptr_t dbias,
+                        uintptr_t dcol, int64_t partial_rows, int64_t n, bool rms, uintptr_t stream) {
   const char* op = "cute_norm_finish";
   check_sizes(op, partial_rows, n);
-  if (!pw || !dweight) fail(op, "the dweight partials and dweight are required");
+  if (!pw || !dweight || !pc || !dcol) fail(op, "the dweight and dx partials, dweight and dcol are required");
   if (!rms && (!pb || !dbias)) fail(op, "layer norm needs the dbias partials and dbias");
   const CuteNormEntry* e = find(2, !rms, 0, kNormNone, kNormNone, kNormNone, false);
   if (!e) return "";
   CuteNormArgs a;
   a.pw = reinterpret_cast<void*>(pw);
   a.pb = reinterpret_cast<void*>(pb);
+  a.pc = reinterpret_cast<void*>(pc);
   a.dweight = reinterpret_cast<void*>(dweight);
   a.dbias = reinterpret_cast<void*>(dbias);
+  a.dcol = reinterpret_cast<void*>(dcol);
   a.partial_rows = static_cast<int32_t>(partial_rows);
   a.rows = partial_rows;
   a.n = n;
@@ -207,8 +211,10 @@ void add_functions(nb::module_& m) {
   m.def("cute_norm", &norm_fwd,
         "Fused (residual add +) LayerNorm/RMSNorm forward on contiguous rows; returns the kernel name or ''.");
   m.def("cute_norm_backward", &norm_bwd,
-        "Fused norm backward (ds, optional second ds, dweight/dbias partials); returns the kernel name or ''.");
-  m.def("cute_norm_finish", &norm_finish, "Sum the per-CTA dweight/dbias partials; returns the kernel name or ''.");
+        "Fused norm backward (ds, optional second ds, dweight/dbias/dx-column-sum partials); returns the kernel "
+        "name or ''.");
+  m.def("cute_norm_finish", &norm_finish,
+        "Sum the per-CTA dweight/dbias/dx-column-sum partials; returns the kernel name or ''.");
   m.def("cute_norm_specializations", &norm_specializations, "The built CuTeDSL norm specializations.");
 }
 

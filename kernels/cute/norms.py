@@ -26,6 +26,15 @@ in registers over the rows it owns, combines its row slots through shared
 memory and writes one fp32 partial row per CTA; ``stage="finish"`` (one small
 launch, a thread per column) adds the G partial rows in CTA order.
 
+The same two stages also sum dx, the gradient handed to the branch input x
+(ds as stored in x's dtype), over the rows: when x is a Linear's output (the
+attention projection, the MLP's second Linear) that column sum is the
+Linear's bias gradient, so it costs no launch of its own (ops/fused_norms.py
+hands it to the Linear's backward).  Its running sums live in the CTA's
+shared memory, not registers (a row of n = 2048 already fills the register
+file): each thread adds its own columns of its own slot's row, so no barrier
+is needed until the slots combine.
+
 Tiling
 ------
 * The row length ``n`` is a compile-time constant of each specialization, so
@@ -39,6 +48,11 @@ Tiling
   warp butterflies over the ``tpr`` lanes of a slot (no shared memory, no
   barrier in the forward).  Out-of-range slots read the last row (so every
   lane of a butterfly is live) and store nothing.
+* Backward registers: a thread holds its xhat and g between the row's
+  reductions and the ds pass, next to its dweight/dbias running sums; where
+  that would not fit (more than 32 values of a row per thread: n = 2048) it
+  reads s and dy again in the ds pass (cache hits) instead of spilling.  The
+  dx column sums live in shared memory (see above).
 * Forward grid: one CTA per 128 / tpr rows.  Backward grid: G CTAs (chosen by
   the host, G <= ceil(rows / slots)); CTA b takes row blocks b, b + G, ...
   Sums run in one fixed order everywhere (per thread: vectors then lanes of a
@@ -62,7 +76,7 @@ For LayerNorm (with bias) and RMSNorm and each n in ``ROW_LENGTHS``:
   backward (s, dy, second dx dtype): (fp32, bf16, bf16), (fp32, bf16, none),
   (fp32, fp32, bf16), (fp32, fp32, none), (bf16, bf16, none), each with and
   without dres;
-  plus the finish kernel with and without dbias (n dynamic).
+  plus the finish kernel of each kind (n dynamic; LayerNorm's also writes dbias).
 """
 
 from dataclasses import dataclass
@@ -274,13 +288,19 @@ def _build_backward(spec):
     chunks = n // vec
     _vec = _row_vector(cute, vec)
     smem_bytes = slots * n * 4 + 16  # the slots' fp32 sums, 16-byte aligned
+    # A thread keeps its xhat and g between the row's reduction and the ds pass when they fit
+    # next to the dweight/dbias sums; for longer rows (n = 2048: 64 values each) it recomputes
+    # them from s and dy read again (cache hits) rather than spill.
+    keep_row = vpt * vec <= 32
+    held = vpt if keep_row else 1
 
     def add(a, b):
         return a + b
 
     @cute.kernel
     def kernel(mS: cute.Tensor, mDy: cute.Tensor, mDres: cute.Tensor, mDs: cute.Tensor, mDx: cute.Tensor,
-               mW: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, mPW: cute.Tensor, mPB: cute.Tensor):
+               mW: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, mPW: cute.Tensor, mPB: cute.Tensor,
+               mPC: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         gdim, _, _ = cute.arch.grid_dim()
@@ -289,12 +309,18 @@ def _build_backward(spec):
         rows = mS.shape[0]
         blocks = (rows + slots - 1) // slots
         layout = cute.make_layout((vec, vpt))
-        xhat = cute.make_rmem_tensor(layout, F32)
-        g = cute.make_rmem_tensor(layout, F32)
+        xhat = cute.make_rmem_tensor(cute.make_layout((vec, held)), F32)
+        g = cute.make_rmem_tensor(cute.make_layout((vec, held)), F32)
         dw = cute.make_rmem_tensor(layout, F32)
         db = cute.make_rmem_tensor(layout, F32)
         dw.fill(0.0)
         db.fill(0.0)
+        # buf[slot] holds this slot's running column sums of dx; a thread only
+        # touches its own columns of it until the combine below.
+        smem = cutlass.utils.SmemAllocator()
+        buf = smem.allocate_tensor(F32, cute.make_layout((slots, n), stride=(n, 1)), byte_alignment=16)
+        for v in cutlass.range_constexpr(vpt):
+            _vec(buf, slot, v * tpr + lane).store(cute.full((vec,), 0.0, F32))
         blk = bidx
         while blk < blocks:
             row = blk * slots + slot
@@ -309,17 +335,18 @@ def _build_backward(spec):
             sum_gx = F32(0.0)
             for v in cutlass.range_constexpr(vpt):
                 c = v * tpr + lane
+                h = v if keep_row else 0
                 dy = _vec(mDy, r, c).load().to(F32)
                 xh = (_vec(mS, r, c).load().to(F32) - mean) * rstd
                 gv = dy * cute.local_tile(mW, (vec,), (c,)).load()
-                xhat[(None, v)].store(xh)
-                g[(None, v)].store(gv)
-                dw[(None, v)].store(dw[(None, v)].load() + dy * xh * keep)
+                xhat[(None, h)].store(xh)
+                g[(None, h)].store(gv)
+                dw[(None, v)].store(dw[(None, v)].load() + (dy * keep) * xh)
                 if cutlass.const_expr(layer):
                     db[(None, v)].store(db[(None, v)].load() + dy * keep)
                 for e in cutlass.range_constexpr(vec):
-                    sum_g = sum_g + g[e, v]
-                    sum_gx = sum_gx + g[e, v] * xhat[e, v]
+                    sum_g = sum_g + g[e, h]
+                    sum_gx = sum_gx + g[e, h] * xhat[e, h]
             mean_gx = cute.arch.warp_reduction(sum_gx, add, threads_in_group=tpr) * inv_n
             mean_g = F32(0.0)
             if cutlass.const_expr(layer):
@@ -327,24 +354,31 @@ def _build_backward(spec):
             if row < rows:
                 for v in cutlass.range_constexpr(vpt):
                     c = v * tpr + lane
-                    ds = (g[(None, v)].load() - mean_g - xhat[(None, v)].load() * mean_gx) * rstd
+                    h = v if keep_row else 0
+                    if cutlass.const_expr(not keep_row):
+                        xhat[(None, 0)].store((_vec(mS, r, c).load().to(F32) - mean) * rstd)
+                        g[(None, 0)].store(_vec(mDy, r, c).load().to(F32) * cute.local_tile(mW, (vec,), (c,)).load())
+                    ds = (g[(None, h)].load() - mean_g - xhat[(None, h)].load() * mean_gx) * rstd
                     if cutlass.const_expr(has_dres):
                         ds = ds + _vec(mDres, r, c).load().to(F32)
-                    _vec(mDs, r, c).store(ds.to(mDs.element_type))
+                    dx = ds.to(mDs.element_type)
+                    _vec(mDs, r, c).store(dx)
                     if cutlass.const_expr(has_dx2):
-                        _vec(mDx, r, c).store(ds.to(mDx.element_type))
+                        dx = ds.to(mDx.element_type)
+                        _vec(mDx, r, c).store(dx)
+                    # Sum dx as stored, so the result is the column sum of the tensor x receives.
+                    cur = _vec(buf, slot, c).load()
+                    _vec(buf, slot, c).store(cur + dx.to(F32))
             blk += gdim
 
-        # Combine the row slots' sums in slot order through shared memory, then
-        # write this CTA's partial row.
-        smem = cutlass.utils.SmemAllocator()
-        buf = smem.allocate_tensor(F32, cute.make_layout((slots, n), stride=(n, 1)), byte_alignment=16)
-        for which in cutlass.range_constexpr(2 if layer else 1):
-            acc = dw if which == 0 else db
-            out = mPW if which == 0 else mPB
-            for v in cutlass.range_constexpr(vpt):
-                c = v * tpr + lane
-                _vec(buf, slot, c).store(acc[(None, v)].load())
+        # Combine the row slots' sums in slot order through shared memory and write
+        # this CTA's partial rows: dx's (already in buf), then dweight's (and dbias').
+        for which in cutlass.range_constexpr(3 if layer else 2):
+            out = (mPC, mPW, mPB)[which]
+            if cutlass.const_expr(which > 0):
+                acc = dw if which == 1 else db
+                for v in cutlass.range_constexpr(vpt):
+                    _vec(buf, slot, v * tpr + lane).store(acc[(None, v)].load())
             cute.arch.barrier()
             for c in range(tidx, chunks, THREADS):
                 tot = _vec(buf, 0, c).load()
@@ -356,8 +390,8 @@ def _build_backward(spec):
     @cute.jit
     def launch(mS: cute.Tensor, mDy: cute.Tensor, mDres: cute.Tensor, mDs: cute.Tensor, mDx: cute.Tensor,
                mW: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, mPW: cute.Tensor, mPB: cute.Tensor,
-               stream: cuda.CUstream):
-        kernel(mS, mDy, mDres, mDs, mDx, mW, mMean, mRstd, mPW, mPB).launch(
+               mPC: cute.Tensor, stream: cuda.CUstream):
+        kernel(mS, mDy, mDres, mDs, mDx, mW, mMean, mRstd, mPW, mPB, mPC).launch(
             grid=[mPW.shape[0], 1, 1], block=[THREADS, 1, 1], smem=smem_bytes, stream=stream)
 
     partial_rows = cute.sym_int32(symbol="G")
@@ -367,7 +401,7 @@ def _build_backward(spec):
 
     s, dy = spec.x_dtype, spec.out_dtype
     fake_args = (row_tensor(s), row_tensor(dy), row_tensor(s), row_tensor(s), row_tensor(spec.res_dtype or s),
-                 param(), stat(), stat(), partial(), partial(), make_fake_stream())
+                 param(), stat(), stat(), partial(), partial(), partial(), make_fake_stream())
     return launch, fake_args
 
 
@@ -381,25 +415,30 @@ def _build_finish(spec):
     layer = spec.kind == "layer"
 
     @cute.kernel
-    def kernel(mPW: cute.Tensor, mPB: cute.Tensor, mDW: cute.Tensor, mDB: cute.Tensor):
+    def kernel(mPW: cute.Tensor, mPB: cute.Tensor, mPC: cute.Tensor, mDW: cute.Tensor, mDB: cute.Tensor,
+               mDC: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         c = bidx * THREADS + tidx
         if c < mDW.shape[0]:
             w = F32(0.0)
             b = F32(0.0)
+            d = F32(0.0)
             for k in range(mPW.shape[0]):
                 w = w + mPW[k, c]
                 if cutlass.const_expr(layer):
                     b = b + mPB[k, c]
+                d = d + mPC[k, c]
             mDW[c] = w
             if cutlass.const_expr(layer):
                 mDB[c] = b
+            mDC[c] = d
 
     @cute.jit
-    def launch(mPW: cute.Tensor, mPB: cute.Tensor, mDW: cute.Tensor, mDB: cute.Tensor, stream: cuda.CUstream):
+    def launch(mPW: cute.Tensor, mPB: cute.Tensor, mPC: cute.Tensor, mDW: cute.Tensor, mDB: cute.Tensor,
+               mDC: cute.Tensor, stream: cuda.CUstream):
         grid = (mDW.shape[0] + THREADS - 1) // THREADS
-        kernel(mPW, mPB, mDW, mDB).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream)
+        kernel(mPW, mPB, mPC, mDW, mDB, mDC).launch(grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
     n = cute.sym_int32(symbol="N")
     g = cute.sym_int32(symbol="G")
@@ -410,7 +449,7 @@ def _build_finish(spec):
     def param():
         return make_fake_tensor(F32, (n,), (1,), assumed_align=4)
 
-    return launch, (partial(), partial(), param(), param(), make_fake_stream())
+    return launch, (partial(), partial(), partial(), param(), param(), param(), make_fake_stream())
 
 
 _DTYPE_CODE = {"": "0", "bf16": "kNormBF16", "fp32": "kNormF32"}
@@ -459,14 +498,17 @@ def emit_registry(entries):
                      row("mDx", "a.dx2 ? a.dx2 : a.ds"), flat("mW", "a.weight"),
                      stat("mMean", "a.mean ? a.mean : a.rstd"), stat("mRstd", "a.rstd"),
                      f"  {n}_Tensor_mPW_t mPW{{a.pw, {{a.partial_rows}}}};",
-                     f"  {n}_Tensor_mPB_t mPB{{a.pb ? a.pb : a.pw, {{a.partial_rows}}}};"]
-            call = "&mS, &mDy, &mDres, &mDs, &mDx, &mW, &mMean, &mRstd, &mPW, &mPB"
+                     f"  {n}_Tensor_mPB_t mPB{{a.pb ? a.pb : a.pw, {{a.partial_rows}}}};",
+                     f"  {n}_Tensor_mPC_t mPC{{a.pc, {{a.partial_rows}}}};"]
+            call = "&mS, &mDy, &mDres, &mDs, &mDx, &mW, &mMean, &mRstd, &mPW, &mPB, &mPC"
         else:
             body += [f"  {n}_Tensor_mPW_t mPW{{a.pw, {{a.partial_rows, (int32_t)N}}, {{N}}}};",
                      f"  {n}_Tensor_mPB_t mPB{{a.pb ? a.pb : a.pw, {{a.partial_rows, (int32_t)N}}, {{N}}}};",
+                     f"  {n}_Tensor_mPC_t mPC{{a.pc, {{a.partial_rows, (int32_t)N}}, {{N}}}};",
                      f"  {n}_Tensor_mDW_t mDW{{a.dweight, {{(int32_t)N}}}};",
-                     f"  {n}_Tensor_mDB_t mDB{{a.dbias ? a.dbias : a.dweight, {{(int32_t)N}}}};"]
-            call = "&mPW, &mPB, &mDW, &mDB"
+                     f"  {n}_Tensor_mDB_t mDB{{a.dbias ? a.dbias : a.dweight, {{(int32_t)N}}}};",
+                     f"  {n}_Tensor_mDC_t mDC{{a.dcol, {{(int32_t)N}}}};"]
+            call = "&mPW, &mPB, &mPC, &mDW, &mDB, &mDC"
         out.append(f"static int launch_{i}(const CuteNormArgs& a, void* stream) {{\n" + "\n".join(body) +
                    f"\n  return cute_dsl_{n}_wrapper(&mod_{i}, {call}, (cudaStream_t)stream);\n}}")
         stage = {"fwd": 0, "bwd": 1, "finish": 2}[s.stage]

@@ -6,9 +6,9 @@ Tests compare it with a float64 reference (tests/test_norms_reference.py), and
 the GPU tests compare the kernels with it.  Row vectors: thread ``lane`` of a
 row's ``tpr`` threads holds columns ``(v * tpr + lane) * vec + e``; it sums
 its values in (v, e) order, then the lanes combine by a butterfly
-(offsets tpr/2, ..., 1).  dweight/dbias: each CTA b of G sums rows of the
-blocks b, b + G, ... per row slot in block order, then the slots in order;
-the finish sums the CTAs in order.
+(offsets tpr/2, ..., 1).  dweight/dbias and the column sums of dx: each CTA b
+of G sums rows of the blocks b, b + G, ... per row slot in block order, then
+the slots in order; the finish sums the CTAs in order.
 """
 import importlib.util
 import os
@@ -77,11 +77,12 @@ def forward(x, res, weight, bias, eps, kind, dtypes):
 
 
 def backward(dy, s, dres, weight, mean, rstd, kind, dtypes, partial_rows):
-    """(ds, dweight, dbias) of the fused backward; dtypes = (s, dy[, second ds output]) storage
-    dtypes (all of them decide the tiling, as in the kernel).
+    """(ds, dweight, dbias, dx_sum) of the fused backward; dtypes = (s, dy[, second ds output])
+    storage dtypes (all of them decide the tiling, as in the kernel).
 
-    ds is float32 (the kernel rounds it to each output's dtype once);
-    partial_rows is G, the number of CTAs."""
+    ds is float32 (the kernel rounds it to each output's dtype once); dx_sum is the
+    column sum of dx, ds as stored in the branch input's dtype (the second output's
+    when there is one, else s's); partial_rows is G, the number of CTAs."""
     rows, n = s.shape
     vec, tpr, vpt, slots = row_tiling(n, dtypes)
     inv_n = F32(1.0 / n)
@@ -95,7 +96,9 @@ def backward(dy, s, dres, weight, mean, rstd, kind, dtypes, partial_rows):
         ds = ds + dres.astype(F32)
     dweight = _param_sum(dy * xhat, slots, partial_rows)
     dbias = _param_sum(dy, slots, partial_rows) if kind == "layer" else None
-    return ds, dweight, dbias
+    dx_dtype = dtypes[2] if len(dtypes) > 2 and dtypes[2] else dtypes[0]
+    dx_sum = _param_sum(_round(ds, dx_dtype), slots, partial_rows)
+    return ds, dweight, dbias, dx_sum
 
 
 def _param_sum(terms, slots, partial_rows):

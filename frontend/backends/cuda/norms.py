@@ -3,6 +3,8 @@ in (ops/fused_norms.py): the CuTeDSL kernels (kernels/cute/norms.py) where a
 specialization takes the call (last-dimension norms of a specialized row length,
 float32 weight and bias), else the CUDA C++ kernels (kernels/cuda/norms.cu).
 Either way the weight and bias gradients reduce in two fixed-order stages, no atomics.
+The CuTeDSL backward also sums dx over its rows in the same two stages: when x is a
+Linear's output, that is the Linear's bias gradient (ops/fused_norms.py).
 """
 from ... import dtypes as dt
 from ...device import CUDA
@@ -210,7 +212,7 @@ def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
 
 class _BackwardPlan:
     """What a CuTeDSL norm backward of one (shape, dtypes, kind) needs besides its tensors."""
-    __slots__ = ("rows", "n", "strides", "two", "ctas", "pb_offset", "codes")
+    __slots__ = ("rows", "n", "strides", "two", "ctas", "pb_offset", "pc_offset", "codes")
 
 
 _BWD_PLANS = {}  # (shape, s dtype, dy dtype, dres dtype or None, x dtype, residual dtype, rms) -> plan or False
@@ -229,7 +231,9 @@ def _backward_plan(key):
         plan.rows, plan.n, plan.strides, plan.two = rows, n, contiguous_strides(shape), two
         slots = _CUTE_THREADS // _threads_per_row(n, s_dtype, dy_dtype, x_dtype if two else None)
         plan.ctas = max(1, min(_CTAS_PER_SM * _NUM_SMS, -(-rows // slots)))
-        plan.pb_offset = -(-plan.ctas * n // 4) * 4  # the dbias partials start 16-byte aligned after dweight's
+        block = -(-plan.ctas * n // 4) * 4  # one set of partials, rounded up to 16 bytes
+        plan.pb_offset = block  # dbias' partials follow dweight's (LayerNorm)
+        plan.pc_offset = block if rms else 2 * block  # then dx's column-sum partials
         plan.codes = (_CUTE_DTYPE[s_dtype], _CUTE_DTYPE[dy_dtype], _CUTE_DTYPE[x_dtype] if two else 0)
     if len(_BWD_PLANS) < 1024:
         _BWD_PLANS[key] = plan
@@ -241,9 +245,10 @@ def _dense(t, strides):
 
 
 def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias):
-    """(dx, dresidual or None, dweight, dbias or None) from the CuTeDSL kernels, or None when they
-    cannot take the call.  dbias partials are computed for LayerNorm whether or not a bias exists;
-    the dweight and dbias partials share one allocation."""
+    """(dx, dresidual or None, dweight, dbias or None, dx_sum) from the CuTeDSL kernels, or None when
+    they cannot take the call.  dx_sum: dx summed over its rows, float32 (n,).  dbias partials are
+    computed for LayerNorm whether or not a bias exists; the dweight, dbias and dx partials share
+    one allocation."""
     shape = s._shape
     key = (shape, s._dtype, dy._dtype, dres._dtype if dres is not None else None, x_dtype, res_dtype, rms)
     plan = _BWD_PLANS.get(key)
@@ -259,20 +264,22 @@ def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, wan
     n, ctas, two = plan.n, plan.ctas, plan.two
     ds = _empty(shape, s._dtype, dev, stream)
     dx2 = _empty(shape, x_dtype, dev, stream) if two else None
-    partials = _empty((ctas * n if rms else plan.pb_offset + ctas * n,), dt.float32, dev, stream)
+    partials = _empty((plan.pc_offset + ctas * n,), dt.float32, dev, stream)
     pw = partials._storage.data.ptr
     pb = 0 if rms else pw + 4 * plan.pb_offset
+    pc = pw + 4 * plan.pc_offset
     cs, cdy, cx2 = plan.codes
     ran = _lib().cute_norm_backward(_ptr(s), _ptr(dy), _ptr(dres) if dres is not None else 0, ds._storage.data.ptr,
                                     dx2._storage.data.ptr if two else 0, _ptr(weight), 0 if rms else _ptr(mean),
-                                    _ptr(rstd), pw, pb, ctas, plan.rows, n, cs, cdy, cx2, rms, stream)
+                                    _ptr(rstd), pw, pb, pc, ctas, plan.rows, n, cs, cdy, cx2, rms, stream)
     if not ran:
         return None
     dweight = _empty((n,), dt.float32, dev, stream)
     dbias = None if rms else _empty((n,), dt.float32, dev, stream)
-    _lib().cute_norm_finish(pw, pb, dweight._storage.data.ptr, 0 if rms else dbias._storage.data.ptr, ctas, n, rms,
-                            stream)
-    return (dx2 if two else ds), (None if res_dtype is None else ds), dweight, (dbias if want_dbias else None)
+    dx_sum = _empty((n,), dt.float32, dev, stream)
+    _lib().cute_norm_finish(pw, pb, pc, dweight._storage.data.ptr, 0 if rms else dbias._storage.data.ptr,
+                            dx_sum._storage.data.ptr, ctas, n, rms, stream)
+    return (dx2 if two else ds), (None if res_dtype is None else ds), dweight, (dbias if want_dbias else None), dx_sum
 
 
 @register("add_norm", CUDA)
@@ -291,9 +298,10 @@ def add_norm(x, residual, weight, bias, eps, rms, out_dtype):
 
 @register("add_norm_backward", CUDA)
 def add_norm_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dweight, want_dbias):
-    """(dx, dresidual, dweight, dbias) of add_norm; dres (the new residual's gradient) may be None.
+    """(dx, dresidual, dweight, dbias, dx_sum) of add_norm; dres (the new residual's gradient) may be None.
 
-    dresidual is None without a residual; dweight/dbias None when not wanted."""
+    dresidual is None without a residual; dweight/dbias None when not wanted; dx_sum is dx summed
+    over every dim but the last (float32) where the CuTeDSL kernels ran, else None."""
     if want_dweight:
         done = _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias)
         if done is not None:
@@ -307,7 +315,7 @@ def add_norm_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, 
         ds = binary(C.ADD, ds, dres, _work_dtype(ds._dtype), ds._dtype)
     dx = ds if ds._dtype is x_dtype else _cast_new(ds, x_dtype, stream)
     dresidual = None if res_dtype is None else (ds if ds._dtype is res_dtype else _cast_new(ds, res_dtype, stream))
-    return dx, dresidual, dweight, dbias
+    return dx, dresidual, dweight, dbias, None
 
 
 def _work_dtype(dtype):
