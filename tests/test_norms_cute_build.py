@@ -1,7 +1,8 @@
 """The built CuTeDSL norms, read without a GPU: every sm_90a specialization is in
 the extension's table, reads and writes its rows with 16-byte vector accesses
 and uses no local memory arrays, and its stack frame (where ptxas spills) stays
-within a few values: the row and the running sums stay in registers, not spilled."""
+within a few values: the row and the running sums stay in registers, not spilled;
+the residual dropout's Philox code is in exactly the specializations that take it."""
 
 import json
 import os
@@ -48,6 +49,7 @@ def test_every_norm_specialization_is_built_vectorized_and_spill_free():
     assert len(objects) == len(norm_family.SPECS)
     from cutegrad import _C
     assert {d["name"] for d in _C.cute_norm_specializations()} == {s.name for s in norm_family.SPECS}
+    dropout_specs = {s.name: s.dropout for s in norm_family.SPECS}
     for name, listing in sass_listings(objects):
         usage = local_bytes(listing)
         assert usage and max(usage) == 0, f"{name}: local memory {usage}"
@@ -55,4 +57,7 @@ def test_every_norm_specialization_is_built_vectorized_and_spill_free():
         assert stack and max(stack) <= STACK_BUDGET, f"{name}: stack frame {stack} bytes"
         if "_finish_" not in name:
             assert "LDG.E.128" in listing and "STG.E.128" in listing, f"{name}: no 16-byte row accesses"
+        # the residual dropout's Philox rounds (multiplier 0xD2511F53) exactly where the spec takes dropout
+        philox = "0xd2511f53" in listing.lower()
+        assert philox == dropout_specs[name.removesuffix(".o")], f"{name}: Philox code present: {philox}"
 

@@ -464,6 +464,17 @@ def add_norm(x, residual, weight, bias, eps, rms, out_dtype):
     return _out(y, out_dtype), s, None if rms else _out(mean, stat), _out(rstd, stat)
 
 
+@register("add_dropout_norm", CPU)
+def add_dropout_norm(x, residual, weight, bias, eps, rms, out_dtype, keep, generator):
+    """add_norm of (dropout(x), residual) and the rng_state its backward needs: on the CPU the
+    scaled mask itself.  The mask is the one the CPU dropout (ops.dropout: bernoulli_scaled, then
+    a multiply) draws from the same generator state, and dropout(x) is rounded to x's dtype as that
+    multiply rounds it, so the values equal dropout followed by add_norm."""
+    mask = bernoulli_scaled(x._shape, keep, x._dtype, None, generator)
+    dropped = _out(_a(x) * _a(mask), x._dtype)
+    return add_norm(dropped, residual, weight, bias, eps, rms, out_dtype) + (mask,)
+
+
 # --- indexing ----------------------------------------------------------------------
 @register("gather", CPU)
 def gather(x, dim, index):

@@ -9,6 +9,10 @@ the residual stream x = h + residual is never summed by a kernel of its own:
 each norm adds its input to the residual in the same pass (ops.add_layer_norm),
 so a stack of blocks threads (branch output, residual) pairs and the model
 adds the last pair inside its final norm.  Same parameters, same values.
+The branches' residual dropout moves into the norm that adds the branch:
+the attention branch's into norm2, the MLP branch's into the next block's
+norm1 (or the model's final norm), each with the mask the branch's own
+dropout would have drawn at the same point of the generator's stream.
 
 Attention goes through `F.scaled_dot_product_attention` (causal for GPT,
 bidirectional for ViT), so the CUDA backend's fused attention kernel serves
@@ -21,7 +25,7 @@ from ..nn import functional as F
 class SelfAttention(nn.Module):
     """Multi-head self-attention with one fused q/k/v projection."""
 
-    def __init__(self, dim, n_heads, causal, dropout=0.0, bias=True):
+    def __init__(self, dim, n_heads, causal, dropout=0.0, bias=True, out_dropout=True):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"SelfAttention: dim {dim} is not divisible by n_heads {n_heads}")
@@ -30,7 +34,8 @@ class SelfAttention(nn.Module):
         self.dropout = dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
-        self.resid_drop = nn.Dropout(dropout)
+        # out_dropout=False: the caller applies the output's dropout (a fused add+norm)
+        self.resid_drop = nn.Dropout(dropout if out_dropout else 0.0)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -71,23 +76,27 @@ class Block(nn.Module):
                  fused=False):
         super().__init__()
         self.fused = fused
-        norm = _FUSED_NORM[norm] if fused else norm
-        self.norm1 = norm(dim)
-        self.attn = SelfAttention(dim, n_heads, causal, dropout, bias)
-        self.norm2 = norm(dim)
-        self.mlp = MLP(dim, mlp_ratio * dim, dropout, bias)
+        self.dropout = dropout
+        if fused:  # each norm drops the branch it adds (see the module docstring)
+            self.norm1 = _FUSED_NORM[norm](dim, dropout=dropout)
+            self.norm2 = _FUSED_NORM[norm](dim, dropout=dropout)
+        else:
+            self.norm1, self.norm2 = norm(dim), norm(dim)
+        self.attn = SelfAttention(dim, n_heads, causal, dropout, bias, out_dropout=not fused)
+        self.mlp = MLP(dim, mlp_ratio * dim, 0.0 if fused else dropout, bias)
 
     def forward(self, x):
         if self.fused:
             h, residual = self.forward_residual(x, None)
-            return h + residual
+            return F.dropout(h, self.dropout, self.training) + residual
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
     def forward_residual(self, h, residual):
-        """(h, residual) -> (h', residual') with h' + residual' = block(h + residual); fused blocks only.
+        """(h, residual) -> (h', residual') with dropout(h') + residual' = block(dropout(h) + residual);
+        fused blocks only.  h is a branch output whose dropout is still to come (the next add+norm applies it).
 
-        residual None: the stream is h itself (the first block)."""
+        residual None: the stream is h itself, not dropped (the first block)."""
         a, residual = self.norm1(h, residual)
         n, residual = self.norm2(self.attn(a), residual)
         return self.mlp(n), residual

@@ -43,7 +43,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             [Block(c.n_embd, c.n_head, 4, causal=True, dropout=c.dropout, bias=c.bias, fused=c.fused_norms)
              for _ in range(c.n_layer)])
-        self.norm = (nn.AddLayerNorm if c.fused_norms else nn.LayerNorm)(c.n_embd, bias=c.bias)
+        # fused: the final norm also applies the last block's MLP dropout (models/blocks.py)
+        self.norm = nn.AddLayerNorm(c.n_embd, bias=c.bias, dropout=c.dropout) if c.fused_norms else \
+            nn.LayerNorm(c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.reset_parameters()
         if c.tie_weights:

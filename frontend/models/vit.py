@@ -66,7 +66,8 @@ class ViT(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList([Block(c.dim, c.n_heads, c.mlp_ratio, causal=False, dropout=c.dropout,
                                            norm=nn.RMSNorm, fused=c.fused_norms) for _ in range(c.depth)])
-        self.norm = (nn.AddRMSNorm if c.fused_norms else nn.RMSNorm)(c.dim)
+        # fused: the final norm also applies the last block's MLP dropout (models/blocks.py)
+        self.norm = nn.AddRMSNorm(c.dim, dropout=c.dropout) if c.fused_norms else nn.RMSNorm(c.dim)
         self.head = nn.Linear(c.dim, c.num_classes)
         self.reset_parameters()
 

@@ -39,6 +39,15 @@ struct CuteNormArgs {
   int64_t n = 0;
   int32_t partial_rows = 0;
   float eps = 0.f;
+  // Residual dropout (forwards with a residual, backwards with dx2): element v of the rows is kept
+  // iff unit(lane v % 4 of philox(seed, offset / 4 + v / 4)) < keep, i.e. (lane >> 8) < keep_scaled
+  // = keep * 2^24, and kept values are scaled by drop_scale = 1 / keep.  rng_state: the captured
+  // graph's [seed, base offset] buffer (then the offset is rng_offset + its base), else null.
+  const void* rng_state = nullptr;
+  int64_t rng_seed = 0;
+  int64_t rng_offset = 0;
+  float keep_scaled = 16777216.f;  // keep = 1: nothing dropped
+  float drop_scale = 1.f;
 };
 
 struct CuteNormEntry {

@@ -1,6 +1,8 @@
 // nanobind entry points of the CuTeDSL norms (kernels/cute/norms.py): LayerNorm
 // and RMSNorm with the residual add fused in, their backward, and the finish
-// that sums the per-CTA dweight/dbias/dx-column-sum partials.
+// that sums the per-CTA dweight/dbias/dx-column-sum partials.  cute_norm and
+// cute_norm_backward also take the residual dropout of x (keep < 1 and the
+// Philox state, as _C.dropout takes them; keep = 1 by default: none).
 //
 // Each entry returns the name of the specialization it launched, or "" when
 // none fits (another device than sm_90, a row length or dtype combination
@@ -101,6 +103,24 @@ void check_sizes(const char* op, int64_t rows, int64_t n) {
   if (n < 1) fail(op, "row length must be positive, got " + std::to_string(n));
 }
 
+// The residual dropout's arguments (see CuteNormArgs), checked as _C.dropout checks them.
+// keep = 1 (p = 0) drops nothing and reads no Philox state.
+void set_dropout(const char* op, CuteNormArgs& a, double keep, uint64_t seed, uintptr_t seed_ptr, uint64_t offset,
+                 uintptr_t offset_ptr) {
+  if (!(keep > 0.0 && keep <= 1.0)) fail(op, "keep probability must be in (0, 1], got " + std::to_string(keep));
+  if (keep == 1.0) return;
+  if (offset % 4) fail(op, "Philox offset must be a multiple of 4, got " + std::to_string(offset));
+  if ((seed_ptr == 0) != (offset_ptr == 0) || (seed_ptr != 0 && offset_ptr != seed_ptr + 8))
+    fail(op, "offset_ptr must be seed_ptr + 8 (one [seed, offset] buffer), or both 0");
+  if (seed_ptr % 8) fail(op, "seed_ptr is not 8-byte aligned");
+  const float k = static_cast<float>(keep);
+  a.keep_scaled = k * 16777216.f;  // exact: a power-of-two scale of the fp32 keep dropout.cu compares with
+  a.drop_scale = static_cast<float>(1.0 / keep);
+  a.rng_state = reinterpret_cast<const void*>(seed_ptr);
+  a.rng_seed = static_cast<int64_t>(seed);
+  a.rng_offset = static_cast<int64_t>(offset);
+}
+
 void check_dtype(const char* op, int code, const char* what, bool optional) {
   if (code < (optional ? kNormNone : kNormBF16) || code > kNormF32)
     fail(op, std::string(what) + " has an unknown dtype code " + std::to_string(code));
@@ -108,7 +128,8 @@ void check_dtype(const char* op, int code, const char* what, bool optional) {
 
 std::string norm_fwd(uintptr_t x, uintptr_t res, uintptr_t res_out, uintptr_t y, uintptr_t weight, uintptr_t bias,
                      uintptr_t mean, uintptr_t rstd, int64_t rows, int64_t n, int x_dtype, int res_dtype,
-                     int y_dtype, bool rms, double eps, uintptr_t stream) {
+                     int y_dtype, bool rms, double eps, uintptr_t stream, double keep, uint64_t seed,
+                     uintptr_t seed_ptr, uint64_t offset, uintptr_t offset_ptr) {
   const char* op = "cute_norm";
   check_sizes(op, rows, n);
   check_dtype(op, x_dtype, "x", false);
@@ -121,8 +142,10 @@ std::string norm_fwd(uintptr_t x, uintptr_t res, uintptr_t res_out, uintptr_t y,
   const CuteNormEntry* e = find(0, !rms, n, x_dtype, res_dtype, y_dtype, false);
   for (uintptr_t p : {x, res, res_out, y, weight, bias})
     if (!aligned16(p)) e = nullptr;
-  if (!e) return "";
   CuteNormArgs a;
+  set_dropout(op, a, keep, seed, seed_ptr, offset, offset_ptr);
+  if (keep != 1.0 && !res) fail(op, "dropout applies to x before the residual add: it needs a residual");
+  if (!e) return "";
   a.x = reinterpret_cast<const void*>(x);
   a.res = reinterpret_cast<const void*>(res);
   a.res_out = reinterpret_cast<void*>(res_out);
@@ -139,7 +162,8 @@ std::string norm_fwd(uintptr_t x, uintptr_t res, uintptr_t res_out, uintptr_t y,
 
 std::string norm_bwd(uintptr_t s, uintptr_t dy, uintptr_t dres, uintptr_t ds, uintptr_t dx2, uintptr_t weight,
                      uintptr_t mean, uintptr_t rstd, uintptr_t pw, uintptr_t pb, uintptr_t pc, int64_t partial_rows,
-                     int64_t rows, int64_t n, int s_dtype, int dy_dtype, int dx2_dtype, bool rms, uintptr_t stream) {
+                     int64_t rows, int64_t n, int s_dtype, int dy_dtype, int dx2_dtype, bool rms, uintptr_t stream,
+                     double keep, uint64_t seed, uintptr_t seed_ptr, uint64_t offset, uintptr_t offset_ptr) {
   const char* op = "cute_norm_backward";
   check_sizes(op, rows, n);
   check_dtype(op, s_dtype, "s", false);
@@ -153,8 +177,11 @@ std::string norm_bwd(uintptr_t s, uintptr_t dy, uintptr_t dres, uintptr_t ds, ui
   const CuteNormEntry* e = find(1, !rms, n, s_dtype, dx2_dtype, dy_dtype, dres != 0);
   for (uintptr_t p : {s, dy, dres, ds, dx2, weight, pw, pb, pc})
     if (!aligned16(p)) e = nullptr;
-  if (!e) return "";
   CuteNormArgs a;
+  set_dropout(op, a, keep, seed, seed_ptr, offset, offset_ptr);
+  // Only the kernels writing dx2 (x's own gradient) apply the dropout; the caller composes it elsewhere.
+  if (keep != 1.0 && !dx2) return "";
+  if (!e) return "";
   a.x = reinterpret_cast<const void*>(s);
   a.dy = reinterpret_cast<const void*>(dy);
   a.dres = reinterpret_cast<const void*>(dres);
@@ -208,11 +235,20 @@ std::vector<std::map<std::string, std::string>> norm_specializations() {
 }
 
 void add_functions(nb::module_& m) {
-  m.def("cute_norm", &norm_fwd,
-        "Fused (residual add +) LayerNorm/RMSNorm forward on contiguous rows; returns the kernel name or ''.");
-  m.def("cute_norm_backward", &norm_bwd,
-        "Fused norm backward (ds, optional second ds, dweight/dbias/dx-column-sum partials); returns the kernel "
-        "name or ''.");
+  m.def("cute_norm", &norm_fwd, nb::arg("x"), nb::arg("res"), nb::arg("res_out"), nb::arg("y"), nb::arg("weight"),
+        nb::arg("bias"), nb::arg("mean"), nb::arg("rstd"), nb::arg("rows"), nb::arg("n"), nb::arg("x_dtype"),
+        nb::arg("res_dtype"), nb::arg("y_dtype"), nb::arg("rms"), nb::arg("eps"), nb::arg("stream"),
+        nb::arg("keep") = 1.0, nb::arg("seed") = 0, nb::arg("seed_ptr") = 0, nb::arg("offset") = 0,
+        nb::arg("offset_ptr") = 0,
+        "Fused (residual add +) LayerNorm/RMSNorm forward on contiguous rows, with keep < 1 the residual dropout "
+        "of x (Philox state as _C.dropout's); returns the kernel name or ''.");
+  m.def("cute_norm_backward", &norm_bwd, nb::arg("s"), nb::arg("dy"), nb::arg("dres"), nb::arg("ds"), nb::arg("dx2"),
+        nb::arg("weight"), nb::arg("mean"), nb::arg("rstd"), nb::arg("pw"), nb::arg("pb"), nb::arg("pc"),
+        nb::arg("partial_rows"), nb::arg("rows"), nb::arg("n"), nb::arg("s_dtype"), nb::arg("dy_dtype"),
+        nb::arg("dx2_dtype"), nb::arg("rms"), nb::arg("stream"), nb::arg("keep") = 1.0, nb::arg("seed") = 0,
+        nb::arg("seed_ptr") = 0, nb::arg("offset") = 0, nb::arg("offset_ptr") = 0,
+        "Fused norm backward (ds, optional second ds, dweight/dbias/dx-column-sum partials), with keep < 1 dx2 "
+        "through the forward's residual dropout; returns the kernel name or ''.");
   m.def("cute_norm_finish", &norm_finish,
         "Sum the per-CTA dweight/dbias/dx-column-sum partials; returns the kernel name or ''.");
   m.def("cute_norm_specializations", &norm_specializations, "The built CuTeDSL norm specializations.");

@@ -26,6 +26,27 @@ in registers over the rows it owns, combines its row slots through shared
 memory and writes one fp32 partial row per CTA; ``stage="finish"`` (one small
 launch, a thread per column) adds the G partial rows in CTA order.
 
+Residual dropout (``p`` a runtime argument; p = 0 runs the same code with an
+all-ones mask, so the values are today's): the forward of a specialization
+with a residual computes
+
+    s = residual + dropout(x)     dropout(x) = x * mask / (1 - p), rounded to x's dtype
+
+and the backward of one with a second ds output (x's dtype differs from s's:
+the autocast stream) writes d(x) = dx * mask / (1 - p), dx = ds rounded to x's
+dtype and the product rounded again, exactly what the standalone dropout kernel
+(kernels/cuda/dropout.cu) computes from the dx it would receive.  The keep mask
+is that kernel's: element v = row * n + column of the launch is kept iff
+unit(lane v % 4 of Philox4x32-10(seed, offset / 4 + v / 4)) < 1 - p, the
+forward reserving n * rows values from the generator as the dropout op does,
+the backward regenerating them from the same (seed, offset).  A thread's
+16-byte vector covers whole groups of 4 (VEC and n are multiples of 4), so it
+makes one Philox draw per 4 elements.  Under graph capture seed and base offset
+come from the graph's [seed, offset] device buffer (``mRng``), so a replay draws
+a fresh mask.  Specializations without a residual (forward) or without the
+second ds output (backward) take no dropout; the host composes the standalone
+kernel there.
+
 The same two stages also sum dx, the gradient handed to the branch input x
 (ds as stored in x's dtype), over the rows: when x is a Linear's output (the
 attention projection, the MLP's second Linear) that column sum is the
@@ -77,6 +98,9 @@ For LayerNorm (with bias) and RMSNorm and each n in ``ROW_LENGTHS``:
   (fp32, fp32, bf16), (fp32, fp32, none), (bf16, bf16, none), each with and
   without dres;
   plus the finish kernel of each kind (n dynamic; LayerNorm's also writes dbias).
+Dropout adds no specialization: its probability and Philox state are runtime
+arguments of the forwards with a residual and the backwards with a second ds
+output.
 """
 
 from dataclasses import dataclass
@@ -108,6 +132,11 @@ class NormSpec:
     out_dtype: str = ""
     has_dres: bool = False
     arch: str = "sm_90a"
+
+    @property
+    def dropout(self):
+        """Whether the kernel takes the residual dropout's runtime arguments (see the module docstring)."""
+        return self.stage != "finish" and bool(self.res_dtype)
 
     @property
     def name(self):
@@ -172,6 +201,56 @@ def _row_vector(cute, vec):
     return at
 
 
+# Philox4x32-10 multipliers and key increments (kernels/cuda/philox.h)
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+UNIT_SCALE = float(1 << 24)  # keep_scaled = (1 - p) * 2^24: unit(x) < keep  <=>  (x >> 8) < keep_scaled
+
+
+def _dropout_mask(cute, cutlass, vec, n):
+    """(rng_row, fill): rng_row(r, ...) gives the Philox key and row r's first counter; fill(m, rng, c, ...)
+    writes into the fp32 (vec,) tensor m the scale (kept) or 0 of each element of the row's vector c."""
+    U32, I64, F32 = cutlass.Uint32, cutlass.Int64, cutlass.Float32
+
+    def philox4(k0, k1, counter):
+        c0, c1, c2, c3 = U32(counter), U32(counter >> 32), U32(0), U32(0)
+        for _ in range(10):
+            hi0 = cute.arch.mul_hi(c0, U32(PHILOX_M0))
+            lo0 = c0 * U32(PHILOX_M0)
+            hi1 = cute.arch.mul_hi(c2, U32(PHILOX_M1))
+            lo1 = c2 * U32(PHILOX_M1)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+            k0 = k0 + U32(PHILOX_W0)
+            k1 = k1 + U32(PHILOX_W1)
+        return c0, c1, c2, c3
+
+    def rng_row(r, mRng, rng_seed, rng_offset, rng_in_memory):
+        # Captured: this replay's seed and base offset from the graph's buffer (mRng is always a
+        # readable pointer, so both loads are safe and the select stays branch-free).
+        in_memory = rng_in_memory != 0
+        seed = cutlass.select_(in_memory, mRng[0], rng_seed)
+        base = cutlass.select_(in_memory, mRng[1], I64(0)) + rng_offset
+        # element v = r * n + col has counter base / 4 + v / 4; n is a multiple of 4
+        return U32(seed), U32(seed >> 32), (base >> 2) + I64(r) * I64(n // 4)
+
+    def fill(m, rng, c, keep_scaled, scale):
+        k0, k1, row_ctr = rng
+        # Plain Python loops (a helper is not preprocessed by the DSL): traced, they unroll.
+        for q in range(vec // 4):
+            lanes = philox4(k0, k1, row_ctr + I64(c * (vec // 4) + q))
+            for lane in range(4):
+                m[q * 4 + lane] = cutlass.select_(F32(lanes[lane] >> U32(8)) < keep_scaled, scale, F32(0.0))
+
+    return rng_row, fill
+
+
+def _rng_fakes(cutlass):
+    """Fake mRng, seed, offset, in-memory flag, keep_scaled and scale (compile-time placeholders)."""
+    from cutlass.cute.runtime import make_fake_tensor
+    return (make_fake_tensor(cutlass.Int64, (2,), (1,), assumed_align=8), cutlass.Int64(0), cutlass.Int64(0),
+            cutlass.Int32(0), cutlass.Float32(UNIT_SCALE), cutlass.Float32(1.0))
+
+
 def _fakes(spec, dtypes):
     """The DSL, fake-tensor builders and the tiling shared by forward and backward."""
     import cutlass
@@ -209,13 +288,17 @@ def _build_forward(spec):
     (vec, tpr, vpt, slots), row_tensor, param, stat = _fakes(spec, (spec.x_dtype, spec.res_dtype, spec.out_dtype))
     inv_n = 1.0 / n
     _vec = _row_vector(cute, vec)
+    rng_row, fill_mask = _dropout_mask(cute, cutlass, vec, n)
+    round_x = spec.x_dtype != "fp32"  # the dropped x is rounded to x's dtype, as the dropout kernel stores it
 
     def add(a, b):
         return a + b
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mRes: cute.Tensor, mResOut: cute.Tensor, mY: cute.Tensor, mW: cute.Tensor,
-               mB: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, eps: F32):
+               mB: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, eps: F32, mRng: cute.Tensor,
+               rng_seed: cutlass.Int64, rng_offset: cutlass.Int64, rng_in_memory: cutlass.Int32, keep_scaled: F32,
+               scale: F32):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         lane = tidx % tpr
@@ -224,10 +307,19 @@ def _build_forward(spec):
         r = cutlass.min(row, rows - 1)
         # The row, widened to fp32, stays in registers: column (v * tpr + lane) * vec + e is s[e, v].
         s = cute.make_rmem_tensor(cute.make_layout((vec, vpt)), F32)
+        if cutlass.const_expr(has_res):
+            m = cute.make_rmem_tensor(cute.make_layout((vec,)), F32)  # per element: 1 / (1 - p) or 0
+            rng = rng_row(r, mRng, rng_seed, rng_offset, rng_in_memory)
         for v in cutlass.range_constexpr(vpt):
             c = v * tpr + lane
             t = _vec(mX, r, c).load().to(F32)
             if cutlass.const_expr(has_res):
+                m.fill(1.0)
+                if keep_scaled < F32(UNIT_SCALE):  # p > 0 (warp-uniform)
+                    fill_mask(m, rng, c, keep_scaled, scale)
+                t = t * m.load()
+                if cutlass.const_expr(round_x):
+                    t = t.to(mX.element_type).to(F32)
                 t = t + _vec(mRes, r, c).load().to(F32)
             s[(None, v)].store(t)
         mean = F32(0.0)
@@ -261,14 +353,17 @@ def _build_forward(spec):
 
     @cute.jit
     def launch(mX: cute.Tensor, mRes: cute.Tensor, mResOut: cute.Tensor, mY: cute.Tensor, mW: cute.Tensor,
-               mB: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, eps: F32, stream: cuda.CUstream):
+               mB: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, eps: F32, mRng: cute.Tensor,
+               rng_seed: cutlass.Int64, rng_offset: cutlass.Int64, rng_in_memory: cutlass.Int32, keep_scaled: F32,
+               scale: F32, stream: cuda.CUstream):
         grid = (mX.shape[0] + slots - 1) // slots
-        kernel(mX, mRes, mResOut, mY, mW, mB, mMean, mRstd, eps).launch(
+        kernel(mX, mRes, mResOut, mY, mW, mB, mMean, mRstd, eps, mRng, rng_seed, rng_offset, rng_in_memory,
+               keep_scaled, scale).launch(
             grid=[grid, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
     res = spec.res_dtype or spec.x_dtype  # unused tensors get a harmless type
     fake_args = (row_tensor(spec.x_dtype), row_tensor(res), row_tensor(res), row_tensor(spec.out_dtype), param(),
-                 param(), stat(), stat(), F32(1e-5), make_fake_stream())
+                 param(), stat(), stat(), F32(1e-5), *_rng_fakes(cutlass), make_fake_stream())
     return launch, fake_args
 
 
@@ -293,6 +388,7 @@ def _build_backward(spec):
     # them from s and dy read again (cache hits) rather than spill.
     keep_row = vpt * vec <= 32
     held = vpt if keep_row else 1
+    rng_row, fill_mask = _dropout_mask(cute, cutlass, vec, n)
 
     def add(a, b):
         return a + b
@@ -300,7 +396,8 @@ def _build_backward(spec):
     @cute.kernel
     def kernel(mS: cute.Tensor, mDy: cute.Tensor, mDres: cute.Tensor, mDs: cute.Tensor, mDx: cute.Tensor,
                mW: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, mPW: cute.Tensor, mPB: cute.Tensor,
-               mPC: cute.Tensor):
+               mPC: cute.Tensor, mRng: cute.Tensor, rng_seed: cutlass.Int64, rng_offset: cutlass.Int64,
+               rng_in_memory: cutlass.Int32, keep_scaled: F32, scale: F32):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         gdim, _, _ = cute.arch.grid_dim()
@@ -315,6 +412,8 @@ def _build_backward(spec):
         db = cute.make_rmem_tensor(layout, F32)
         dw.fill(0.0)
         db.fill(0.0)
+        if cutlass.const_expr(has_dx2):
+            m = cute.make_rmem_tensor(cute.make_layout((vec,)), F32)  # per element: 1 / (1 - p) or 0
         # buf[slot] holds this slot's running column sums of dx; a thread only
         # touches its own columns of it until the combine below.
         smem = cutlass.utils.SmemAllocator()
@@ -352,6 +451,8 @@ def _build_backward(spec):
             if cutlass.const_expr(layer):
                 mean_g = cute.arch.warp_reduction(sum_g, add, threads_in_group=tpr) * inv_n
             if row < rows:
+                if cutlass.const_expr(has_dx2):
+                    rng = rng_row(r, mRng, rng_seed, rng_offset, rng_in_memory)
                 for v in cutlass.range_constexpr(vpt):
                     c = v * tpr + lane
                     h = v if keep_row else 0
@@ -364,7 +465,11 @@ def _build_backward(spec):
                     dx = ds.to(mDs.element_type)
                     _vec(mDs, r, c).store(dx)
                     if cutlass.const_expr(has_dx2):
-                        dx = ds.to(mDx.element_type)
+                        # x's gradient through the dropout: dx rounded as the dropout kernel would receive it
+                        m.fill(1.0)
+                        if keep_scaled < F32(UNIT_SCALE):  # p > 0 (warp-uniform)
+                            fill_mask(m, rng, c, keep_scaled, scale)
+                        dx = (ds.to(mDx.element_type).to(F32) * m.load()).to(mDx.element_type)
                         _vec(mDx, r, c).store(dx)
                     # Sum dx as stored, so the result is the column sum of the tensor x receives.
                     cur = _vec(buf, slot, c).load()
@@ -390,8 +495,10 @@ def _build_backward(spec):
     @cute.jit
     def launch(mS: cute.Tensor, mDy: cute.Tensor, mDres: cute.Tensor, mDs: cute.Tensor, mDx: cute.Tensor,
                mW: cute.Tensor, mMean: cute.Tensor, mRstd: cute.Tensor, mPW: cute.Tensor, mPB: cute.Tensor,
-               mPC: cute.Tensor, stream: cuda.CUstream):
-        kernel(mS, mDy, mDres, mDs, mDx, mW, mMean, mRstd, mPW, mPB, mPC).launch(
+               mPC: cute.Tensor, mRng: cute.Tensor, rng_seed: cutlass.Int64, rng_offset: cutlass.Int64,
+               rng_in_memory: cutlass.Int32, keep_scaled: F32, scale: F32, stream: cuda.CUstream):
+        kernel(mS, mDy, mDres, mDs, mDx, mW, mMean, mRstd, mPW, mPB, mPC, mRng, rng_seed, rng_offset, rng_in_memory,
+               keep_scaled, scale).launch(
             grid=[mPW.shape[0], 1, 1], block=[THREADS, 1, 1], smem=smem_bytes, stream=stream)
 
     partial_rows = cute.sym_int32(symbol="G")
@@ -401,7 +508,7 @@ def _build_backward(spec):
 
     s, dy = spec.x_dtype, spec.out_dtype
     fake_args = (row_tensor(s), row_tensor(dy), row_tensor(s), row_tensor(s), row_tensor(spec.res_dtype or s),
-                 param(), stat(), stat(), partial(), partial(), partial(), make_fake_stream())
+                 param(), stat(), stat(), partial(), partial(), partial(), *_rng_fakes(cutlass), make_fake_stream())
     return launch, fake_args
 
 
@@ -488,11 +595,15 @@ def emit_registry(entries):
             return f"  {n}_Tensor_{field}_t {field}{{const_cast<void*>({ptr}), {{R}}}};"
 
         body = ["  int32_t R = (int32_t)a.rows; int64_t N = a.n; (void)R; (void)N;"]
+        # without a device-memory Philox state the kernel never reads mRng: any valid pointer serves
+        rng = f"  {n}_Tensor_mRng_t mRng{{const_cast<void*>(a.rng_state ? a.rng_state : a.weight)}};"
+        rng_args = "&mRng, a.rng_seed, a.rng_offset, a.rng_state ? 1 : 0, a.keep_scaled, a.drop_scale"
         if s.stage == "fwd":
             body += [row("mX", "a.x"), row("mRes", "a.res ? a.res : a.x"), row("mResOut", "a.res_out ? a.res_out : a.y"),
                      row("mY", "a.y"), flat("mW", "a.weight"), flat("mB", "a.bias ? a.bias : a.weight"),
                      stat("mMean", "a.mean ? a.mean : a.rstd"), stat("mRstd", "a.rstd")]
-            call = "&mX, &mRes, &mResOut, &mY, &mW, &mB, &mMean, &mRstd, a.eps"
+            body.append(rng)
+            call = "&mX, &mRes, &mResOut, &mY, &mW, &mB, &mMean, &mRstd, a.eps, " + rng_args
         elif s.stage == "bwd":
             body += [row("mS", "a.x"), row("mDy", "a.dy"), row("mDres", "a.dres ? a.dres : a.dy"), row("mDs", "a.ds"),
                      row("mDx", "a.dx2 ? a.dx2 : a.ds"), flat("mW", "a.weight"),
@@ -500,7 +611,8 @@ def emit_registry(entries):
                      f"  {n}_Tensor_mPW_t mPW{{a.pw, {{a.partial_rows}}}};",
                      f"  {n}_Tensor_mPB_t mPB{{a.pb ? a.pb : a.pw, {{a.partial_rows}}}};",
                      f"  {n}_Tensor_mPC_t mPC{{a.pc, {{a.partial_rows}}}};"]
-            call = "&mS, &mDy, &mDres, &mDs, &mDx, &mW, &mMean, &mRstd, &mPW, &mPB, &mPC"
+            body.append(rng)
+            call = "&mS, &mDy, &mDres, &mDs, &mDx, &mW, &mMean, &mRstd, &mPW, &mPB, &mPC, " + rng_args
         else:
             body += [f"  {n}_Tensor_mPW_t mPW{{a.pw, {{a.partial_rows, (int32_t)N}}, {{N}}}};",
                      f"  {n}_Tensor_mPB_t mPB{{a.pb ? a.pb : a.pw, {{a.partial_rows, (int32_t)N}}, {{N}}}};",

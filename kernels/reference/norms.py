@@ -122,3 +122,34 @@ def _param_sum(terms, slots, partial_rows):
     for b in range(partial_rows):
         out = out + partial[b]
     return out
+
+
+def _philox_model():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention.py")
+    spec = importlib.util.spec_from_file_location("cutegrad_reference_attention_philox", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.philox4x32
+
+
+def residual_dropout_scales(seed, offset, rows, n, keep, dtypes):
+    """(rows, n) float32: the residual dropout's per-element factor in the kernels, scale = fp32(1 / keep)
+    where kept, else 0.  Walks the kernel's own order: thread `lane` of a row, vector v (columns
+    (v * tpr + lane) * vec + e), one Philox draw per 4 elements q at counter offset / 4 + row * n / 4
+    + column / 4, lane l kept iff (lane value >> 8) < fp32(keep) * 2^24."""
+    philox4x32 = _philox_model()
+    vec, tpr, vpt, _ = row_tiling(n, dtypes)
+    cols, counters = [], []  # one entry per Philox draw, in the kernel's (row, lane, v, q) order
+    for r in range(rows):
+        for lane in range(tpr):
+            for v in range(vpt):
+                c = v * tpr + lane
+                for q in range(vec // 4):
+                    cols.append((r, c * vec + 4 * q))
+                    counters.append(offset // 4 + r * (n // 4) + c * (vec // 4) + q)
+    lanes = philox4x32(seed, np.array(counters, dtype=np.uint64))
+    kept = (lanes >> np.uint32(8)).astype(F32) < F32(keep) * F32(1 << 24)
+    out = np.zeros((rows, n), F32)
+    for (r, col), k in zip(cols, kept):
+        out[r, col:col + 4] = np.where(k, F32(1.0 / keep), F32(0.0))
+    return out

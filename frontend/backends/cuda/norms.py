@@ -12,6 +12,8 @@ from ...dispatch import register
 from ...tensor import _STRIDES, contiguous_strides, make, numel_of
 from . import launch as _launch
 from .launch import _cast_new, _contig, _empty, _lib, _ptr, _stream, _stream_tls
+from .dropout import _apply as _apply_dropout
+from .random import _philox
 from .reduction import _split_workspace_bytes
 
 
@@ -166,8 +168,10 @@ def _param_ready(p):
     return p._dtype is dt.float32 and (p._strides == (1,) or p.is_contiguous())
 
 
-def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
+def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype, drop=()):
     """(y, new residual, mean or None, rstd) from the CuTeDSL kernel, or None when it cannot take the call.
+
+    drop: () or (keep, seed, seed_ptr, offset, offset_ptr), the residual dropout of x (see add_dropout_norm).
 
     Everything that depends only on the shape and dtypes comes from a plan kept per
     key; mean and rstd share one allocation (mean first, rstd `rows` elements on)."""
@@ -206,7 +210,7 @@ def _cute_forward(x, residual, weight, bias, eps, rms, out_dtype):
         x._storage.data.ptr + x._offset * x._dtype.itemsize, _ptr(residual) if residual is not None else 0,
         s._storage.data.ptr if residual is not None else 0, y._storage.data.ptr,
         weight._storage.data.ptr + weight._offset * 4, 0 if rms else bias._storage.data.ptr + bias._offset * 4,
-        mean_p, rstd_p, rows, plan.n, cx, cr, cy, rms, float(eps), stream)
+        mean_p, rstd_p, rows, plan.n, cx, cr, cy, rms, float(eps), stream, *drop)
     return (y, s, mean, rstd) if ran else None
 
 
@@ -244,18 +248,18 @@ def _dense(t, strides):
     return t._strides is strides or t.is_contiguous()
 
 
-def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias):
+def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias, drop=()):
     """(dx, dresidual or None, dweight, dbias or None, dx_sum) from the CuTeDSL kernels, or None when
     they cannot take the call.  dx_sum: dx summed over its rows, float32 (n,).  dbias partials are
     computed for LayerNorm whether or not a bias exists; the dweight, dbias and dx partials share
-    one allocation."""
+    one allocation.  drop: as _cute_forward's; only the kernels writing ds again in x's dtype apply it."""
     shape = s._shape
     key = (shape, s._dtype, dy._dtype, dres._dtype if dres is not None else None, x_dtype, res_dtype, rms)
     plan = _BWD_PLANS.get(key)
     if plan is None:
         plan = _backward_plan(key)
     strides = plan.strides if plan else None
-    if not plan or weight is None or not _param_ready(weight) or not _dense(s, strides) or \
+    if not plan or (drop and not plan.two) or weight is None or not _param_ready(weight) or not _dense(s, strides) or \
             not _dense(dy, strides) or (dres is not None and not _dense(dres, strides)) or \
             (mean is not None and not mean.is_contiguous()) or not rstd.is_contiguous():
         return None
@@ -271,7 +275,7 @@ def _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, wan
     cs, cdy, cx2 = plan.codes
     ran = _lib().cute_norm_backward(_ptr(s), _ptr(dy), _ptr(dres) if dres is not None else 0, ds._storage.data.ptr,
                                     dx2._storage.data.ptr if two else 0, _ptr(weight), 0 if rms else _ptr(mean),
-                                    _ptr(rstd), pw, pb, pc, ctas, plan.rows, n, cs, cdy, cx2, rms, stream)
+                                    _ptr(rstd), pw, pb, pc, ctas, plan.rows, n, cs, cdy, cx2, rms, stream, *drop)
     if not ran:
         return None
     dweight = _empty((n,), dt.float32, dev, stream)
@@ -316,6 +320,41 @@ def add_norm_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, 
     dx = ds if ds._dtype is x_dtype else _cast_new(ds, x_dtype, stream)
     dresidual = None if res_dtype is None else (ds if ds._dtype is res_dtype else _cast_new(ds, res_dtype, stream))
     return dx, dresidual, dweight, dbias, None
+
+
+# ---- fused residual dropout + add + norm (ops.add_layer_norm / add_rms_norm with dropout_p) --------
+# The CuTeDSL kernels apply the dropout in the add (forward) and to x's gradient (backward) with
+# the standalone dropout kernel's mask (kernels/cute/norms.py); where they cannot take a call, that
+# kernel runs on its own with the same Philox state and the plain add+norm follows (or precedes).
+
+
+@register("add_dropout_norm", CUDA)
+def add_dropout_norm(x, residual, weight, bias, eps, rms, out_dtype, keep, generator):
+    """add_norm of (dropout(x), residual) with keep probability keep < 1, and the rng_state
+    (seed, seed_ptr, offset, offset_ptr) the mask came from: numel(x) Philox values reserved
+    from the generator, as "dropout_fused" reserves for x."""
+    dev = x._storage.device
+    args = _philox(generator, dev, max(numel_of(x._shape), 1))
+    rng_state = (args.seed, args.seed_ptr, args.offset, args.offset_ptr)
+    done = _cute_forward(x, residual, weight, bias, eps, rms, out_dtype, (float(keep),) + rng_state)
+    if done is None:
+        done = add_norm(_apply_dropout(x, keep, rng_state), residual, weight, bias, eps, rms, out_dtype)
+    return done + (rng_state,)
+
+
+@register("add_dropout_norm_backward", CUDA)
+def add_dropout_norm_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dweight, want_dbias,
+                              keep, rng_state):
+    """add_norm_backward's (dx, dresidual, dweight, dbias, dx_sum) with dx (and dx_sum) through the
+    forward's dropout: dx * mask / keep, the mask regenerated from the forward's rng_state."""
+    if want_dweight:
+        done = _cute_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype, want_dbias,
+                              (float(keep),) + tuple(rng_state))
+        if done is not None:
+            return done
+    dx, dresidual, dweight, dbias, _ = add_norm_backward(dy, dres, s, weight, mean, rstd, rms, x_dtype, res_dtype,
+                                                         want_dweight, want_dbias)
+    return _apply_dropout(dx, keep, rng_state), dresidual, dweight, dbias, None
 
 
 def _work_dtype(dtype):
