@@ -22,6 +22,7 @@ on an sm_90 GPU: a call whose row length and dtypes have a specialization
 """
 import argparse
 import collections
+import importlib.util
 import json
 import math
 import os
@@ -57,7 +58,19 @@ def _gemm_launches(a):
 
 
 # _C entry -> launches of one call, from its positional arguments
+def _index_sort_launches():
+    spec = importlib.util.spec_from_file_location(
+        "cutegrad_reference_index_sort", os.path.join(ROOT, "kernels", "reference", "index_sort.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sort_launches
+
+
+_sort_launches = _index_sort_launches()
+
 LAUNCHES_PER_CALL = {
+    # the embedding backward: the index sort (kernels/reference/index_sort.py), then the run sums
+    "index_add_rows": lambda a: _sort_launches(a[4], a[5]) + 1,
     # a step-counter increment before each update launch when increment_step
     "adamw": lambda a: _groups(len(a[1])) * (2 if a[16] else 1),
     "sgd": lambda a: _groups(len(a[1])),

@@ -1,7 +1,8 @@
 """The embedding backward's index_add along dim 0 on a GPU (`-m gpu`): the one-block
-bitonic sort (n <= 8192 and (row, position) in 31 bits) and the rank fallback
-(longer indices, huge row counts) against the float64 CPU backend, with heavy
-duplicates, bit-identical reruns, and out-of-range indices reported."""
+bitonic sort (n <= 8192 and (row, position) in 31 bits) and the chunk sort plus
+merge passes (longer indices, huge row counts; kernels/reference/index_sort.py)
+against the float64 CPU backend, with heavy duplicates, bit-identical reruns,
+and out-of-range indices reported."""
 import numpy as np
 import pytest
 
@@ -14,7 +15,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_SKIP is not None, reason=_SKI
 
 
 @pytest.mark.parametrize("n,rows,cols", [(1, 7, 5), (3, 2, 1), (4096, 36, 128), (8192, 50304, 64),
-                                         (8191, 4096, 33), (8193, 4096, 16), (6000, 1 << 20, 8)])
+                                         (8191, 4096, 33), (8193, 4096, 16), (6000, 1 << 20, 8),
+                                         (12305, 4096, 16), (70001, 50304, 4), (100000, 300, 3)])
 def test_sorted_run_sums_match_the_cpu_and_repeat_bit_for_bit(n, rows, cols):
     rng = np.random.default_rng(n + rows)
     base = cutegrad.zeros(rows, cols)

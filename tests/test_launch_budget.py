@@ -36,6 +36,9 @@ def test_counting_rules_cover_multi_kernel_entries():
     # 100 parameters: three groups of 48, each an increment launch and an update launch
     assert launches.LAUNCHES_PER_CALL["adamw"]([None, [0] * 100] + [None] * 14 + [True]) == 6
     assert launches.LAUNCHES_PER_CALL["grad_norm"]([[0] * 49]) == 3
+    # the embedding backward: the one-block sort and the run sums; longer: chunks, 5 merge passes, unpack
+    assert launches.LAUNCHES_PER_CALL["index_add_rows"]([0, 0, 0, 0, 8192, 50304]) == 2
+    assert launches.LAUNCHES_PER_CALL["index_add_rows"]([0, 0, 0, 0, 70001, 50304]) == 8
     short_k = (0, (1, 64, 64), (), 0, (1, 64, 64)) + (0,) * 12 + (0, 0, 0)
     calls = [("gemm", short_k, {}), ("load_kernels", (), {}), ("elementwise", (5,), {})]
     assert launches.count(calls, [("cuMemsetD32Async", ())]) == {"gemm": 1, "elementwise:copy": 1,

@@ -24,15 +24,19 @@
 // index_add along dim 0 with a 1-D index (the embedding backward) has a
 // deterministic path: a stable sort of the index, then one thread per (run of
 // equal indices, column) adding its run in index order with a single write per
-// destination element.  The sort: when n <= 8192 and (row, position) packs into
-// 31 bits (a training step's tokens: 8192 x a 50304-row vocabulary fits), one
-// block bitonic-sorts the packed keys in 32 KiB of shared memory (O(n log^2 n)
-// work, ~90 barrier steps); otherwise a stable rank (one thread per entry
-// counting the entries before it, O(n^2) total, many blocks).  Out-of-range
-// indices sort as one past the last row and are reported by the run sums.
+// destination element.  The sort orders unique keys (row, position), so any
+// sort is stable.  When n <= 8192 and the key packs into 31 bits (a training
+// step's tokens: 8192 x a 50304-row vocabulary fits), one block bitonic-sorts
+// them in 32 KiB of shared memory (O(n log^2 n) work, ~90 barrier steps): two
+// launches with the run sums.  Larger n: 64-bit keys, blocks bitonic-sort
+// chunks of 4096, then log2(chunks) merge passes in which every key finds its
+// place by a binary search in its partner run (no ties: keys are unique), then
+// one pass unpacks the permutation: O(n log n) work in 3 + log2(n / 4096)
+// launches plus the run sums.  Out-of-range indices sort as one past the last
+// row and are reported by the run sums.
 //
 // AOT specializations: gather by element size (1, 2, 4, 8 bytes); scatter
-// with a double or int64 compute type; sort; rank; run sums in fp32 and fp64.
+// with a double or int64 compute type; the two sorts; run sums in fp32 and fp64.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -124,20 +128,6 @@ __global__ void __launch_bounds__(kThreads) scatter_kernel(const IndexArgs a) {
 }
 
 
-__global__ void __launch_bounds__(kThreads) stable_rank_kernel(const IndexAddRowsArgs a) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.n;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t v = a.index[i];
-    int64_t rank = 0;
-    for (int64_t j = 0; j < a.n; ++j) {
-      const int64_t w = a.index[j];
-      rank += (w < v) || (w == v && j < i);
-    }
-    a.perm[rank] = i;
-    a.sorted[rank] = v;
-  }
-}
-
 constexpr int kSortMax = 8192;
 constexpr int kSortThreads = 1024;
 
@@ -146,6 +136,26 @@ int bits_of(int64_t v) {
   int b = 0;
   while (v >> b) ++b;
   return b;
+}
+
+// The block's threads sort keys[0, m) ascending in shared memory, m a power of two.
+template <typename K>
+__device__ void block_bitonic_sort(K* keys, int m) {
+  for (int k = 2; k <= m; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < m; i += blockDim.x) {
+        const int l = i ^ j;
+        if (l > i) {
+          const K x = keys[i], y = keys[l];
+          if ((x > y) == ((i & k) == 0)) {
+            keys[i] = y;
+            keys[l] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
 }
 
 // One block: sort keys (row << shift | position) ascending, row = the index value
@@ -164,24 +174,64 @@ __global__ void __launch_bounds__(kSortThreads) bitonic_sort_rows_kernel(const I
     keys[i] = key;
   }
   __syncthreads();
-  for (int k = 2; k <= m; k <<= 1) {
-    for (int j = k >> 1; j > 0; j >>= 1) {
-      for (int i = threadIdx.x; i < m; i += kSortThreads) {
-        const int l = i ^ j;
-        if (l > i) {
-          const uint32_t x = keys[i], y = keys[l];
-          if ((x > y) == ((i & k) == 0)) {
-            keys[i] = y;
-            keys[l] = x;
-          }
-        }
-      }
-      __syncthreads();
-    }
-  }
+  block_bitonic_sort(keys, m);
   const uint32_t mask = (1u << shift) - 1u;
   for (int r = threadIdx.x; r < a.n; r += kSortThreads) {
     const int64_t i = keys[r] & mask;
+    a.perm[r] = i;
+    a.sorted[r] = a.index[i];
+  }
+}
+
+constexpr int kChunk = 4096;  // 64-bit keys per block of the large sort: 32 KiB of shared memory
+
+__device__ __forceinline__ uint64_t row_key(const IndexAddRowsArgs& a, int64_t i) {
+  const int64_t v = a.index[i];
+  const int64_t row = (v < 0 || v >= a.rows) ? a.rows : v;
+  return (static_cast<uint64_t>(row) << 32) | static_cast<uint64_t>(i);
+}
+
+// Block b sorts keys [b * kChunk, min(n, (b + 1) * kChunk)) ascending into out.
+__global__ void __launch_bounds__(kSortThreads) chunk_sort_kernel(const IndexAddRowsArgs a, uint64_t* out) {
+  __shared__ uint64_t keys[kChunk];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kChunk;
+  const int len = static_cast<int>(a.n - base < kChunk ? a.n - base : kChunk);
+  int m = 1;
+  while (m < len) m <<= 1;
+  for (int i = threadIdx.x; i < m; i += kSortThreads) keys[i] = i < len ? row_key(a, base + i) : ~uint64_t(0);
+  __syncthreads();
+  block_bitonic_sort(keys, m);
+  for (int i = threadIdx.x; i < len; i += kSortThreads) out[base + i] = keys[i];
+}
+
+// Merges sorted runs of `width` pairwise: a key's place in the merged run is its
+// index in its own run plus the number of keys below it in the partner run.
+__global__ void __launch_bounds__(kThreads) merge_runs_kernel(const uint64_t* in, uint64_t* out, int64_t n,
+                                                                int64_t width) {
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < n;
+       p += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t run = p / width, start = run * width;
+    const int64_t partner = (run ^ 1) * width;
+    const int64_t merged = (run & ~int64_t(1)) * width;
+    const uint64_t key = in[p];
+    int64_t lo = 0;
+    if (partner < n) {
+      int64_t hi = (partner + width < n ? partner + width : n) - partner;
+      while (lo < hi) {  // keys of the partner run below `key`
+        const int64_t mid = (lo + hi) >> 1;
+        if (in[partner + mid] < key) lo = mid + 1; else hi = mid;
+      }
+    }
+    out[merged + (p - start) + lo] = key;
+  }
+}
+
+// perm[r] = position of the r-th key, sorted[r] = its index value; `keys` is
+// perm or sorted itself (each thread reads its own slot before writing it).
+__global__ void __launch_bounds__(kThreads) unpack_keys_kernel(const IndexAddRowsArgs a, const uint64_t* keys) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; r < a.n;
+       r += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t i = static_cast<int64_t>(keys[r] & 0xFFFFFFFFull);
     a.perm[r] = i;
     a.sorted[r] = a.index[i];
   }
@@ -247,10 +297,22 @@ int index_add_rows_launch(const IndexAddRowsArgs& a, void* stream) {
   if (a.n == 0 || a.cols == 0) return cudaSuccess;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int shift = bits_of(a.n - 1);
-  if (a.n <= kSortMax && a.rows < INT32_MAX && bits_of(a.rows) + shift <= 31)
+  if (a.n <= kSortMax && a.rows < INT32_MAX && bits_of(a.rows) + shift <= 31) {
     bitonic_sort_rows_kernel<<<1, kSortThreads, 0, s>>>(a, shift);
-  else
-    stable_rank_kernel<<<grid_for(a.n), kThreads, 0, s>>>(a);
+  } else {
+    if (a.n > UINT32_MAX || a.rows >= UINT32_MAX) return cudaErrorInvalidValue;  // the frontend never asks
+    // perm and sorted, n int64 each, serve as the two key buffers of the merge passes.
+    uint64_t* from = reinterpret_cast<uint64_t*>(a.perm);
+    uint64_t* to = reinterpret_cast<uint64_t*>(a.sorted);
+    chunk_sort_kernel<<<static_cast<unsigned>((a.n + kChunk - 1) / kChunk), kSortThreads, 0, s>>>(a, from);
+    for (int64_t width = kChunk; width < a.n; width <<= 1) {
+      merge_runs_kernel<<<grid_for(a.n), kThreads, 0, s>>>(from, to, a.n, width);
+      uint64_t* t = from;
+      from = to;
+      to = t;
+    }
+    unpack_keys_kernel<<<grid_for(a.n), kThreads, 0, s>>>(a, from);
+  }
   if (a.dtype == kF64) run_sum_kernel<double><<<grid_for(a.n * a.cols), kThreads, 0, s>>>(a);
   else run_sum_kernel<float><<<grid_for(a.n * a.cols), kThreads, 0, s>>>(a);
   return cudaGetLastError();

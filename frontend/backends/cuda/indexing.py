@@ -75,7 +75,7 @@ def scatter_add(base, dim, index, src):
     return _finish_accumulator(out, base._dtype, stream)
 
 
-_DETERMINISTIC_ROWS_MAX = 65536  # the stable rank is O(n^2): beyond this, atomics
+_SORT_KEY_LIMIT = 1 << 32  # the sort packs (row, position) into 64-bit keys, 32 bits each
 
 
 @register("index_add", CUDA)
@@ -86,7 +86,8 @@ def index_add(base, dim, index, src):
     out = _accumulator(base, stream)
     err = _index_errors.record_pointer(dev.index)
     n = numel_of(index._shape)
-    if dim == 0 and out._dtype.is_floating_point and 0 < n <= _DETERMINISTIC_ROWS_MAX and base._shape:
+    if (dim == 0 and out._dtype.is_floating_point and base._shape and 0 < n < _SORT_KEY_LIMIT
+            and base._shape[0] < _SORT_KEY_LIMIT - 1):
         # embedding backward: a fixed summation order, the same bits every run
         idx = _contig(index if index._dtype is dt.int64 else _cast_new(index, dt.int64, stream), stream)
         s = _contig(src if src._dtype is out._dtype else _cast_new(src, out._dtype, stream), stream)
