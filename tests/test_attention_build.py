@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_build import MANIFEST, local_bytes, needs_build, sass_listings  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(MANIFEST), "..", "..", "kernels", "cute"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "cute"))
 import attention_fwd  # noqa: E402
 
 

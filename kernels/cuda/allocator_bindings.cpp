@@ -367,8 +367,10 @@ PyObject* s_free;
 bool collect_slots(PyTypeObject* type, std::vector<std::string>& names) {
   PyObject* mro = type->tp_mro;
   for (Py_ssize_t i = 0; mro != nullptr && i < PyTuple_GET_SIZE(mro); ++i) {
-    PyObject* cls = PyTuple_GET_ITEM(mro, i);
-    PyObject* slots = PyDict_GetItemString(reinterpret_cast<PyTypeObject*>(cls)->tp_dict, "__slots__");
+    PyTypeObject* cls = reinterpret_cast<PyTypeObject*>(PyTuple_GET_ITEM(mro, i));
+    // Static builtin types (object) declare no __slots__, and from Python 3.12 their tp_dict is NULL.
+    if (!(cls->tp_flags & Py_TPFLAGS_HEAPTYPE) || cls->tp_dict == nullptr) continue;
+    PyObject* slots = PyDict_GetItemString(cls->tp_dict, "__slots__");
     if (slots == nullptr) continue;
     PyObject* seq = PyUnicode_Check(slots) ? PyTuple_Pack(1, slots) : PySequence_Tuple(slots);
     if (seq == nullptr) return false;
