@@ -77,10 +77,10 @@ stage_tests() {
 }
 
 stage_bench() {
-    run bench-attention 120 python3 -m bench.attention
-    run bench-norms 90 python3 -m bench.norms
-    run bench-gemm 170 python3 -m bench.gemm
-    run bench-overhead 90 python3 -m bench.overhead --device cuda
+    run bench-attention 100 python3 -m bench.attention
+    run bench-norms 70 python3 -m bench.norms
+    run bench-gemm 140 python3 -m bench.gemm
+    run bench-overhead 70 python3 -m bench.overhead --device cuda
 }
 
 stage_train_minigpt() {
@@ -92,7 +92,7 @@ stage_train_vit() {
 }
 
 stage_e2e() {
-    run bench-e2e 560 python3 -m bench.e2e --budget-s "${E2E_BUDGET_S:-420}"
+    run bench-e2e "${E2E_TIMEOUT_S:-560}" python3 -m bench.e2e --budget-s "${E2E_BUDGET_S:-420}"
 }
 
 environment
