@@ -53,17 +53,21 @@ def _accumulator(base, stream):
     return _cast_new(base, acc_dtype, stream)
 
 
+def _accumulation(base, index):
+    """(device, stream, index on the device, accumulator, index-error record) of an accumulating scatter."""
+    dev = base._storage.device
+    stream = _stream(dev.index)
+    return (dev, stream, _on(dev, index, stream), _accumulator(base, stream),
+            _index_errors.record_pointer(dev.index))
+
+
 def _finish_accumulator(acc, dtype, stream):
     return acc if acc._dtype is dtype else _cast_new(acc, dtype, stream)
 
 
 @register("scatter_add", CUDA)
 def scatter_add(base, dim, index, src):
-    dev = base._storage.device
-    stream = _stream(dev.index)
-    index = _on(dev, index, stream)
-    out = _accumulator(base, stream)
-    err = _index_errors.record_pointer(dev.index)
+    dev, stream, index, out, err = _accumulation(base, index)
     if index._shape:
         _lib().scatter(index._shape, dim, out._shape[dim], _ptr(index), index._dtype.index, index._strides,
                        _ptr(src), src._dtype.index, src._strides[:len(index._shape)], None, _ptr(out),
@@ -80,11 +84,7 @@ _SORT_KEY_LIMIT = 1 << 32  # the sort packs (row, position) into 64-bit keys, 32
 
 @register("index_add", CUDA)
 def index_add(base, dim, index, src):
-    dev = base._storage.device
-    stream = _stream(dev.index)
-    index = _on(dev, index, stream)
-    out = _accumulator(base, stream)
-    err = _index_errors.record_pointer(dev.index)
+    dev, stream, index, out, err = _accumulation(base, index)
     n = numel_of(index._shape)
     if (dim == 0 and out._dtype.is_floating_point and base._shape and 0 < n < _SORT_KEY_LIMIT
             and base._shape[0] < _SORT_KEY_LIMIT - 1):
