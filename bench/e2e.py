@@ -386,6 +386,11 @@ def torch_session(torch, weights, preset, batches, execution, precision, device=
         with amp():
             return torch_loss(model, x, y)
 
+    if execution == "compile":
+        # Each workload compiles as it would in a fresh process: forward_loss is one code object for
+        # every workload, so without a reset dynamo would recompile the later ones with dynamic shapes
+        # (automatic_dynamic_shapes), which is what failed for vit.
+        torch._dynamo.reset()
     loss_fn = torch.compile(forward_loss) if execution == "compile" else forward_loss
 
     def step_fn(x, y):
