@@ -71,7 +71,7 @@ stage_sanitize() {
 }
 
 stage_tests() {
-    run pytest-gpu 300 python3 -m pytest -m gpu -q -n 6 --timeout 240 -rfE tests
+    run pytest-gpu 250 python3 -m pytest -m gpu -q -n 8 --timeout 200 -rfE tests
     # failures again, alone: a test that passes here only failed under the parallel load
     run pytest-gpu-rerun 90 python3 -m pytest -m gpu -q --lf --lfnf none --timeout 90 -rfE tests
 }
