@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session's runs (issue 14): tests, sanitizers, benchmarks, training, in few device calls.
 #
-#   bash bench/h200_session.sh STAGE...      STAGE: tests | sanitize | bench | train_minigpt | train_vit | e2e
+#   bash bench/h200_session.sh STAGE...      STAGE: tests | isolate | sanitize | bench | train_minigpt | train_vit | e2e
 #
 # Correctness stages may run side by side (`sanitize &` beside `tests`); timed ones (bench, e2e) alone.
 #
@@ -74,6 +74,23 @@ stage_tests() {
     run pytest-gpu 250 python3 -m pytest -m gpu -q -n 8 --timeout 200 -rfE tests
     # failures again, alone: a test that passes here only failed under the parallel load
     run pytest-gpu-rerun 90 python3 -m pytest -m gpu -q --lf --lfnf none --timeout 90 -rfE tests
+}
+
+stage_isolate() {
+    # Each GPU test file in its own process, launches synchronous and stopping at its first failure:
+    # a kernel that faults kills its process's CUDA context, so in one shared process (or one xdist
+    # worker) every later test fails too; here each file names its own first faulting test.
+    log "isolate: every GPU test file alone, CUDA_LAUNCH_BLOCKING=1, -x"
+    mkdir -p "$OUT/isolate"
+    grep -l "mark.gpu" tests/test_*.py | xargs -P 12 -I{} sh -c \
+        'CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 -m pytest -x -q -p no:cacheprovider -m gpu {} \
+            > "$0/isolate/$(basename {} .py).log" 2>&1' "$OUT"
+    for f in "$OUT"/isolate/*.log; do
+        echo "$(basename "$f" .log): $(tail -n 1 "$f" | cut -c1-160)"
+        grep -m 3 -E "^(FAILED|ERROR)|^E  " "$f" | cut -c1-300 | sed 's/^/    /'
+    done > "$OUT/isolate.txt"
+    tar czf "$OUT/isolate.tgz" -C "$OUT" isolate && rm -r "$OUT/isolate"
+    log "isolate: done ($(grep -c 'failed\|error' "$OUT/isolate.txt") files with a failure)"
 }
 
 stage_bench() {
