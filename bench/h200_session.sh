@@ -82,9 +82,9 @@ stage_isolate() {
     # worker) every later test fails too; here each file names its own first faulting test.
     log "isolate: every GPU test file alone, CUDA_LAUNCH_BLOCKING=1, -x"
     mkdir -p "$OUT/isolate"
-    grep -l "mark.gpu" tests/test_*.py | xargs -P 12 -I{} sh -c \
-        'CUDA_LAUNCH_BLOCKING=1 timeout 150 python3 -m pytest -x -q -p no:cacheprovider -m gpu {} \
-            > "$0/isolate/$(basename {} .py).log" 2>&1' "$OUT"
+    grep -l "mark.gpu" tests/test_*.py | xargs -P "${ISOLATE_JOBS:-12}" -I{} sh -c \
+        'CUDA_LAUNCH_BLOCKING=1 timeout "$1" python3 -m pytest -x -q -p no:cacheprovider -m gpu {} \
+            > "$0/isolate/$(basename {} .py).log" 2>&1' "$OUT" "${ISOLATE_TIMEOUT_S:-150}"
     for f in "$OUT"/isolate/*.log; do
         echo "$(basename "$f" .log): $(tail -n 1 "$f" | cut -c1-160)"
         grep -m 3 -E "^(FAILED|ERROR)|^E  " "$f" | cut -c1-300 | sed 's/^/    /'
