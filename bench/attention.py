@@ -113,8 +113,8 @@ def main():
 
             tq, tk, tv = (torch.tensor(a, device="cuda", dtype=torch.bfloat16, requires_grad=grad) for a in host)
             ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-            got = F.scaled_dot_product_attention(q, k, v, is_causal=causal).to(cg.float32).cpu().numpy()
-            err = float(np.abs(got - ref.float().cpu().numpy()).max())
+            got = F.scaled_dot_product_attention(q, k, v, is_causal=causal).detach().to(cg.float32).cpu().numpy()
+            err = float(np.abs(got - ref.detach().float().cpu().numpy()).max())
             if not err < 5e-2:
                 raise SystemExit(f"{label}: cutegrad result wrong (max abs error {err:.3e} vs torch)")
             flops = attention_flops(B, H, S, D, causal, passes)
