@@ -31,7 +31,7 @@
 // launches with the run sums.  Larger n: 64-bit keys, blocks bitonic-sort
 // chunks of 4096, then log2(chunks) merge passes in which every key finds its
 // place by a binary search in its partner run (no ties: keys are unique), then
-// one pass unpacks the permutation: O(n log n) work in 3 + log2(n / 4096)
+// one pass unpacks the permutation: O(n log n) work in 2 + ceil(log2(n / 4096))
 // launches plus the run sums.  Out-of-range indices sort as one past the last
 // row and are reported by the run sums.
 //
@@ -158,6 +158,12 @@ __device__ void block_bitonic_sort(K* keys, int m) {
   }
 }
 
+// The row an index sorts under: its value, or one past the last row when out of range.
+__device__ __forceinline__ int64_t sort_row(const IndexAddRowsArgs& a, int64_t i) {
+  const int64_t v = a.index[i];
+  return (v < 0 || v >= a.rows) ? a.rows : v;
+}
+
 // One block: sort keys (row << shift | position) ascending, row = the index value
 // (rows for an out-of-range one), so equal rows keep their positions' order.
 __global__ void __launch_bounds__(kSortThreads) bitonic_sort_rows_kernel(const IndexAddRowsArgs a, int shift) {
@@ -166,11 +172,7 @@ __global__ void __launch_bounds__(kSortThreads) bitonic_sort_rows_kernel(const I
   while (m < a.n) m <<= 1;
   for (int i = threadIdx.x; i < m; i += kSortThreads) {
     uint32_t key = 0xFFFFFFFFu;  // padding sorts after every real key (those fit in 31 bits)
-    if (i < a.n) {
-      const int64_t v = a.index[i];
-      const int64_t row = (v < 0 || v >= a.rows) ? a.rows : v;
-      key = (static_cast<uint32_t>(row) << shift) | static_cast<uint32_t>(i);
-    }
+    if (i < a.n) key = (static_cast<uint32_t>(sort_row(a, i)) << shift) | static_cast<uint32_t>(i);
     keys[i] = key;
   }
   __syncthreads();
@@ -186,9 +188,7 @@ __global__ void __launch_bounds__(kSortThreads) bitonic_sort_rows_kernel(const I
 constexpr int kChunk = 4096;  // 64-bit keys per block of the large sort: 32 KiB of shared memory
 
 __device__ __forceinline__ uint64_t row_key(const IndexAddRowsArgs& a, int64_t i) {
-  const int64_t v = a.index[i];
-  const int64_t row = (v < 0 || v >= a.rows) ? a.rows : v;
-  return (static_cast<uint64_t>(row) << 32) | static_cast<uint64_t>(i);
+  return (static_cast<uint64_t>(sort_row(a, i)) << 32) | static_cast<uint64_t>(i);
 }
 
 // Block b sorts keys [b * kChunk, min(n, (b + 1) * kChunk)) ascending into out.
