@@ -42,26 +42,19 @@ def _gpu_step_activities(preset):
 
     from bench.launches import _inputs
     from cutegrad.models import build_model
-    from cutegrad.train import build_optimizer, loss_fn
+    from cutegrad.train import build_optimizer, make_step
 
     cg.manual_seed(0)
     model = build_model(preset.model).to("cuda")
     opt = build_optimizer(model, preset.optimizer)
     inputs, targets = _inputs(cg, preset)
-    clip = preset.clip_grad_norm or 1.0
+    # the step bench.launches records: clipping always on (max norm 1.0 or the preset's)
+    step = make_step(model, opt, preset.clip_grad_norm or 1.0, cg.autocast("cuda", dtype=cg.bfloat16))
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with cg.autocast("cuda", dtype=cg.bfloat16):
-            loss = loss_fn(model, inputs, targets)
-        loss.backward()
-        opt.clip_grad_norm_(clip)
-        opt.step()
-
-    step()
+    step(inputs, targets)
     cg.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
+        step(inputs, targets)
         cg.cuda.synchronize()
     torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:  # the chrome trace's categories, as bench/e2e.py reads them
