@@ -10,7 +10,7 @@ import re
 import pytest
 
 from cutegrad import dtypes as dt
-from test_build import MANIFEST, ROOT, local_bytes, needs_build, sass_listings
+from test_build import MANIFEST, ROOT, local_bytes, needs_build, sass_listings, unelected_tx_arrivals
 
 
 def _load(rel, name):
@@ -63,6 +63,7 @@ def test_every_sm90_attention_backward_kernel_uses_tensor_cores_tma_and_no_local
         assert not re.search(r"\b(STL|LDL)\b", listing), f"{name}: local memory traffic (spills)"
         usage = local_bytes(listing)
         assert usage and max(usage) == 0, f"{name}: local memory {usage}"
+        assert not unelected_tx_arrivals(listing), f"{name}: {unelected_tx_arrivals(listing)}"
 
 
 # --- _C.attention_backward's argument checks (all before any CUDA call) -----------------------------

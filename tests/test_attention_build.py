@@ -1,6 +1,7 @@
 """The built attention forward kernels, read without a GPU: every sm_90a
 specialization is in the build and its SASS has the tensor-core MMA (HGMMA), the
-TMA loads (UTMALDG), the exp2 of the softmax (MUFU.EX2) and no local memory."""
+TMA loads (UTMALDG), the exp2 of the softmax (MUFU.EX2), no local memory, and
+every TMA barrier arrival made by one elected thread."""
 import json
 import os
 import re
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_build import MANIFEST, local_bytes, needs_build, sass_listings  # noqa: E402
+from test_build import MANIFEST, local_bytes, needs_build, sass_listings, unelected_tx_arrivals  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "cute"))
 import attention_fwd  # noqa: E402
@@ -46,6 +47,7 @@ def test_attention_forward_sass(spec):
     assert not re.search(r"\b(STL|LDL)\b", listing), "local memory spills"
     usage = local_bytes(listing)
     assert usage and max(usage) == 0, f"local memory {usage}"
+    assert not unelected_tx_arrivals(listing), unelected_tx_arrivals(listing)
 
 
 _CACHE = {}

@@ -315,7 +315,10 @@ def build_kernel(spec: AttentionFwdSpec):
                         if valid_h:
                             bar = storage.short_barriers.data_ptr() + h
                             hk_h = hq_h // group
-                            cute.arch.mbarrier_arrive_and_expect_tx(bar, q_tx_bytes // 2 + kv_tx_bytes)
+                            # one arrival (the barrier counts 1): the whole warp arriving overflows it,
+                            # a fault on the device; the TMA copies below are issued once per warp anyway
+                            with cute.arch.elect_one():
+                                cute.arch.mbarrier_arrive_and_expect_tx(bar, q_tx_bytes // 2 + kv_tx_bytes)
                             cute.copy(tma_q, tQgQ[(None, mt_h, 0, hq_h, b_h)], tQsQ[(None, h)], tma_bar_ptr=bar)
                             cute.copy(tma_k, tKgK[(None, 0, 0, hk_h, b_h)], tKsK[(None, h)], tma_bar_ptr=bar)
                             cute.copy(tma_v, tVgV[(None, 0, 0, hk_h, b_h)], tVsV[(None, h)], tma_bar_ptr=bar)
