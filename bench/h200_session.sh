@@ -18,7 +18,9 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 ROOT=$PWD
 
-cp .carry/_C.cpython-312-x86_64-linux-gnu.so frontend/
+# (copied only when it differs: stages run side by side, and rewriting a loaded library crashes its users)
+cmp -s .carry/_C.cpython-312-x86_64-linux-gnu.so frontend/_C.cpython-312-x86_64-linux-gnu.so ||
+    cp .carry/_C.cpython-312-x86_64-linux-gnu.so frontend/
 ln -sfn ../allocator frontend/allocator
 ln -sfn ../graphs frontend/graphs
 mkdir -p /tmp/site /tmp/bin
