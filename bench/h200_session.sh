@@ -113,8 +113,8 @@ stage_train_vit() {
 stage_e2e() {
     # One process per workload: a kernel fault kills its process's CUDA context, and so would
     # every later workload's numbers with it.  The first writes the results file afresh, the
-    # others merge into it (each keeps its own command and date).
-    local merge=""
+    # others merge into it (each keeps its own command and date); E2E_MERGE=1 merges from the first.
+    local merge=${E2E_MERGE:+--merge}
     for w in ${E2E_WORKLOADS:-reverse vit minigpt gpt2-small}; do
         run "bench-e2e-$w" "${E2E_TIMEOUT_S:-150}" python3 -m bench.e2e --workloads "$w" $merge \
             --budget-s "${E2E_BUDGET_S:-110}"
