@@ -181,11 +181,12 @@ def reference(a, b, epilogue, d_old=None, bias=None, aux=None, out_dtype="fp32")
 
 
 def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major, epilogue="none",
-             accumulate=False, align=8, path="auto", tile_n=0, split_k=0, return_output=False):
+             accumulate=False, align=8, aux_align=None, path="auto", tile_n=0, split_k=0, return_output=False):
     """Run one GEMM on fresh random data; returns (kernel name, max relative error) and, with
-    return_output, D as well.
+    return_output, D and the stored pre-activation (None unless bias_gelu_aux) as well.
     D is poisoned with NaN (or holds the accumulate input) and its row padding
-    with a sentinel that must survive; so is aux when the epilogue writes it."""
+    with a sentinel that must survive; so is aux when the epilogue writes it.
+    aux_align: aux's leading-dimension rounding (default: align)."""
     a_val = quantize(rng.standard_normal((batch, m, k)), dtype)
     b_val = quantize(rng.standard_normal((batch, k, n)), dtype)
     a_strides, a_size = layout(batch, m, k, "cols" if a_major == "k" else "rows", align)
@@ -209,7 +210,7 @@ def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major,
         aux_strides, aux_size = layout(batch, m, n, "cols", align)
         paux = dev.upload(scatter(aux_val, aux_strides, aux_size, out_dtype, 0.0))
     elif epilogue == "bias_gelu_aux":
-        aux_strides, aux_size = layout(batch, m, n + 3, "cols", align)
+        aux_strides, aux_size = layout(batch, m, n + 3, "cols", align if aux_align is None else aux_align)
         aux_full = np.full((batch, m, n + 3), sentinel)
         aux_full[:, :, :n] = np.nan
         aux_host = scatter(aux_full, aux_strides, aux_size, out_dtype, sentinel)
@@ -234,7 +235,9 @@ def run_gemm(dev, C, rng, *, batch, m, n, k, dtype, out_dtype, a_major, b_major,
         assert not np.isnan(aux_out[:, :, :n]).any(), f"{name} left NaN in the stored pre-activation"
         pscale = max(np.abs(preact).max(initial=0.0), 1e-6)
         err = max(err, float(np.abs(aux_out[:, :, :n] - preact).max(initial=0.0) / pscale))
-    return (name, err, out) if return_output else (name, err)
+    if return_output:
+        return name, err, out, None if aux_out is None else aux_out[:, :, :n]
+    return name, err
 
 
 # ---- tests ---------------------------------------------------------------------
@@ -373,13 +376,86 @@ def test_split_k_hybrid_is_right_and_deterministic(C, dev, shape, layout, epilog
         pytest.skip(f"no hybrid for {shape} on {sms} SMs: plan {plan}")
     outs = []
     for _ in range(2):  # the same data twice: the fixed slice order gives the same bits
-        name, err, out = run_gemm(dev, C, np.random.default_rng(11), batch=1, m=m, n=n, k=k, dtype="bf16",
+        name, err, out, _ = run_gemm(dev, C, np.random.default_rng(11), batch=1, m=m, n=n, k=k, dtype="bf16",
                                   out_dtype="bf16", a_major=layout[0], b_major=layout[1], epilogue=epilogue,
                                   accumulate=accumulate, return_output=True)
         assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
         outs.append(out)
     assert name.count("gemm_sm_90a") == 2 and f"+splitk{plan[2]}:" in name, (name, plan)
     assert np.array_equal(outs[0], outs[1]), f"{name}: two runs differ"
+
+
+AUX_SPECS = [s for s in SPECS if s.epilogue == "bias_gelu_aux"]
+# Odd M (a partial M tile), N a partial tile of 128 and of 256, K a partial K block; and a batch.
+AUX_SHAPES = [(1, 201, 328, 136), (3, 129, 136, 72)]
+# Bits of precision of each output dtype (the rounding of D is at most half an ulp: 2^-bits relative).
+MANTISSA_BITS = {"bf16": 8, "fp16": 11, "fp32": 24}
+
+
+@pytest.mark.parametrize("spec", AUX_SPECS, ids=[s.name for s in AUX_SPECS])
+@pytest.mark.parametrize("shape", AUX_SHAPES, ids=["x".join(map(str, s)) for s in AUX_SHAPES])
+@pytest.mark.gpu
+@needs_gpu
+def test_stored_preactivation_is_the_bias_epilogue_output_bit_for_bit(C, dev, spec, shape):
+    """bias_gelu_aux's aux (TMA-stored through shared memory) is exactly what the bias epilogue of
+    the same tile writes to D from the same data (the same mainloop, + bias, one rounding), and
+    D is GELU of that rounded value.  Outputs start as NaN with a sentinel in the row padding."""
+    if _sm(dev) != int(spec.arch[3:5]):
+        pytest.skip(f"{spec.arch} kernel on a different GPU")
+    batch, m, n, k = shape
+    outputs = {}
+    for epilogue in ("bias", "bias_gelu_aux"):
+        rng = np.random.default_rng(zlib.crc32(f"{spec.name}{shape}".encode()))  # the same data for both
+        name, err, out, aux = run_gemm(dev, C, rng, batch=batch, m=m, n=n, k=k, dtype=spec.ab_dtype,
+                                       out_dtype=spec.out_dtype, a_major="k", b_major="k", epilogue=epilogue,
+                                       path="tensor_core", tile_n=spec.tile_n, split_k=1, return_output=True)
+        assert name == spec.name.replace("bias_gelu_aux", epilogue)
+        assert err < TOLERANCE[spec.ab_dtype], f"{name}: relative error {err:.2e}"
+        outputs[epilogue] = out, aux
+    z = outputs["bias_gelu_aux"][1]
+    assert np.array_equal(z, outputs["bias"][0]), f"{spec.name}: aux differs from the bias epilogue's D"
+    gelu = 0.5 * z * (1.0 + np.tanh(GELU_K0 * (z + GELU_K1 * z**3)))
+    # D rounds GELU(z) once (half an ulp) after a tanh.approx (absolute error < 2^-10.9) scaled by z / 2.
+    bound = 2.0 ** -MANTISSA_BITS[spec.out_dtype] * np.abs(gelu) + 2.0 ** -11 * np.abs(z) + 1e-30
+    assert (np.abs(outputs["bias_gelu_aux"][0] - gelu) <= bound).all(), f"{spec.name}: D is not GELU(aux)"
+
+
+# Odd M and odd N: D's rows are not 16-byte multiples, so TMA cannot store them (SIMT fallback);
+# odd M with N a partial tile of 8-aligned rows takes the tensor-core kernel on sm_90.
+AUX_AUTO_SHAPES = [(1, 201, 199, 136), (1, 201, 328, 136), (2, 77, 45, 33)]
+
+
+@pytest.mark.parametrize("shape", AUX_AUTO_SHAPES, ids=["x".join(map(str, s)) for s in AUX_AUTO_SHAPES])
+@pytest.mark.parametrize("dtype,out_dtype", [("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")])
+@pytest.mark.gpu
+@needs_gpu
+def test_bias_gelu_aux_odd_shapes_auto_path(C, dev, shape, dtype, out_dtype):
+    batch, m, n, k = shape
+    rng = np.random.default_rng(m * 3 + n * 5 + k)
+    name, err = run_gemm(dev, C, rng, batch=batch, m=m, n=n, k=k, dtype=dtype, out_dtype=out_dtype, a_major="k",
+                         b_major="k", epilogue="bias_gelu_aux", split_k=1)
+    if n % 8 == 0 and _sm(dev) == 90:
+        assert name.startswith("gemm_sm_90a_") and name.endswith("_bias_gelu_aux"), name
+    else:
+        assert name == "simt", name
+    assert err < TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_bias_gelu_aux_needs_16_byte_aux_strides_for_tma(C, dev):
+    """aux is TMA-stored: a row stride that is not a 16-byte multiple is refused on the forced
+    tensor-core path (a clear error before launch) and runs the SIMT kernel on the auto path."""
+    if _sm(dev) != 90:
+        pytest.skip("tensor-core GEMM needs sm_90")
+    shape = dict(batch=1, m=136, n=136, k=136, dtype="bf16", out_dtype="bf16", a_major="k", b_major="k",
+                 epilogue="bias_gelu_aux", aux_align=1, split_k=1)  # aux row stride 139 elements
+    with pytest.raises(ValueError, match="aux row and batch strides must be multiples of 16 bytes"):
+        run_gemm(dev, C, np.random.default_rng(0), path="tensor_core", **shape)
+    dev.free_all()
+    name, err = run_gemm(dev, C, np.random.default_rng(0), **shape)
+    assert name == "simt", name
+    assert err < TOLERANCE["bf16"], f"{name}: relative error {err:.2e}"
 
 
 NARROW_CASES = [(1, 1000, 10, 256, "none"), (1, 4096, 36, 128, "bias"), (2, 300, 64, 72, "bias"), (1, 129, 17, 40, "none")]
@@ -456,6 +532,9 @@ def test_bad_shapes_and_options_raise(C):
             _call(C, epilogue=epilogue, bias=P, aux=P)
     with pytest.raises(ValueError, match="aux rows overlap"):
         _call(C, epilogue="bias_gelu_aux", bias=P, aux=P, aux_strides=(3072, 40, 1))
+    batched = dict(a_shape=(2, 64, 32), b_shape=(2, 32, 48), d_shape=(2, 64, 48))
+    with pytest.raises(ValueError, match="aux batch stride is 0 with batch > 1"):
+        _call(C, epilogue="bias_gelu_aux", bias=P, aux=P, aux_strides=(0, 48, 1), **batched)
 
 
 def test_integer_codes_are_validated_by_the_native_entry(C):

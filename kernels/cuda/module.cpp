@@ -217,7 +217,7 @@ const std::array<const GemmKernelEntry*, kTableSize>& kernel_table() {
 // of "no specialization" formatted only when an error needs them.
 enum class NoTensorCore {
   none, fp32_inputs, arch, alignment, bias_alignment, aux_alignment, extents, row_strides, batch_strides,
-  no_specialization, too_small
+  aux_strides, no_specialization, too_small
 };
 
 const char* reason_text(NoTensorCore r) {
@@ -231,6 +231,7 @@ const char* reason_text(NoTensorCore r) {
     case NoTensorCore::extents: return "contiguous extents must be multiples of 16 bytes";
     case NoTensorCore::row_strides: return "row strides must be multiples of 16 bytes";
     case NoTensorCore::batch_strides: return "batch strides must be non-zero multiples of 16 bytes";
+    case NoTensorCore::aux_strides: return "aux row and batch strides must be multiples of 16 bytes (bias_gelu_aux stores aux by TMA)";
     case NoTensorCore::no_specialization: return "no specialization";
     case NoTensorCore::too_small: return "too small";
   }
@@ -345,6 +346,11 @@ Choice choose_kernel(const GemmArgs& g, char a_major, char b_major, int tile_n, 
   if (g.batch > 1 && (!divisible(g.a_sl, vin) || !divisible(g.b_sl, vin) || (d_by_tma && !divisible(g.d_sl, vout)) ||
                       g.a_sl == 0 || g.b_sl == 0))
     return no(NoTensorCore::batch_strides);
+  // bias_gelu_aux writes aux through a TMA store descriptor of its own, like D (its N is D's,
+  // checked above; it has no narrow-tile specialization).
+  if (g.epilogue == Epilogue::bias_gelu_aux &&
+      (!divisible(g.aux_sm, vout) || (g.batch > 1 && !divisible(g.aux_sl, vout))))
+    return no(NoTensorCore::aux_strides);
   c.kernel = kernel_table()[table_index(0, g.in_dtype, g.out_dtype, a_major, b_major, tile_n, g.epilogue, g.accumulate)];
   if (!c.kernel) c.why_not = NoTensorCore::no_specialization;
   return c;
@@ -506,6 +512,8 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
     if (aux_sn != 1 && g.n > 1) fail("aux must have unit stride along N (strides " + triple_str(*aux_strides) + ")");
     if (g.epilogue == Epilogue::bias_gelu_aux && g.aux_sm < g.n && g.m > 1)
       fail("aux rows overlap: row stride " + std::to_string(g.aux_sm) + " < N = " + std::to_string(g.n));
+    if (g.epilogue == Epilogue::bias_gelu_aux && g.batch > 1 && g.aux_sl == 0)
+      fail("aux batch stride is 0 with batch > 1: the stored pre-activations would overlap");
   }
   g.a = reinterpret_cast<const void*>(a);
   g.b = reinterpret_cast<const void*>(b);
