@@ -117,6 +117,29 @@ def test_narrow_gemm_tiles_store_d_without_tma():
 
 
 @needs_build
+def test_bias_gelu_aux_stores_the_preactivation_by_tma_like_d():
+    """bias_gelu_aux writes aux the way it writes D: staged through shared memory and TMA-stored
+    with a descriptor of its own.  Against the bias object of the same dtypes and tile (the same
+    slices of D): twice its TMA stores, one more descriptor prefetch, and no store from
+    registers to global memory left (aux was written with predicated 2-byte stores before)."""
+    manifest = json.load(open(MANIFEST))
+    by_name = {os.path.basename(o)[: -len(".o")]: o for o in manifest["objects"]}
+    aux_names = sorted(n for n in by_name if n.startswith("gemm_sm_90a_") and n.endswith("_bias_gelu_aux"))
+    assert len(aux_names) == 7, aux_names
+    pairs = [(n, n[: -len("_gelu_aux")]) for n in aux_names]
+    listings = dict(sass_listings([by_name[n] for pair in pairs for n in pair]))
+    for aux_name, bias_name in pairs:
+        aux, bias = listings[aux_name + ".o"], listings[bias_name + ".o"]
+        assert "HGMMA" in aux, aux_name
+        stores = aux.count("UTMASTG")
+        assert stores > 0 and stores == 2 * bias.count("UTMASTG"), (aux_name, stores, bias.count("UTMASTG"))
+        assert aux.count("UTMACCTL.PF") == bias.count("UTMACCTL.PF") + 1, aux_name
+        assert not re.search(r"\bSTG\.", aux), f"{aux_name}: global stores from registers remain"
+        assert local_bytes(aux) == [0], f"{aux_name}: local memory {local_bytes(aux)}"
+        assert not unelected_tx_arrivals(aux), f"{aux_name}: {unelected_tx_arrivals(aux)}"
+
+
+@needs_build
 def test_tf32_gemm_specializations_issue_tf32_wgmma():
     """fp32 operands at the "high" precision: every tf32 specialization's tensor-core instructions
     are HGMMA ... F32.TF32 with K = 8 (no bf16/fp16 HGMMA, no FFMA mainloop in their place)."""

@@ -534,7 +534,9 @@ def test_bad_shapes_and_options_raise(C):
         _call(C, epilogue="bias_gelu_aux", bias=P, aux=P, aux_strides=(3072, 40, 1))
     batched = dict(a_shape=(2, 64, 32), b_shape=(2, 32, 48), d_shape=(2, 64, 48))
     with pytest.raises(ValueError, match="aux batch stride is 0 with batch > 1"):
-        _call(C, epilogue="bias_gelu_aux", bias=P, aux=P, aux_strides=(0, 48, 1), **batched)
+        _call(C, epilogue="bias_gelu_aux", bias=P, aux=P + 4096, aux_strides=(0, 48, 1), **batched)
+    with pytest.raises(ValueError, match="aux and D are the same memory"):
+        _call(C, epilogue="bias_gelu_aux", bias=P, aux=P, aux_strides=(3072, 48, 1))
 
 
 def test_integer_codes_are_validated_by_the_native_entry(C):

@@ -514,6 +514,8 @@ std::string gemm(uintptr_t a, Triple a_shape, Triple a_strides, uintptr_t b, Tri
       fail("aux rows overlap: row stride " + std::to_string(g.aux_sm) + " < N = " + std::to_string(g.n));
     if (g.epilogue == Epilogue::bias_gelu_aux && g.batch > 1 && g.aux_sl == 0)
       fail("aux batch stride is 0 with batch > 1: the stored pre-activations would overlap");
+    // Two asynchronous TMA stores to the same address have no defined order.
+    if (g.epilogue == Epilogue::bias_gelu_aux && aux == d) fail("aux and D are the same memory: bias_gelu_aux writes both");
   }
   g.a = reinterpret_cast<const void*>(a);
   g.b = reinterpret_cast<const void*>(b);

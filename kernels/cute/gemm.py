@@ -30,11 +30,18 @@ Design
   in L2.  The batch index is the slowest coordinate.
 * Epilogue: the fp32 accumulator is transformed in registers (optional + D
   read back for beta=1, + bias[n], GELU(tanh), GELU-backward that
-  multiplies by gelu'(pre-activation[m, n]), + residual[m, n] last; or
-  bias_gelu_aux, which also stores the rounded pre-activation to aux with
-  predicated per-element stores for the backward), converted to the output dtype,
-  staged through swizzled shared memory in 32-column slices and written with
-  TMA stores (which clip partial tiles, so M and N need no padding).
+  multiplies by gelu'(pre-activation[m, n]), + residual[m, n] last), converted
+  to the output dtype, staged through swizzled shared memory in 32-column
+  slices and written with TMA stores (which clip partial tiles, so M and N
+  need no padding).  A ring of epi_stages slice buffers with one TMA commit
+  group per buffer lets the stores of the last buffers run while the next
+  slice is staged.
+  bias_gelu_aux has a second output, stored the same way: the registers keep
+  A @ B + bias; per slice the pre-activation rounded to the output dtype is
+  staged and TMA-stored to aux (a store descriptor of its own), then GELU of
+  that rounded value (what the backward reads back from aux) is staged and
+  stored to D.  Both take buffers of the same ring, one after the other, so
+  aux costs no mainloop stage (see Shared memory).
   Narrow tiles (128x16/32/64, for classifier heads with N = 10 or 36) skip
   the shared-memory staging and write D from registers with predicated
   per-element stores, because rows of 10 or 36 half-precision values are not
@@ -44,6 +51,17 @@ Design
 * TMA zero-fills out-of-bounds loads, so a K that is not a multiple of 64
   needs no special case.
 
+Shared memory
+-------------
+SMEM_BYTES (232448, the sm_90 opt-in maximum) less 1024 bytes (mbarriers,
+alignment) holds the epilogue ring, 128x32 slices: 4 x 8 KiB for 16-bit
+outputs, 2 x 16 KiB for fp32, 32 KiB either way; the mainloop stages fill the
+rest: ab_stages = 4 for 128x256 tiles (48 KiB a stage), 6 for 128x128 (32 KiB),
+for 16-bit and TF32 operands alike, with 2 KiB to spare in every case.  A
+separate ring for aux would have cost a stage (4 -> 3, 6 -> 5), so
+bias_gelu_aux shares D's ring: its epilogue issues twice the TMA stores of
+bias_gelu through the same buffers and has the same ab_stages.
+
 Constraints (checked in C++ before launch, otherwise the SIMT fallback runs)
 ----------------------------------------------------------------------------
 * every non-unit stride and every base pointer 16-byte aligned; the
@@ -51,6 +69,8 @@ Constraints (checked in C++ before launch, otherwise the SIMT fallback runs)
 * every contiguous extent (K or M of A, K or N of B, N of D; N of D not for
   the narrow tiles) a multiple of 16 bytes: on an H100, D with N = 127 inside a padded buffer had its padding
   columns overwritten, so such shapes take the fallback;
+* bias_gelu_aux: aux (TMA-stored like D) has a 16-byte aligned base, row
+  stride and batch stride (its extents are D's);
 * operand dtypes equal (bf16 or fp16); output dtype = input dtype or fp32;
   bias and pre-activation tensors have the output dtype;
 * tf32 specializations: fp32 operands in memory, both K-major (PTX allows
@@ -263,6 +283,12 @@ def build_kernel(spec: GemmSpec):
     ab_stages = (SMEM_BYTES - 1024 - epi_bytes) // ab_stage_bytes
     gelu_k0 = math.sqrt(2.0 / math.pi)
     gelu_k1 = 0.044715
+    assert not (store_preact and direct_store), "the narrow tiles have no pre-activation store"
+
+    def gelu(v):
+        # tanh GELU of one fp32 value, traced inline where the kernel calls it.
+        inner = gelu_k0 * (v + gelu_k1 * v * v * v)
+        return 0.5 * v * (1.0 + cute.math.tanh(inner, fastmath=True))
 
     a_layout_enum = utils.LayoutEnum.ROW_MAJOR if spec.a_major == "k" else utils.LayoutEnum.COL_MAJOR
     b_layout_enum = utils.LayoutEnum.ROW_MAJOR if spec.b_major == "k" else utils.LayoutEnum.COL_MAJOR
@@ -276,6 +302,8 @@ def build_kernel(spec: GemmSpec):
         gB_tma: cute.Tensor,
         tma_c: cute.CopyAtom,
         gC_tma: cute.Tensor,
+        tma_aux: cute.CopyAtom,
+        gAux_tma: cute.Tensor,
         mC: cute.Tensor,
         mBias: cute.Tensor,
         mAux: cute.Tensor,
@@ -298,6 +326,8 @@ def build_kernel(spec: GemmSpec):
             cute.nvgpu.cpasync.prefetch_descriptor(tma_b)
             if cutlass.const_expr(not direct_store):
                 cute.nvgpu.cpasync.prefetch_descriptor(tma_c)
+            if cutlass.const_expr(store_preact):
+                cute.nvgpu.cpasync.prefetch_descriptor(tma_aux)
 
         a_smem = cute.slice_(a_smem_staged, (None, None, 0))
         b_smem = cute.slice_(b_smem_staged, (None, None, 0))
@@ -331,6 +361,8 @@ def build_kernel(spec: GemmSpec):
         gB = cute.local_tile(gB_tma, (tile_n, tile_k), (None, None, None))
         if cutlass.const_expr(not direct_store):
             gC = cute.local_tile(gC_tma, (tile_m, tile_n), (None, None, None))
+        if cutlass.const_expr(store_preact):
+            gAux = cute.local_tile(gAux_tma, (tile_m, tile_n), (None, None, None))
         k_tiles = cute.size(gA, mode=[3])
 
         tAsA, tAgA = cute.nvgpu.cpasync.tma_partition(
@@ -455,18 +487,8 @@ def build_kernel(spec: GemmSpec):
                             v = v + mC[(gm, gn, l_idx)].to(acc_dtype)
                         if cutlass.const_expr(use_bias):
                             v = v + mBias[gn].to(acc_dtype)
-                        if cutlass.const_expr(store_preact):
-                            # Store the rounded pre-activation (only inside D: the
-                            # clamped coordinates of a partial tile alias real
-                            # elements) and apply GELU to that rounded value.
-                            z = v.to(out_dtype)
-                            if m_base + crd[0] < m_extent:
-                                if n_base + crd[1] < n_extent:
-                                    mAux[(gm, gn, l_idx)] = z
-                            v = z.to(acc_dtype)
-                        if cutlass.const_expr(use_gelu):
-                            inner = gelu_k0 * (v + gelu_k1 * v * v * v)
-                            v = 0.5 * v * (1.0 + cute.math.tanh(inner, fastmath=True))
+                        if cutlass.const_expr(use_gelu and not store_preact):
+                            v = gelu(v)
                         if cutlass.const_expr(use_gelu_bwd):
                             x = mAux[(gm, gn, l_idx)].to(acc_dtype)
                             t = cute.math.tanh(gelu_k0 * (x + gelu_k1 * x * x * x), fastmath=True)
@@ -488,6 +510,11 @@ def build_kernel(spec: GemmSpec):
                     bSG_sC, bSG_gC = cute.nvgpu.cpasync.tma_partition(
                         tma_c, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gC_epi
                     )
+                    if cutlass.const_expr(store_preact):
+                        gAux_epi = cute.zipped_divide(gAux[(None, None, m_idx, n_idx, l_idx)], epi_tile)
+                        bSG_sAux, bSG_gAux = cute.nvgpu.cpasync.tma_partition(
+                            tma_aux, 0, cute.make_layout(1), cute.group_modes(sC, 0, 2), gAux_epi
+                        )
                     epi_n = cute.size(gC_epi, mode=[1])
                     epi_shape = gC_epi.shape[1]
                     epi_order = cute.make_layout(epi_shape, stride=(epi_shape[1], 1))
@@ -495,17 +522,30 @@ def build_kernel(spec: GemmSpec):
                         for j in cutlass.range_constexpr(frag_size):
                             frag_acc[j] = tRS_acc[e * frag_size + j]
                         frag_out.store(frag_acc.load().to(out_dtype))
-                        buf = epi_count % epi_stages
-                        cute.copy(r2s, frag_out, tRS_sC[(None, None, None, buf)])
-                        # Make the generic-proxy smem writes visible to the TMA engine.
-                        cute.arch.fence_proxy("async.shared", space="cta")
-                        epi_barrier.arrive_and_wait()
-                        if warp == 4:
-                            cute.copy(tma_c, bSG_sC[(None, buf)], bSG_gC[(None, epi_order.get_hier_coord(e))])
-                            store_pipe.producer_commit()
-                            store_pipe.producer_acquire()
-                        epi_barrier.arrive_and_wait()
-                        epi_count += 1
+                        # bias_gelu_aux stages each slice twice through the same buffer ring:
+                        # first the rounded pre-activation for aux, then D = GELU of that
+                        # rounded value (the value the backward reads from aux).
+                        for o in cutlass.range_constexpr(2 if store_preact else 1):
+                            if cutlass.const_expr(store_preact and o == 1):
+                                for j in cutlass.range_constexpr(frag_size):
+                                    frag_acc[j] = gelu(frag_out[j].to(acc_dtype))
+                                frag_out.store(frag_acc.load().to(out_dtype))
+                            buf = epi_count % epi_stages
+                            cute.copy(r2s, frag_out, tRS_sC[(None, None, None, buf)])
+                            # Make the generic-proxy smem writes visible to the TMA engine.
+                            cute.arch.fence_proxy("async.shared", space="cta")
+                            epi_barrier.arrive_and_wait()
+                            if warp == 4:
+                                if cutlass.const_expr(store_preact and o == 0):
+                                    cute.copy(tma_aux, bSG_sAux[(None, buf)], bSG_gAux[(None, epi_order.get_hier_coord(e))])
+                                else:
+                                    cute.copy(tma_c, bSG_sC[(None, buf)], bSG_gC[(None, epi_order.get_hier_coord(e))])
+                                # One commit group per buffer: acquire waits until the oldest of the
+                                # epi_stages buffers has been read, the one the next store fills.
+                                store_pipe.producer_commit()
+                                store_pipe.producer_acquire()
+                            epi_barrier.arrive_and_wait()
+                            epi_count += 1
                 tile += gdim
             if cutlass.const_expr(not direct_store):
                 if warp == 4:
@@ -558,12 +598,21 @@ def build_kernel(spec: GemmSpec):
                 cute.slice_(c_staged, (None, None, 0)),
                 epi_tile,
             )
+        if cutlass.const_expr(store_preact):
+            tma_aux, gAux_tma = cute.nvgpu.cpasync.make_tiled_tma_atom(
+                cute.nvgpu.cpasync.CopyBulkTensorTileS2GOp(),
+                mAux,
+                cute.slice_(c_staged, (None, None, 0)),
+                epi_tile,
+            )
+        else:
+            tma_aux, gAux_tma = tma_a, gA_tma  # placeholders: aux is read (or unused), never TMA-stored
         tiles_m = (mC.shape[0] + tile_m - 1) // tile_m
         tiles_n = (mC.shape[1] + tile_n - 1) // tile_n
         total = tiles_m * tiles_n * mC.shape[2]
         grid_x = cutlass.min(total, max_ctas)
         kernel(
-            tma_a, gA_tma, tma_b, gB_tma, tma_c, gC_tma, mC, mBias, mAux, mma,
+            tma_a, gA_tma, tma_b, gB_tma, tma_c, gC_tma, tma_aux, gAux_tma, mC, mBias, mAux, mma,
             a_staged, b_staged, c_staged, tiles_m, tiles_n, total,
         ).launch(grid=[grid_x, 1, 1], block=[threads, 1, 1], min_blocks_per_mp=1, stream=stream)
 
@@ -591,10 +640,17 @@ def build_kernel(spec: GemmSpec):
         assumed_align=16,
     )
     fbias = make_fake_tensor(out_dtype, (cute.sym_int32(),), (1,), assumed_align=16)
-    faux = make_fake_tensor(
-        out_dtype, (cute.sym_int32(), cute.sym_int32(), cute.sym_int32()),
-        (cute.sym_int64(), 1, cute.sym_int64()), assumed_align=16,
-    )
+    if store_preact:
+        # aux is TMA-stored like D: D's extents, 16-byte row and batch strides (checked in C++).
+        faux = make_fake_tensor(
+            out_dtype, (m, n, batch), (cute.sym_int64(divisibility=out_vec), 1, cute.sym_int64(divisibility=out_vec)),
+            assumed_align=16,
+        )
+    else:
+        faux = make_fake_tensor(
+            out_dtype, (cute.sym_int32(), cute.sym_int32(), cute.sym_int32()),
+            (cute.sym_int64(), 1, cute.sym_int64()), assumed_align=16,
+        )
     fake_args = (fa, fb, fc, fbias, faux, cutlass.Int32(132), make_fake_stream())
     return launch, fake_args
 
