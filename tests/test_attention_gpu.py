@@ -169,7 +169,8 @@ def test_capture_and_replay_with_new_inputs(rng):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("Sq,Sk", [(17, 17), (129, 65), (200, 300)])
+# (130, 1000): more key blocks than K/V stages, so the pipelined loop's two held stages wrap the ring
+@pytest.mark.parametrize("Sq,Sk", [(17, 17), (129, 65), (200, 300), (130, 1000)])
 @pytest.mark.parametrize("D", [32, 64, 128])
 @pytest.mark.parametrize("dname", ["bf16", "fp16"])
 def test_dropout_mask_is_the_models_philox_stream(dname, D, Sq, Sk, causal, rng):

@@ -32,12 +32,64 @@ Design
   exp2(m_old - m_new), P = exp2(s - m)); P converted to the input dtype in
   registers, where the 16-bit accumulator layout is already wgmma's A-operand
   layout, and O += P V with wgmma reading P from registers and V (N-major
-  view of the (Sk, D) rows) from shared memory.
+  view of the (Sk, D) rows) from shared memory.  The long kernels pipeline
+  these steps (next section); the arithmetic is the same.
+* Tensor-core schedule (long kernels; FlashAttention-3's two overlaps):
+  - intra-warpgroup: block 0's S, softmax and P run alone; then iteration
+    nb = 1 .. n_blocks - 1 issues S(nb) = Q K(nb)^T and O += P(nb - 1) V(nb - 1)
+    as two commit groups, waits for the first only (wgmma.wait_group 1), runs
+    block nb's mask and softmax and converts P(nb) into a second P buffer
+    while P V still runs, then waits for it, releases stage nb - 1, rescales
+    O by block nb's alpha and copies P(nb) into the registers P V reads (ptxas
+    may sink the conversion there instead); the last P V follows the loop.
+    O sees the same operations in the same order as before (O * alpha(nb)
+    after + P(nb - 1) V(nb - 1), before + P(nb) V(nb)), so the NumPy model
+    holds (flash_forward(pipelined=True) runs this order; tests show it is
+    bitwise the plain loop).  A warpgroup holds two stages (nb - 1 and nb):
+    KV_STAGES >= 2.
+  - ptxas places a wgmma wait at the top of its basic block -- here before
+    the softmax, leaving nothing to overlap -- so the code from the P V wait
+    on sits under an always-taken branch (block nb starts before Sk) that
+    begins a new block; tests/test_attention_build.py checks that the
+    softmax's exp2s lie between the two waits.
+  - dropout: Philox zeroes the converted P(nb) in the second buffer while
+    P V runs (D = 32, 64); at D = 128 that spilled (O, both P buffers and
+    Philox's temporaries), so it runs after the P V wait.
+  - inter-warpgroup ("ping-pong"): the two consumer warpgroups take turns
+    issuing an iteration's GEMMs, so one's softmax runs while the other's
+    GEMMs own the tensor cores.  Named barrier TURN_BARRIERS[h] (1 and 2;
+    0 is __syncthreads, nothing else here uses a named barrier) is warpgroup
+    h's turn, 2 x 128 threads: warpgroup h waits on its own (bar.sync) after
+    its K/V wait and before its fence + GEMMs, and hands the turn over
+    (bar.arrive on the other's) right after issuing them.  Warpgroup 1's first
+    turn is a bar.arrive on its own barrier before the loop.
+  - No deadlock, no pending arrival at exit: both warpgroups serve the same
+    128-row tile, so both run the same n_blocks - 1 iterations.  Barrier 1
+    sees n_blocks - 1 syncs (warpgroup 1) and 1 + (n_blocks - 2) arrivals
+    (the first turn, then warpgroup 2's hand-overs but its last, which has no
+    taker and is skipped); barrier 2 sees n_blocks - 1 syncs and n_blocks - 1
+    arrivals (warpgroup 1); with n_blocks == 1 nothing is touched.  Order the
+    turns (nb, wg 1) < (nb, wg 2) < (nb + 1, wg 1): each blocking wait
+    depends only on earlier turns -- wg 1's turn nb on wg 2's hand-over of
+    turn nb - 1, wg 2's on wg 1's of turn nb, and the K/V wait for block nb
+    on both warpgroups releasing block nb - KV_STAGES, which each does in its
+    iteration nb - KV_STAGES + 1 <= nb - 1 -- and everything between two
+    waits (issue, wgmma completion, softmax) finishes on its own, so by
+    induction every wait is satisfied.
+  - The short kernel is not scheduled: its warpgroups serve different items
+    and an invalid item runs no block, so it runs the plain sequence once.
+  - Registers (setmaxnreg 240 per consumer thread): S (64 fp32), O (D / 2
+    fp32) and two P buffers (64 16-bit values in 32 registers each) are live
+    together while both GEMMs run; ptxas reports 168 per thread at launch
+    (384 threads); the consumer code uses up to about 190 registers without
+    dropout and 236 with it, no local memory (tests/test_attention_build.py).
 * Causal: the top-left aligned mask of PyTorch's is_causal (row i sees keys
   j <= i for any Sq, Sk); a CTA stops after the key block holding its last
   row, so fully masked blocks are never loaded.
 * Dropout (the specializations built with it): after a block's row sums
-  are taken (the normaliser counts every key), each score (b, h, i, j) is kept
+  are taken (the normaliser counts every key) and P is converted to the input
+  dtype (rounding and zeroing commute; the fp32 scores' registers then hold
+  Philox's temporaries), each probability (b, h, i, j) is kept
   iff lane v % 4 of Philox4x32-10(seed, offset / 4 + v / 4), v = ((b * Hq + h)
   * Sq + i) * Sk + j, shifted right by 8, is below (1 - p) * 2^24 -- the stream
   of kernels/cuda/random.cu and dropout_keep_mask in the NumPy model; O is
@@ -81,6 +133,9 @@ WG_ROWS = 64            # query rows per consumer warpgroup
 BLOCK_N = 128           # keys per K/V block
 SMEM_BYTES = 232448     # sm_90 opt-in maximum per block
 MAX_KV_STAGES = 4
+# Named barriers of the long kernels' tensor-core schedule: TURN_BARRIERS[h] is consumer
+# warpgroup h's turn (0 is __syncthreads; nothing else in these kernels uses named barriers).
+TURN_BARRIERS = (1, 2)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # Philox4x32-10 multipliers and key increments (kernels/cuda/random.cu)
@@ -145,6 +200,11 @@ def build_kernel(spec: AttentionFwdSpec):
     short = spec.short
     # the short kernel holds one K/V block per consumer warpgroup (each may serve another head)
     stages = 2 if short else kv_stages(D)
+    assert stages >= 2, "the pipelined loop holds two K/V stages at a time"
+    # Dropout's Philox runs while P V does, except at D = 128: there O (64 registers), both P
+    # buffers and Philox's temporaries exceed the 240 registers (ptxas spilled), and it runs
+    # after the P V wait instead, when P V's registers are free.
+    dropout_during_pv = D < 128
     threads_per_wg = 128
     threads = 3 * threads_per_wg
     producer_regs, consumer_regs = 24, 240
@@ -174,6 +234,78 @@ def build_kernel(spec: AttentionFwdSpec):
         low = cutlass.select_(lane == 0, c0, c1)
         high = cutlass.select_(lane == 2, c2, c3)
         return cutlass.Uint32(cutlass.select_(lane < 2, low, high))
+
+    # qk_gemm, pv_gemm, rescale_o and apply_dropout are traced as plain Python (their loops
+    # unroll); online_softmax branches on runtime values, so it is a jit function.  Each GEMM
+    # issues through an MMA atom of its own: the accumulate flag is state of the atom, and a
+    # flag set on a shared TiledMma inside one loop body would leave it holding a value of
+    # that body (invalid IR where the next body or the code after the loop reads it).
+    def qk_gemm(qk_mma, acc_s, q_frag, k_frag):
+        """Issue S = Q K^T (D / 16 wgmmas, one commit group); the caller fences before and waits after."""
+        atom = cute.make_mma_atom(qk_mma.op)
+        for ks in range(D // 16):
+            atom.set(warpgroup.Field.ACCUMULATE, ks != 0)
+            cute.gemm(atom, acc_s, q_frag[(None, None, ks)], k_frag[(None, None, ks)], acc_s)
+        cute.nvgpu.warpgroup.commit_group()
+
+    def pv_gemm(pv_mma, acc_o, tOrP, v_frag):
+        """Issue O += P V (BLOCK_N / 16 wgmmas, P from registers, one commit group)."""
+        atom = cute.make_mma_atom(pv_mma.op)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+        for ks in range(BLOCK_N // 16):
+            cute.gemm(atom, acc_o, tOrP[(None, None, ks)], v_frag[(None, None, ks)], acc_o)
+        cute.nvgpu.warpgroup.commit_group()
+
+    @cute.jit
+    def online_softmax(acc_s, tScS, row_max, row_sum, alpha, scale_log2, n0, row0, tile_m0, seqlen_k, causal):
+        """One key block's scores (acc_s, in place) -> unnormalised probabilities P = exp2(s - m):
+        scaled into the log2 domain; past Sk and (causal) above the diagonal set to -inf, only on
+        the blocks that need it; running max and partial row sums updated.  alpha gets each row's
+        rescale factor exp2(m_old - m_new), which the caller applies to O -- before this block's
+        P V is added, in whichever place of the schedule O is free."""
+        for i in cutlass.range_constexpr(cute.size(acc_s)):
+            acc_s[i] = acc_s[i] * scale_log2
+        if n0 + BLOCK_N > seqlen_k or (causal != 0 and n0 + BLOCK_N - 1 > tile_m0):
+            for i in cutlass.range_constexpr(cute.size(acc_s)):
+                col = n0 + tScS[i][1]
+                if col >= seqlen_k or (causal != 0 and col > row0 + tScS[i][0]):
+                    acc_s[i] = neg_inf
+        for r in cutlass.range_constexpr(2):
+            m_new = row_max[r]
+            for j in cutlass.range_constexpr(BLOCK_N // 8):
+                for c in cutlass.range_constexpr(2):
+                    m_new = cute.arch.fmax(m_new, acc_s[c + 2 * r + 4 * j])
+            m_new = cute.arch.warp_reduction_max(m_new, threads_in_group=4)
+            # a row with every score so far masked keeps -inf: subtract 0 so exp2 gives 0, not NaN
+            m_safe = m_new
+            if m_new == neg_inf:
+                m_safe = 0.0
+            alpha[r] = cute.math.exp2(row_max[r] - m_safe, fastmath=True)
+            row_max[r] = m_new
+            block_sum = acc_dtype(0.0)
+            for j in cutlass.range_constexpr(BLOCK_N // 8):
+                for c in cutlass.range_constexpr(2):
+                    p = cute.math.exp2(acc_s[c + 2 * r + 4 * j] - m_safe, fastmath=True)
+                    acc_s[c + 2 * r + 4 * j] = p
+                    block_sum = block_sum + p
+            row_sum[r] = row_sum[r] * alpha[r] + block_sum
+
+    def rescale_o(acc_o, alpha):
+        for r in range(2):
+            for j in range(D // 8):
+                for c in range(2):
+                    acc_o[c + 2 * r + 4 * j] = acc_o[c + 2 * r + 4 * j] * alpha[r]
+
+    def apply_dropout(p, tScS, row_base, row0, n0, seqlen_k_64, seed_lo, seed_hi, counter0, keep_scaled):
+        """Zero the dropped probabilities of one block, after its row sums were taken (the
+        normaliser counts every key): element (b, h, i, j) is value ((b * Hq + h) * Sq + i) * Sk + j
+        of the launch's Philox stream.  p is P already in the input dtype (rounding and zeroing
+        commute), so the fp32 scores' registers are free for Philox's temporaries."""
+        for i in range(cute.size(p)):
+            v = (row_base + cutlass.Int64(row0 + tScS[i][0])) * seqlen_k_64 + cutlass.Int64(n0 + tScS[i][1])
+            x = philox_lane(seed_lo, seed_hi, counter0 + (v >> 2), cutlass.Int32(v & 3))
+            kept = cutlass.Float32(x >> cutlass.Uint32(8)) < keep_scaled
+            p[i] = cutlass.select_(kept, p[i], dtype(0.0))
 
     def short_item(h, bid, m_tiles64, n_heads, total_items):
         """(valid, b, head, 64-row tile) of consumer warpgroup h's work item in the short kernel:
@@ -347,13 +479,11 @@ def build_kernel(spec: AttentionFwdSpec):
                 valid, b_c, hq_c, mt_c = short_item(half, bid_m, m_tiles64, n_heads, total_items)
                 row0 = mt_c * WG_ROWS
                 tile_m0 = row0          # the mask test's first row
-                n_blk = cutlass.Int32(1)  # the whole K/V (Sk <= BLOCK_N) is one block
             else:
                 valid = True
                 b_c, hq_c, mt_c = b, hq, 2 * m_idx + half
                 row0 = m0 + half * WG_ROWS
                 tile_m0 = m0
-                n_blk = n_blocks
 
             thr_qk = qk_mma.get_slice(ctid)
             thr_pv = pv_mma.get_slice(ctid)
@@ -367,6 +497,10 @@ def build_kernel(spec: AttentionFwdSpec):
             acc_o.fill(0.0)
             tOrP = cute.make_rmem_tensor(acc_to_operand_a(acc_s.layout, pv_mma.tv_layout_A.shape[1]), dtype)
             tOrP_as_acc = cute.make_tensor(tOrP.iterator, acc_s.layout)
+            if cutlass.const_expr(not short):
+                # the next block's P, converted while P V still reads tOrP (long kernels' loop)
+                p_next = cute.make_rmem_tensor(tOrP.layout, dtype)
+                p_next_as_acc = cute.make_tensor(p_next.iterator, acc_s.layout)
             # Per thread: two rows (value index bit 1), the running max (log2 domain) and a partial row sum.
             row_max = cute.make_rmem_tensor((2,), acc_dtype)
             row_sum = cute.make_rmem_tensor((2,), acc_dtype)
@@ -385,82 +519,89 @@ def build_kernel(spec: AttentionFwdSpec):
                 seqlen_q_64 = cutlass.Int64(seqlen_q)
                 seqlen_k_64 = cutlass.Int64(seqlen_k)
                 row_base = (cutlass.Int64(b_c) * cutlass.Int64(n_heads) + cutlass.Int64(hq_c)) * seqlen_q_64
-            s_cols = BLOCK_N // 8
             o_cols = D // 8
+            alpha = cute.make_rmem_tensor((2,), acc_dtype)
 
             if cutlass.const_expr(short):
+                # one block (the whole K/V of the item's head) in this warpgroup's own buffers;
+                # an invalid (past the end) item runs nothing and writes nothing
                 if valid:
                     cute.arch.mbarrier_wait(storage.short_barriers.data_ptr() + half, 0)
+                    cute.nvgpu.warpgroup.fence()
+                    qk_gemm(qk_mma, acc_s, tSrQ[(None, None, None, half)], tSrK[(None, None, None, half)])
+                    cute.nvgpu.warpgroup.wait_group(0)
+                    # O is still zero: its rescale is skipped (0 * alpha is 0)
+                    online_softmax(acc_s, tScS, row_max, row_sum, alpha, scale_log2, 0, row0, tile_m0,
+                                   seqlen_k, causal)
+                    tOrP_as_acc.store(acc_s.load().to(dtype))
+                    cute.nvgpu.warpgroup.fence()
+                    pv_gemm(pv_mma, acc_o, tOrP, tOrV[(None, None, None, half)])
+                    cute.nvgpu.warpgroup.wait_group(0)
             else:
                 q_state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, 1)
                 q_pipe.consumer_wait(q_state)
+                # cons: the stage of the block whose P is in registers, waiting for its P V
                 cons = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
-            # an invalid (past the end) short item runs no block and writes nothing
-            if not valid:
-                n_blk = 0
-            for nb in range(n_blk):
-                n0 = nb * BLOCK_N
-                stage = half
-                if cutlass.const_expr(not short):
-                    kv_pipe.consumer_wait(cons)
-                    stage = cons.index
+                # Block 0 (n_blocks >= 1 always): S, softmax and P, outside the schedule.
+                kv_pipe.consumer_wait(cons)
                 cute.nvgpu.warpgroup.fence()
-                for ks in cutlass.range_constexpr(D // 16):
-                    qk_mma.set(warpgroup.Field.ACCUMULATE, ks != 0)
-                    cute.gemm(qk_mma, acc_s, tSrQ[(None, None, ks, half)], tSrK[(None, None, ks, stage)],
-                              acc_s)
-                cute.nvgpu.warpgroup.commit_group()
+                qk_gemm(qk_mma, acc_s, tSrQ[(None, None, None, half)], tSrK[(None, None, None, cons.index)])
                 cute.nvgpu.warpgroup.wait_group(0)
-
-                for i in cutlass.range_constexpr(cute.size(acc_s)):
-                    acc_s[i] = acc_s[i] * scale_log2
-                if n0 + BLOCK_N > seqlen_k or (causal != 0 and n0 + BLOCK_N - 1 > tile_m0):
-                    for i in cutlass.range_constexpr(cute.size(acc_s)):
-                        col = n0 + tScS[i][1]
-                        if col >= seqlen_k or (causal != 0 and col > row0 + tScS[i][0]):
-                            acc_s[i] = neg_inf
-
-                for r in cutlass.range_constexpr(2):
-                    m_new = row_max[r]
-                    for j in cutlass.range_constexpr(s_cols):
-                        for c in cutlass.range_constexpr(2):
-                            m_new = cute.arch.fmax(m_new, acc_s[c + 2 * r + 4 * j])
-                    m_new = cute.arch.warp_reduction_max(m_new, threads_in_group=4)
-                    # a row with every score so far masked keeps -inf: subtract 0 so exp2 gives 0, not NaN
-                    m_safe = m_new
-                    if m_new == neg_inf:
-                        m_safe = 0.0
-                    alpha = cute.math.exp2(row_max[r] - m_safe, fastmath=True)
-                    row_max[r] = m_new
-                    block_sum = acc_dtype(0.0)
-                    for j in cutlass.range_constexpr(s_cols):
-                        for c in cutlass.range_constexpr(2):
-                            p = cute.math.exp2(acc_s[c + 2 * r + 4 * j] - m_safe, fastmath=True)
-                            acc_s[c + 2 * r + 4 * j] = p
-                            block_sum = block_sum + p
-                    row_sum[r] = row_sum[r] * alpha + block_sum
-                    for j in cutlass.range_constexpr(o_cols):
-                        for c in cutlass.range_constexpr(2):
-                            acc_o[c + 2 * r + 4 * j] = acc_o[c + 2 * r + 4 * j] * alpha
-
-                if cutlass.const_expr(spec.dropout):
-                    # after the row sums (the normaliser counts every key): element (b, h, i, j) is
-                    # value ((b * Hq + h) * Sq + i) * Sk + j of the launch's Philox stream
-                    for i in cutlass.range_constexpr(cute.size(acc_s)):
-                        v = (row_base + cutlass.Int64(row0 + tScS[i][0])) * seqlen_k_64 + cutlass.Int64(n0 + tScS[i][1])
-                        x = philox_lane(seed_lo, seed_hi, counter0 + (v >> 2), cutlass.Int32(v & 3))
-                        kept = cutlass.Float32(x >> cutlass.Uint32(8)) < keep_scaled
-                        acc_s[i] = cutlass.select_(kept, acc_s[i], cutlass.Float32(0.0))
+                online_softmax(acc_s, tScS, row_max, row_sum, alpha, scale_log2, 0, row0, tile_m0,
+                               seqlen_k, causal)
                 tOrP_as_acc.store(acc_s.load().to(dtype))
-                cute.nvgpu.warpgroup.fence()
-                pv_mma.set(warpgroup.Field.ACCUMULATE, True)
-                for ks in cutlass.range_constexpr(BLOCK_N // 16):
-                    cute.gemm(pv_mma, acc_o, tOrP[(None, None, ks)], tOrV[(None, None, ks, stage)], acc_o)
-                cute.nvgpu.warpgroup.commit_group()
-                cute.nvgpu.warpgroup.wait_group(0)
-                if cutlass.const_expr(not short):
-                    kv_pipe.consumer_release(cons)
+                if cutlass.const_expr(spec.dropout):
+                    apply_dropout(tOrP_as_acc, tScS, row_base, row0, 0, seqlen_k_64, seed_lo, seed_hi, counter0,
+                                  keep_scaled)
+                # Warpgroup 1 takes the first turn at the tensor cores (see the design: the turn
+                # barriers, and why every sync has its arrival).
+                if half == 0 and n_blocks > 1:
+                    cute.arch.barrier_arrive(barrier_id=TURN_BARRIERS[0], number_of_threads=2 * threads_per_wg)
+                for nb in range(1, n_blocks):
+                    n0 = nb * BLOCK_N
+                    nxt = cons.clone()
+                    nxt.advance()
+                    kv_pipe.consumer_wait(nxt)
+                    # my turn: S of block nb and O += P V of block nb - 1, back to back
+                    if half == 0:
+                        cute.arch.barrier(barrier_id=TURN_BARRIERS[0], number_of_threads=2 * threads_per_wg)
+                    else:
+                        cute.arch.barrier(barrier_id=TURN_BARRIERS[1], number_of_threads=2 * threads_per_wg)
+                    cute.nvgpu.warpgroup.fence()
+                    qk_gemm(qk_mma, acc_s, tSrQ[(None, None, None, half)], tSrK[(None, None, None, nxt.index)])
+                    pv_gemm(pv_mma, acc_o, tOrP, tOrV[(None, None, None, cons.index)])
+                    # hand the turn over; warpgroup 2's last hand-over would have no taker
+                    if half == 0:
+                        cute.arch.barrier_arrive(barrier_id=TURN_BARRIERS[1], number_of_threads=2 * threads_per_wg)
+                    elif nb < n_blocks - 1:
+                        cute.arch.barrier_arrive(barrier_id=TURN_BARRIERS[0], number_of_threads=2 * threads_per_wg)
+                    # S is ready (groups complete in order); the softmax runs while P V still does
+                    cute.nvgpu.warpgroup.wait_group(1)
+                    online_softmax(acc_s, tScS, row_max, row_sum, alpha, scale_log2, n0, row0, tile_m0,
+                                   seqlen_k, causal)
+                    # the new P in the input dtype, beside the P that P V still reads
+                    p_next_as_acc.store(acc_s.load().to(dtype))
+                    if cutlass.const_expr(spec.dropout and dropout_during_pv):
+                        apply_dropout(p_next_as_acc, tScS, row_base, row0, n0, seqlen_k_64, seed_lo, seed_hi,
+                                      counter0, keep_scaled)
+                    # O and the registers of P are the in-flight P V's until it completes.  ptxas
+                    # schedules a wgmma wait at the top of its basic block, which would put it before
+                    # the softmax above; this branch (always taken: block nb starts before Sk)
+                    # starts a new block after the softmax.
+                    if n0 < seqlen_k:
+                        cute.nvgpu.warpgroup.wait_group(0)
+                        kv_pipe.consumer_release(cons)
+                        rescale_o(acc_o, alpha)
+                        if cutlass.const_expr(spec.dropout and not dropout_during_pv):
+                            apply_dropout(p_next_as_acc, tScS, row_base, row0, n0, seqlen_k_64, seed_lo, seed_hi,
+                                          counter0, keep_scaled)
+                        tOrP.store(p_next.load())
                     cons.advance()
+                # the last block's O += P V, outside the schedule
+                cute.nvgpu.warpgroup.fence()
+                pv_gemm(pv_mma, acc_o, tOrP, tOrV[(None, None, None, cons.index)])
+                cute.nvgpu.warpgroup.wait_group(0)
+                kv_pipe.consumer_release(cons)
 
             # Epilogue: O = acc / l into the contiguous output, LSE by one thread of each row's quad.
             gO = cute.local_tile(mO[(None, None, hq_c, b_c)], (WG_ROWS, D), (mt_c, 0))

@@ -20,7 +20,13 @@ follows the kernel exactly where the order of operations matters:
 * P = exp2(s2 - m) is rounded to the input dtype before the PV product (it is a
   wgmma operand held in registers), while l sums the unrounded fp32 values;
 * dropout zeroes P after l has been summed (the softmax normaliser counts every
-  key) and the 1 / (1 - p) factor is applied once, to O, in the epilogue;
+  key) and the 1 / (1 - p) factor is applied once, to O, in the epilogue (the
+  kernel zeroes the already rounded P: rounding and zeroing commute);
+* the long kernels pipeline the loop (block nb's softmax runs while the tensor
+  cores add P(nb - 1) V(nb - 1) to O, and O is rescaled by block nb's alpha
+  afterwards): O still sees acc * alpha(nb) + P(nb) V(nb) block after block, the
+  order modelled here; flash_forward(pipelined=True) runs that schedule, and the
+  tests show its results are bitwise the plain loop's;
 * epilogue: O = acc / l (rounded to the input dtype) and the natural-log
   LSE = (m + log2(l)) * ln(2) in fp32, shaped (B, Hq, Sq).
 
@@ -107,13 +113,17 @@ def _round(x, dtype):
 
 
 def flash_forward(q, k, v, scale, is_causal=False, block_m=128, block_n=128, p_dtype=None,
-                  keep_mask=None, dropout_p=0.0, acc_dtype=np.float32):
+                  keep_mask=None, dropout_p=0.0, acc_dtype=np.float32, pipelined=False):
     """The forward kernel's tiled algorithm.
 
     q: (B, Sq, Hq, D), k, v: (B, Sk, Hkv, D) arrays (any float dtype; they are
     read as acc_dtype, as the tensor cores read exact bf16/fp16 products).
     p_dtype: the dtype P is rounded to before PV (the input dtype; None keeps it).
     keep_mask: (B, Hq, Sq, Sk) bool from dropout_keep_mask when dropout_p > 0.
+    pipelined: the long kernels' schedule -- block nb's P V is added to O during
+    iteration nb + 1, before O is rescaled by that block's alpha, and dropout
+    zeroes the already rounded P; the same operations on O in the same order,
+    so the results are bitwise those of the plain loop (tests prove it).
     Returns (out (B, Sq, Hq, D) in acc_dtype, lse (B, Hq, Sq) in acc_dtype,
     blocks_visited (B, Hq, row tiles) for the block-skipping test)."""
     B, Sq, Hq, D = q.shape
@@ -140,6 +150,7 @@ def flash_forward(q, k, v, scale, is_causal=False, block_m=128, block_n=128, p_d
                 acc = np.zeros((len(rows), D), dtype=acc_dtype)
                 n_blocks = causal_last_block(m0, block_m, block_n, Sk) if is_causal else n_blocks_all
                 visited[b, h, t] = n_blocks
+                pending = None  # pipelined: (P, V) of the block whose P V is still to be added
                 for nb in range(n_blocks):
                     n0 = nb * block_n
                     cols = np.arange(n0, n0 + block_n)
@@ -156,12 +167,25 @@ def flash_forward(q, k, v, scale, is_causal=False, block_m=128, block_n=128, p_d
                     alpha = np.exp2(m - m_safe)
                     p = np.exp2(s - m_safe[:, None])
                     l = l * alpha + p.sum(axis=1)
+                    keep = None
                     if keep_mask is not None:
-                        keep = np.zeros((len(rows), block_n), dtype=bool)
-                        keep[:, :len(valid_cols)] = keep_mask[b, h][np.ix_(rows, valid_cols)]
-                        p = np.where(keep, p, acc_dtype(0))
-                    acc = acc * alpha[:, None] + _round(p[:, :len(valid_cols)], p_dtype).astype(acc_dtype) @ vt
+                        keep = keep_mask[b, h][np.ix_(rows, valid_cols)]
+                    p = p[:, :len(valid_cols)]
+                    if pipelined:
+                        p = _round(p, p_dtype).astype(acc_dtype)
+                        if keep is not None:
+                            p = np.where(keep, p, acc_dtype(0))
+                        if pending is not None:
+                            acc = acc + pending[0] @ pending[1]
+                        acc = acc * alpha[:, None]
+                        pending = (p, vt)
+                    else:
+                        if keep is not None:
+                            p = np.where(keep, p, acc_dtype(0))
+                        acc = acc * alpha[:, None] + _round(p, p_dtype).astype(acc_dtype) @ vt
                     m = m_new
+                if pending is not None:
+                    acc = acc + pending[0] @ pending[1]
                 inv_l = np.where(l > 0, acc_dtype(1) / np.where(l > 0, l, 1), acc_dtype(0))
                 if keep_mask is not None:
                     inv_l = inv_l * acc_dtype(1.0 / (1.0 - dropout_p))
