@@ -28,11 +28,13 @@ import statistics
 
 from bench.results_file import gpu_result
 
-# (workload, tokens per step, [(linear name, in features, out features)])
+# (workload, tokens per step, [(linear name, in features, out features[, rows when not the tokens])])
+# vit: 256 images of 64 patches + 16 class tokens; the patch embedding sees the 64 patches, the
+# head one pooled row per image.
 WORKLOADS = [
     ("reverse", 64 * 64, [("qkv", 128, 384), ("proj", 128, 128), ("fc1", 128, 512), ("fc2", 512, 128), ("head", 128, 36)]),
-    ("vit", 256 * 80, [("patch", 48, 256), ("qkv", 256, 768), ("proj", 256, 256), ("fc1", 256, 1024),
-                       ("fc2", 1024, 256), ("head", 256, 10)]),
+    ("vit", 256 * 80, [("patch", 48, 256, 256 * 64), ("qkv", 256, 768), ("proj", 256, 256), ("fc1", 256, 1024),
+                       ("fc2", 1024, 256), ("head", 256, 10, 256)]),
     ("minigpt", 64 * 128, [("qkv", 256, 768), ("proj", 256, 256), ("fc1", 256, 1024), ("fc2", 1024, 256),
                            ("head", 256, 4096)]),
     ("gpt2-small", 8 * 1024, [("qkv", 768, 2304), ("proj", 768, 768), ("fc1", 768, 3072), ("fc2", 3072, 768),
@@ -45,10 +47,11 @@ def gemm_cases():
     """(name, M, N, K, a_major, b_major, is_workload): plain GEMMs."""
     cases = []
     for wl, tokens, linears in WORKLOADS:
-        for lin, fin, fout in linears:
-            cases.append((f"{wl}.{lin}.fwd", tokens, fout, fin, "k", "k", True))
-            cases.append((f"{wl}.{lin}.dgrad", tokens, fin, fout, "k", "n", True))
-            cases.append((f"{wl}.{lin}.wgrad", fout, fin, tokens, "m", "n", True))
+        for lin, fin, fout, *rows in linears:
+            m = rows[0] if rows else tokens
+            cases.append((f"{wl}.{lin}.fwd", m, fout, fin, "k", "k", True))
+            cases.append((f"{wl}.{lin}.dgrad", m, fin, fout, "k", "n", True))
+            cases.append((f"{wl}.{lin}.wgrad", fout, fin, m, "m", "n", True))
     for s in (4096, 8192):
         cases.append((f"square.{s}", s, s, s, "k", "k", False))
     return cases
@@ -87,7 +90,7 @@ def time_ms(torch, fn, sets, reps):
     return statistics.median(samples)
 
 
-FP32_CASES = [("reverse.head.fwd", 64 * 64, 36, 128), ("vit.head.fwd", 256 * 80, 10, 256),
+FP32_CASES = [("reverse.head.fwd", 64 * 64, 36, 128), ("vit.head.fwd", 256, 10, 256),
               ("vit.fc1.fwd", 256 * 80, 1024, 256), ("minigpt.fc2.fwd", 64 * 128, 256, 1024), ("square.4096", 4096, 4096, 4096),
               ("gpt2-small.fc1.wgrad", 3072, 768, 8 * 1024)]
 
@@ -241,7 +244,7 @@ def main():
     # Fused epilogue: the MLP's first Linear + GELU in one kernel vs PyTorch's
     # addmm (cuBLAS, bias fused) followed by a separate GELU kernel.
     for wl, tokens, linears in WORKLOADS:
-        fin, fout = next((i, o) for lin, i, o in linears if lin == "fc1")
+        fin, fout = next((i, o) for lin, i, o, *_ in linears if lin == "fc1")
         m, n, k = tokens, fout, fin
         for epilogue in ("bias_gelu", "bias_gelu_aux"):
             name = f"{wl}.fc1.fwd+{epilogue}"
