@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session's runs (issue 14): tests, sanitizers, benchmarks, training, in few device calls.
 #
-#   bash bench/h200_session.sh STAGE...      STAGE: tests | isolate | sanitize | bench | train_minigpt | train_vit | e2e
+#   bash bench/h200_session.sh STAGE...      STAGE: tests | isolate | sanitize | bench | train_reverse | train_minigpt | train_vit | e2e
 #
 # Correctness stages may run side by side (`sanitize &` beside `tests`); timed ones (bench, e2e) alone.
 #
@@ -100,6 +100,10 @@ stage_bench() {
     run bench-norms 70 python3 -m bench.norms
     run bench-gemm 140 python3 -m bench.gemm
     run bench-overhead 70 python3 -m bench.overhead --device cuda
+}
+
+stage_train_reverse() {
+    run train-reverse 120 cutegrad train reverse --graphs --dtype bf16 --no-progress --out runs/reverse-graphs
 }
 
 stage_train_minigpt() {
