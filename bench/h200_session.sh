@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session's runs (issue 14): tests, sanitizers, benchmarks, training, in few device calls.
 #
-#   bash bench/h200_session.sh STAGE...      STAGE: tests | isolate | sanitize | bench | train_reverse | train_minigpt | train_vit | e2e
+#   bash bench/h200_session.sh STAGE...      STAGE: validate | tests | isolate | sanitize | bench | train_reverse | train_minigpt | train_vit | e2e
 #
 # Correctness stages may run side by side (`sanitize &` beside `tests`); timed ones (bench, e2e) alone.
 #
@@ -76,6 +76,15 @@ stage_tests() {
     run pytest-gpu 250 python3 -m pytest -m gpu -q -n 8 --timeout 200 -rfE tests
     # failures again, alone: a test that passes here only failed under the parallel load
     run pytest-gpu-rerun 90 python3 -m pytest -m gpu -q --lf --lfnf none --timeout 90 -rfE tests
+}
+
+stage_validate() {
+    # The correctness stages side by side in one device call: the GPU suite, the sanitizers and
+    # the reverse preset's training (each its own processes; timed stages never run beside them).
+    stage_sanitize &
+    stage_train_reverse &
+    stage_tests
+    wait
 }
 
 stage_isolate() {
