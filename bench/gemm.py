@@ -43,15 +43,20 @@ WORKLOADS = [
 L2_DEFEAT_BYTES = 160 << 20
 
 
+def workload_linears():
+    """(workload, linear name, rows, in features, out features) of every Linear in WORKLOADS."""
+    for wl, tokens, linears in WORKLOADS:
+        for lin, fin, fout, *rows in linears:
+            yield wl, lin, rows[0] if rows else tokens, fin, fout
+
+
 def gemm_cases():
     """(name, M, N, K, a_major, b_major, is_workload): plain GEMMs."""
     cases = []
-    for wl, tokens, linears in WORKLOADS:
-        for lin, fin, fout, *rows in linears:
-            m = rows[0] if rows else tokens
-            cases.append((f"{wl}.{lin}.fwd", m, fout, fin, "k", "k", True))
-            cases.append((f"{wl}.{lin}.dgrad", m, fin, fout, "k", "n", True))
-            cases.append((f"{wl}.{lin}.wgrad", fout, fin, m, "m", "n", True))
+    for wl, lin, m, fin, fout in workload_linears():
+        cases.append((f"{wl}.{lin}.fwd", m, fout, fin, "k", "k", True))
+        cases.append((f"{wl}.{lin}.dgrad", m, fin, fout, "k", "n", True))
+        cases.append((f"{wl}.{lin}.wgrad", fout, fin, m, "m", "n", True))
     for s in (4096, 8192):
         cases.append((f"square.{s}", s, s, s, "k", "k", False))
     return cases
@@ -243,9 +248,9 @@ def main():
 
     # Fused epilogue: the MLP's first Linear + GELU in one kernel vs PyTorch's
     # addmm (cuBLAS, bias fused) followed by a separate GELU kernel.
-    for wl, tokens, linears in WORKLOADS:
-        fin, fout = next((i, o) for lin, i, o, *_ in linears if lin == "fc1")
-        m, n, k = tokens, fout, fin
+    for wl, lin, m, k, n in workload_linears():
+        if lin != "fc1":
+            continue
         for epilogue in ("bias_gelu", "bias_gelu_aux"):
             name = f"{wl}.fc1.fwd+{epilogue}"
             if args.only and args.only not in name:

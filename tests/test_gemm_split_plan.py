@@ -9,7 +9,7 @@ against float64; the GPU test in tests/test_gemm.py checks the kernels against t
 import numpy as np
 import pytest
 
-from bench.gemm import WORKLOADS
+from bench.gemm import workload_linears
 
 H200_SMS = 132
 
@@ -50,9 +50,8 @@ WGRAD_PLANS = {
 
 
 def wgrad_shapes():
-    for wl, tokens, linears in WORKLOADS:
-        for lin, fin, fout, *rows in linears:
-            yield f"{wl}.{lin}", fout, fin, rows[0] if rows else tokens
+    for wl, lin, rows, fin, fout in workload_linears():
+        yield f"{wl}.{lin}", fout, fin, rows
 
 
 def test_every_reference_weight_gradient_has_its_plan(plan):
