@@ -181,6 +181,26 @@ def test_unchanged_rebuild_compiles_no_kernel():
     assert compiled == 0 and objects
 
 
+def test_a_shared_helper_module_is_part_of_its_families_cache_keys(monkeypatch):
+    """kernels/cute/philox.py is no family of its own; a change to it must recompile the
+    families that import it (attention forward and backward, norms) and only those."""
+    sys.path.insert(0, os.path.join(ROOT, "kernels", "cute"))
+    try:
+        import aot
+    finally:
+        sys.path.pop(0)
+    assert "philox" not in aot.families()
+    users = {f for f in aot.families() if "philox" in aot._local_imports(f)}
+    assert users == {"attention_fwd", "attention_bwd", "norms"}
+    specs = {f: aot._family(f).specializations(("sm_90a",))[0] for f in ("norms", "gemm")}
+    before = {f: aot._spec_hash(f, spec) for f, spec in specs.items()}
+    fingerprint = aot._code_fingerprint
+    monkeypatch.setattr(aot, "_code_fingerprint",
+                        lambda path: fingerprint(path) + ("changed" if path.endswith("philox.py") else ""))
+    after = {f: aot._spec_hash(f, spec) for f, spec in specs.items()}
+    assert after["norms"] != before["norms"] and after["gemm"] == before["gemm"]
+
+
 def test_import_without_native_kernels_is_lazy():
     """cutegrad imports without loading _C; the GEMM loader names the problem."""
     code = ("import sys, cutegrad; assert 'cutegrad._C' not in sys.modules; "

@@ -13,8 +13,8 @@ table that lets cutegrad._C find and launch them (``<family>_registry.cpp``)
 and ``manifest.json`` (the objects to link).
 
 Objects are cached under ``<out>/cache/<hash>/`` where the hash covers the
-family's code (its syntax tree without docstrings), the spec and the DSL
-version, so an unchanged rebuild compiles nothing.  Missing specializations are compiled in parallel worker
+family's code (its syntax tree without docstrings, and that of the modules of
+this folder it imports, such as philox), the spec and the DSL version, so an unchanged rebuild compiles nothing.  Missing specializations are compiled in parallel worker
 processes; each worker sets CUTE_DSL_ARCH to its target before importing
 cutlass (with no GPU the DSL would otherwise assume sm_100a while tracing).
 """
@@ -70,9 +70,31 @@ def _code_fingerprint(path):
     return ast.dump(tree, include_attributes=False)
 
 
+def _local_imports(name, seen=None):
+    """Modules of this folder that module `name` imports, directly or through each other
+    (helpers shared by families, e.g. philox), sorted: their code is part of the family's."""
+    seen = set() if seen is None else seen
+    with open(os.path.join(HERE, f"{name}.py")) as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            imported = [node.module]
+        else:
+            continue
+        for mod in imported:
+            if mod not in seen and mod != name and os.path.exists(os.path.join(HERE, f"{mod}.py")):
+                seen.add(mod)
+                _local_imports(mod, seen)
+    return sorted(seen)
+
+
 def _spec_hash(family, spec):
     h = hashlib.sha256()
     h.update(_code_fingerprint(os.path.join(HERE, f"{family}.py")).encode())
+    for helper in _local_imports(family):
+        h.update(_code_fingerprint(os.path.join(HERE, f"{helper}.py")).encode())
     h.update(repr(dataclasses.asdict(spec)).encode())
     h.update(importlib.metadata.version("nvidia-cutlass-dsl").encode())
     h.update(COMPILE_OPTIONS.encode())

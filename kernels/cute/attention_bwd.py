@@ -93,9 +93,6 @@ BLOCK_N = 128  # keys per CTA (64 per compute warpgroup)
 HEAD_DIMS = (32, 64, 128)
 Q_STAGES = 2
 LOG2E = math.log2(math.e)
-# Philox4x32-10 round multipliers and key increments (the stream of kernels/cuda/random.cu)
-PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
-PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
 
 
 @dataclass(frozen=True)
@@ -198,6 +195,7 @@ def build_kernel(spec: AttentionBwdSpec):
     import cutlass.utils.hopper_helpers as sm90
     from cutlass.cute.nvgpu import cpasync, warpgroup
     from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+    from philox import KEY_STEPS, MULTIPLIERS
 
     dtype = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}[spec.dtype]
     f32 = cutlass.Float32
@@ -222,8 +220,9 @@ def build_kernel(spec: AttentionBwdSpec):
     def philox_word(key_lo: cutlass.Uint32, key_hi: cutlass.Uint32, counter: cutlass.Int64,
                     lane: cutlass.Int64) -> cutlass.Uint32:
         """Word `lane` (0..3) of Philox4x32-10 with key (key_lo, key_hi) and 128-bit
-        counter (counter, 0): the generator of kernels/cuda/random.cu.  The rounds
-        stay a loop: small code, and dropout is not the fast path."""
+        counter (counter, 0): the generator of kernels/cuda/philox.h, with kernels/cute/philox.py's
+        constants.  The rounds stay a loop (not philox.py's unrolled ones): small code, and dropout
+        is not the fast path."""
         w0 = cutlass.Uint32(counter)
         w1 = cutlass.Uint32(counter >> 32)
         w2 = cutlass.Uint32(0)
@@ -231,16 +230,16 @@ def build_kernel(spec: AttentionBwdSpec):
         k0 = key_lo
         k1 = key_hi
         for _ in cutlass.range(10, unroll=1):
-            a_hi = cute.arch.mul_hi(w0, cutlass.Uint32(PHILOX_MUL[0]))
-            a_lo = w0 * cutlass.Uint32(PHILOX_MUL[0])
-            b_hi = cute.arch.mul_hi(w2, cutlass.Uint32(PHILOX_MUL[1]))
-            b_lo = w2 * cutlass.Uint32(PHILOX_MUL[1])
+            a_hi = cute.arch.mul_hi(w0, cutlass.Uint32(MULTIPLIERS[0]))
+            a_lo = w0 * cutlass.Uint32(MULTIPLIERS[0])
+            b_hi = cute.arch.mul_hi(w2, cutlass.Uint32(MULTIPLIERS[1]))
+            b_lo = w2 * cutlass.Uint32(MULTIPLIERS[1])
             w0 = b_hi ^ w1 ^ k0
             w1 = b_lo
             w2 = a_hi ^ w3 ^ k1
             w3 = a_lo
-            k0 = k0 + cutlass.Uint32(PHILOX_KEY_STEP[0])
-            k1 = k1 + cutlass.Uint32(PHILOX_KEY_STEP[1])
+            k0 = k0 + cutlass.Uint32(KEY_STEPS[0])
+            k1 = k1 + cutlass.Uint32(KEY_STEPS[1])
         odd = (lane & 1) != 0
         even_pair = cutlass.select_(odd, w1, w0)
         odd_pair = cutlass.select_(odd, w3, w2)

@@ -138,9 +138,6 @@ MAX_KV_STAGES = 4
 TURN_BARRIERS = (1, 2)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-# Philox4x32-10 multipliers and key increments (kernels/cuda/random.cu)
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
 
 @dataclass(frozen=True)
@@ -193,6 +190,7 @@ def build_kernel(spec: AttentionFwdSpec):
     import cutlass.utils.hopper_helpers as sm90
     from cutlass.cute.nvgpu import warpgroup
     from cutlass.cute.runtime import make_fake_stream, make_fake_tensor
+    from philox import philox4x32_10
 
     dtype = {"bf16": cutlass.BFloat16, "fp16": cutlass.Float16}[spec.dtype]
     acc_dtype = cutlass.Float32
@@ -216,21 +214,8 @@ def build_kernel(spec: AttentionFwdSpec):
 
     def philox_lane(seed_lo, seed_hi, counter, lane):
         """Lane `lane` (0..3) of Philox4x32-10(key = seed, counter = (counter lo, counter hi, 0, 0)):
-        the stream of kernels/cuda/random.cu and kernels/reference/attention.py.  Traced as
-        plain Python: the ten rounds unroll."""
-        c0 = cutlass.Uint32(counter)
-        c1 = cutlass.Uint32(counter >> 32)
-        c2 = cutlass.Uint32(0)
-        c3 = cutlass.Uint32(0)
-        k0, k1 = seed_lo, seed_hi
-        for _ in range(10):
-            hi0 = cute.arch.mul_hi(c0, cutlass.Uint32(PHILOX_M0))
-            lo0 = c0 * cutlass.Uint32(PHILOX_M0)
-            hi1 = cute.arch.mul_hi(c2, cutlass.Uint32(PHILOX_M1))
-            lo1 = c2 * cutlass.Uint32(PHILOX_M1)
-            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-            k0 = k0 + cutlass.Uint32(PHILOX_W0)
-            k1 = k1 + cutlass.Uint32(PHILOX_W1)
+        the stream of kernels/cuda/philox.h and kernels/reference/attention.py (kernels/cute/philox.py)."""
+        c0, c1, c2, c3 = philox4x32_10(seed_lo, seed_hi, counter)
         low = cutlass.select_(lane == 0, c0, c1)
         high = cutlass.select_(lane == 2, c2, c3)
         return cutlass.Uint32(cutlass.select_(lane < 2, low, high))

@@ -201,28 +201,15 @@ def _row_vector(cute, vec):
     return at
 
 
-# Philox4x32-10 multipliers and key increments (kernels/cuda/philox.h)
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 UNIT_SCALE = float(1 << 24)  # keep_scaled = (1 - p) * 2^24: unit(x) < keep  <=>  (x >> 8) < keep_scaled
 
 
-def _dropout_mask(cute, cutlass, vec, n):
+def _dropout_mask(cutlass, vec, n):
     """(rng_row, fill): rng_row(r, ...) gives the Philox key and row r's first counter; fill(m, rng, c, ...)
     writes into the fp32 (vec,) tensor m the scale (kept) or 0 of each element of the row's vector c."""
-    U32, I64, F32 = cutlass.Uint32, cutlass.Int64, cutlass.Float32
+    from philox import philox4x32_10
 
-    def philox4(k0, k1, counter):
-        c0, c1, c2, c3 = U32(counter), U32(counter >> 32), U32(0), U32(0)
-        for _ in range(10):
-            hi0 = cute.arch.mul_hi(c0, U32(PHILOX_M0))
-            lo0 = c0 * U32(PHILOX_M0)
-            hi1 = cute.arch.mul_hi(c2, U32(PHILOX_M1))
-            lo1 = c2 * U32(PHILOX_M1)
-            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-            k0 = k0 + U32(PHILOX_W0)
-            k1 = k1 + U32(PHILOX_W1)
-        return c0, c1, c2, c3
+    U32, I64, F32 = cutlass.Uint32, cutlass.Int64, cutlass.Float32
 
     def rng_row(r, mRng, rng_seed, rng_offset, rng_in_memory):
         # Captured: this replay's seed and base offset from the graph's buffer (mRng is always a
@@ -237,7 +224,7 @@ def _dropout_mask(cute, cutlass, vec, n):
         k0, k1, row_ctr = rng
         # Plain Python loops (a helper is not preprocessed by the DSL): traced, they unroll.
         for q in range(vec // 4):
-            lanes = philox4(k0, k1, row_ctr + I64(c * (vec // 4) + q))
+            lanes = philox4x32_10(k0, k1, row_ctr + I64(c * (vec // 4) + q))
             for lane in range(4):
                 m[q * 4 + lane] = cutlass.select_(F32(lanes[lane] >> U32(8)) < keep_scaled, scale, F32(0.0))
 
@@ -288,7 +275,7 @@ def _build_forward(spec):
     (vec, tpr, vpt, slots), row_tensor, param, stat = _fakes(spec, (spec.x_dtype, spec.res_dtype, spec.out_dtype))
     inv_n = 1.0 / n
     _vec = _row_vector(cute, vec)
-    rng_row, fill_mask = _dropout_mask(cute, cutlass, vec, n)
+    rng_row, fill_mask = _dropout_mask(cutlass, vec, n)
     round_x = spec.x_dtype != "fp32"  # the dropped x is rounded to x's dtype, as the dropout kernel stores it
 
     def add(a, b):
@@ -388,7 +375,7 @@ def _build_backward(spec):
     # them from s and dy read again (cache hits) rather than spill.
     keep_row = vpt * vec <= 32
     held = vpt if keep_row else 1
-    rng_row, fill_mask = _dropout_mask(cute, cutlass, vec, n)
+    rng_row, fill_mask = _dropout_mask(cutlass, vec, n)
 
     def add(a, b):
         return a + b
